@@ -1,0 +1,1 @@
+"""The guest side of aerate. Python 3.8+, standard library only (systemd-python and pyroute2 optional)."""

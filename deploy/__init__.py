@@ -1,0 +1,1 @@
+"""Guest image recipe, libvirt domain definitions and the VM harness used by the demo and tests."""

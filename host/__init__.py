@@ -1,0 +1,1 @@
+"""The host side of aerate: the aerated daemon and the aeratectl operator CLI."""
