@@ -1,0 +1,231 @@
+"""The wire protocol: framing, sync, sessions, validation (S2, S5), driven without sockets."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aerate.agent import protocol as p
+
+pytestmark = pytest.mark.unit
+
+MiB2 = 2 * 1024 * 1024
+
+
+def connect(session: int = 7, nonce: int = 99) -> tuple[p.HostEndpoint, p.GuestEndpoint]:
+    """A host and guest endpoint with an established session."""
+    host, guest = p.HostEndpoint(), p.GuestEndpoint({"agent": "test"})
+    host.start(nonce=nonce, session=session, granule=MiB2)
+    events = guest.receive(host.take_outbox())
+    assert [k for k, _ in events] == ["session"]
+    hev = host.receive(guest.take_outbox())
+    assert [k for k, _ in hev] == ["hello"]
+    assert host.state is p.HostState.RUNNING and guest.state is p.GuestState.RUNNING
+    return host, guest
+
+
+def test_line_reader_splits_lines_markers_and_caps_length() -> None:
+    r = p.LineReader(limit=16)
+    assert r.feed(b"ab\ncd") == [b"ab"]
+    assert r.feed(b"e\n\xffxy") == [b"cde", None]
+    out = r.feed(b"z" * 40 + b"\nok\n")
+    assert isinstance(out[0], p.ProtocolError) and out[1:] == [b"ok"]
+    # A marker drops the partial line before it, however long, and ends any skipping.
+    assert r.feed(b"q" * 40 + b"\xff" + b"fine\n") == [None, b"fine"]
+    out = r.feed(b"q" * 40)
+    assert isinstance(out[0], p.ProtocolError)
+    assert r.feed(b"qq\xffnext\n") == [None, b"next"]
+
+
+def test_report_ack_release_roundtrip() -> None:
+    host, guest = connect()
+    batch = guest.report([(4 * MiB2, MiB2), (5 * MiB2, MiB2), (9 * MiB2, MiB2)])
+    events = host.receive(guest.take_outbox())
+    assert events == [("report", (batch, [(4 * MiB2, 2 * MiB2), (9 * MiB2, MiB2)]))]
+    host.ack(batch, discarded=3 * MiB2)
+    assert guest.receive(host.take_outbox()) == [("release", batch)]
+    assert guest.inflight == {}
+
+
+def test_guest_keeps_batches_held_until_ack_or_new_session() -> None:
+    """S2: neither a disconnect nor garbage releases a batch; only an ack or a new sync."""
+    host, guest = connect(session=1)
+    b1 = guest.report([(0, MiB2)])
+    guest.disconnected()
+    assert guest.receive(b"garbage\n{not json}\n") == []  # no session: ignored, nothing freed
+    assert b1 in guest.inflight
+    host2 = p.HostEndpoint()
+    host2.start(nonce=5, session=2, granule=MiB2)
+    events = guest.receive(host2.take_outbox())
+    assert ("release", b1) in events and guest.inflight == {}
+
+
+def test_stale_ack_from_old_session_is_ignored() -> None:
+    host, guest = connect(session=1)
+    b1 = guest.report([(0, MiB2)])
+    host.receive(guest.take_outbox())
+    host.ack(b1, discarded=MiB2)
+    old_ack = host.take_outbox()
+    # A new session begins before the old ack is read: the batch is released by the sync.
+    host2 = p.HostEndpoint()
+    host2.start(nonce=6, session=2, granule=MiB2)
+    assert ("release", b1) in guest.receive(host2.take_outbox())
+    b2 = guest.report([(2 * MiB2, MiB2)])
+    assert guest.receive(old_ack) == []
+    assert b2 in guest.inflight
+
+
+def test_host_discards_stale_output_until_its_nonce() -> None:
+    guest = p.GuestEndpoint({"agent": "t"})
+    host = p.HostEndpoint()
+    host.start(nonce=1, session=1, granule=MiB2)
+    guest.receive(host.take_outbox())
+    stale_hello = guest.take_outbox()  # answer to the first sync, never read by that host
+    host2 = p.HostEndpoint()
+    host2.start(nonce=2, session=2, granule=MiB2)
+    guest.receive(host2.take_outbox())
+    fresh = guest.take_outbox()
+    assert host2.receive(b"junk line\n" + stale_hello) == []
+    assert host2.state is p.HostState.SYNCING
+    assert [k for k, _ in host2.receive(fresh)] == ["hello"]
+
+
+@pytest.mark.parametrize(
+    "ranges, why",
+    [
+        ([[MiB2 + 4096, MiB2]], "aligned"),
+        ([[0, 0]], "out of bounds"),
+        ([[-MiB2, MiB2]], "out of bounds"),
+        ([[0, 2 * MiB2], [MiB2, MiB2]], "overlap"),
+        ([[0, MiB2], [0, MiB2]], "overlap"),
+        ([[0, True]], "integers"),
+        ([["0", MiB2]], "integers"),
+        ([], "non-empty"),
+        ("nope", "non-empty"),
+        ([[0, MiB2]] * (p.MAX_RANGES + 1), "more than"),
+    ],
+)
+def test_hostile_reports_end_the_session(ranges: Any, why: str) -> None:
+    """S5: a malformed report closes the session; nothing reaches the reclaimer."""
+    host, _ = connect()
+    line = json.dumps({"proto": 1, "type": "report", "session": 7, "batch": 1,
+                       "ranges": ranges}).encode() + b"\n"
+    events = host.receive(line)
+    assert len(events) == 1 and events[0][0] == "error" and why in events[0][1]
+    assert host.state is p.HostState.CLOSED and host.pending == {}
+
+
+def test_replayed_batch_and_window_overflow_are_refused() -> None:
+    host, _ = connect()
+    rep = b'{"proto":1,"type":"report","session":7,"batch":3,"ranges":[[0,2097152]]}\n'
+    assert host.receive(rep)[0][0] == "report"
+    events = host.receive(rep)
+    assert events[0][0] == "error" and "replayed" in events[0][1]
+    host, _ = connect()
+    for b in range(1, p.MAX_INFLIGHT + 2):
+        line = json.dumps({"proto": 1, "type": "report", "session": 7, "batch": b,
+                           "ranges": [[b * MiB2, MiB2]]}).encode() + b"\n"
+        events = host.receive(line)
+    assert events[0][0] == "error" and "in flight" in events[0][1]
+
+
+def test_giant_line_and_wrong_proto_close_the_host_session() -> None:
+    host, _ = connect()
+    events = host.receive(b"{" + b" " * (p.LINE_MAX + 10) + b"}\n")
+    assert events[0][0] == "error" and host.state is p.HostState.CLOSED
+    host, _ = connect()
+    events = host.receive(b'{"proto":2,"type":"stats","session":7}\n')
+    assert events[0][0] == "error" and "protocol 2" in events[0][1]
+
+
+def test_guest_survives_host_garbage_and_resyncs() -> None:
+    host, guest = connect(session=3)
+    b = guest.report([(0, MiB2)])
+    events = guest.receive(b"\x00\x01{{{\n")
+    assert events[0][0] == "error" and guest.state is p.GuestState.IDLE
+    assert b in guest.inflight  # S2: garbage is no licence to release
+    # A sync of the same session after an error: the host still knows this batch.
+    host.start(nonce=8, session=4, granule=MiB2)
+    events = guest.receive(host.take_outbox())
+    assert ("release", b) in events and guest.state is p.GuestState.RUNNING
+
+
+def test_config_is_delivered_and_unknown_fields_ignored() -> None:
+    host, guest = connect()
+    host.configure({"hwm": 16})
+    assert guest.receive(host.take_outbox()) == [("config", {"hwm": 16})]
+    line = b'{"proto":1,"type":"stats","session":7,"future_field":[1,2]}\n'
+    assert host.receive(line)[0][0] == "stats"
+
+
+# ----------------------------------------------------------------- properties
+
+
+def _stream_pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for c in points:
+        pieces.append(data[last:c])
+        last = c
+    pieces.append(data[last:])
+    return pieces
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage=st.binary(max_size=2000), cuts=st.lists(st.integers(0, 5000), max_size=20))
+def test_property_arbitrary_bytes_never_release_or_report_outside_a_session(
+        garbage: bytes, cuts: list[int]) -> None:
+    """Arbitrary host bytes can only release a batch through a well-formed ack or sync."""
+    host, guest = connect(session=11)
+    b = guest.report([(0, MiB2)])
+    host.receive(guest.take_outbox())
+    for piece in _stream_pieces(garbage, cuts):
+        for kind, payload in guest.receive(piece):
+            if kind == "release":
+                # Only possible if the garbage itself contained a valid sync or ack line.
+                assert payload == b
+                assert b"sync" in garbage or b"ack" in garbage
+    # Arbitrary guest bytes never produce a report the host would act on unless well formed.
+    for piece in _stream_pieces(garbage, cuts):
+        for kind, payload in host.receive(piece):
+            if kind == "report":
+                batch, ranges = payload
+                assert all(g % MiB2 == 0 and n % MiB2 == 0 and n > 0 for g, n in ranges)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(0, 400), max_size=30),
+       dup=st.booleans(), stale=st.binary(max_size=300))
+def test_property_split_duplicated_and_stale_streams(cuts: list[int], dup: bool,
+                                                     stale: bytes) -> None:
+    """However the stream is cut, duplicated or prefixed with stale bytes, the host acts only
+    on the current session's batches, and each batch at most once."""
+    old_guest = p.GuestEndpoint({"agent": "old"})
+    old_host = p.HostEndpoint()
+    old_host.start(nonce=1, session=1, granule=MiB2)
+    old_guest.receive(old_host.take_outbox())
+    old_guest.report([(64 * MiB2, MiB2)])
+    old_bytes = old_guest.take_outbox()
+
+    guest = p.GuestEndpoint({"agent": "t"})
+    host = p.HostEndpoint()
+    host.start(nonce=2, session=2, granule=MiB2)
+    guest.receive(host.take_outbox())
+    guest.report([(0, MiB2)])
+    guest.report([(2 * MiB2, MiB2)])
+    current = guest.take_outbox()
+    stream = stale + old_bytes + current + (current if dup else b"")
+    seen: list[int] = []
+    for piece in _stream_pieces(stream, cuts):
+        for kind, payload in host.receive(piece):
+            if kind == "report":
+                batch, ranges = payload
+                assert (64 * MiB2, MiB2) not in ranges  # the old session's batch
+                seen.append(batch)
+    assert len(seen) == len(set(seen))
+    if host.state is p.HostState.RUNNING:
+        assert seen == [1, 2]
