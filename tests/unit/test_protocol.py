@@ -6,10 +6,9 @@ import json
 from typing import Any
 
 import pytest
+from aerate.agent import protocol as p
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from aerate.agent import protocol as p
 
 pytestmark = pytest.mark.unit
 
@@ -53,7 +52,7 @@ def test_report_ack_release_roundtrip() -> None:
 
 def test_guest_keeps_batches_held_until_ack_or_new_session() -> None:
     """S2: neither a disconnect nor garbage releases a batch; only an ack or a new sync."""
-    host, guest = connect(session=1)
+    _, guest = connect(session=1)
     b1 = guest.report([(0, MiB2)])
     guest.disconnected()
     assert guest.receive(b"garbage\n{not json}\n") == []  # no session: ignored, nothing freed
@@ -193,7 +192,7 @@ def test_property_arbitrary_bytes_never_release_or_report_outside_a_session(
     for piece in _stream_pieces(garbage, cuts):
         for kind, payload in host.receive(piece):
             if kind == "report":
-                batch, ranges = payload
+                _, ranges = payload
                 assert all(g % MiB2 == 0 and n % MiB2 == 0 and n > 0 for g, n in ranges)
 
 

@@ -1,0 +1,161 @@
+"""The one table of aerate's tunables, and the code that validates and layers them.
+
+Every setting is declared once here; the agent applies the guest-scoped ones, the daemon
+reads them from its config file and per-VM libvirt metadata, and ``aeratectl`` builds its
+``set`` keys and help from the same rows. Layers, later wins: built-in defaults < host
+config < per-VM metadata < live set (DESIGN.md, "Live tunables").
+
+Lives on the guest side (Python 3.8, standard library only) because the agent validates
+what the host sends it with the same rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+
+
+class Setting(NamedTuple):
+    """One tunable: its type, default, bounds, who applies it, and what it means."""
+
+    name: str
+    type: type
+    default: Any
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    choices: Tuple[str, ...] = ()
+    scope: str = "guest"  # "guest": sent to the agent; "host": the daemon's own
+    help: str = ""
+
+
+TABLE: Tuple[Setting, ...] = (
+    Setting("enabled", bool, True, scope="guest",
+            help="report free memory at all; off keeps the agent to stats only"),
+    Setting("mode", str, "auto", choices=("auto", "punch", "balloon", "off"), scope="host",
+            help="reclaimer: auto picks punch for shared backing, balloon for private RAM"),
+    Setting("min_order", int, 9, 9, 18, scope="guest",
+            help="smallest free block (buddy order) worth reporting; 9 = 2 MiB"),
+    Setting("hwm", int, 32, 1, 1 << 20, scope="guest",
+            help="report once this many raw free blocks of >= min_order are waiting"),
+    Setting("capacity", int, 32, 1, 1024, scope="guest",
+            help="most blocks isolated and reported in one batch"),
+    Setting("delay_ms", int, 100, 0, 60_000, scope="guest",
+            help="pause between batches while work remains"),
+    Setting("idle_poll_ms", int, 1000, 50, 600_000, scope="guest",
+            help="how often an idle agent looks at /proc/buddyinfo"),
+    Setting("reserve_mib", int, 256, 0, 1 << 22, scope="guest",
+            help="free memory the agent never isolates, on top of the zone high watermarks"),
+    Setting("max_rate_mib_s", int, 0, 0, 1 << 22, scope="guest",
+            help="cap on reported MiB per second (0 = no cap)"),
+    Setting("psi_threshold", float, 10.0, 0.0, 100.0, scope="guest",
+            help="back off when memory PSI 'some' avg10 (%%) exceeds this"),
+    Setting("stats_interval_s", int, 5, 1, 3600, scope="guest",
+            help="how often the agent sends its statistics"),
+    Setting("floor", float, 0.5, 0.05, 1.0, scope="host",
+            help="balloon: never shrink the guest below this fraction of its memory"),
+    Setting("host_low_mib", int, 0, 0, 1 << 30, scope="host",
+            help="host MemAvailable below which reclaim works harder (0 = ignore)"),
+    Setting("host_high_mib", int, 0, 0, 1 << 30, scope="host",
+            help="host MemAvailable above which reclaim may relax (0 = ignore)"),
+)
+
+BY_NAME: Dict[str, Setting] = {s.name: s for s in TABLE}
+
+
+class SettingError(ValueError):
+    """A setting's name or value is not acceptable; the message says which and why."""
+
+
+def _check_bounds(s: Setting, v: Any, origin: str) -> Any:
+    if s.choices and v not in s.choices:
+        raise SettingError("%s: %s=%r is not one of %s" % (origin, s.name, v,
+                                                           ", ".join(s.choices)))
+    if (s.lo is not None and v < s.lo) or (s.hi is not None and v > s.hi):
+        raise SettingError("%s: %s=%r is outside [%s, %s]" % (origin, s.name, v, s.lo, s.hi))
+    return v
+
+
+def coerce(name: str, value: Any, origin: str = "setting") -> Any:
+    """Validate ``value`` for setting ``name`` (a typed value or its text form).
+
+    ``origin`` names where the value came from (a file and key, a VM, the command line) so
+    the error tells the operator what to fix.
+    """
+    s = BY_NAME.get(name)
+    if s is None:
+        raise SettingError("%s: unknown setting %r (known: %s)"
+                           % (origin, name, ", ".join(sorted(BY_NAME))))
+    if isinstance(value, str) and s.type is not str:
+        text = value.strip().lower()
+        try:
+            if s.type is bool:
+                if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(text)
+                value = text in ("1", "true", "yes", "on")
+            else:
+                value = s.type(text)
+        except ValueError:
+            raise SettingError("%s: %s=%r is not a valid %s"
+                               % (origin, name, value, s.type.__name__)) from None
+    if s.type is bool:
+        if not isinstance(value, bool):
+            raise SettingError("%s: %s=%r must be true or false" % (origin, name, value))
+    elif s.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingError("%s: %s=%r must be a number" % (origin, name, value))
+        value = float(value)
+    elif s.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingError("%s: %s=%r must be an integer" % (origin, name, value))
+    elif not isinstance(value, s.type):
+        raise SettingError("%s: %s=%r must be a %s" % (origin, name, value, s.type.__name__))
+    return _check_bounds(s, value, origin)
+
+
+def validate(values: Mapping[str, Any], origin: str = "settings") -> Dict[str, Any]:
+    """Validate a whole mapping; the first bad entry raises SettingError."""
+    return {k: coerce(k, v, origin) for k, v in values.items()}
+
+
+def defaults() -> Dict[str, Any]:
+    """The built-in value of every setting."""
+    return {s.name: s.default for s in TABLE}
+
+
+def layered(layers: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Defaults overlaid by each (already validated) layer in order; later layers win."""
+    out = defaults()
+    for layer in layers:
+        out.update(layer)
+    return out
+
+
+def guest_view(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """Only the settings the agent applies (scope ``guest``)."""
+    return {k: v for k, v in values.items() if BY_NAME[k].scope == "guest"}
+
+
+def parse_assignments(items: Iterable[str], origin: str = "command line") -> Dict[str, Any]:
+    """Parse ``key=value`` words (``aeratectl set VM hwm=16 delay_ms=50``)."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise SettingError("%s: %r is not key=value" % (origin, item))
+        out[key.strip()] = coerce(key.strip(), val, origin)
+    return out
+
+
+def describe() -> List[Tuple[str, str, str, str]]:
+    """Rows (name, type, default, help with bounds) for help text and docs."""
+    rows = []
+    for s in TABLE:
+        bounds = ""
+        if s.choices:
+            bounds = " (%s)" % "|".join(s.choices)
+        elif s.lo is not None:
+            bounds = " [%s..%s]" % (s.lo if s.type is float else int(s.lo),
+                                    s.hi if s.type is float else int(s.hi or 0))
+        rows.append((s.name, s.type.__name__, str(s.default).lower()
+                     if s.type is bool else str(s.default), "%s: %s%s" % (s.scope, s.help,
+                                                                             bounds)))
+    return rows
