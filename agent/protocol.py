@@ -23,7 +23,10 @@ Messages (``type``)
     host -> guest: ``sync`` {nonce, session, granule, settings}, ``ack`` {batch, discarded,
     refused, reason}, ``config`` {settings}.
     guest -> host: ``hello`` {nonce, agent, capabilities, arena, page_size}, ``report``
-    {batch, ranges: [[gpa, length], ...]}, ``stats`` {...}.
+    {batch, ranges: [[gpa, length], ...]}, ``stats`` {...}, and, 0xFF-prefixed and outside
+    any session, ``need-sync``: a guest that has no session (it just started, or recovered
+    held pages after a crash) asks the host to begin one. The host answers with a new sync
+    once no discard of its current session can still happen.
     Unknown fields are ignored; unknown types and malformed lines end the session (not the
     process).
 """
@@ -240,6 +243,10 @@ class GuestEndpoint:
         self.inflight[batch] = self.session
         return batch
 
+    def request_sync(self) -> None:
+        """Ask the host for a session (sent while IDLE; harmless if nobody listens)."""
+        self.outbox += encode(dict(self._hello, type="need-sync"), sync=True)
+
     def send(self, msg: Dict[str, Any]) -> None:
         """Queue a session-scoped message (stats); dropped when no session is up."""
         if self.state is GuestState.RUNNING:
@@ -340,7 +347,8 @@ class HostEndpoint:
 
     ``start(nonce, session, granule, settings)`` queues the sync; ``receive(data)`` returns
     ``(kind, payload)`` events: ``("hello", msg)``, ``("report", (batch, ranges))``,
-    ``("stats", msg)``, ``("error", reason)``. After an error the state is CLOSED and no more
+    ``("stats", msg)``, ``("need-sync", msg)`` (the guest lost its session: finish or abandon
+    in-flight discards, then ``start`` again), ``("error", reason)``. After an error the state is CLOSED and no more
     events come until ``start`` is called again on a fresh connection.
     """
 
@@ -429,6 +437,9 @@ class HostEndpoint:
                 if not item.strip():
                     continue
                 msg = decode(item)
+                if msg["type"] == "need-sync":
+                    events.append(("need-sync", msg))
+                    continue
                 if msg.get("session") != self.session:
                     continue  # an older session's line, still in the pipe
                 self._handle(msg, events)

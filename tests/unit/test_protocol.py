@@ -228,3 +228,18 @@ def test_property_split_duplicated_and_stale_streams(cuts: list[int], dup: bool,
     assert len(seen) == len(set(seen))
     if host.state is p.HostState.RUNNING:
         assert seen == [1, 2]
+
+
+def test_restarted_guest_asks_for_a_session_and_gets_one() -> None:
+    """A guest that lost its session (agent restart) asks; the host resyncs; orphans go."""
+    host, _ = connect(session=5)
+    fresh = p.GuestEndpoint({"agent": "restarted"})
+    fresh.request_sync()
+    events = host.receive(fresh.take_outbox())
+    assert [k for k, _ in events] == ["need-sync"]
+    host.start(nonce=77, session=6, granule=MiB2)
+    assert [k for k, _ in fresh.receive(host.take_outbox())] == ["session"]
+    assert [k for k, _ in host.receive(fresh.take_outbox())] == ["hello"]
+    # While syncing, a need-sync is not acted on: the sync is already on its way.
+    host.start(nonce=78, session=7, granule=MiB2)
+    assert host.receive(fresh.take_outbox() + p.encode({"type": "need-sync"}, sync=True)) == []

@@ -1,0 +1,340 @@
+"""The aeration cycle: notify, fill, report, drain, back off (DESIGN.md "The aeration cycle").
+
+Pure decision logic. The kernel (free blocks, watermarks, PSI, which pages are still free)
+and the arena (isolating and returning blocks) are injected, so the same engine runs on the
+real kernel in the agent and on scripted views in unit tests.
+
+Passes. The buddy allocator hands out the most recently freed blocks first, so a block given
+back right after its ack would be the first one the next fill takes, and the agent would
+aerate the same memory over and over. The engine therefore works in *passes*: within a pass
+it keeps every acked block isolated while it goes on filling, and returns all of them
+together when the raw free memory beyond the reserve falls under ``hwm``, or at once when the
+guest comes under memory pressure. Returned blocks are then *aerated* (free in the guest,
+discarded on the host) until the kernel hands them out again, which the engine notices by
+re-reading their buddy flag: every error there counts a block as raw (safe side: a missed
+reclaim, never a double punch, since the host only ever discards what the agent holds).
+
+Safety (S2): blocks leave the arena only on an ack of their batch, a new session, or
+pressure when they were already acked. Blocks of a batch without ack stay held whatever else
+happens, including pressure.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Protocol, Set, Tuple
+
+from . import settings as settings_mod
+from .protocol import Range
+
+PAGE = 4096
+
+
+class Block(NamedTuple):
+    """An isolated, physically contiguous run of guest memory held in the arena."""
+
+    pfn: int          # first 4 KiB frame
+    nr_pages: int     # length in 4 KiB frames
+    offset: int       # where it sits in the arena (bytes)
+
+    @property
+    def gpa_range(self) -> Range:
+        """The guest-physical range, as the protocol sends it."""
+        return (self.pfn * PAGE, self.nr_pages * PAGE)
+
+
+class KernelView(Protocol):
+    """What the engine needs to know of the guest kernel right now."""
+
+    def free_units(self, min_order: int) -> int:
+        """Free memory in blocks of order >= min_order, counted in 2**min_order-page units."""
+
+    def reserve_pages(self) -> int:
+        """Pages the kernel itself wants free (zone high watermarks, summed)."""
+
+    def free_pages(self) -> int:
+        """Free pages now (all zones)."""
+
+    def low_pages(self) -> int:
+        """Sum of the zone low watermarks: kswapd wakes below this."""
+
+    def psi_some_avg10(self) -> Optional[float]:
+        """Memory PSI 'some' avg10 in percent, or None where the kernel has no PSI."""
+
+    def still_free(self, pfns: List[int]) -> List[bool]:
+        """For each pfn: is it still a free buddy page? Unknown answers are False."""
+
+
+class Arena(Protocol):
+    """Where isolated blocks are held (agent/arena.py)."""
+
+    granule_bytes: int
+
+    def fill(self, n: int) -> List[Block]:
+        """Take up to n blocks out of the kernel; fewer when it has no more."""
+
+    def release(self, blocks: List[Block]) -> None:
+        """Return blocks to the kernel."""
+
+
+class Phase(enum.Enum):
+    """What the engine is doing, for status and tests."""
+
+    DISABLED = "disabled"      # settings say off, or stats-only
+    IDLE = "idle"              # no session or nothing worth reporting
+    WAITING = "waiting"        # a batch is out, waiting for its ack
+    FILLING = "filling"        # a pass is under way
+    BACKOFF = "backoff"        # memory pressure: holding nothing acked, waiting
+
+
+class Engine:
+    """The cycle's state and decisions. Call ``tick`` when it asks; feed protocol events.
+
+    ``tick(now, can_report)`` returns ``(ranges_to_report or None, seconds_to_next_tick)``;
+    after sending a report the caller hands the batch id back with ``reported``.
+    """
+
+    def __init__(self, kernel: KernelView, arena: Arena,
+                 values: Optional[Mapping[str, Any]] = None, stats_only: str = "") -> None:
+        self.kernel = kernel
+        self.arena = arena
+        self.cfg: Dict[str, Any] = settings_mod.layered([values or {}])
+        #: non-empty: why this agent only reports statistics (e.g. the kernel does it)
+        self.stats_only = stats_only
+        self.phase = Phase.IDLE
+        self.inflight: Dict[int, List[Block]] = {}
+        self._unsent: Optional[List[Block]] = None
+        self.held_acked: List[Block] = []
+        #: blocks isolated in this pass that could not form a whole host granule: held so
+        #: the next fill does not take them again, returned (not aerated) at the pass end
+        self.unreported: List[Block] = []
+        #: blocks held from before this agent started (crash recovery): released on a new
+        #: session, which proves the host dropped whatever it knew of them (S2, S3)
+        self.orphans: List[Block] = []
+        #: head pfn -> nr_pages of blocks returned after discard, believed still free
+        self.aerated: Dict[int, int] = {}
+        self._capacity_now = max(1, self.cfg["capacity"] // 4)
+        self._backoff_s = 0.0
+        self._backoff_until = 0.0
+        self._rate_tokens = 0.0
+        self._rate_t = 0.0
+        self.counters = {"reported_bytes": 0, "discarded_bytes": 0, "refused_bytes": 0,
+                         "returned_bytes": 0, "passes": 0, "backoffs": 0, "refilled_aerated": 0}
+        self.last_reason = "starting"
+
+    # ------------------------------------------------------------------ settings
+
+    def apply(self, values: Mapping[str, Any]) -> None:
+        """Apply live settings (already validated or not: invalid ones raise SettingError)."""
+        checked = settings_mod.validate(values, origin="host config")
+        self.cfg.update(checked)
+        self._capacity_now = min(self._capacity_now, self.cfg["capacity"])
+
+    # ------------------------------------------------------------------ protocol events
+
+    def on_session(self) -> List[Block]:
+        """A new session began: the host dropped all it knew; orphans may go back."""
+        out, self.orphans = self.orphans, []
+        self._give_back(out)
+        return out
+
+    def reported(self, batch: int) -> None:
+        """The caller sent the ranges of the last ``tick`` as ``batch``."""
+        assert self._unsent is not None, "reported() without a pending fill"
+        self.inflight[batch] = self._unsent
+        self.counters["reported_bytes"] += sum(b.nr_pages for b in self._unsent) * PAGE
+        self._unsent = None
+
+    def on_release(self, batch: int, discarded: int = 0, refused: int = 0) -> None:
+        """The host is done with ``batch`` (an ack, or a new session dropped it)."""
+        blocks = self.inflight.pop(batch, None)
+        if blocks is None:
+            return
+        self.counters["discarded_bytes"] += discarded
+        self.counters["refused_bytes"] += refused
+        if discarded:
+            self.held_acked.extend(blocks)
+            # Probe slowly: every acked batch without pressure grows the next one.
+            self._capacity_now = min(self.cfg["capacity"], self._capacity_now * 2)
+        else:
+            # Nothing was discarded (refused or a dropped session): holding it buys nothing.
+            self.arena.release(blocks)
+            self.counters["returned_bytes"] += sum(b.nr_pages for b in blocks) * PAGE
+
+    def abandon_unsent(self) -> None:
+        """The fill of the last tick could not be sent (no session any more)."""
+        if self._unsent is not None:
+            self.arena.release(self._unsent)
+            self._unsent = None
+
+    # ------------------------------------------------------------------ the cycle
+
+    def _pressure(self) -> str:
+        psi = self.kernel.psi_some_avg10()
+        if psi is not None and psi > self.cfg["psi_threshold"]:
+            return "memory PSI some avg10 %.1f%% > %.1f%%" % (psi, self.cfg["psi_threshold"])
+        margin = self.cfg["reserve_mib"] * 256 // 2
+        free, low = self.kernel.free_pages(), self.kernel.low_pages()
+        if free < low + margin:
+            return "free %d MiB is near the low watermark %d MiB" % (free // 256, low // 256)
+        return ""
+
+    def raw_units(self) -> int:
+        """Free units (2**min_order pages) beyond reserve and beyond what is aerated."""
+        order = self.cfg["min_order"]
+        per_unit = 1 << order
+        reserve = (self.kernel.reserve_pages() + self.cfg["reserve_mib"] * 256) // per_unit
+        self._revalidate()
+        aerated = sum(n for n in self.aerated.values()) // per_unit
+        return int(self.kernel.free_units(order) - reserve - aerated)
+
+    def _revalidate(self) -> None:
+        if not self.aerated:
+            return
+        pfns = sorted(self.aerated)
+        for pfn, free in zip(pfns, self.kernel.still_free(pfns)):
+            if not free:
+                del self.aerated[pfn]
+
+    def _give_back(self, blocks: Iterable[Block]) -> None:
+        blocks = list(blocks)
+        if not blocks:
+            return
+        self.arena.release(blocks)
+        self.counters["returned_bytes"] += sum(b.nr_pages for b in blocks) * PAGE
+        for b in blocks:
+            self.aerated[b.pfn] = b.nr_pages
+
+    def end_pass(self, reason: str) -> None:
+        """Return every acked block: they are aerated now."""
+        if self.held_acked:
+            self.counters["passes"] += 1
+        blocks, self.held_acked = self.held_acked, []
+        self._give_back(blocks)
+        if self.unreported:
+            self.arena.release(self.unreported)
+            self.unreported = []
+        self.last_reason = reason
+
+    def _rate_allows(self, now: float, nbytes: int) -> bool:
+        cap = self.cfg["max_rate_mib_s"] * 1024 * 1024
+        if not cap:
+            return True
+        self._rate_tokens = min(float(cap), self._rate_tokens + (now - self._rate_t) * cap)
+        self._rate_t = now
+        if self._rate_tokens < nbytes:
+            return False
+        self._rate_tokens -= nbytes
+        return True
+
+    def tick(self, now: float, can_report: bool,
+             granule: int = 0) -> Tuple[Optional[List[Range]], float]:
+        """Decide what to do now. Returns (ranges to report, seconds until the next tick).
+
+        ``granule`` is the host's discard unit for this session (0: the arena's own); only
+        whole, aligned granules are reported.
+        """
+        idle = self.cfg["idle_poll_ms"] / 1000.0
+        delay = self.cfg["delay_ms"] / 1000.0
+        if self.stats_only or not self.cfg["enabled"]:
+            self.end_pass("disabled")
+            self.phase = Phase.DISABLED
+            self.last_reason = self.stats_only or "disabled by setting 'enabled'"
+            return None, idle
+        pressure = self._pressure()
+        if pressure:
+            # Back off fast: acked blocks go back at once; un-acked ones must wait (S2).
+            if self.phase is not Phase.BACKOFF:
+                self.counters["backoffs"] += 1
+            self.end_pass("backoff: " + pressure)
+            self.phase = Phase.BACKOFF
+            self._backoff_s = min(60.0, max(1.0, self._backoff_s * 2))
+            self._backoff_until = now + self._backoff_s
+            self._capacity_now = 1
+            return None, min(idle, self._backoff_s)
+        if now < self._backoff_until:
+            return None, self._backoff_until - now
+        self._backoff_s = max(0.0, self._backoff_s / 2)
+        if self.inflight:
+            self.phase = Phase.WAITING
+            return None, idle
+        if not can_report:
+            self.end_pass("no session")
+            self.phase = Phase.IDLE
+            return None, idle
+        raw = self.raw_units()
+        if raw < (self.cfg["hwm"] if not self.held_acked else 1):
+            self.end_pass("pass done: %d raw units under hwm %d" % (max(raw, 0),
+                                                                    self.cfg["hwm"]))
+            self.phase = Phase.IDLE
+            return None, idle
+        units_per_block = max(1, (self.arena.granule_bytes // PAGE) >> self.cfg["min_order"])
+        want = min(self._capacity_now, max(1, raw // units_per_block))
+        if not self._rate_allows(now, want * self.arena.granule_bytes):
+            return None, max(delay, 0.05)
+        blocks = self.arena.fill(want)
+        if not blocks:
+            self.end_pass("the kernel gave no block")
+            self.phase = Phase.IDLE
+            return None, idle
+        refilled = [b for b in blocks if b.pfn in self.aerated]
+        for b in refilled:
+            del self.aerated[b.pfn]
+        self.counters["refilled_aerated"] += len(refilled)
+        ranges, covered = granule_ranges(blocks, max(granule, self.arena.granule_bytes))
+        self.unreported.extend(b for b in blocks if b.pfn not in covered)
+        self.phase = Phase.FILLING
+        self.last_reason = "pass under way"
+        if not ranges:
+            return None, delay
+        self._unsent = [b for b in blocks if b.pfn in covered]
+        return ranges, delay
+
+    # ------------------------------------------------------------------ status
+
+    def held_bytes(self) -> int:
+        """Bytes isolated in the arena right now (in flight, acked, orphaned)."""
+        blocks: List[Block] = self.held_acked + self.orphans + self.unreported
+        for bl in self.inflight.values():
+            blocks.extend(bl)
+        return sum(b.nr_pages for b in blocks) * PAGE
+
+    def aerated_bytes(self) -> int:
+        """Estimate of guest memory free in the guest and discarded on the host."""
+        return sum(self.aerated.values()) * PAGE
+
+    def status(self) -> Dict[str, Any]:
+        """A JSON-able picture of the engine for stats messages and the journal."""
+        return {"phase": self.phase.value, "reason": self.last_reason,
+                "held_bytes": self.held_bytes(), "aerated_bytes": self.aerated_bytes(),
+                "inflight_batches": sorted(self.inflight), "capacity_now": self._capacity_now,
+                "counters": dict(self.counters)}
+
+
+def granule_ranges(blocks: Iterable[Block], granule: int) -> Tuple[List[Range], Set[int]]:
+    """The whole, aligned ``granule``-sized ranges that ``blocks`` cover together.
+
+    Returns the coalesced ranges and the head pfns of the blocks lying wholly inside them.
+    With a 2 MiB granule every 2 MiB block qualifies; with 1 GiB only runs of 512 adjacent,
+    aligned blocks do (a 1 GiB host page can only be discarded whole).
+    """
+    by_start = sorted(blocks)
+    runs: List[Range] = []
+    for b in by_start:
+        gpa, length = b.gpa_range
+        if runs and runs[-1][0] + runs[-1][1] == gpa:
+            runs[-1] = (runs[-1][0], runs[-1][1] + length)
+        else:
+            runs.append((gpa, length))
+    ranges: List[Range] = []
+    for gpa, length in runs:
+        start = -(-gpa // granule) * granule
+        end = (gpa + length) // granule * granule
+        if end > start:
+            ranges.append((start, end - start))
+    covered = set()
+    for b in by_start:
+        gpa, length = b.gpa_range
+        if any(s <= gpa and gpa + length <= s + n for s, n in ranges):
+            covered.add(b.pfn)
+    return ranges, covered
