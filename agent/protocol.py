@@ -204,7 +204,9 @@ class GuestEndpoint:
 
     - ``("session", sync_msg)`` a new session began; ``reply`` holds the hello to send.
       Every batch still in flight from before is released in the same call (S2).
-    - ``("release", batch_id)`` the host is done with that batch: its pages may be returned.
+    - ``("release", (batch_id, discarded, refused))`` the host is done with that batch: its
+      pages may be returned. A batch dropped by a new session comes with (0, 0): nothing is
+      known to be discarded, so nothing is counted as aerated.
     - ``("config", settings)`` the host changed live settings.
     - ``("error", reason)`` the host broke the protocol; the session ended (batches stay held).
 
@@ -302,7 +304,7 @@ class GuestEndpoint:
             for batch, s in sorted(self.inflight.items()):
                 if s != session:
                     del self.inflight[batch]
-                    events.append(("release", batch))
+                    events.append(("release", (batch, 0, 0)))
             self.state = GuestState.RUNNING
             self.session = session
             self.granule = granule
@@ -320,7 +322,9 @@ class GuestEndpoint:
             if self.inflight.get(batch) != self.session:
                 raise ProtocolError("ack for batch %d, which is not in flight" % batch)
             del self.inflight[batch]
-            events.append(("release", batch))
+            discarded = _int(msg, "discarded")
+            refused = _int(msg, "refused")
+            events.append(("release", (batch, discarded, refused)))
         elif t == "config":
             settings = msg.get("settings")
             if not isinstance(settings, dict):

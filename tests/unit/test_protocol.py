@@ -46,7 +46,7 @@ def test_report_ack_release_roundtrip() -> None:
     events = host.receive(guest.take_outbox())
     assert events == [("report", (batch, [(4 * MiB2, 2 * MiB2), (9 * MiB2, MiB2)]))]
     host.ack(batch, discarded=3 * MiB2)
-    assert guest.receive(host.take_outbox()) == [("release", batch)]
+    assert guest.receive(host.take_outbox()) == [("release", (batch, 3 * MiB2, 0))]
     assert guest.inflight == {}
 
 
@@ -60,7 +60,7 @@ def test_guest_keeps_batches_held_until_ack_or_new_session() -> None:
     host2 = p.HostEndpoint()
     host2.start(nonce=5, session=2, granule=MiB2)
     events = guest.receive(host2.take_outbox())
-    assert ("release", b1) in events and guest.inflight == {}
+    assert ("release", (b1, 0, 0)) in events and guest.inflight == {}
 
 
 def test_stale_ack_from_old_session_is_ignored() -> None:
@@ -72,7 +72,7 @@ def test_stale_ack_from_old_session_is_ignored() -> None:
     # A new session begins before the old ack is read: the batch is released by the sync.
     host2 = p.HostEndpoint()
     host2.start(nonce=6, session=2, granule=MiB2)
-    assert ("release", b1) in guest.receive(host2.take_outbox())
+    assert ("release", (b1, 0, 0)) in guest.receive(host2.take_outbox())
     b2 = guest.report([(2 * MiB2, MiB2)])
     assert guest.receive(old_ack) == []
     assert b2 in guest.inflight
@@ -150,7 +150,7 @@ def test_guest_survives_host_garbage_and_resyncs() -> None:
     # A sync of the same session after an error: the host still knows this batch.
     host.start(nonce=8, session=4, granule=MiB2)
     events = guest.receive(host.take_outbox())
-    assert ("release", b) in events and guest.state is p.GuestState.RUNNING
+    assert ("release", (b, 0, 0)) in events and guest.state is p.GuestState.RUNNING
 
 
 def test_config_is_delivered_and_unknown_fields_ignored() -> None:
@@ -186,7 +186,7 @@ def test_property_arbitrary_bytes_never_release_or_report_outside_a_session(
         for kind, payload in guest.receive(piece):
             if kind == "release":
                 # Only possible if the garbage itself contained a valid sync or ack line.
-                assert payload == b
+                assert payload[0] == b
                 assert b"sync" in garbage or b"ack" in garbage
     # Arbitrary guest bytes never produce a report the host would act on unless well formed.
     for piece in _stream_pieces(garbage, cuts):

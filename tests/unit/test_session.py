@@ -1,0 +1,114 @@
+"""The host session's safety logic (S1, S4, S5) against a real guest endpoint, no sockets.
+
+The discard function here records calls instead of punching memory: that is the point of
+these tests (what would be discarded); real punching is tested in tests/host/.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import List, Tuple
+
+import pytest
+from aerate.agent.protocol import GuestEndpoint, GuestState, HostState
+from aerate.host.session import Decision, VmSession
+
+pytestmark = pytest.mark.unit
+MiB2 = 2 * 1024 * 1024
+RAM = (0, 1024 * MiB2)   # a 2 GiB guest, one piece
+
+
+def make(decision: str = "punch") -> Tuple[VmSession, GuestEndpoint, List[Tuple[int, int]]]:
+    calls: List[Tuple[int, int]] = []
+
+    def discard(gpa: int, length: int) -> int:
+        calls.append((gpa, length))
+        return length
+
+    def in_ram(gpa: int, length: int) -> bool:
+        return RAM[0] <= gpa and gpa + length <= RAM[0] + RAM[1]
+
+    s = VmSession("vm1", MiB2, in_ram, discard, Decision(decision, "test"))
+    g = GuestEndpoint({"agent": "t"})
+    s.connected()
+    g.receive(s.take_outbox())
+    s.receive(g.take_outbox())
+    assert s.state is HostState.RUNNING and g.state is GuestState.RUNNING
+    return s, g, calls
+
+
+def test_report_is_discarded_then_acked() -> None:
+    s, g, calls = make()
+    b = g.report([(10 * MiB2, MiB2), (11 * MiB2, MiB2)])
+    s.receive(g.take_outbox())
+    assert calls == [(10 * MiB2, 2 * MiB2)]
+    assert g.receive(s.take_outbox()) == [("release", (b, 2 * MiB2, 0))]
+    st = s.status()
+    assert st["discarded_bytes"] == 2 * MiB2 and st["batches"] == 1
+
+
+def test_range_outside_ram_ends_session_and_nothing_is_discarded() -> None:
+    """S1: one bad range poisons the whole batch, before any discard."""
+    s, g, calls = make()
+    g.report([(10 * MiB2, MiB2), (RAM[1], MiB2)])
+    s.receive(g.take_outbox())
+    assert calls == [] and s.state is HostState.CLOSED
+    assert "not inside this VM's RAM" in s.last_error
+    assert s.take_outbox() == b""   # no ack: the guest keeps the pages (S2)
+
+
+def test_refusing_reclaimer_acks_without_discard() -> None:
+    s, g, calls = make(decision="refuse")
+    b = g.report([(0, MiB2)])
+    s.receive(g.take_outbox())
+    assert calls == []
+    assert g.receive(s.take_outbox()) == [("release", (b, 0, MiB2))]
+    assert s.status()["refused_bytes"] == MiB2
+
+
+def test_decision_change_applies_to_the_next_batch() -> None:
+    s, g, calls = make()
+    g.report([(0, MiB2)])
+    s.receive(g.take_outbox())
+    g.receive(s.take_outbox())
+    s.decision = Decision("refuse", "migration in progress")
+    g.report([(2 * MiB2, MiB2)])
+    s.receive(g.take_outbox())
+    assert calls == [(0, MiB2)]
+    assert b"migration in progress" in s.take_outbox()
+
+
+def test_failed_discard_is_abandoned_and_acked_with_reason() -> None:
+    s, g, _ = make()
+
+    def broken(gpa: int, length: int) -> int:
+        raise OSError(5, "Input/output error")
+
+    s.discard = broken
+    b = g.report([(0, MiB2)])
+    s.receive(g.take_outbox())
+    assert g.receive(s.take_outbox()) == [("release", (b, 0, MiB2))]
+    assert any("discard failed" in m for _, m in s.log)
+
+
+def test_flood_is_cut_off() -> None:
+    s, g, calls = make()
+    s.bucket.rate, s.bucket.tokens, s.bucket.burst = 0.0, 3.0, 3.0
+    for i in range(5):
+        line = json.dumps({"proto": 1, "type": "report", "session": s.endpoint.session,
+                           "batch": i + 1, "ranges": [[i * MiB2, MiB2]]}).encode() + b"\n"
+        s.receive(line)
+        g.receive(s.take_outbox())
+    assert len(calls) == 3 and s.state is HostState.CLOSED and "flood" in s.last_error
+
+
+def test_guest_restart_gets_a_new_session_and_orphans_released() -> None:
+    s, _, _ = make()
+    old_session = s.endpoint.session
+    fresh = GuestEndpoint({"agent": "restarted"})
+    fresh.request_sync()
+    s.receive(fresh.take_outbox())
+    assert s.state is HostState.SYNCING and s.endpoint.session != old_session
+    assert [k for k, _ in fresh.receive(s.take_outbox())] == ["session"]
+    s.receive(fresh.take_outbox())
+    assert s.state is HostState.RUNNING and s.status()["sessions"] == 2
