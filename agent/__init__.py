@@ -1,1 +1,4 @@
-"""The guest side of aerate. Python 3.8+, standard library only (systemd-python and pyroute2 optional)."""
+"""The guest side of aerate.
+
+Python 3.8+, standard library only; systemd-python and pyroute2 are used when present.
+"""

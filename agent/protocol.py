@@ -352,8 +352,9 @@ class HostEndpoint:
     ``start(nonce, session, granule, settings)`` queues the sync; ``receive(data)`` returns
     ``(kind, payload)`` events: ``("hello", msg)``, ``("report", (batch, ranges))``,
     ``("stats", msg)``, ``("need-sync", msg)`` (the guest lost its session: finish or abandon
-    in-flight discards, then ``start`` again), ``("error", reason)``. After an error the state is CLOSED and no more
-    events come until ``start`` is called again on a fresh connection.
+    in-flight discards, then ``start`` again), ``("error", reason)``. After an error the
+    state is CLOSED and no more events come until ``start`` is called again on a fresh
+    connection.
     """
 
     def __init__(self, max_ranges: int = MAX_RANGES) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import pytest
+
 from aerate.agent.cycle import Block, Engine, Phase, granule_ranges
 
 pytestmark = pytest.mark.unit

@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 import pytest
-from aerate.agent import protocol as p
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from aerate.agent import protocol as p
 
 pytestmark = pytest.mark.unit
 

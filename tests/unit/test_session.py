@@ -10,6 +10,7 @@ import json
 from typing import List, Tuple
 
 import pytest
+
 from aerate.agent.protocol import GuestEndpoint, GuestState, HostState
 from aerate.host.session import Decision, VmSession
 

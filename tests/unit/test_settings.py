@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from aerate.agent import settings as s
 
 pytestmark = pytest.mark.unit

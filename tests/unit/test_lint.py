@@ -1,0 +1,42 @@
+"""Static checks run as tests: ruff, mypy (strict), and Python 3.8 for the guest agent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_ruff() -> None:
+    r = run(str(BIN / "ruff"), "check", "--output-format", "concise", ".")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_mypy_strict() -> None:
+    r = run(str(BIN / "mypy"))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_agent_runs_on_python_3_8() -> None:
+    """Old guests are the main audience: nothing in agent/ may need more than Python 3.8."""
+    r = run(str(BIN / "vermin"), "-t=3.8-", "--no-tips", "--violations", "--eval-annotations",
+            "--no-parse-comments", "agent/")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_agent_imports_nothing_from_the_host_side() -> None:
+    """The guest installs and runs without libvirt or any host code."""
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "agent").glob("*.py")
+                 if any(w in p.read_text() for w in ("aerate.host", "import libvirt",
+                                                     "psutil", "prometheus_client"))]
+    assert offenders == []
