@@ -22,25 +22,14 @@ happens, including pressure.
 from __future__ import annotations
 
 import enum
-from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Protocol, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Set, Tuple
 
 from . import settings as settings_mod
+from .arena import Block
 from .protocol import Range
 
 PAGE = 4096
-
-
-class Block(NamedTuple):
-    """An isolated, physically contiguous run of guest memory held in the arena."""
-
-    pfn: int          # first 4 KiB frame
-    nr_pages: int     # length in 4 KiB frames
-    offset: int       # where it sits in the arena (bytes)
-
-    @property
-    def gpa_range(self) -> Range:
-        """The guest-physical range, as the protocol sends it."""
-        return (self.pfn * PAGE, self.nr_pages * PAGE)
+__all__ = ["Block", "Engine", "KernelView", "Phase", "granule_ranges"]
 
 
 class KernelView(Protocol):
@@ -236,10 +225,11 @@ class Engine:
         """
         idle = self.cfg["idle_poll_ms"] / 1000.0
         delay = self.cfg["delay_ms"] / 1000.0
-        if self.stats_only or not self.cfg["enabled"]:
+        stats_only = "" if self.cfg["override_kernel_reporting"] else self.stats_only
+        if stats_only or not self.cfg["enabled"]:
             self.end_pass("disabled")
             self.phase = Phase.DISABLED
-            self.last_reason = self.stats_only or "disabled by setting 'enabled'"
+            self.last_reason = stats_only or "disabled by setting 'enabled'"
             return None, idle
         pressure = self._pressure()
         if pressure:
@@ -318,10 +308,10 @@ def granule_ranges(blocks: Iterable[Block], granule: int) -> Tuple[List[Range], 
     With a 2 MiB granule every 2 MiB block qualifies; with 1 GiB only runs of 512 adjacent,
     aligned blocks do (a 1 GiB host page can only be discarded whole).
     """
-    by_start = sorted(blocks)
+    by_start = sorted(blocks, key=lambda b: b.pfn)
     runs: List[Range] = []
     for b in by_start:
-        gpa, length = b.gpa_range
+        gpa, length = b.phys_addr, b.nbytes
         if runs and runs[-1][0] + runs[-1][1] == gpa:
             runs[-1] = (runs[-1][0], runs[-1][1] + length)
         else:
@@ -334,7 +324,7 @@ def granule_ranges(blocks: Iterable[Block], granule: int) -> Tuple[List[Range], 
             ranges.append((start, end - start))
     covered = set()
     for b in by_start:
-        gpa, length = b.gpa_range
+        gpa, length = b.phys_addr, b.nbytes
         if any(s <= gpa and gpa + length <= s + n for s, n in ranges):
             covered.add(b.pfn)
     return ranges, covered

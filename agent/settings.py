@@ -30,6 +30,8 @@ class Setting(NamedTuple):
 TABLE: Tuple[Setting, ...] = (
     Setting("enabled", bool, True, scope="guest",
             help="report free memory at all; off keeps the agent to stats only"),
+    Setting("override_kernel_reporting", bool, False, scope="guest",
+            help="aerate even where the guest kernel's own free page reporting is active"),
     Setting("mode", str, "auto", choices=("auto", "punch", "balloon", "off"), scope="host",
             help="reclaimer: auto picks punch for shared backing, balloon for private RAM"),
     Setting("min_order", int, 9, 9, 18, scope="guest",

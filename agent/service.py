@@ -1,0 +1,294 @@
+"""``aerate-agent``: the guest service. Wires the port, the protocol, the engine and systemd.
+
+One thread, one poll loop: the port (while a host listens), the engine's next tick, the
+statistics timer and the systemd watchdog decide how long to sleep. Nothing here decides
+policy: the engine (cycle.py) does; this file only moves bytes and events between parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import fdstore, procfs
+from . import settings as settings_mod
+from .arena import Arena, ArenaError, create_arena
+from .channel import DEFAULT_PATH, Port, PortError
+from .cycle import Engine
+from .hugetlb import DEFAULT_RUN_DIR, BudgetError, SurplusBudget
+from .kernelview import ProcKernel
+from .protocol import GuestEndpoint, GuestState
+
+log = logging.getLogger("aerate-agent")
+VERSION = "0.1.0"
+#: While no session exists, ask the host for one this often.
+NEED_SYNC_EVERY = 5.0
+#: On SIGTERM, wait at most this long for acks of batches in flight (S2: never drop them).
+STOP_GRACE = 5.0
+
+
+def _notify(msg: str) -> None:
+    try:
+        fdstore.send_notify(msg)
+    except fdstore.FdStoreError as e:
+        log.warning("sd_notify failed: %s", e)
+
+
+def stats_only_reason(root: str = "/") -> str:
+    """Why this agent should only report statistics, or "" (DESIGN: kernel FPR active)."""
+    try:
+        balloon = procfs.read_balloon_features(root)
+    except (OSError, ValueError) as e:
+        log.warning("cannot read virtio-balloon features: %s", e)
+        return ""
+    if balloon is not None and balloon.free_page_reporting_active:
+        return ("the guest kernel already reports free pages (virtio-balloon "
+                "free-page-reporting negotiated on %s): statistics only" % balloon.device)
+    return ""
+
+
+def open_arena(capacity: int, run_dir: str) -> Tuple[Arena, List[Any], str]:
+    """Recover the arena a previous agent left in the fd store, or make a new one.
+
+    Returns (arena, orphaned blocks, status note).
+    """
+    try:
+        budget: Optional[SurplusBudget] = SurplusBudget(run_dir)
+    except BudgetError as e:
+        log.warning("no hugetlb surplus budget: %s", e)
+        budget = None
+    stored = fdstore.take().get(fdstore.ARENA_FDNAME, [])
+    for extra in stored[1:]:
+        os.close(extra)
+    if stored:
+        arena = Arena.recover(stored[0], budget)
+        orphans = arena.held()
+        note = "recovered arena from the fd store: %d blocks held from before" % len(orphans)
+        return arena, orphans, note
+    arena = create_arena(capacity, budget)
+    fd = arena.fileno()
+    note = "new %s arena" % arena.kind
+    if fd is not None:
+        try:
+            if fdstore.store([fd]):
+                note += ", fd kept in the systemd fd store"
+            else:
+                note += ", no service manager: held pages will not survive a crash"
+        except fdstore.FdStoreError as e:
+            note += ", fd store failed (%s)" % e
+    return arena, [], note
+
+
+class Agent:
+    """The running agent: owns the port, endpoint, engine and timers."""
+
+    def __init__(self, port: Port, engine: Engine, arena: Arena, note: str) -> None:
+        self.port = port
+        self.engine = engine
+        self.arena = arena
+        self.note = note
+        self.endpoint = GuestEndpoint({"agent": VERSION, "arena": arena.kind,
+                                       "arena_weakness": arena.weakness,
+                                       "page_size": 4096,
+                                       "stats_only": engine.stats_only})
+        self.stopping = False
+        self._next_tick = 0.0
+        self._next_stats = 0.0
+        self._next_need_sync = 0.0
+        self._watchdog = float(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
+        self._next_watchdog = 0.0
+        self._last_status = ""
+
+    # -- events
+
+    def _apply(self, settings: Dict[str, Any]) -> None:
+        known = {k: v for k, v in settings.items()
+                 if k in settings_mod.BY_NAME and settings_mod.BY_NAME[k].scope == "guest"}
+        try:
+            self.engine.apply(known)
+            log.info("settings applied: %s", known)
+        except settings_mod.SettingError as e:
+            log.warning("host sent invalid settings, keeping the old ones: %s", e)
+
+    def _on_events(self, events: List[Tuple[str, Any]]) -> None:
+        for kind, payload in events:
+            if kind == "session":
+                back = self.engine.on_session()
+                log.info("session %s with the host; %d orphaned blocks returned",
+                         payload.get("session"), len(back))
+                self._next_tick = 0.0
+            elif kind == "release":
+                batch, discarded, refused = payload
+                self.engine.on_release(batch, discarded, refused)
+                self._next_tick = 0.0
+            elif kind == "config":
+                self._apply(payload)
+            elif kind == "error":
+                log.warning("host protocol error: %s (session dropped; held pages stay "
+                            "held until the host syncs again)", payload)
+
+    def _read_port(self) -> None:
+        while True:
+            data = self.port.read()
+            if data is None:
+                if self.endpoint.state is GuestState.RUNNING:
+                    log.info("host disconnected")
+                self.endpoint.disconnected()
+                return
+            if not data:
+                return
+            self._on_events(self.endpoint.receive(data))
+
+    # -- timers
+
+    def _stats(self) -> Dict[str, Any]:
+        snap = procfs.read_snapshot(parts=("buddyinfo", "meminfo", "psi"))
+        out: Dict[str, Any] = {"type": "stats", "engine": self.engine.status(),
+                               "arena": self.arena.kind}
+        if snap.buddyinfo is not None:
+            out["free_by_order"] = {"%d/%s" % (z.node, z.zone): list(z.free)
+                                    for z in snap.buddyinfo}
+        if snap.meminfo is not None:
+            out["mem_total"] = snap.meminfo.total
+            out["mem_free"] = snap.meminfo.free
+        if snap.psi_memory is not None:
+            out["psi_some_avg10"] = snap.psi_memory.some.avg10
+        out["missing"] = [m.reason for m in snap.missing]
+        return out
+
+    def _status_line(self) -> str:
+        st = self.engine.status()
+        return ("%s: %s; held %d MiB, aerated ~%d MiB; %s" % (
+            st["phase"], st["reason"], st["held_bytes"] >> 20, st["aerated_bytes"] >> 20,
+            "host connected" if self.endpoint.state is GuestState.RUNNING else "no host"))
+
+    def step(self, now: float) -> float:
+        """Run what is due at ``now``; return seconds until something is due again."""
+        if now >= self._next_tick:
+            running = self.endpoint.state is GuestState.RUNNING
+            ranges, wait = self.engine.tick(now, self.endpoint.can_report(),
+                                            self.endpoint.granule if running else 0)
+            if ranges:
+                if self.endpoint.can_report():
+                    self.engine.reported(self.endpoint.report(ranges))
+                else:
+                    self.engine.abandon_unsent()
+            self._next_tick = now + wait
+        if self.endpoint.state is GuestState.RUNNING and now >= self._next_stats:
+            self.endpoint.send(self._stats())
+            self._next_stats = now + self.engine.cfg["stats_interval_s"]
+        if self.endpoint.state is not GuestState.RUNNING and now >= self._next_need_sync:
+            if self.port.check_host():
+                self.endpoint.request_sync()
+            self._next_need_sync = now + NEED_SYNC_EVERY
+        if self._watchdog and now >= self._next_watchdog:
+            _notify("WATCHDOG=1")
+            self._next_watchdog = now + self._watchdog / 3
+        line = self._status_line()
+        if line != self._last_status:
+            _notify("STATUS=" + line)
+            self._last_status = line
+        self.port.queue(self.endpoint.take_outbox())
+        self.port.flush()
+        due = [self._next_tick, self._next_need_sync]
+        if self.endpoint.state is GuestState.RUNNING:
+            due.append(self._next_stats)
+        if self._watchdog:
+            due.append(self._next_watchdog)
+        return max(0.0, min(due) - now)
+
+    def run(self) -> None:
+        """The poll loop, until SIGTERM/SIGINT and in-flight batches are settled."""
+        poller = select.poll()
+        stop_deadline = 0.0
+        while True:
+            now = time.monotonic()
+            if self.stopping:
+                if not stop_deadline:
+                    stop_deadline = now + STOP_GRACE
+                    self.engine.end_pass("stopping")
+                if not self.engine.inflight or now >= stop_deadline:
+                    return
+            timeout = self.step(now)
+            if self.stopping:
+                timeout = min(timeout, 0.1)
+            # Poll the port only while a host is there: POLLHUP would otherwise spin.
+            listening = self.port.check_host()
+            with contextlib.suppress(KeyError):
+                poller.unregister(self.port.fileno())
+            if listening:
+                mask = select.POLLIN | (select.POLLOUT if self.port.pending() else 0)
+                poller.register(self.port.fileno(), mask)
+            for _, ev in poller.poll(timeout * 1000):
+                if ev & (select.POLLIN | select.POLLHUP):
+                    self._read_port()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``aerate-agent``."""
+    ap = argparse.ArgumentParser(prog="aerate-agent", description=__doc__)
+    ap.add_argument("--port", default=DEFAULT_PATH, help="virtio-serial port device")
+    ap.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
+                    help="state kept across agent restarts (hugetlb budget record)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting until the host sends its own (repeatable)")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(message)s")
+    try:
+        values = settings_mod.parse_assignments(args.set, origin="aerate-agent --set")
+    except settings_mod.SettingError as e:
+        log.error("%s", e)
+        return 2
+    port = Port(args.port)
+    try:
+        port.open()
+    except PortError as e:
+        log.error("%s", e)
+        return 1
+    page_total = procfs.read_meminfo().total
+    capacity = max(1, page_total // (2 << 20))
+    try:
+        arena, orphans, note = open_arena(capacity, args.run_dir)
+    except (ArenaError, OSError) as e:
+        log.error("cannot set up the arena: %s", e)
+        return 1
+    engine = Engine(ProcKernel(), arena, values, stats_only=stats_only_reason())
+    engine.orphans = orphans
+    agent = Agent(port, engine, arena, note)
+    log.info("aerate-agent %s on %s: %s%s", VERSION, args.port, note,
+             "; arena weakness: %s" % arena.weakness if arena.weakness else "")
+    if engine.stats_only:
+        log.info("%s", engine.stats_only)
+
+    def stop(signum: int, frame: object) -> None:
+        agent.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _notify("READY=1\nSTATUS=" + note)
+    try:
+        agent.run()
+    finally:
+        _notify("STOPPING=1")
+        held = engine.held_bytes()
+        if held:
+            log.warning("stopping with %d MiB still held (batches without an ack); they stay "
+                        "in the arena for the next agent", held >> 20)
+        else:
+            fdstore.remove()
+            arena.close()
+        port.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
