@@ -14,20 +14,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from aerate.agent import protocol
 from aerate.agent.protocol import HostEndpoint, HostState, Range
+from aerate.host.punch import PunchFailed, PunchRefused
+from aerate.host.refusal import PUNCH, Decision
 
 #: Discard ``length`` bytes at guest-physical ``gpa``; returns bytes discarded. Raises
-#: OSError on failure. It must re-check nothing itself: the session did (S1).
+#: PunchRefused (nothing touched), PunchFailed or OSError (host/punch.py).
 Discard = Callable[[int, int], int]
 #: Is [gpa, gpa+length) wholly inside this VM's RAM? (S1, from the QEMU memory map)
 InRam = Callable[[int, int], bool]
-
-
-@dataclass
-class Decision:
-    """Which reclaimer a VM gets and why: ``punch``, ``balloon`` or ``refuse``."""
-
-    kind: str
-    reason: str
+#: The reclaimer allowed for this VM *now* (a migration may have started meanwhile).
+Permit = Callable[[], Decision]
 
 
 @dataclass
@@ -65,18 +61,19 @@ class TokenBucket:
 class VmSession:
     """The host's view of one guest's agent across reconnects.
 
-    ``decision`` may change at any time (a migration starts): it is read at every batch, so
+    ``permit`` is asked at every batch (and the reclaimer asks again before each punch), so
     a refusal takes effect for the next report (S1: "discard is allowed for that VM now").
     """
 
     def __init__(self, vm: str, granule: int, in_ram: InRam, discard: Discard,
-                 decision: Decision, settings: Optional[Dict[str, Any]] = None,
+                 permit: Permit, settings: Optional[Dict[str, Any]] = None,
                  reports_per_s: float = 50.0, burst: float = 100.0) -> None:
         self.vm = vm
         self.granule = granule
         self.in_ram = in_ram
         self.discard = discard
-        self.decision = decision
+        self.permit = permit
+        self.decision = Decision("refuse", "no batch seen yet")
         self.settings = dict(settings or {})
         self.endpoint = HostEndpoint()
         self.counters = Counters()
@@ -153,8 +150,8 @@ class VmSession:
                 return
         self.counters.reported += total
         self.counters.batches += 1
-        decision = self.decision
-        if decision.kind != "punch":
+        decision = self.decision = self.permit()
+        if decision.action != PUNCH:
             self.counters.refused += total
             self.endpoint.ack(batch, discarded=0, refused=total, reason=decision.reason)
             return
@@ -163,7 +160,11 @@ class VmSession:
         for gpa, length in ranges:
             try:
                 done += self.discard(gpa, length)
-            except OSError as e:
+            except PunchRefused as e:
+                reason = str(e)
+                self._note("warning", "batch %d: %s" % (batch, reason))
+                break
+            except (PunchFailed, OSError) as e:
                 # Abandoned for good: the ack below tells the guest nothing more will come.
                 reason = "discard failed at [%#x, +%#x): %s" % (gpa, length, e)
                 self._note("error", "batch %d: %s" % (batch, reason))
@@ -175,7 +176,7 @@ class VmSession:
     def status(self) -> Dict[str, Any]:
         """A JSON-able picture for aeratectl and metrics."""
         c = self.counters
-        return {"vm": self.vm, "state": self.state.value, "reclaimer": self.decision.kind,
+        return {"vm": self.vm, "state": self.state.value, "reclaimer": self.decision.action,
                 "reason": self.decision.reason, "granule": self.granule,
                 "reported_bytes": c.reported, "discarded_bytes": c.discarded,
                 "refused_bytes": c.refused, "batches": c.batches, "sessions": c.sessions,
@@ -186,4 +187,4 @@ class VmSession:
                 "settings": dict(self.settings)}
 
 
-__all__ = ["Decision", "Discard", "InRam", "TokenBucket", "VmSession", "protocol"]
+__all__ = ["Discard", "InRam", "Permit", "TokenBucket", "VmSession", "protocol"]

@@ -12,7 +12,9 @@ from typing import List, Tuple
 import pytest
 
 from aerate.agent.protocol import GuestEndpoint, GuestState, HostState
-from aerate.host.session import Decision, VmSession
+from aerate.host.punch import PunchFailed
+from aerate.host.refusal import Decision
+from aerate.host.session import VmSession
 
 pytestmark = pytest.mark.unit
 MiB2 = 2 * 1024 * 1024
@@ -29,7 +31,9 @@ def make(decision: str = "punch") -> Tuple[VmSession, GuestEndpoint, List[Tuple[
     def in_ram(gpa: int, length: int) -> bool:
         return RAM[0] <= gpa and gpa + length <= RAM[0] + RAM[1]
 
-    s = VmSession("vm1", MiB2, in_ram, discard, Decision(decision, "test"))
+    verdict = [Decision(decision, "test")]
+    s = VmSession("vm1", MiB2, in_ram, discard, lambda: verdict[0])
+    s.verdict = verdict  # type: ignore[attr-defined]
     g = GuestEndpoint({"agent": "t"})
     s.connected()
     g.receive(s.take_outbox())
@@ -72,7 +76,7 @@ def test_decision_change_applies_to_the_next_batch() -> None:
     g.report([(0, MiB2)])
     s.receive(g.take_outbox())
     g.receive(s.take_outbox())
-    s.decision = Decision("refuse", "migration in progress")
+    s.verdict[0] = Decision("refuse", "migration in progress")  # type: ignore[attr-defined]
     g.report([(2 * MiB2, MiB2)])
     s.receive(g.take_outbox())
     assert calls == [(0, MiB2)]
@@ -83,7 +87,7 @@ def test_failed_discard_is_abandoned_and_acked_with_reason() -> None:
     s, g, _ = make()
 
     def broken(gpa: int, length: int) -> int:
-        raise OSError(5, "Input/output error")
+        raise PunchFailed("vm1", gpa, length, "fallocate: Input/output error", 5)
 
     s.discard = broken
     b = g.report([(0, MiB2)])

@@ -1,0 +1,418 @@
+"""``aerated``: the host daemon. One process per host, one session per VM.
+
+An asyncio loop owns everything that changes state: the VM runners (one task per running
+domain with an aerate channel), the control socket and the timers. libvirt's events
+arrive on libvirt's own thread (host/libvirt_conn.py) and are handed to the loop with
+``call_soon_threadsafe``. Discards run synchronously inside a session's ``receive``, so a
+session is never closed or re-synced while a discard is under way (S4).
+
+VM sessions talk straight to QEMU's chardev socket, not through libvirtd: a libvirtd
+restart does not drop them. While libvirtd is away nothing new is started and every
+batch is refused, because the daemon cannot tell whether a migration began (S1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from aerate.agent import settings as table
+from aerate.agent.fdstore import send_notify
+from aerate.agent.protocol import HostState
+from aerate.host import config as config_mod
+from aerate.host.backing import Backing, allocated_bytes
+from aerate.host.backing import resolve as resolve_backings
+from aerate.host.libvirt_conn import (
+    DomainError,
+    LibvirtConnection,
+    LibvirtUnavailable,
+    LifecycleEvent,
+    channel_path,
+)
+from aerate.host.punch import punch
+from aerate.host.qemu_map import GuestMemoryMap, MapError, build_map, contains, gather
+from aerate.host.refusal import REFUSE, Decision, VmFacts, decide, domain_facts
+from aerate.host.session import VmSession
+
+log = logging.getLogger("aerated")
+RUN_DIR = "/run/aerate"
+SYNC_RETRY = 5.0
+PERMIT_TTL = 1.0
+MIN_GRANULE = 2 << 20
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def take_lock(run_dir: str) -> int:
+    """S4: one daemon per host. Returns the lock fd (held for the process lifetime)."""
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    path = os.path.join(run_dir, "aerated.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DaemonError(f"another aerated (pid {other}) holds {path}; only one may run "
+                          "per host. Stop it first.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class VmRunner:
+    """Everything the daemon knows and does for one VM."""
+
+    def __init__(self, daemon: Daemon, name: str) -> None:
+        self.daemon = daemon
+        self.name = name
+        self.session: VmSession | None = None
+        self.gmap: GuestMemoryMap | None = None
+        self.backings: dict[str, Backing] = {}
+        self.channel: str | None = None
+        self.state = "starting"
+        self.reason = ""
+        self.task: asyncio.Task[None] | None = None
+        self._permit: tuple[float, Decision] = (0.0, Decision(REFUSE, "not decided yet"))
+        self.settings: dict[str, Any] = {}
+        self.metadata: dict[str, Any] = {}
+        self.live: dict[str, Any] = {}
+        self.backing_before = 0
+
+    # -- facts and policy
+
+    def effective_settings(self) -> dict[str, Any]:
+        """Built-in < host file < VM metadata < live set (DESIGN "Live tunables")."""
+        layers = [*self.daemon.config.layers_for(self.name), self.metadata, self.live]
+        return table.layered(layers)
+
+    def permit(self) -> Decision:
+        """The reclaimer allowed now; job state is re-read at most every PERMIT_TTL s."""
+        now = time.monotonic()
+        if now - self._permit[0] < PERMIT_TTL:
+            return self._permit[1]
+        conn = self.daemon.conn
+        try:
+            xml = conn.domain_xml(self.name)
+            job = conn.job_info(self.name)
+            facts = VmFacts(domain_facts(xml), job, self.backings or None,
+                            mode=self.effective_settings()["mode"])
+            decision = decide(facts)
+        except (LibvirtUnavailable, DomainError) as e:
+            decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {e}")
+        self._permit = (now, decision)
+        return decision
+
+    def _discard(self, gpa: int, length: int) -> int:
+        assert self.gmap is not None and self.session is not None
+        return punch(self.name, self.gmap, self.backings, gpa, length,
+                     self.session.granule, self.permit)
+
+    def _in_ram(self, gpa: int, length: int) -> bool:
+        assert self.gmap is not None and self.session is not None
+        return contains(self.gmap, gpa, length, self.session.granule)
+
+    def prepare(self) -> bool:
+        """Learn the VM's channel, memory map, backing and settings. False: nothing to do."""
+        conn = self.daemon.conn
+        xml = conn.domain_xml(self.name)
+        self.channel = channel_path(xml)
+        if self.channel is None:
+            self.state, self.reason = "no-channel", (
+                "the domain has no virtio-serial channel org.aerate.agent.0 "
+                "(see deploy/domain.py for the XML to add)")
+            return False
+        try:
+            self.metadata = config_mod.metadata_from_xml(
+                self.daemon.conn.metadata(self.name, config_mod.METADATA_NS), self.name)
+        except config_mod.ConfigError as e:
+            log.warning("%s; ignoring the stored settings", e)
+            self.metadata = {}
+        self.gmap = build_map(gather(conn.qmp_function(self.name)))
+        pid = conn.qemu_pid(self.name)
+        self.backings = resolve_backings(pid, self.gmap, conn.hmp_function(self.name))
+        self._permit = (0.0, self._permit[1])
+        decision = self.permit()
+        self.reason = decision.reason
+        granule = max([MIN_GRANULE] + [b.page_size for b in self.backings.values()])
+        with contextlib.suppress(OSError, RuntimeError):
+            self.backing_before = self.backing_allocated()
+        if self.session is None:
+            self.session = VmSession(self.name, granule, self._in_ram, self._discard,
+                                     self.permit, table.guest_view(self.effective_settings()))
+        else:
+            self.session.granule = granule
+        log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
+        return True
+
+    def backing_allocated(self) -> int:
+        """Host memory allocated to this VM's RAM right now, bytes (from the kernel)."""
+        total = 0
+        for b in self.backings.values():
+            total += allocated_bytes(b)
+        return total
+
+    # -- the connection loop
+
+    async def run(self) -> None:
+        """Connect, sync, serve; reconnect with backoff on any failure, until cancelled."""
+        delay = 1.0
+        while True:
+            try:
+                if not self.prepare():
+                    return
+                await self._serve()
+                delay = 1.0
+            except asyncio.CancelledError:
+                raise
+            except (OSError, LibvirtUnavailable, DomainError, MapError, RuntimeError) as e:
+                self.state, self.reason = "retrying", f"{type(e).__name__}: {e}"
+                log.warning("%s: %s; retrying in %.0fs", self.name, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _serve(self) -> None:
+        assert self.session is not None and self.channel is not None
+        s = self.session
+        reader, writer = await asyncio.open_unix_connection(self.channel)
+        try:
+            s.connected()
+            self.state = "syncing"
+            while True:
+                self._flush_log()
+                out = s.take_outbox()
+                if out:
+                    writer.write(out)
+                    await writer.drain()
+                if s.state is HostState.CLOSED:
+                    self.state = "closed"
+                    return  # reconnect: a new connection, a new session
+                timeout = SYNC_RETRY if s.state is HostState.SYNCING else None
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), timeout)
+                except asyncio.TimeoutError:
+                    s.connected()   # no answer: the agent may not run yet; sync again
+                    continue
+                if not data:
+                    raise ConnectionResetError("QEMU closed the channel socket")
+                s.receive(data)
+                if s.state is HostState.RUNNING:
+                    self.state = "running"
+        finally:
+            self._flush_log()
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def _flush_log(self) -> None:
+        if self.session is None:
+            return
+        for level, msg in self.session.log:
+            log.log(logging.getLevelName(level.upper()), "%s", msg)
+        self.session.log.clear()
+
+    def apply_live(self, values: dict[str, Any]) -> None:
+        """Settings set now by the operator: to the guest at once and into the session."""
+        self.live.update(values)
+        self._permit = (0.0, self._permit[1])
+        if self.session is not None:
+            guest = table.guest_view(values)
+            if guest:
+                self.session.configure(guest)
+
+    def status(self) -> dict[str, Any]:
+        """What aeratectl shows for this VM."""
+        out: dict[str, Any] = {"vm": self.name, "state": self.state, "reason": self.reason}
+        if self.session is not None:
+            out.update(self.session.status())
+            out["state"] = self.state
+        with contextlib.suppress(OSError, RuntimeError):
+            out["backing_allocated_bytes"] = self.backing_allocated()
+        out["backing_allocated_at_start"] = self.backing_before
+        out["backings"] = {n: {"kind": b.kind.value, "page_size": b.page_size,
+                               "reason": b.reason} for n, b in self.backings.items()}
+        out["settings"] = self.effective_settings()
+        return out
+
+
+class Daemon:
+    """The aerated process: lock, libvirt, runners, control socket."""
+
+    def __init__(self, uri: str, config_path: str, run_dir: str) -> None:
+        self.config_path = config_path
+        self.config = config_mod.load(config_path)
+        self.run_dir = run_dir
+        self.runners: dict[str, VmRunner] = {}
+        self.loop = asyncio.get_running_loop()
+        self.conn = LibvirtConnection(uri, on_connect=self._on_connect,
+                                      on_disconnect=self._on_disconnect,
+                                      on_lifecycle=self._on_lifecycle)
+        self.stopping = asyncio.Event()
+
+    # libvirt's thread calls these three: they only hand over to the loop.
+
+    def _on_connect(self, conn: LibvirtConnection) -> None:
+        self.loop.call_soon_threadsafe(self.resync)
+
+    def _on_disconnect(self, why: str) -> None:
+        self.loop.call_soon_threadsafe(
+            log.warning, "libvirt: %s; VM sessions carry on, discards are refused until it "
+            "is back", why)
+
+    def _on_lifecycle(self, ev: LifecycleEvent) -> None:
+        self.loop.call_soon_threadsafe(self.on_lifecycle, ev)
+
+    def resync(self) -> None:
+        """After (re)connecting to libvirt: start runners for running VMs, drop the rest."""
+        try:
+            running = {d.name for d in self.conn.running_domains()}
+        except LibvirtUnavailable as e:
+            log.warning("%s", e)
+            return
+        for name in running - set(self.runners):
+            self.start_runner(name)
+        for name in set(self.runners) - running:
+            self.stop_runner(name, "no longer running")
+
+    def on_lifecycle(self, ev: LifecycleEvent) -> None:
+        """Domain events from libvirt: no polling for VMs coming and going."""
+        if ev.event in ("started", "resumed") and ev.name not in self.runners:
+            self.start_runner(ev.name)
+        elif ev.event in ("stopped", "crashed", "undefined"):
+            self.stop_runner(ev.name, ev.event)
+        elif ev.name in self.runners:
+            # suspended (migration, save...), resumed: the next batch re-reads job state.
+            self.runners[ev.name]._permit = (0.0, Decision(REFUSE, f"domain {ev.event}"))
+
+    def start_runner(self, name: str) -> None:
+        """Begin serving a VM."""
+        r = VmRunner(self, name)
+        self.runners[name] = r
+        r.task = self.loop.create_task(r.run(), name=f"vm:{name}")
+        log.info("%s: serving", name)
+
+    def stop_runner(self, name: str, why: str) -> None:
+        """Stop serving a VM (its QEMU is gone; no discard can be under way: S4)."""
+        r = self.runners.pop(name, None)
+        if r is not None and r.task is not None:
+            r.task.cancel()
+            log.info("%s: session ended (%s)", name, why)
+
+    # -- control socket (aeratectl)
+
+    async def control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One JSON request per line, one JSON answer per line."""
+        try:
+            while line := await reader.readline():
+                try:
+                    req = json.loads(line)
+                    answer = self.handle(req)
+                except (ValueError, KeyError, TypeError) as e:
+                    answer = {"ok": False, "error": str(e)}
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Serve one control request."""
+        cmd = req.get("cmd")
+        if cmd == "status":
+            vms = [r.status() for r in sorted(self.runners.values(), key=lambda r: r.name)]
+            return {"ok": True, "libvirt": self.conn.connected, "vms": vms,
+                    "config": self.config.path}
+        if cmd == "set":
+            vm = str(req["vm"])
+            r = self.runners.get(vm)
+            if r is None:
+                return {"ok": False, "error": f"VM {vm} is not running or not known to aerated"}
+            values = table.validate(req.get("settings", {}), origin=f"aeratectl set {vm}")
+            persisted = dict(r.metadata, **values)
+            try:
+                self.conn.set_metadata(vm, config_mod.metadata_to_xml(persisted),
+                                       config_mod.METADATA_KEY, config_mod.METADATA_NS)
+                r.metadata = persisted
+            except (LibvirtUnavailable, DomainError) as e:
+                return {"ok": False, "error": f"VM {vm}: not saved, so not applied: {e}"}
+            r.apply_live(values)
+            return {"ok": True, "vm": vm, "settings": r.effective_settings()}
+        if cmd == "reload":
+            try:
+                self.config = config_mod.load(self.config_path)
+            except config_mod.ConfigError as e:
+                return {"ok": False, "error": f"{e}; the old configuration stays in force"}
+            for r in self.runners.values():
+                r.apply_live({})
+                if r.session is not None:
+                    r.session.configure(table.guest_view(r.effective_settings()))
+            return {"ok": True, "config": self.config.path}
+        return {"ok": False, "error": f"unknown command {cmd!r} (status, set, reload)"}
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT."""
+        sock = os.path.join(self.run_dir, "aerated.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+        old = os.umask(0o077)
+        try:
+            server = await asyncio.start_unix_server(self.control, path=sock)
+        finally:
+            os.umask(old)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stopping.set)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
+            "reload: %s", self.handle({"cmd": "reload"})))
+        self.conn.start()
+        send_notify("READY=1\nSTATUS=serving")
+        log.info("aerated ready; control socket %s", sock)
+        await self.stopping.wait()
+        send_notify("STOPPING=1")
+        server.close()
+        for name in list(self.runners):
+            self.stop_runner(name, "daemon stopping")
+        self.conn.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``aerated``."""
+    ap = argparse.ArgumentParser(prog="aerated", description="aerate host daemon")
+    ap.add_argument("--uri", default="qemu:///system")
+    ap.add_argument("--config", default=config_mod.DEFAULT_PATH)
+    ap.add_argument("--run-dir", default=RUN_DIR)
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        lock = take_lock(args.run_dir)
+    except (DaemonError, OSError) as e:
+        log.error("%s", e)
+        return 1
+
+    async def amain() -> None:
+        daemon = Daemon(args.uri, args.config, args.run_dir)
+        await daemon.serve()
+
+    try:
+        asyncio.run(amain())
+    except config_mod.ConfigError as e:
+        log.error("%s", e)
+        return 2
+    finally:
+        os.close(lock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
