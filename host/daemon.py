@@ -25,10 +25,13 @@ import sys
 import time
 from typing import Any
 
+from prometheus_client import start_http_server
+
 from aerate.agent import settings as table
 from aerate.agent.fdstore import send_notify
 from aerate.agent.protocol import HostState
 from aerate.host import config as config_mod
+from aerate.host import metrics as metrics_mod
 from aerate.host.backing import Backing, allocated_bytes
 from aerate.host.backing import resolve as resolve_backings
 from aerate.host.libvirt_conn import (
@@ -249,7 +252,9 @@ class VmRunner:
 class Daemon:
     """The aerated process: lock, libvirt, runners, control socket."""
 
-    def __init__(self, uri: str, config_path: str, run_dir: str) -> None:
+    def __init__(self, uri: str, config_path: str, run_dir: str,
+                 metrics: tuple[str, int] | None = None) -> None:
+        self.metrics = metrics
         self.config_path = config_path
         self.config = config_mod.load(config_path)
         self.run_dir = run_dir
@@ -373,6 +378,11 @@ class Daemon:
             self.loop.add_signal_handler(sig, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
             "reload: %s", self.handle({"cmd": "reload"})))
+        if self.metrics is not None:
+            addr, port = self.metrics
+            start_http_server(port, addr=addr, registry=metrics_mod.registry(
+                lambda: [r.status() for r in list(self.runners.values())]))
+            log.info("metrics on http://%s:%d/metrics", addr, port)
         self.conn.start()
         send_notify("READY=1\nSTATUS=serving")
         log.info("aerated ready; control socket %s", sock)
@@ -390,10 +400,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uri", default="qemu:///system")
     ap.add_argument("--config", default=config_mod.DEFAULT_PATH)
     ap.add_argument("--run-dir", default=RUN_DIR)
+    ap.add_argument("--metrics", default="127.0.0.1:9848", metavar="ADDR:PORT",
+                    help="Prometheus endpoint, loopback only ('off' to disable)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    try:
+        metrics = None if args.metrics == "off" else metrics_mod.parse_listen(args.metrics)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     try:
         lock = take_lock(args.run_dir)
     except (DaemonError, OSError) as e:
@@ -401,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     async def amain() -> None:
-        daemon = Daemon(args.uri, args.config, args.run_dir)
+        daemon = Daemon(args.uri, args.config, args.run_dir, metrics)
         await daemon.serve()
 
     try:

@@ -1,0 +1,427 @@
+"""Guest-physical address -> RAM block map, built only from what QEMU itself reports.
+
+Pure: the parsers take monitor output (QMP replies, HMP text) and return values. `gather`
+asks the questions through a caller-supplied QMP function, so the same code serves a QMP
+unix socket and libvirt's monitor passthrough.
+
+Where the map comes from, and why each source is needed:
+- `info mtree -f` (flat view of the "memory" address space): which memory region backs
+  each guest-physical range, and at which offset inside it ("@offset"). Read-only pieces
+  ("rom": PAM-shadowed BIOS) and devices are not RAM the guest may hand back.
+- `info mtree` (the region tree): the machine RAM windows, i.e. the `ram-below-4g` /
+  `ram-above-4g` aliases. A memory backend mapped elsewhere (an ivshmem BAR, an NVDIMM)
+  is not guest RAM even though it is "ram" in the flat view.
+- `query-memory-devices`: DIMM / virtio-mem windows (hot-pluggable RAM).
+- `query-memdev`: the memory backends (the only RAM aerate may discard).
+- `info ramblock`: the RAM block of each backend and its host page size (the granule).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_U64 = 1 << 64
+
+# Memory devices whose backend is RAM the guest kernel manages; everything else that takes
+# a memdev (nvdimm, virtio-pmem, sgx-epc, ...) is excluded from the map.
+RAM_DEVICE_TYPES = frozenset({"dimm", "virtio-mem"})
+RAM_WINDOW_ALIASES = ("ram-below-4g", "ram-above-4g")
+
+
+class MapError(ValueError):
+    """QEMU's answers do not prove a usable map; the VM must be refused, not guessed."""
+
+
+class RangeRejected(ValueError):
+    """A guest-physical range failed validation against the map (nothing was touched)."""
+
+    def __init__(self, gpa: int, length: int, reason: str) -> None:
+        super().__init__(f"range gpa={gpa:#x} length={length:#x}: {reason}")
+        self.gpa = gpa
+        self.length = length
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FlatRange:
+    """One line of a flat view: [gpa_start, gpa_start+length) is `name` at `offset`."""
+
+    gpa_start: int
+    length: int
+    kind: str  # "ram", "rom", "romd", "ramd", "i/o"
+    name: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class RamBlockInfo:
+    """One line of `info ramblock`."""
+
+    name: str
+    page_size: int
+    ram_addr: int
+    used: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Memdev:
+    """A memory backend object (`query-memdev` + its QOM type)."""
+
+    id: str
+    size: int
+    share: bool
+    prealloc: bool
+    policy: str
+    qom_type: str | None  # e.g. "memory-backend-memfd"; None when QEMU did not say
+
+
+@dataclass(frozen=True)
+class RamRange:
+    """A contiguous piece of guest RAM: guest-physical range -> (RAM block, offset)."""
+
+    gpa_start: int
+    length: int
+    block_name: str
+    block_offset: int
+
+    @property
+    def gpa_end(self) -> int:
+        """First address after the range."""
+        return self.gpa_start + self.length
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a validated guest range lives: a slice of one RAM block."""
+
+    gpa: int
+    length: int
+    block_name: str
+    block_offset: int
+    page_size: int
+
+
+@dataclass(frozen=True)
+class QemuMemoryFacts:
+    """Raw monitor answers; kept together so a capture can be replayed in tests."""
+
+    query_memdev: Sequence[Mapping[str, Any]]
+    qom_objects: Sequence[Mapping[str, Any]]
+    memory_devices: Sequence[Mapping[str, Any]]
+    mtree_flat: str
+    mtree: str
+    ramblock: str
+
+
+@dataclass(frozen=True)
+class GuestMemoryMap:
+    """The proven RAM of one VM: sorted disjoint pieces, their blocks and backends."""
+
+    ranges: tuple[RamRange, ...]
+    blocks: Mapping[str, RamBlockInfo]
+    memdevs: Mapping[str, Memdev]
+
+    @property
+    def ram_size(self) -> int:
+        """Bytes of guest RAM the map covers."""
+        return sum(r.length for r in self.ranges)
+
+    def block_names(self) -> list[str]:
+        """RAM blocks that appear in the map, in address order of first appearance."""
+        seen: dict[str, None] = {}
+        for r in self.ranges:
+            seen.setdefault(r.block_name, None)
+        return list(seen)
+
+
+# ---------------------------------------------------------------------------------------
+# Parsers
+
+_FLAT_LINE = re.compile(
+    r"^\s+(?P<start>[0-9a-f]{16})-(?P<end>[0-9a-f]{16}) \(prio -?\d+, (?P<kind>[a-z/]+)\): "
+    r"(?P<name>\S+)(?: @(?P<off>[0-9a-f]{16}))?(?: .*)?$"
+)
+_AS_LINE = re.compile(r'^ AS "(?P<name>[^"]+)", root: ')
+_SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def parse_flat_view(text: str, address_space: str = "memory") -> list[FlatRange]:
+    """Parse `info mtree -f` and return the flat view that renders `address_space`.
+
+    QEMU prints one "FlatView #n" per distinct view, listing every address space that
+    shares it; trailing annotations (" KVM") are ignored.
+    """
+    views: list[tuple[set[str], list[FlatRange]]] = []
+    for line in text.splitlines():
+        if line.startswith("FlatView #"):
+            views.append((set(), []))
+            continue
+        if not views:
+            continue
+        names, ranges = views[-1]
+        m = _AS_LINE.match(line)
+        if m:
+            names.add(m.group("name"))
+            continue
+        m = _FLAT_LINE.match(line)
+        if m:
+            start, end = int(m.group("start"), 16), int(m.group("end"), 16)
+            off = m.group("off")
+            ranges.append(
+                FlatRange(start, end - start + 1, m.group("kind"), m.group("name"),
+                          int(off, 16) if off else 0)
+            )
+    matches = [ranges for names, ranges in views if address_space in names]
+    if len(matches) != 1:
+        raise MapError(
+            f"info mtree -f: expected one flat view for address space {address_space!r}, "
+            f"found {len(matches)}"
+        )
+    return matches[0]
+
+
+_ALIAS_LINE = re.compile(
+    r"^\s+(?P<start>[0-9a-f]{16})-(?P<end>[0-9a-f]{16}) \(prio -?\d+, [a-z/]+\): "
+    r"alias (?P<alias>\S+) @(?P<target>\S+) (?P<tstart>[0-9a-f]{16})-(?P<tend>[0-9a-f]{16})"
+)
+
+
+def parse_ram_windows(text: str) -> list[tuple[int, int]]:
+    """Guest-physical [start, end) windows of machine RAM from `info mtree` (the tree).
+
+    They are the x86 `ram-below-4g` / `ram-above-4g` aliases of the "memory" address
+    space; without them the map cannot tell guest RAM from a device's memory backend.
+    """
+    windows: list[tuple[int, int]] = []
+    in_memory_as = False
+    for line in text.splitlines():
+        if line.startswith("address-space: ") or line.startswith("memory-region: "):
+            in_memory_as = line == "address-space: memory"
+            continue
+        if not in_memory_as:
+            continue
+        m = _ALIAS_LINE.match(line)
+        if m and m.group("alias") in RAM_WINDOW_ALIASES:
+            windows.append((int(m.group("start"), 16), int(m.group("end"), 16) + 1))
+    if not windows:
+        raise MapError(
+            "info mtree: no ram-below-4g/ram-above-4g alias in address space 'memory' "
+            "(not a pc/q35 machine?); cannot tell guest RAM apart"
+        )
+    return sorted(windows)
+
+
+def parse_size(text: str) -> int:
+    """'2 MiB' -> 2097152 (the page size column of `info ramblock`)."""
+    number, _, unit = text.strip().partition(" ")
+    if unit not in _SIZE_UNITS:
+        raise MapError(f"info ramblock: unknown page size {text!r}")
+    return int(number) * _SIZE_UNITS[unit]
+
+
+_RAMBLOCK_LINE = re.compile(
+    r"^\s*(?P<name>\S+)\s+(?P<psize>\d+ [KMGT]?i?B)\s+0x(?P<off>[0-9a-f]+)\s+"
+    r"0x(?P<used>[0-9a-f]+)\s+0x(?P<total>[0-9a-f]+)\s*$"
+)
+
+
+def parse_ramblocks(text: str) -> dict[str, RamBlockInfo]:
+    """Parse `info ramblock` into {block name: RamBlockInfo}."""
+    blocks: dict[str, RamBlockInfo] = {}
+    for line in text.splitlines():
+        m = _RAMBLOCK_LINE.match(line)
+        if not m:
+            continue
+        name = m.group("name")
+        blocks[name] = RamBlockInfo(
+            name=name,
+            page_size=parse_size(m.group("psize")),
+            ram_addr=int(m.group("off"), 16),
+            used=int(m.group("used"), 16),
+            total=int(m.group("total"), 16),
+        )
+    if not blocks:
+        raise MapError("info ramblock: no RAM blocks in the answer")
+    return blocks
+
+
+def parse_memdevs(
+    query_memdev: Iterable[Mapping[str, Any]], qom_objects: Iterable[Mapping[str, Any]] = ()
+) -> dict[str, Memdev]:
+    """`query-memdev` (+ `qom-list /objects` for each backend's type) -> {id: Memdev}."""
+    types: dict[str, str] = {}
+    for obj in qom_objects:
+        m = re.fullmatch(r"child<(.+)>", str(obj.get("type", "")))
+        if m:
+            types[str(obj["name"])] = m.group(1)
+    out: dict[str, Memdev] = {}
+    for md in query_memdev:
+        ident = str(md["id"])
+        out[ident] = Memdev(
+            id=ident,
+            size=int(md["size"]),
+            share=bool(md.get("share", False)),
+            prealloc=bool(md.get("prealloc", False)),
+            policy=str(md.get("policy", "default")),
+            qom_type=types.get(ident),
+        )
+    return out
+
+
+def _memdev_id(path: str) -> str:
+    # query-memory-devices names the backend by QOM path ("/objects/dimm0").
+    return path.rsplit("/", 1)[-1]
+
+
+def device_windows(
+    memory_devices: Iterable[Mapping[str, Any]],
+) -> tuple[list[tuple[int, int]], set[str]]:
+    """RAM windows of DIMM/virtio-mem devices, and backends used by non-RAM devices."""
+    windows: list[tuple[int, int]] = []
+    excluded: set[str] = set()
+    for dev in memory_devices:
+        data = dev.get("data", {})
+        memdev = data.get("memdev")
+        if dev.get("type") in RAM_DEVICE_TYPES and "addr" in data:
+            size = int(data.get("max-size", data.get("size", 0)))
+            windows.append((int(data["addr"]), int(data["addr"]) + size))
+        elif memdev:
+            excluded.add(_memdev_id(str(memdev)))
+    return windows, excluded
+
+
+# ---------------------------------------------------------------------------------------
+# Building the map
+
+
+def build_map(facts: QemuMemoryFacts) -> GuestMemoryMap:
+    """Build the proven RAM map from QEMU's answers, or raise MapError."""
+    flat = parse_flat_view(facts.mtree_flat)
+    blocks = parse_ramblocks(facts.ramblock)
+    memdevs = parse_memdevs(facts.query_memdev, facts.qom_objects)
+    dev_windows, excluded = device_windows(facts.memory_devices)
+    windows = sorted(parse_ram_windows(facts.mtree) + dev_windows)
+    if not memdevs:
+        raise MapError("query-memdev: the VM has no memory backend objects")
+
+    pieces: list[RamRange] = []
+    for fr in flat:
+        # "rom" is RAM the guest cannot write (PAM-shadowed BIOS); only writable RAM of a
+        # memory backend is something the guest's allocator owns.
+        if fr.kind != "ram" or fr.name not in memdevs or fr.name in excluded:
+            continue
+        if fr.name not in blocks:
+            raise MapError(f"memory backend {fr.name!r} is mapped but has no RAM block")
+        for w_start, w_end in windows:
+            start, end = max(fr.gpa_start, w_start), min(fr.gpa_start + fr.length, w_end)
+            if start < end:
+                pieces.append(
+                    RamRange(start, end - start, fr.name, fr.offset + start - fr.gpa_start)
+                )
+    pieces.sort(key=lambda r: r.gpa_start)
+    merged: list[RamRange] = []
+    for p in pieces:
+        last = merged[-1] if merged else None
+        if last is not None and p.gpa_start < last.gpa_end:
+            raise MapError(f"flat view pieces overlap at {p.gpa_start:#x}")
+        if (
+            last is not None
+            and last.gpa_end == p.gpa_start
+            and last.block_name == p.block_name
+            and last.block_offset + last.length == p.block_offset
+        ):
+            merged[-1] = RamRange(last.gpa_start, last.length + p.length, p.block_name,
+                                  last.block_offset)
+        else:
+            merged.append(p)
+    for r in merged:
+        used = blocks[r.block_name].used
+        if r.block_offset + r.length > used:
+            raise MapError(
+                f"RAM block {r.block_name!r}: gpa {r.gpa_start:#x} maps past its end "
+                f"({r.block_offset + r.length:#x} > {used:#x})"
+            )
+    if not merged:
+        raise MapError("no guest RAM found in the flat view of address space 'memory'")
+    used_blocks = {r.block_name for r in merged}
+    return GuestMemoryMap(
+        ranges=tuple(merged),
+        blocks={n: b for n, b in blocks.items() if n in used_blocks},
+        memdevs={n: m for n, m in memdevs.items() if n in used_blocks},
+    )
+
+
+QmpFunction = Callable[[str, "Mapping[str, Any] | None"], Any]
+
+
+def gather(qmp: QmpFunction) -> QemuMemoryFacts:
+    """Ask QEMU everything `build_map` needs through `qmp(command, arguments)`."""
+
+    def hmp(line: str) -> str:
+        out = qmp("human-monitor-command", {"command-line": line})
+        if not isinstance(out, str):
+            raise MapError(f"HMP {line!r}: expected text, got {type(out).__name__}")
+        return out
+
+    return QemuMemoryFacts(
+        query_memdev=qmp("query-memdev", None),
+        qom_objects=qmp("qom-list", {"path": "/objects"}),
+        memory_devices=qmp("query-memory-devices", None),
+        mtree_flat=hmp("info mtree -f"),
+        mtree=hmp("info mtree"),
+        ramblock=hmp("info ramblock"),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Lookup
+
+
+def locate(gmap: GuestMemoryMap, gpa: int, length: int, granule: int) -> Placement:
+    """Validate [gpa, gpa+length) and map it to one RAM block slice, or raise RangeRejected.
+
+    The range must be non-empty, inside 64-bit space, aligned to `granule` and to the
+    block's page size, and lie wholly inside one contiguous RAM piece (never across a
+    hole such as the VGA window or the PCI hole, nor across two blocks).
+    """
+    if length <= 0:
+        raise RangeRejected(gpa, length, "empty or negative length")
+    if gpa < 0 or gpa >= _U64 or gpa + length > _U64:
+        raise RangeRejected(gpa, length, "outside the 64-bit guest-physical space")
+    if granule <= 0 or granule & (granule - 1):
+        raise RangeRejected(gpa, length, f"granule {granule:#x} is not a power of two")
+    if gpa % granule or length % granule:
+        raise RangeRejected(gpa, length, f"not aligned to the granule {granule:#x}")
+    starts = [r.gpa_start for r in gmap.ranges]
+    i = bisect.bisect_right(starts, gpa) - 1
+    if i < 0 or gpa >= gmap.ranges[i].gpa_end:
+        raise RangeRejected(gpa, length, "not guest RAM")
+    piece = gmap.ranges[i]
+    if gpa + length > piece.gpa_end:
+        raise RangeRejected(
+            gpa, length,
+            f"crosses the end of RAM piece {piece.gpa_start:#x}-{piece.gpa_end - 1:#x} "
+            f"({piece.block_name})",
+        )
+    page_size = gmap.blocks[piece.block_name].page_size
+    offset = piece.block_offset + gpa - piece.gpa_start
+    if offset % page_size or length % page_size:
+        raise RangeRejected(
+            gpa, length,
+            f"not aligned to the {page_size:#x}-byte pages of block {piece.block_name}",
+        )
+    return Placement(gpa, length, piece.block_name, offset, page_size)
+
+
+def contains(gmap: GuestMemoryMap, gpa: int, length: int, granule: int) -> bool:
+    """True when `locate` would accept the range."""
+    try:
+        locate(gmap, gpa, length, granule)
+    except RangeRejected:
+        return False
+    return True

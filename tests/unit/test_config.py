@@ -1,0 +1,55 @@
+"""Host config file and per-VM metadata (S6): parsed, validated, errors that say what to fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from aerate.host import config as c
+
+pytestmark = pytest.mark.unit
+
+
+def test_layers_defaults_then_vm_section() -> None:
+    cfg = c.parse('[defaults]\nhwm = 16\nmode = "punch"\n[vm.web01]\nreserve_mib = 512\n',
+                  "/etc/aerate/aerated.toml")
+    assert cfg.layers_for("web01") == [{"hwm": 16, "mode": "punch"}, {"reserve_mib": 512}]
+    assert cfg.layers_for("other") == [{"hwm": 16, "mode": "punch"}, {}]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[defaults\n", "not valid TOML"),
+        ("[defaults]\nhwm = 0\n", "[defaults]: hwm=0 is outside"),
+        ("[defaults]\nhwn = 3\n", "unknown setting 'hwn'"),
+        ("[vm.a]\nmode = 'fast'\n", "[vm.a]: mode='fast' is not one of"),
+        ("[globals]\n", "unknown section"),
+    ],
+)
+def test_bad_files_name_file_key_and_reason(text: str, message: str) -> None:
+    with pytest.raises(c.ConfigError) as e:
+        c.parse(text, "/etc/aerate/aerated.toml")
+    assert message in str(e.value) and "/etc/aerate/aerated.toml" in str(e.value)
+
+
+def test_missing_file_means_builtin_defaults(tmp_path: object) -> None:
+    cfg = c.load("/nonexistent/aerated.toml")
+    assert cfg.defaults == {} and cfg.per_vm == {}
+
+
+def test_metadata_roundtrip_and_namespaced_form() -> None:
+    values = {"hwm": 8, "enabled": False, "psi_threshold": 2.5}
+    xml = c.metadata_to_xml(values)
+    assert c.metadata_from_xml(xml, "vm1") == values
+    # libvirt hands the element back with aerate's namespace on it.
+    ns = ('<aerate:settings xmlns:aerate="urn:x-aerate:settings:1">'
+          '<aerate:setting name="hwm">4</aerate:setting></aerate:settings>')
+    assert c.metadata_from_xml(ns, "vm1") == {"hwm": 4}
+    assert c.metadata_from_xml(None, "vm1") == {}
+
+
+def test_corrupt_metadata_names_the_vm() -> None:
+    with pytest.raises(c.ConfigError, match="VM vm7"):
+        c.metadata_from_xml("<settings><setting name='hwm'>lots</setting></settings>", "vm7")
+    with pytest.raises(c.ConfigError, match="VM vm7: aerate metadata is not XML"):
+        c.metadata_from_xml("<settings", "vm7")
