@@ -1,0 +1,42 @@
+"""systemd units: they verify, and their hardening stays at the level they were shipped with.
+
+No systemd runs as PID 1 on the test machine, so the units are checked offline here; the
+agent's unit runs for real inside the guest image (tests/vm).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.unit,
+              pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                 reason="systemd-analyze not installed (Debian package systemd)")]
+UNITS = Path(__file__).resolve().parents[2] / "systemd"
+
+
+@pytest.mark.parametrize("unit", ["aerated.service", "aerate-agent.service"])
+def test_unit_verifies(unit: str) -> None:
+    r = subprocess.run(["systemd-analyze", "verify", str(UNITS / unit)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+@pytest.mark.parametrize("unit, ceiling", [("aerated.service", 3.0),
+                                           ("aerate-agent.service", 3.0)])
+def test_unit_exposure_stays_low(unit: str, ceiling: float) -> None:
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(UNITS / unit)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout + r.stderr)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= ceiling
+
+
+def test_units_are_notify_services_not_forking() -> None:
+    for unit in ("aerated.service", "aerate-agent.service"):
+        text = (UNITS / unit).read_text()
+        assert "Type=notify" in text and "Type=forking" not in text
