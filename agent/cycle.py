@@ -25,7 +25,7 @@ import enum
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Set, Tuple
 
 from . import settings as settings_mod
-from .arena import Block
+from .arena import ArenaError, Block
 from .protocol import Range
 
 PAGE = 4096
@@ -262,7 +262,15 @@ class Engine:
         want = min(self._capacity_now, max(1, raw // units_per_block))
         if not self._rate_allows(now, want * self.arena.granule_bytes):
             return None, max(delay, 0.05)
-        blocks = self.arena.fill(want)
+        try:
+            blocks = self.arena.fill(want)
+        except (ArenaError, OSError) as e:
+            # The kernel or the operator's hugepage setup refused; say so and retry later.
+            self.end_pass("fill failed: %s" % e)
+            self.phase = Phase.BACKOFF
+            self._backoff_s = min(60.0, max(5.0, self._backoff_s * 2))
+            self._backoff_until = now + self._backoff_s
+            return None, self._backoff_s
         if not blocks:
             self.end_pass("the kernel gave no block")
             self.phase = Phase.IDLE

@@ -212,3 +212,19 @@ def test_granule_ranges_keep_only_whole_aligned_granules() -> None:
     assert covered == {1024, 1536}
     ranges, covered = granule_ranges(blocks, 2 * MiB)
     assert ranges == [(2 * MiB, 8 * MiB), (18 * MiB, 2 * MiB)] and len(covered) == 5
+
+
+def test_a_failing_fill_backs_off_with_the_reason() -> None:
+    from aerate.agent.arena import ArenaError
+
+    k = ScriptedKernel(free_blocks=64)
+    a = ScriptedArena(k)
+
+    def refuse(n: int) -> List[Block]:
+        raise ArenaError("the persistent 2 MiB hugepage pool has 3 free pages")
+
+    a.fill = refuse  # type: ignore[method-assign]
+    e = Engine(k, a, settings())
+    ranges, wait = e.tick(0.0, True)
+    assert ranges is None and wait >= 5.0 and e.phase is Phase.BACKOFF
+    assert "hugepage pool" in e.last_reason
