@@ -106,6 +106,8 @@ class Engine:
         self._backoff_s = 0.0
         self._backoff_until = 0.0
         self._rate_tokens = 0.0
+        self._refusals = 0          # refused batches in a row
+        self._refusals_waited = 0   # how many of them were already waited out
         self._rate_t = 0.0
         self.counters = {"reported_bytes": 0, "discarded_bytes": 0, "refused_bytes": 0,
                          "returned_bytes": 0, "passes": 0, "backoffs": 0, "refilled_aerated": 0}
@@ -142,6 +144,7 @@ class Engine:
         self.counters["discarded_bytes"] += discarded
         self.counters["refused_bytes"] += refused
         if discarded:
+            self._refusals = self._refusals_waited = 0
             self.held_acked.extend(blocks)
             # Probe slowly: every acked batch without pressure grows the next one.
             self._capacity_now = min(self.cfg["capacity"], self._capacity_now * 2)
@@ -149,6 +152,10 @@ class Engine:
             # Nothing was discarded (refused or a dropped session): holding it buys nothing.
             self.arena.release(blocks)
             self.counters["returned_bytes"] += sum(b.nr_pages for b in blocks) * PAGE
+            if refused:
+                # The host will not discard for now (private RAM, a migration...): reporting
+                # the same blocks again at once would only burn CPU on both sides.
+                self._refusals += 1
 
     def abandon_unsent(self) -> None:
         """The fill of the last tick could not be sent (no session any more)."""
@@ -248,6 +255,13 @@ class Engine:
         if self.inflight:
             self.phase = Phase.WAITING
             return None, idle
+        if self._refusals > self._refusals_waited:
+            wait = min(300.0, 5.0 * 2 ** (self._refusals - 1))
+            self._backoff_until = now + wait
+            self._refusals_waited = self._refusals
+            self.end_pass("the host refused the last batch; next try in %.0f s" % wait)
+            self.phase = Phase.BACKOFF
+            return None, wait
         if not can_report:
             self.end_pass("no session")
             self.phase = Phase.IDLE

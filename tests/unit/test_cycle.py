@@ -171,9 +171,33 @@ def test_refused_batches_go_back_at_once_and_are_not_counted_aerated() -> None:
     k = ScriptedKernel(free_blocks=16)
     a = ScriptedArena(k)
     e = Engine(k, a, settings())
-    run(e, 3, discarded=False)
+    reports = run(e, 2, discarded=False)
     assert a.held == [] and e.aerated_bytes() == 0
     assert e.counters["refused_bytes"] > 0 and e.counters["discarded_bytes"] == 0
+    # A refusing host is not asked again at once: the tick after the refusal backs off.
+    assert len(reports) == 1 and e.phase is Phase.BACKOFF and "refused" in e.last_reason
+
+
+def test_refusals_back_off_exponentially_then_recover() -> None:
+    k = ScriptedKernel(free_blocks=64)
+    e = Engine(k, ScriptedArena(k), settings())
+    times = []
+    now, batch = 0.0, 0
+    for _ in range(40):
+        ranges, wait = e.tick(now, True)
+        if ranges:
+            batch += 1
+            e.reported(batch)
+            times.append(now)
+            e.on_release(batch, discarded=0, refused=sum(n for _, n in ranges))
+        now += wait
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert [round(g) for g in gaps[:3]] == [5, 10, 20] and max(gaps) <= 301.0
+    ranges, _ = e.tick(now + 400, True)
+    assert ranges
+    e.reported(batch + 1)
+    e.on_release(batch + 1, discarded=sum(n for _, n in ranges))
+    assert e.tick(now + 401, True)[0] is not None   # the host discards again: full speed
 
 
 def test_orphans_from_a_crash_wait_for_a_new_session() -> None:

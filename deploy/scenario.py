@@ -1,0 +1,183 @@
+"""The end-to-end scenario shared by the demo, the vm tests and the benchmark.
+
+A real ``aerated`` process (its own run directory, so it never meets an operator's daemon
+on this host), a guest from deploy/vm.py, a workload in the guest that allocates, touches
+and frees memory, and the host backing of that guest's RAM read from the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aerate.deploy.vm import Guest, HarnessError
+from aerate.host.ctl import CtlError, request
+
+MiB = 1 << 20
+
+
+class ScenarioError(HarnessError):
+    """The scenario could not run; the message says which step and why."""
+
+
+@dataclass
+class Aerated:
+    """A running aerated process and where it keeps its socket and log."""
+
+    proc: subprocess.Popen[bytes]
+    run_dir: Path
+    log: Path
+
+    def status(self) -> dict[str, Any]:
+        """``aeratectl status --json`` of this daemon."""
+        answer: dict[str, Any] = request({"cmd": "status"}, str(self.run_dir))
+        return answer
+
+    def vm(self, name: str) -> dict[str, Any]:
+        """One VM's status, or {} if the daemon does not list it (yet)."""
+        with contextlib.suppress(CtlError, ValueError):
+            for vm in self.status().get("vms", []):
+                if vm.get("vm") == name:
+                    return dict(vm)
+        return {}
+
+    def set(self, name: str, **values: Any) -> dict[str, Any]:
+        """``aeratectl set NAME key=value...``."""
+        answer: dict[str, Any] = request({"cmd": "set", "vm": name, "settings": values},
+                                         str(self.run_dir))
+        if not answer.get("ok"):
+            raise ScenarioError(f"aeratectl set {name}: {answer.get('error')}")
+        return answer
+
+    def log_text(self) -> str:
+        """What the daemon logged so far."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@contextlib.contextmanager
+def aerated(run_dir: Path, config_text: str = "", extra: tuple[str, ...] = ()
+            ) -> Iterator[Aerated]:
+    """Run aerated from this checkout until the block ends (then SIGTERM, then SIGKILL)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "aerated.toml"
+    config.write_text(config_text)
+    log = run_dir / "aerated.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aerate.host.daemon", "--run-dir", str(run_dir),
+             "--config", str(config), "--metrics", "off", "--log-level", "debug", *extra],
+            stdout=out, stderr=subprocess.STDOUT)
+    d = Aerated(proc, run_dir, log)
+    try:
+        wait_for(lambda: (run_dir / "aerated.sock").exists() or proc.poll() is not None,
+                 30, "aerated control socket")
+        if proc.poll() is not None:
+            raise ScenarioError(f"aerated exited {proc.returncode}:\n{d.log_text()[-3000:]}")
+        yield d
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Poll ``pred`` until it is truthy; ScenarioError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise ScenarioError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+HOG = r"""
+import mmap, sys, time
+mib, hold = int(sys.argv[1]), float(sys.argv[2])
+m = mmap.mmap(-1, mib << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+chunk = b"\x5a" * (1 << 20)
+for i in range(mib):
+    m.write(chunk)
+print("touched", flush=True)
+open("/run/aerate-hog.ready", "w").close()
+time.sleep(hold)
+m.close()
+"""
+
+
+@dataclass
+class Hog:
+    """A guest process holding ``mib`` MiB of touched memory until it exits."""
+
+    guest: Guest
+    mib: int
+    hold_s: float
+    result: dict[str, Any] = field(default_factory=dict)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start it (in a thread: guest-exec blocks until the process exits)."""
+        self.guest.check("rm -f /run/aerate-hog.ready")
+
+        def run() -> None:
+            rc, out, err = self.guest.run(["python3", "-c", HOG, str(self.mib), str(self.hold_s)],
+                                          timeout=self.hold_s + 600)
+            self.result.update(rc=rc, out=out, err=err, ended=time.monotonic())
+
+        self.thread = threading.Thread(target=run, name="hog", daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.guest.run("test -e /run/aerate-hog.ready", 30)[0] == 0
+                 or not self.thread or not self.thread.is_alive(), self.hold_s + 300,
+                 f"the guest to touch {self.mib} MiB")
+        if "rc" in self.result and self.result["rc"] != 0:
+            raise ScenarioError(f"hog failed in the guest: {self.result}")
+
+    def join(self) -> float:
+        """Wait for it to exit (its memory is freed then); returns that moment."""
+        assert self.thread is not None
+        self.thread.join(self.hold_s + 660)
+        if self.result.get("rc") != 0:
+            raise ScenarioError(f"hog failed in the guest: {self.result}")
+        return float(self.result["ended"])
+
+
+def guest_cpu_seconds(guest: Guest) -> float:
+    """Busy CPU time of the whole guest so far (all CPUs, from its /proc/stat)."""
+    line = guest.check("head -1 /proc/stat").split()
+    ticks = [int(x) for x in line[1:]]
+    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # minus idle, iowait
+    hz = int(guest.check("getconf CLK_TCK").strip() or 100)
+    return busy / hz
+
+
+def start_checker(guest: Guest, mib: int, duration: float, churn: int = 0) -> None:
+    """Run aerate-checker in the guest as a transient unit (result read by checker_result)."""
+    guest.check(f"systemd-run --unit=aerate-checker --collect -p StandardOutput=file:"
+                f"/run/aerate-checker.json /usr/local/bin/aerate-checker --mib {mib} "
+                f"--duration {duration:.0f} --churn {churn}")
+
+
+def checker_result(guest: Guest, timeout: float = 600) -> dict[str, Any]:
+    """Wait for the checker unit to finish and return its JSON summary."""
+    wait_for(lambda: guest.run("systemctl is-active -q aerate-checker", 30)[0] != 0,
+             timeout, "aerate-checker to finish", interval=2)
+    out = guest.check("cat /run/aerate-checker.json")
+    try:
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError) as e:
+        raise ScenarioError(f"aerate-checker printed no summary: {out!r}") from e
+    return result
