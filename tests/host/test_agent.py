@@ -123,7 +123,7 @@ def reserve_for(mib_to_aerate: int) -> int:
     return max(0, raw_mib() - mib_to_aerate - wm.high * 4 // 1024)
 
 
-def stop(proc: "subprocess.Popen[Any]") -> None:
+def stop(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -183,7 +183,7 @@ def test_agent_backs_off_under_real_memory_pressure(host: Host, env: Dict[str, A
                                        f"reserve_mib={max(reserve, 0)}", "delay_ms=50",
                                        "stats_interval_s=1"),
                             env=env["env"], stderr=subprocess.PIPE, text=True)
-    hog: "Optional[subprocess.Popen[str]]" = None
+    hog: Optional[subprocess.Popen[str]] = None
     try:
         host.sync()
         host.pump(30, until=lambda: bool(host.stats))
@@ -220,7 +220,7 @@ def test_sigkill_mid_batch_keeps_pages_until_a_new_session(host: Host,
     proc = subprocess.Popen(argv, env=env["env"], stderr=subprocess.PIPE, text=True)
     notify: NotifyStandIn = env["notify"]
     stored: List[int] = []
-    proc2: "Optional[subprocess.Popen[str]]" = None
+    proc2: Optional[subprocess.Popen[str]] = None
     try:
         while True:   # the agent's first notification carries the arena fd
             msg, fds = notify.receive()
