@@ -49,7 +49,7 @@ from aerate.host.session import VmSession
 log = logging.getLogger("aerated")
 RUN_DIR = "/run/aerate"
 SYNC_RETRY = 5.0
-PERMIT_TTL = 1.0
+PERMIT_TTL = 0.25
 MIN_GRANULE = 2 << 20
 
 
@@ -262,7 +262,8 @@ class Daemon:
         self.loop = asyncio.get_running_loop()
         self.conn = LibvirtConnection(uri, on_connect=self._on_connect,
                                       on_disconnect=self._on_disconnect,
-                                      on_lifecycle=self._on_lifecycle)
+                                      on_lifecycle=self._on_lifecycle,
+                                      on_device=self._on_device)
         self.stopping = asyncio.Event()
 
     # libvirt's thread calls these three: they only hand over to the loop.
@@ -277,6 +278,16 @@ class Daemon:
 
     def _on_lifecycle(self, ev: LifecycleEvent) -> None:
         self.loop.call_soon_threadsafe(self.on_lifecycle, ev)
+
+    def _on_device(self, name: str, alias: str, added: bool) -> None:
+        self.loop.call_soon_threadsafe(self.on_device, name, alias, added)
+
+    def on_device(self, name: str, alias: str, added: bool) -> None:
+        """A device came or went (a DIMM, virtio-mem): the memory map is stale. Restart
+        the VM's session so the map is rebuilt before anything more is discarded."""
+        if name in self.runners:
+            self.stop_runner(name, f"device {alias} {'added' if added else 'removed'}")
+            self.start_runner(name)
 
     def resync(self) -> None:
         """After (re)connecting to libvirt: start runners for running VMs, drop the rest."""
