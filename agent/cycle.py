@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Set, 
 
 from . import settings as settings_mod
 from .arena import ArenaError, Block
+from .hugetlb import BudgetError
 from .protocol import Range
 
 PAGE = 4096
@@ -278,7 +279,7 @@ class Engine:
             return None, max(delay, 0.05)
         try:
             blocks = self.arena.fill(want)
-        except (ArenaError, OSError) as e:
+        except (ArenaError, BudgetError, OSError) as e:
             # The kernel or the operator's hugepage setup refused; say so and retry later.
             self.end_pass("fill failed: %s" % e)
             self.phase = Phase.BACKOFF

@@ -44,42 +44,42 @@ def main(argv: list[str] | None = None) -> int:
         say("guest image: building or reusing (first build takes a few minutes)")
         image = ensure_image()
         say(f"guest image {image.key} ready")
-        with tempfile.TemporaryDirectory(prefix="aerate-demo-") as tmp:
-            with aerated(Path(tmp), "[defaults]\nreserve_mib = 128\nstats_interval_s = 1\n"
-                         ) as d:
+        say(f"booting a {args.memory_mib} MiB guest with {args.backing} shared RAM")
+        with tempfile.TemporaryDirectory(prefix="aerate-demo-") as tmp, \
+                booted(image, backing=args.backing, memory_mib=args.memory_mib) as g:
+            with aerated(Path(tmp), "[defaults]\nreserve_mib = 128\nstats_interval_s = 1\n",
+                         ("--vm", g.name)) as d:
                 say(f"aerated running (control socket {tmp}/aerated.sock)")
-                say(f"booting a {args.memory_mib} MiB guest with {args.backing} shared RAM")
-                with booted(image, backing=args.backing, memory_mib=args.memory_mib) as g:
-                    say(f"{g.name} ({g.spec.domain_type}) ready in "
-                        f"{g.timings['boot_to_ready']:.0f} s; aerate-agent active")
-                    wait_for(lambda: d.vm(g.name).get("state") == "running", 120,
-                             "the aerate session")
-                    say("first pass: the agent reports the guest's free memory once")
-                    wait_for(lambda: ((d.vm(g.name).get("guest") or {}).get("engine") or {})
-                             .get("phase") == "idle" and d.vm(g.name).get("batches", 0) > 0,
-                             600, "the first pass", 2)
-                    before = _backing(d, g.name)
-                    say(f"host memory backing the guest: {before / MiB:.0f} MiB")
-                    hog = Hog(g, args.mib, hold_s=3)
-                    hog.start()
-                    peak = _backing(d, g.name)
-                    say(f"guest touched {args.mib} MiB: backing {peak / MiB:.0f} MiB")
-                    freed = hog.join()
-                    say(f"guest freed {args.mib} MiB; watching the host get it back")
-                    while (t := time.monotonic() - freed) < args.watch:
-                        now = _backing(d, g.name)
-                        back = peak - now
-                        bar = "#" * int(40 * max(0, back) / (args.mib * MiB))
-                        print(f"  +{t:4.0f} s  backing {now / MiB:6.0f} MiB  returned "
-                              f"{back / MiB:5.0f} MiB  {bar}", flush=True)
-                        if back >= 0.95 * args.mib * MiB:
-                            break
-                        time.sleep(2)
-                    print()
-                    print(format_status(d.status()))
-                    back = peak - _backing(d, g.name)
-                    say(f"{back / MiB:.0f} MiB of the {args.mib} MiB freed in the guest came "
-                        "back to the host")
+                say(f"{g.name} ({g.spec.domain_type}) ready in "
+                    f"{g.timings['boot_to_ready']:.0f} s; aerate-agent active")
+                wait_for(lambda: d.vm(g.name).get("state") == "running", 120,
+                         "the aerate session")
+                say("first pass: the agent reports the guest's free memory once")
+                wait_for(lambda: ((d.vm(g.name).get("guest") or {}).get("engine") or {})
+                         .get("phase") == "idle" and d.vm(g.name).get("batches", 0) > 0,
+                         600, "the first pass", 2)
+                before = _backing(d, g.name)
+                say(f"host memory backing the guest: {before / MiB:.0f} MiB")
+                hog = Hog(g, args.mib, hold_s=3)
+                hog.start()
+                peak = _backing(d, g.name)
+                say(f"guest touched {args.mib} MiB: backing {peak / MiB:.0f} MiB")
+                freed = hog.join()
+                say(f"guest freed {args.mib} MiB; watching the host get it back")
+                while (t := time.monotonic() - freed) < args.watch:
+                    now = _backing(d, g.name)
+                    back = peak - now
+                    bar = "#" * int(40 * max(0, back) / (args.mib * MiB))
+                    print(f"  +{t:4.0f} s  backing {now / MiB:6.0f} MiB  returned "
+                          f"{back / MiB:5.0f} MiB  {bar}", flush=True)
+                    if back >= 0.95 * args.mib * MiB:
+                        break
+                    time.sleep(2)
+                print()
+                print(format_status(d.status()))
+                back = peak - _backing(d, g.name)
+                say(f"{back / MiB:.0f} MiB of the {args.mib} MiB freed in the guest came "
+                    "back to the host")
     except (ImageError, HarnessError, ScenarioError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -253,8 +254,9 @@ class Daemon:
     """The aerated process: lock, libvirt, runners, control socket."""
 
     def __init__(self, uri: str, config_path: str, run_dir: str,
-                 metrics: tuple[str, int] | None = None) -> None:
+                 metrics: tuple[str, int] | None = None, only: tuple[str, ...] = ()) -> None:
         self.metrics = metrics
+        self.only = only
         self.config_path = config_path
         self.config = config_mod.load(config_path)
         self.run_dir = run_dir
@@ -311,8 +313,14 @@ class Daemon:
             # suspended (migration, save...), resumed: the next batch re-reads job state.
             self.runners[ev.name]._permit = (0.0, Decision(REFUSE, f"domain {ev.event}"))
 
+    def serves(self, name: str) -> bool:
+        """Whether this daemon serves VM ``name`` (all, unless --vm patterns narrow it)."""
+        return not self.only or any(fnmatch.fnmatchcase(name, p) for p in self.only)
+
     def start_runner(self, name: str) -> None:
         """Begin serving a VM."""
+        if not self.serves(name):
+            return
         r = VmRunner(self, name)
         self.runners[name] = r
         r.task = self.loop.create_task(r.run(), name=f"vm:{name}")
@@ -413,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", default=RUN_DIR)
     ap.add_argument("--metrics", default="127.0.0.1:9848", metavar="ADDR:PORT",
                     help="Prometheus endpoint, loopback only ('off' to disable)")
+    ap.add_argument("--vm", action="append", default=[], metavar="GLOB",
+                    help="serve only VMs whose name matches (repeatable; default: all)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -429,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     async def amain() -> None:
-        daemon = Daemon(args.uri, args.config, args.run_dir, metrics)
+        daemon = Daemon(args.uri, args.config, args.run_dir, metrics, tuple(args.vm))
         await daemon.serve()
 
     try:

@@ -62,10 +62,10 @@ def trial(image: Any, mode: str, hog_mib: int, window: float, memory_mib: int
     """One boot, one free, one curve of the backing."""
     kernel = mode == "kernel FPR"
     with tempfile.TemporaryDirectory(prefix="aerate-bench-") as tmp, \
-            aerated(Path(tmp), "[defaults]\nreserve_mib = 128\nhwm = 8\nstats_interval_s = 1\n"
-                    ) as d, \
             booted(image, backing="memfd", memory_mib=memory_mib,
-                   free_page_reporting=kernel) as g:
+                   free_page_reporting=kernel) as g, \
+            aerated(Path(tmp), "[defaults]\nreserve_mib = 128\nhwm = 8\nstats_interval_s = 1\n",
+                    ("--vm", g.name)) as d:
         wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the aerate session")
         engine_phase = lambda: ((d.vm(g.name).get("guest") or {}).get("engine")  # noqa: E731
                                 or {}).get("phase")

@@ -39,8 +39,8 @@ def setup(request: pytest.FixtureRequest, guest_image: GuestImage,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Aerated, Guest]]:
     run = tmp_path_factory.mktemp(f"aerated-{request.param}")
     config = f"[defaults]\nreserve_mib = {RESERVE_MIB}\nhwm = 8\nstats_interval_s = 1\n"
-    with aerated(run, config) as d, booted(guest_image, backing=request.param,
-                                           memory_mib=2048) as g:
+    with booted(guest_image, backing=request.param, memory_mib=2048) as g, \
+            aerated(run, config, ("--vm", g.name)) as d:
         wait_for(lambda: settled(d, g.name), 600, f"the first pass on {g.name}", 2)
         yield d, g
 
@@ -92,8 +92,8 @@ def test_daemon_log_names_the_reclaimer(setup: tuple[Aerated, Guest]) -> None:
 def private_guest(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[tuple[Aerated, Guest]]:
     run = tmp_path_factory.mktemp("aerated-private")
-    with aerated(run, "[defaults]\nhwm = 8\n") as d, booted(guest_image, backing="private",
-                                                           memory_mib=1024) as g:
+    with booted(guest_image, backing="private", memory_mib=1024) as g, \
+            aerated(run, "[defaults]\nhwm = 8\n", ("--vm", g.name)) as d:
         yield d, g
 
 
