@@ -49,6 +49,9 @@ from aerate.host.session import VmSession
 
 log = logging.getLogger("aerated")
 RUN_DIR = "/run/aerate"
+#: Per-VM locks live here whatever --run-dir says: two daemons (an operator's and a test's,
+#: say) must never serve the same VM at once (S4).
+VM_LOCK_DIR = "/run/aerate/vms"
 SYNC_RETRY = 5.0
 PERMIT_TTL = 0.25
 MIN_GRANULE = 2 << 20
@@ -169,8 +172,35 @@ class VmRunner:
 
     # -- the connection loop
 
+    def _lock(self) -> int | None:
+        """Take this VM's lock (S4), or None when another daemon holds it."""
+        os.makedirs(VM_LOCK_DIR, mode=0o755, exist_ok=True)
+        path = os.path.join(VM_LOCK_DIR, self.name.replace("/", "_") + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            self.state, self.reason = "busy", (
+                f"another aerated (pid {other}) serves this VM ({path})")
+            return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
     async def run(self) -> None:
-        """Connect, sync, serve; reconnect with backoff on any failure, until cancelled."""
+        """Hold the VM's lock, then connect, sync, serve; reconnect with backoff on any
+        failure, until cancelled."""
+        while (lock := self._lock()) is None:
+            log.warning("%s: %s; waiting", self.name, self.reason)
+            await asyncio.sleep(5)
+        try:
+            await self._run_locked()
+        finally:
+            os.close(lock)
+
+    async def _run_locked(self) -> None:
         delay = 1.0
         while True:
             try:
