@@ -1,0 +1,131 @@
+"""S5 with a real hostile guest: root in the guest stops the agent and speaks to the port.
+
+The hostile program (below, run in the guest by its python3) answers the daemon's sync
+correctly, so it gets a real session, then sends one attack per session: malformed JSON, a
+giant line, a range outside the guest's RAM, a replayed batch, a flood. Each must end that
+session without any discard; the daemon must carry on, and keep serving a second, honest VM
+all along.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aerate.deploy.image import GuestImage
+from aerate.deploy.scenario import Aerated, aerated, wait_for
+from aerate.deploy.vm import Guest, booted
+
+pytestmark = [pytest.mark.vm, pytest.mark.fault]
+
+HOSTILE = r'''
+import json, os, select, sys, time
+port = os.open("/dev/virtio-ports/org.aerate.agent.0", os.O_RDWR)
+buf = b""
+
+def read_sync(timeout=60):
+    global buf
+    end = time.time() + timeout
+    while time.time() < end:
+        r, _, _ = select.select([port], [], [], 1)
+        if r:
+            buf += os.read(port, 65536)
+        while b"\xff" in buf:
+            buf = buf[buf.index(b"\xff") + 1:]
+            line, sep, rest = buf.partition(b"\n")
+            if not sep:
+                break
+            buf = rest
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("type") == "sync":
+                return msg
+    raise SystemExit("no sync from the host")
+
+def send(obj, sync=False):
+    data = json.dumps(obj).encode() + b"\n"
+    os.write(port, (b"\xff" if sync else b"") + data)
+
+def report(s, batch, ranges):
+    send({"proto": 1, "type": "report", "session": s, "batch": batch, "ranges": ranges})
+
+G = 2 << 20
+attacks = {
+    "malformed": lambda s: os.write(port, b"{this is not json\n"),
+    "giant_line": lambda s: os.write(port, b"[" + b"1," * 40000 + b"1]\n"),
+    "outside_ram": lambda s: report(s, 1, [[1 << 40, G]]),
+    "misaligned": lambda s: report(s, 1, [[G + 4096, G]]),
+    "replay": lambda s: (report(s, 5, [[64 * G, G]]), time.sleep(1), report(s, 5, [[66 * G, G]])),
+    "flood": lambda s: [report(s, b, [[64 * G, G]]) for b in range(1, 400)],
+}
+done = {}
+for name in sys.argv[1:]:
+    sync = read_sync()
+    s = sync["session"]
+    send({"proto": 1, "type": "hello", "nonce": sync["nonce"], "session": s,
+          "agent": "hostile"}, sync=True)
+    time.sleep(0.5)
+    attacks[name](s)
+    done[name] = s
+    time.sleep(1)
+print(json.dumps(done))
+'''
+
+ATTACKS = ["malformed", "giant_line", "outside_ram", "misaligned", "replay", "flood"]
+
+
+@pytest.fixture(scope="module")
+def two_guests(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[Aerated, Guest, Guest]]:
+    run = tmp_path_factory.mktemp("aerated-hostile")
+    shape: dict[str, Any] = {"backing": "memfd", "memory_mib": 1024}
+    with booted(guest_image, name_prefix="aerate-bad", **shape) as bad, \
+            booted(guest_image, name_prefix="aerate-good", **shape) as good, \
+            aerated(run, "[defaults]\nhwm = 8\nstats_interval_s = 1\n",
+                    ("--vm", bad.name, "--vm", good.name)) as d:
+        for g in (bad, good):
+            wait_for(lambda g=g: d.vm(g.name).get("state") == "running", 300,
+                     f"a session with {g.name}")
+        yield d, bad, good
+
+
+def test_hostile_guest_is_cut_off_and_nothing_is_discarded(
+        two_guests: tuple[Aerated, Guest, Guest], tmp_path: Path) -> None:
+    d, bad, good = two_guests
+    before = d.vm(bad.name)
+    good_before = d.vm(good.name)
+    bad.check("systemctl stop aerate-agent")
+    rc, out, err = bad.run(["python3", "-c", HOSTILE, *ATTACKS], timeout=600)
+    assert rc == 0, err
+    sessions = json.loads(out.strip().splitlines()[-1])
+    assert sorted(sessions) == sorted(ATTACKS)
+    after: dict[str, Any] = wait_for(
+        lambda: (v := d.vm(bad.name)).get("errors", 0) >= before.get("errors", 0) + len(ATTACKS)
+        and v, 120, "the daemon to close every hostile session")
+    # A hostile guest can get only its own RAM discarded: the well-formed reports here name
+    # two 2 MiB ranges inside it (the replay's first copy, the flood's range); everything
+    # else was refused before the reclaimer, as the log says.
+    assert after["state"] in ("closed", "syncing", "running", "retrying")
+    log = d.log_text()
+    for needle in ("malformed line", "longer than", "not inside this VM's RAM", "aligned",
+                   "replayed", "flood"):
+        assert needle in log, f"daemon log lacks {needle!r}"
+    assert d.proc.poll() is None, "aerated died"
+    good_after = d.vm(good.name)
+    assert good_after["state"] == "running"
+    assert good_after["sessions"] == good_before["sessions"], "the honest VM lost its session"
+    assert good_after["errors"] == 0
+
+
+def test_the_real_agent_gets_its_session_back(two_guests: tuple[Aerated, Guest, Guest]) -> None:
+    d, bad, _ = two_guests
+    bad.check("systemctl start aerate-agent")
+    vm = wait_for(lambda: (v := d.vm(bad.name)).get("state") == "running"
+                  and v.get("agent") == "0.1.0" and v, 120, "the real agent's session")
+    assert vm["reclaimer"] == "punch"
