@@ -215,15 +215,19 @@ def classify(vma: Vma) -> BackingKind:
     return BackingKind.UNKNOWN
 
 
-def _block_hva(block: str, pieces: Sequence[RamRange], hmp: Callable[[str], str]) -> int:
-    """Host address of block offset 0, checked to agree for every piece of the block."""
+def _block_hva(block: str, region: str, pieces: Sequence[RamRange],
+               hmp: Callable[[str], str]) -> int:
+    """Host address of block offset 0, checked to agree for every piece of the block.
+
+    `region` is the memory region QEMU names in gpa2hva answers (the backend id).
+    """
     bases = set()
     for piece in pieces:
-        gpa, region, hva = parse_gpa2hva(hmp(f"gpa2hva {piece.gpa_start:#x}"))
-        if gpa != piece.gpa_start or region != block:
+        gpa, said, hva = parse_gpa2hva(hmp(f"gpa2hva {piece.gpa_start:#x}"))
+        if gpa != piece.gpa_start or said != region:
             raise BackingError(
-                f"gpa2hva {piece.gpa_start:#x} answered for {region!r} at {gpa:#x}, "
-                f"expected block {block!r}"
+                f"gpa2hva {piece.gpa_start:#x} answered for {said!r} at {gpa:#x}, "
+                f"expected {region!r} (block {block!r})"
             )
         bases.add(hva - piece.block_offset)
     if len(bases) != 1:
@@ -261,7 +265,7 @@ def resolve_block(
     """Prove the backing of one RAM block; raise BackingError when it cannot be proven."""
     info = gmap.blocks[block]
     pieces = [r for r in gmap.ranges if r.block_name == block]
-    hva = _block_hva(block, pieces, hmp)
+    hva = _block_hva(block, gmap.block_memdev.get(block, block), pieces, hmp)
     vma = covering_vma(parse_smaps(smaps), hva, info.used)
     kind = classify(vma)
     if vma.kernel_page_size != info.page_size:

@@ -408,6 +408,7 @@ class LibvirtConnection:
         """What the domain is doing (migration, save, snapshot...), for the refusal check."""
         dom = self._domain(name)
         try:
-            return job_from_stats(dom.jobStats(), tuple(dom.state()))  # type: ignore[arg-type]
+            state = dom.state()
+            return job_from_stats(dom.jobStats(), (int(state[0]), int(state[1])))
         except libvirt.libvirtError as exc:
             raise DomainError(f"VM {name}: reading its job state failed: {exc}") from exc

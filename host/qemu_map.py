@@ -10,7 +10,8 @@ Where the map comes from, and why each source is needed:
   ("rom": PAM-shadowed BIOS) and devices are not RAM the guest may hand back.
 - `info mtree` (the region tree): the machine RAM windows, i.e. the `ram-below-4g` /
   `ram-above-4g` aliases. A memory backend mapped elsewhere (an ivshmem BAR, an NVDIMM)
-  is not guest RAM even though it is "ram" in the flat view.
+  is not guest RAM even though it is "ram" in the flat view. The legacy window
+  0xa0000-0xfffff is always left out (see LEGACY_HOLE).
 - `query-memory-devices`: DIMM / virtio-mem windows (hot-pluggable RAM).
 - `query-memdev`: the memory backends (the only RAM aerate may discard).
 - `info ramblock`: the RAM block of each backend and its host page size (the granule).
@@ -21,7 +22,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 _U64 = 1 << 64
@@ -30,6 +31,10 @@ _U64 = 1 << 64
 # a memdev (nvdimm, virtio-pmem, sgx-epc, ...) is excluded from the map.
 RAM_DEVICE_TYPES = frozenset({"dimm", "virtio-mem"})
 RAM_WINDOW_ALIASES = ("ram-below-4g", "ram-above-4g")
+# The legacy VGA / option ROM / BIOS window. The guest's chipset registers (PAM, SMRAM)
+# switch it between RAM, ROM and device memory at run time, so a map taken at one moment
+# could be stale the next; aerate never treats it as guest RAM.
+LEGACY_HOLE = (0xA0000, 0x100000)
 
 
 class MapError(ValueError):
@@ -123,8 +128,9 @@ class GuestMemoryMap:
     """The proven RAM of one VM: sorted disjoint pieces, their blocks and backends."""
 
     ranges: tuple[RamRange, ...]
-    blocks: Mapping[str, RamBlockInfo]
-    memdevs: Mapping[str, Memdev]
+    blocks: Mapping[str, RamBlockInfo]  # by RAM block name
+    memdevs: Mapping[str, Memdev]  # by memory backend id
+    block_memdev: Mapping[str, str] = field(default_factory=dict)  # block -> backend id
 
     @property
     def ram_size(self) -> int:
@@ -216,6 +222,15 @@ def parse_ram_windows(text: str) -> list[tuple[int, int]]:
     return sorted(windows)
 
 
+def _without_legacy_hole(windows: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    lo, hi = LEGACY_HOLE
+    out: list[tuple[int, int]] = []
+    for start, end in windows:
+        # Keep what lies below and what lies above the hole (either may be empty).
+        out += [(a, b) for a, b in ((start, min(end, lo)), (max(start, hi), end)) if a < b]
+    return sorted(out)
+
+
 def parse_size(text: str) -> int:
     """'2 MiB' -> 2097152 (the page size column of `info ramblock`)."""
     number, _, unit = text.strip().partition(" ")
@@ -287,9 +302,12 @@ def device_windows(
     for dev in memory_devices:
         data = dev.get("data", {})
         memdev = data.get("memdev")
-        if dev.get("type") in RAM_DEVICE_TYPES and "addr" in data:
+        # DIMMs say "addr"/"size"; virtio-mem says "memaddr" and maps its whole
+        # "max-size" (unplugged blocks in it are already discarded: punching is a no-op).
+        addr = data.get("addr", data.get("memaddr"))
+        if dev.get("type") in RAM_DEVICE_TYPES and addr is not None:
             size = int(data.get("max-size", data.get("size", 0)))
-            windows.append((int(data["addr"]), int(data["addr"]) + size))
+            windows.append((int(addr), int(addr) + size))
         elif memdev:
             excluded.add(_memdev_id(str(memdev)))
     return windows, excluded
@@ -299,13 +317,30 @@ def device_windows(
 # Building the map
 
 
+def block_of_memdev(memdev: str, blocks: Mapping[str, RamBlockInfo]) -> str:
+    """The RAM block of a memory backend.
+
+    The block is named after the backend, prefixed with the owning device's path when a
+    device registers it ("0000:00:01.0/vmem0" for virtio-mem); never guess between two.
+    """
+    if memdev in blocks:
+        return memdev
+    found = [name for name in blocks if name.endswith("/" + memdev)]
+    if len(found) != 1:
+        raise MapError(
+            f"memory backend {memdev!r} is mapped but matches {len(found)} RAM blocks "
+            f"({', '.join(found) or 'none'})"
+        )
+    return found[0]
+
+
 def build_map(facts: QemuMemoryFacts) -> GuestMemoryMap:
     """Build the proven RAM map from QEMU's answers, or raise MapError."""
     flat = parse_flat_view(facts.mtree_flat)
     blocks = parse_ramblocks(facts.ramblock)
     memdevs = parse_memdevs(facts.query_memdev, facts.qom_objects)
     dev_windows, excluded = device_windows(facts.memory_devices)
-    windows = sorted(parse_ram_windows(facts.mtree) + dev_windows)
+    windows = _without_legacy_hole(parse_ram_windows(facts.mtree) + dev_windows)
     if not memdevs:
         raise MapError("query-memdev: the VM has no memory backend objects")
 
@@ -315,13 +350,12 @@ def build_map(facts: QemuMemoryFacts) -> GuestMemoryMap:
         # memory backend is something the guest's allocator owns.
         if fr.kind != "ram" or fr.name not in memdevs or fr.name in excluded:
             continue
-        if fr.name not in blocks:
-            raise MapError(f"memory backend {fr.name!r} is mapped but has no RAM block")
+        block = block_of_memdev(fr.name, blocks)
         for w_start, w_end in windows:
             start, end = max(fr.gpa_start, w_start), min(fr.gpa_start + fr.length, w_end)
             if start < end:
                 pieces.append(
-                    RamRange(start, end - start, fr.name, fr.offset + start - fr.gpa_start)
+                    RamRange(start, end - start, block, fr.offset + start - fr.gpa_start)
                 )
     pieces.sort(key=lambda r: r.gpa_start)
     merged: list[RamRange] = []
@@ -349,10 +383,13 @@ def build_map(facts: QemuMemoryFacts) -> GuestMemoryMap:
     if not merged:
         raise MapError("no guest RAM found in the flat view of address space 'memory'")
     used_blocks = {r.block_name for r in merged}
+    block_memdev = {block_of_memdev(m, blocks): m for m in memdevs if m not in excluded}
+    block_memdev = {b: m for b, m in block_memdev.items() if b in used_blocks}
     return GuestMemoryMap(
         ranges=tuple(merged),
         blocks={n: b for n, b in blocks.items() if n in used_blocks},
-        memdevs={n: m for n, m in memdevs.items() if n in used_blocks},
+        memdevs={m: memdevs[m] for m in block_memdev.values()},
+        block_memdev=block_memdev,
     )
 
 

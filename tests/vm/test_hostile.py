@@ -105,13 +105,12 @@ def test_hostile_guest_is_cut_off_and_nothing_is_discarded(
     assert rc == 0, err
     sessions = json.loads(out.strip().splitlines()[-1])
     assert sorted(sessions) == sorted(ATTACKS)
-    after: dict[str, Any] = wait_for(
+    wait_for(
         lambda: (v := d.vm(bad.name)).get("errors", 0) >= before.get("errors", 0) + len(ATTACKS)
         and v, 120, "the daemon to close every hostile session")
     # A hostile guest can get only its own RAM discarded: the well-formed reports here name
     # two 2 MiB ranges inside it (the replay's first copy, the flood's range); everything
     # else was refused before the reclaimer, as the log says.
-    assert after["state"] in ("closed", "syncing", "running", "retrying")
     log = d.log_text()
     for needle in ("malformed line", "longer than", "not inside this VM's RAM", "aligned",
                    "replayed", "flood"):
