@@ -197,9 +197,11 @@ class Agent:
             self._last_status = line
         self.port.queue(self.endpoint.take_outbox())
         self.port.flush()
-        due = [self._next_tick, self._next_need_sync]
+        due = [self._next_tick]
         if self.endpoint.state is GuestState.RUNNING:
             due.append(self._next_stats)
+        else:
+            due.append(self._next_need_sync)
         if self._watchdog:
             due.append(self._next_watchdog)
         return max(0.0, min(due) - now)

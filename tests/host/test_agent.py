@@ -163,6 +163,12 @@ def test_agent_aerates_real_free_memory_and_gives_it_back(host: Host,
         assert surplus() == 0
         engine = host.stats["engine"]
         assert engine["aerated_bytes"] >= total // 2
+        # Idle means asleep: a poll loop that spins would show here (not a speed check).
+        import psutil
+        cpu = psutil.Process(proc.pid)
+        t0 = sum(cpu.cpu_times()[:2])
+        host.pump(5)
+        assert sum(cpu.cpu_times()[:2]) - t0 < 0.5, "the idle agent is spinning"
     finally:
         stop(proc)
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
