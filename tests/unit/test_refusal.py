@@ -1,0 +1,224 @@
+"""Reclaimer choice per VM, on domain XML written back by a real libvirtd 9.0.
+
+The XML lives in tests/data/qemu/libvirt/ (re-made by `capture.py libvirt`); backings
+are the values aerate.host.backing produces for each kind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aerate.host.backing import Backing, BackingKind
+from aerate.host.libvirt_conn import channel_path, job_from_stats
+from aerate.host.refusal import (
+    BALLOON,
+    PUNCH,
+    REFUSE,
+    Decision,
+    DomainFacts,
+    JobInfo,
+    VmFacts,
+    decide,
+    domain_facts,
+)
+
+pytestmark = pytest.mark.unit
+
+XML = Path(__file__).resolve().parent.parent / "data" / "qemu" / "libvirt"
+IDLE = JobInfo(active=False, operation="none")
+
+
+def dom(case: str) -> DomainFacts:
+    return domain_facts((XML / f"{case}.xml").read_text())
+
+
+def backing(kind: BackingKind, block: str = "pc.ram") -> Backing:
+    if kind in (BackingKind.ANON_PRIVATE, BackingKind.UNKNOWN):
+        reason = ("private anonymous memory at 0x7f0000000000-0x7f0010000000"
+                  if kind == BackingKind.ANON_PRIVATE
+                  else f"cannot prove the backing of block {block!r}: no mapping at 0x0")
+        return Backing(vm_pid=1, block_name=block, kind=kind, reason=reason, page_size=4096)
+    return Backing(vm_pid=1, block_name=block, kind=kind, reason="test", page_size=4096,
+                   path="/proc/1/fd/8", link="/memfd:memory-backend-memfd (deleted)")
+
+
+def facts(case: str, kind: BackingKind = BackingKind.MEMFD_SHARED, **kw: object) -> VmFacts:
+    base: dict[str, object] = {
+        "domain": dom(case), "job": IDLE, "backings": {"pc.ram": backing(kind)},
+    }
+    base.update(kw)
+    return VmFacts(**base)  # type: ignore[arg-type]
+
+
+def test_facts_from_libvirt_xml() -> None:
+    shared = dom("memfd-shared.inactive")
+    assert (shared.memory_source, shared.memory_access, shared.memballoon) == (
+        "memfd", "shared", "virtio")
+    assert shared.pinning_devices == ()
+    private = dom("private.inactive")
+    assert (private.memory_source, private.memory_access) == ("anonymous", "private")
+    huge = dom("hugepages.inactive")
+    assert huge.hugepages and huge.memory_source == "file" and huge.memory_access == "private"
+    hm = dom("hugepages-memfd-shared.inactive")
+    assert hm.hugepages and (hm.memory_source, hm.memory_access) == ("memfd", "shared")
+    locked = dom("memfd-shared-locked.inactive")
+    assert locked.locked and locked.memballoon == "none"
+    assert dom("numa-mixed-access.inactive").memory_access == "mixed"
+    assert dom("memfd-shared.live.xml".removesuffix(".xml")).name == "aerate-capture-live"
+
+
+@pytest.mark.parametrize(
+    ("case", "device"),
+    [
+        ("memfd-shared-hostdev-pci.inactive", "PCI hostdev 0000:03:00.1"),
+        ("memfd-shared-interface-hostdev.inactive", "network interface type='hostdev'"),
+        ("memfd-shared-hostdev-mdev.inactive", "mediated device c2177883"),
+    ],
+)
+def test_devices_that_pin_guest_ram_refuse(case: str, device: str) -> None:
+    assert any(device in d for d in dom(case).pinning_devices)
+    d = decide(facts(case))
+    assert d.action == REFUSE
+    assert device in d.reason and "pinned" in d.reason
+    # Not even the balloon: VFIO pins every page the guest could give back.
+    assert decide(facts(case, mode="balloon", balloon_available=True)).action == REFUSE
+
+
+def test_usb_hostdev_does_not_pin_memory() -> None:
+    assert dom("memfd-shared-hostdev-usb.inactive").pinning_devices == ()
+    assert decide(facts("memfd-shared-hostdev-usb.inactive")).action == PUNCH
+
+
+@pytest.mark.parametrize(
+    "kind", [BackingKind.MEMFD_SHARED, BackingKind.MEMFD_HUGETLB, BackingKind.FILE_SHARED,
+             BackingKind.ANON_SHARED],
+)
+def test_shared_backings_punch(kind: BackingKind) -> None:
+    d = decide(facts("memfd-shared.live", kind))
+    assert d == Decision(PUNCH, d.reason)
+    assert kind.value in d.reason and "PUNCH_HOLE" in d.reason
+
+
+def test_decision_unpacks_as_action_and_reason() -> None:
+    action, reason = decide(facts("memfd-shared.live"))
+    assert action == "punch" and reason
+
+
+def test_private_ram_refuses_until_the_balloon_exists_then_balloons() -> None:
+    d = decide(facts("private.inactive", BackingKind.ANON_PRIVATE))
+    assert d.action == REFUSE
+    assert "private anonymous memory" in d.reason
+    assert "<source type='memfd'/>" in d.reason  # tells the operator how to fix it
+    d = decide(facts("private.inactive", BackingKind.ANON_PRIVATE, balloon_available=True))
+    assert d.action == BALLOON
+
+
+def test_private_ram_without_balloon_device_or_locked_refuses() -> None:
+    # The locked capture has memballoon model='none'.
+    d = decide(facts("memfd-shared-locked.inactive", BackingKind.ANON_PRIVATE,
+                     balloon_available=True))
+    assert d.action == REFUSE and "no virtio memballoon" in d.reason
+    locked_with_balloon = DomainFacts("x", (), "anonymous", "private", False, True, "virtio",
+                                      False, "")
+    d = decide(VmFacts(locked_with_balloon, IDLE, {"pc.ram": backing(BackingKind.ANON_PRIVATE)},
+                       balloon_available=True))
+    assert d.action == REFUSE and "locked" in d.reason
+
+
+def test_private_file_mapping_refuses() -> None:
+    # libvirt's <hugepages/> without <access mode='shared'/> maps hugetlbfs privately.
+    d = decide(facts("hugepages.inactive", BackingKind.FILE_PRIVATE))
+    assert d.action == REFUSE and "copy-on-write" in d.reason
+
+
+@pytest.mark.parametrize(
+    ("job", "words"),
+    [
+        (JobInfo(True, "migration-out"), "migration-out job"),
+        (JobInfo(True, "migration-in"), "migration-in job"),
+        (JobInfo(True, "save"), "save job"),
+        (JobInfo(True, "snapshot"), "snapshot job"),
+        (JobInfo(True, "dump"), "dump job"),
+        (JobInfo(True, "unknown"), "unknown job"),
+        (JobInfo(False, "none", "postcopy"), "paused for postcopy"),
+        (JobInfo(False, "none", "migration"), "paused for migration"),
+    ],
+)
+def test_jobs_touching_guest_ram_refuse(job: JobInfo, words: str) -> None:
+    d = decide(facts("memfd-shared.live", job=job))
+    assert d.action == REFUSE and words in d.reason
+
+
+def test_disk_backup_and_user_pause_do_not_refuse() -> None:
+    assert decide(facts("memfd-shared.live", job=JobInfo(True, "backup"))).action == PUNCH
+    assert decide(facts("memfd-shared.live", job=JobInfo(False, "none", "user"))).action == PUNCH
+
+
+@pytest.mark.parametrize(
+    ("kw", "words"),
+    [
+        ({"job": None}, "cannot tell whether a migration"),
+        ({"backings": None}, "not been proven"),
+        ({"backings": {}}, "not been proven"),
+        ({"mode": "off"}, "mode=off"),
+        ({"mode": "fast"}, "unknown mode"),
+        ({"page_poison": 0xAA}, "poisons free pages with 0xaa"),
+    ],
+)
+def test_missing_or_blocking_facts_refuse(kw: dict[str, object], words: str) -> None:
+    d = decide(facts("memfd-shared.live", BackingKind.MEMFD_SHARED, **kw))
+    assert d.action == REFUSE and words in d.reason
+
+
+def test_zero_poison_is_harmless() -> None:
+    assert decide(facts("memfd-shared.live", page_poison=0)).action == PUNCH
+
+
+def test_one_unproven_block_refuses_the_vm() -> None:
+    backings = {"ram-node0": backing(BackingKind.MEMFD_SHARED, "ram-node0"),
+                "ram-node1": backing(BackingKind.UNKNOWN, "ram-node1")}
+    d = decide(facts("numa-mixed-access.inactive", backings=backings))
+    assert d.action == REFUSE and "ram-node1" in d.reason
+
+
+def test_mixed_shared_and_private_blocks_cannot_punch() -> None:
+    backings = {"ram-node0": backing(BackingKind.MEMFD_SHARED, "ram-node0"),
+                "ram-node1": backing(BackingKind.ANON_PRIVATE, "ram-node1")}
+    assert decide(facts("numa-mixed-access.inactive", backings=backings)).action == REFUSE
+    d = decide(facts("numa-mixed-access.inactive", backings=backings, balloon_available=True))
+    assert d.action == BALLOON
+
+
+def test_operator_modes() -> None:
+    d = decide(facts("private.inactive", BackingKind.ANON_PRIVATE, mode="punch"))
+    assert d.action == REFUSE and "mode=punch" in d.reason
+    d = decide(facts("memfd-shared.live", mode="balloon", balloon_available=True))
+    assert d.action == BALLOON and "mode=balloon" in d.reason
+    d = decide(facts("memfd-shared.live", mode="balloon"))
+    assert d.action == REFUSE
+    assert decide(facts("memfd-shared.live", mode="punch")).action == PUNCH
+
+
+def test_channel_socket_path_from_live_xml() -> None:
+    live = (XML / "memfd-shared.live.xml").read_text()
+    path = channel_path(live)
+    assert path is not None
+    assert path.startswith("/var/lib/libvirt/qemu/channel/target/")
+    assert path.endswith("/org.aerate.agent.0")
+    # The inactive definition has no socket yet; other channel names are not ours.
+    assert channel_path((XML / "memfd-shared.inactive.xml").read_text()) is None
+    assert channel_path(live, "org.qemu.guest_agent.0") is None
+
+
+def test_job_info_from_libvirt_answers() -> None:
+    running = (1, 1)
+    assert job_from_stats({"type": 0}, running) == JobInfo(False, "none", "")
+    assert job_from_stats({"type": 2, "operation": 5}, running) == JobInfo(
+        True, "migration-out", "")
+    assert job_from_stats({"type": 1, "operation": 2}, running).operation == "save"
+    # Finished jobs are not active.
+    assert not job_from_stats({"type": 3, "operation": 5}, running).active
+    paused_postcopy = (3, 12)
+    assert job_from_stats({"type": 0}, paused_postcopy).paused_reason == "postcopy"
