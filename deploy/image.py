@@ -1,0 +1,548 @@
+"""Build (or reuse) the aerate test guest image: Debian, systemd as PID 1, aerate-agent enabled.
+
+Two cached stages under ``$AERATE_CACHE`` (default ``/var/cache/aerate``):
+
+1. *base* — ``debootstrap --variant=minbase`` + the packages in ``deploy/guest/packages``,
+   configured by ``deploy/guest/configure-base``. Keyed by a hash of the recipe files; slow
+   (minutes), rebuilt only when the recipe changes.
+2. *image* — the base tree plus the aerate wheel built from the working tree, its systemd unit
+   and udev rule, and the checker workload, packed into an ext4 file system image with
+   ``mkfs.ext4 -d`` (no loop mounts). Keyed by base hash + wheel content hash; fast.
+
+The kernel and initramfs are installed *inside* the guest (``/lib/modules`` matches) and copied
+out next to the image for direct kernel boot.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+SYSTEMD_DIR = REPO / "systemd"
+
+SUITE = "bookworm"
+VARIANT = "minbase"
+# Space a cold build needs in the cache: debootstrap tree + kernel (~1 GiB) + image + slack.
+BASE_SPACE_BYTES = 3 << 30
+IMAGE_SPACE_BYTES = 2 << 30
+# Free space inside the guest's root file system beyond what the files take.
+IMAGE_HEADROOM_BYTES = 1 << 30
+OUTPUT_TAIL_LINES = 40
+
+
+class ImageError(RuntimeError):
+    """The guest image cannot be built or used; the message names the missing piece."""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built guest: root file system image (raw ext4) and the kernel to boot it with."""
+
+    root: Path
+    kernel: Path
+    initrd: Path
+    key: str
+    build_seconds: float
+    """Seconds this call spent building (0.0 when fully cached)."""
+
+    def check(self) -> None:
+        """Raise ImageError unless every file of the image exists."""
+        for what, path in (("root image", self.root), ("kernel", self.kernel),
+                           ("initramfs", self.initrd)):
+            if not path.is_file():
+                raise ImageError(
+                    f"guest {what} {path} is missing: rebuild with "
+                    f"`python -m aerate.deploy.image` or delete {path.parent}"
+                )
+
+
+def cache_dir() -> Path:
+    """Where images are cached: $AERATE_CACHE or /var/cache/aerate."""
+    return Path(os.environ.get("AERATE_CACHE", "/var/cache/aerate"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def read_package_list(text: str) -> list[str]:
+    """Package names from a ``packages`` file: one per line, ``#`` comments, blanks ignored."""
+    names = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line)
+    return names
+
+
+def recipe_hash(files: Sequence[Path], extra: str = "") -> str:
+    """Hash of the base recipe: names and contents of ``files`` plus ``extra``."""
+    h = hashlib.sha256(extra.encode())
+    for path in sorted(files):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def wheel_content_hash(wheel: Path) -> str:
+    """Hash of a wheel's members (names + bytes), independent of zip timestamps."""
+    h = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as zf:
+        for name in sorted(zf.namelist()):
+            h.update(name.encode() + b"\0" + zf.read(name) + b"\0")
+    return h.hexdigest()
+
+
+def parse_apt_mirror(sources: dict[str, str], suite: str = SUITE) -> str | None:
+    """The archive URI serving ``suite`` from apt source files (deb822 or one-line format).
+
+    ``sources`` maps file name to its text; ``.sources`` files are deb822, ``.list`` files
+    one-line. Returns None when no enabled ``deb`` entry carries exactly that suite.
+    """
+    for name in sorted(sources):
+        text = sources[name]
+        if name.endswith(".sources"):
+            for stanza in re.split(r"\n\s*\n", text):
+                fields: dict[str, str] = {}
+                key = ""
+                for line in stanza.splitlines():
+                    if line.startswith("#") or not line.strip():
+                        continue
+                    if line[0].isspace() and key:
+                        fields[key] += " " + line.strip()
+                        continue
+                    key, _, value = line.partition(":")
+                    key = key.strip().lower()
+                    fields[key] = value.strip()
+                if fields.get("enabled", "yes").lower() == "no":
+                    continue
+                if "deb" not in fields.get("types", "").split():
+                    continue
+                if suite in fields.get("suites", "").split() and fields.get("uris"):
+                    return fields["uris"].split()[0]
+        elif name.endswith(".list"):
+            for line in text.splitlines():
+                words = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
+                if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
+                    return words[1]
+    return None
+
+
+def output_tail(text: str, lines: int = OUTPUT_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a command's output, for error messages."""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def console_script(module: str, func: str) -> str:
+    """Text of a console-script launcher for ``module:func`` run by the guest's python3."""
+    return (
+        "#!/usr/bin/python3\n"
+        "import sys\n"
+        f"from {module} import {func}\n"
+        "if __name__ == '__main__':\n"
+        f"    sys.exit({func}())\n"
+    )
+
+
+def parse_entry_points(text: str) -> dict[str, str]:
+    """``[console_scripts]`` of a wheel's entry_points.txt: script name -> ``module:func``."""
+    scripts: dict[str, str] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            section = line.strip("[]").strip()
+        elif "=" in line and section == "console_scripts":
+            name, _, target = line.partition("=")
+            scripts[name.strip()] = target.strip().split()[0]
+    return scripts
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O edges
+
+
+def require_tool(name: str, package: str) -> str:
+    """Absolute path of ``name`` on PATH, or ImageError telling which package provides it."""
+    found = shutil.which(name)
+    if found is None:
+        raise ImageError(
+            f"{name} not found on PATH: install the Debian package {package} "
+            f"(deploy/setup-host does it)"
+        )
+    return found
+
+
+def check_free_space(path: Path, need: int, what: str) -> None:
+    """Raise ImageError if the file system holding ``path`` has less than ``need`` bytes free."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    st = os.statvfs(probe)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise ImageError(
+            f"not enough space for {what} in {path}: {free >> 20} MiB free, "
+            f"{need >> 20} MiB needed; free some space or point AERATE_CACHE elsewhere"
+        )
+
+
+def run_step(step: str, argv: Sequence[str], *, cwd: Path | None = None,
+             env: dict[str, str] | None = None, timeout: float = 3600) -> str:
+    """Run one build step; on failure raise ImageError naming the step with its output tail."""
+    try:
+        proc = subprocess.run(
+            list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace", timeout=timeout, check=False,
+        )
+    except FileNotFoundError as exc:
+        raise ImageError(f"image build step '{step}' could not start {argv[0]}: {exc}") from exc
+    except subprocess.TimeoutExpired as exc:
+        out = exc.output if isinstance(exc.output, str) else ""
+        raise ImageError(
+            f"image build step '{step}' timed out after {timeout:.0f}s; last output:\n"
+            f"{output_tail(out)}"
+        ) from exc
+    if proc.returncode != 0:
+        raise ImageError(
+            f"image build step '{step}' failed (exit {proc.returncode}): {' '.join(argv)}\n"
+            f"last output:\n{output_tail(proc.stdout)}"
+        )
+    return proc.stdout
+
+
+def host_apt_mirror(suite: str = SUITE) -> str:
+    """The Debian archive URI this machine's apt uses (or $AERATE_MIRROR)."""
+    override = os.environ.get("AERATE_MIRROR")
+    if override:
+        return override
+    sources: dict[str, str] = {}
+    main = Path("/etc/apt/sources.list")
+    if main.is_file():
+        sources["sources.list"] = main.read_text(errors="replace")
+    d = Path("/etc/apt/sources.list.d")
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.suffix in (".sources", ".list") and p.is_file():
+                sources[p.name] = p.read_text(errors="replace")
+    mirror = parse_apt_mirror(sources, suite)
+    if mirror is None:
+        raise ImageError(
+            f"no apt source for Debian suite '{suite}' in /etc/apt/sources.list(.d): "
+            f"configure one or set AERATE_MIRROR to a Debian archive URI"
+        )
+    return mirror
+
+
+def in_chroot(root: Path, argv: Sequence[str]) -> list[str]:
+    """argv running ``argv`` chrooted in ``root`` with /proc, in a private mount namespace.
+
+    The namespace dies with the command, so no mount can leak on failure.
+    """
+    script = 'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+            str(root), *argv]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive lock on ``path`` so concurrent test runs do not build the same stage twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _guest_env() -> dict[str, str]:
+    """Environment for commands run inside the guest tree."""
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "DEBIAN_FRONTEND": "noninteractive",
+        "HOME": "/root",
+    }
+
+
+def base_recipe_files() -> list[Path]:
+    """The files whose content defines the base rootfs."""
+    return [GUEST_DIR / "packages", GUEST_DIR / "configure-base"]
+
+
+def image_recipe_files() -> list[Path]:
+    """Files installed into the image next to the wheel (they key the image stage)."""
+    return [SYSTEMD_DIR / "aerate-agent.service", SYSTEMD_DIR / "99-aerate-agent.rules",
+            GUEST_DIR / "aerate-checker"]
+
+
+def base_key() -> str:
+    """Cache key of the base rootfs for the current recipe."""
+    return recipe_hash(base_recipe_files(), f"{SUITE}/{VARIANT}/amd64")[:16]
+
+
+def find_kernel(rootfs: Path) -> tuple[Path, Path]:
+    """The (vmlinuz, initrd) pair installed in ``rootfs``'s /boot; ImageError if absent."""
+    boot = rootfs / "boot"
+    kernels = sorted(boot.glob("vmlinuz-*")) if boot.is_dir() else []
+    if not kernels:
+        raise ImageError(
+            f"no kernel image (vmlinuz-*) in {boot}: the guest needs the Debian package "
+            f"linux-image-amd64 (deploy/guest/packages)"
+        )
+    kernel = kernels[-1]
+    initrd = boot / ("initrd.img-" + kernel.name[len("vmlinuz-"):])
+    if not initrd.is_file():
+        raise ImageError(
+            f"no initramfs {initrd} for kernel {kernel}: initramfs-tools must be installed "
+            f"in the guest and update-initramfs must have run"
+        )
+    return kernel, initrd
+
+
+def build_base(dest: Path, mirror: str) -> None:
+    """debootstrap + configure a base rootfs into ``dest`` (dest/rootfs, vmlinuz, initrd.img)."""
+    debootstrap = require_tool("debootstrap", "debootstrap")
+    require_tool("unshare", "util-linux")
+    packages = read_package_list((GUEST_DIR / "packages").read_text())
+    rootfs = dest / "rootfs"
+    run_step(
+        "debootstrap",
+        [debootstrap, f"--variant={VARIANT}", "--arch=amd64", "--components=main",
+         "--include=" + ",".join(packages), SUITE, str(rootfs), mirror],
+        env={**os.environ, **_guest_env()},
+    )
+    shutil.copy2(GUEST_DIR / "configure-base", rootfs / "tmp/configure-base")
+    run_step("configure-base", in_chroot(rootfs, ["/bin/sh", "/tmp/configure-base"]),
+             env={**os.environ, **_guest_env()})
+    kernel, initrd = find_kernel(rootfs)
+    shutil.copy2(kernel, dest / "vmlinuz")
+    shutil.copy2(initrd, dest / "initrd.img")
+    # Debian's kernel file is 0600; qemu may run unprivileged and must read it.
+    for p in (dest / "vmlinuz", dest / "initrd.img"):
+        p.chmod(0o644)
+
+
+def ensure_base(cache: Path | None = None) -> tuple[Path, str]:
+    """The cached base directory for the current recipe, built if missing; and its key."""
+    cache = cache or cache_dir()
+    key = base_key()
+    final = cache / f"base-{key}"
+    with _locked(cache / f".base-{key}.lock"):
+        if (final / "done").is_file():
+            return final, key
+        check_free_space(cache, BASE_SPACE_BYTES, "the guest base rootfs")
+        mirror = host_apt_mirror()
+        tmp = cache / f"base-{key}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        started = time.monotonic()
+        try:
+            build_base(tmp, mirror)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        (tmp / "done").write_text(json.dumps(
+            {"key": key, "suite": SUITE, "seconds": round(time.monotonic() - started, 1)}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    return final, key
+
+
+def source_snapshot(src: Path, dest: Path) -> None:
+    """Copy the working tree (not .git, venvs, caches, build leftovers) for a clean wheel."""
+    ignore = shutil.ignore_patterns(
+        ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
+        ".hypothesis", "*.pyc",
+    )
+    shutil.copytree(src, dest, ignore=ignore, symlinks=True)
+
+
+def build_wheel(src: Path, out: Path) -> Path:
+    """Build the aerate wheel of ``src`` (a copy of it, so stale build/ never leaks in)."""
+    with tempfile.TemporaryDirectory(prefix="aerate-wheel-") as tmpdir:
+        tree = Path(tmpdir) / "src"
+        source_snapshot(src, tree)
+        run_step("build wheel",
+                 [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+                  "--wheel-dir", str(out), str(tree)],
+                 timeout=600)
+    wheels = sorted(out.glob("aerate-*.whl"))
+    if len(wheels) != 1:
+        raise ImageError(f"pip wheel of {src} produced {len(wheels)} aerate wheels in {out}")
+    return wheels[0]
+
+
+def guest_site_packages(rootfs: Path) -> Path:
+    """/usr/local/lib/python3.X/dist-packages of the guest's python3 (what `pip` would use)."""
+    versions = sorted(
+        (p.name for p in (rootfs / "usr/lib").glob("python3.*") if re.fullmatch(
+            r"python3\.\d+", p.name)),
+        key=lambda n: int(n.split(".")[1]),
+    )
+    if not versions:
+        raise ImageError(f"no python3 in guest rootfs {rootfs}/usr/lib: add python3 to packages")
+    return rootfs / "usr/local/lib" / versions[-1] / "dist-packages"
+
+
+def install_wheel(wheel: Path, rootfs: Path) -> list[str]:
+    """Unpack ``wheel`` into the guest's dist-packages and write its console scripts.
+
+    Returns the script names. This is what ``pip install --no-deps`` does for a pure wheel.
+    """
+    site = guest_site_packages(rootfs)
+    site.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+        dist_info = next(n.split("/")[0] for n in zf.namelist()
+                     if n.split("/")[0].endswith(".dist-info"))
+    (site / dist_info / "INSTALLER").write_text("aerate-image\n")
+    ep = site / dist_info / "entry_points.txt"
+    scripts = parse_entry_points(ep.read_text()) if ep.is_file() else {}
+    bindir = rootfs / "usr/local/bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    for name, target in scripts.items():
+        module, _, func = target.partition(":")
+        path = bindir / name
+        path.write_text(console_script(module, func))
+        path.chmod(0o755)
+    return sorted(scripts)
+
+
+def install_agent(rootfs: Path, wheel: Path) -> None:
+    """Install the agent wheel, its unit, udev rule and the checker into ``rootfs``."""
+    install_wheel(wheel, rootfs)
+    unit, rules, checker = image_recipe_files()
+    for path in (unit, rules, checker):
+        if not path.is_file():
+            raise ImageError(f"missing recipe file {path}")
+    shutil.copy2(unit, rootfs / "etc/systemd/system/aerate-agent.service")
+    shutil.copy2(rules, rootfs / "etc/udev/rules.d/99-aerate-agent.rules")
+    shutil.copy2(checker, rootfs / "usr/local/bin/aerate-checker")
+    (rootfs / "usr/local/bin/aerate-checker").chmod(0o755)
+    run_step("enable aerate-agent",
+             in_chroot(rootfs, ["systemctl", "enable", "aerate-agent.service"]),
+             env={**os.environ, **_guest_env()})
+    # Byte-compile with the guest's own python: proves the agent's syntax fits it, and saves
+    # the first start from compiling under TCG.
+    run_step("compile agent with guest python",
+             in_chroot(rootfs, ["python3", "-m", "compileall", "-q",
+                                "/" + str(guest_site_packages(rootfs).relative_to(rootfs))]),
+             env={**os.environ, **_guest_env()})
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes taken by regular files under ``root`` (rounded up to 4 KiB each)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            total += (st.st_size + 4095) // 4096 * 4096
+        total += 4096
+    return total
+
+
+def make_ext4(rootfs: Path, image: Path, key: str) -> None:
+    """Pack ``rootfs`` into a sparse ext4 image file (mkfs.ext4 -d: no loop mount needed)."""
+    mkfs = require_tool("mkfs.ext4", "e2fsprogs")
+    size = tree_bytes(rootfs) * 5 // 4 + IMAGE_HEADROOM_BYTES
+    size = (size + (1 << 20) - 1) >> 20 << 20
+    with open(image, "wb") as fh:
+        fh.truncate(size)
+    # Fixed UUID and hash seed derived from the key: the same inputs give the same file system.
+    seed = hashlib.sha256(key.encode()).hexdigest()
+    uuid = f"{seed[:8]}-{seed[8:12]}-{seed[12:16]}-{seed[16:20]}-{seed[20:32]}"
+    hseed = f"{seed[32:40]}-{seed[40:44]}-{seed[44:48]}-{seed[48:52]}-{seed[52:64]}"
+    run_step("mkfs.ext4",
+             [mkfs, "-q", "-F", "-L", "aerate-root", "-U", uuid, "-E", f"hash_seed={hseed}",
+              "-O", "^has_journal", "-m", "0", "-d", str(rootfs), str(image)],
+             env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"})
+    image.chmod(0o644)
+
+
+def ensure_image(src: Path = REPO, cache: Path | None = None) -> GuestImage:
+    """The guest image for the working tree ``src``: built or reused from the cache."""
+    cache = cache or cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    base, bkey = ensure_base(cache)
+    with tempfile.TemporaryDirectory(prefix="aerate-image-", dir=cache) as tmpdir:
+        tmp = Path(tmpdir)
+        wheel = build_wheel(src, tmp / "wheel")
+        # The unit, udev rule and checker are installed beside the wheel: they key it too.
+        extras = recipe_hash(image_recipe_files(), wheel_content_hash(wheel))
+        key = f"{bkey}-{extras[:16]}"
+        final = cache / f"image-{key}"
+        with _locked(cache / f".image-{key}.lock"):
+            if not (final / "done").is_file():
+                check_free_space(cache, IMAGE_SPACE_BYTES, "the guest image")
+                stage = tmp / "stage"
+                stage.mkdir()
+                rootfs = stage / "rootfs"
+                run_step("copy base rootfs",
+                         ["cp", "-a", "--reflink=auto", str(base / "rootfs"), str(rootfs)])
+                install_agent(rootfs, wheel)
+                make_ext4(rootfs, stage / "root.img", key)
+                shutil.rmtree(rootfs)
+                shutil.copy2(base / "vmlinuz", stage / "vmlinuz")
+                shutil.copy2(base / "initrd.img", stage / "initrd.img")
+                shutil.copy2(wheel, stage / wheel.name)
+                (stage / "done").write_text(json.dumps({"key": key, "base": bkey}))
+                if final.exists():
+                    shutil.rmtree(final)
+                stage.rename(final)
+    image = GuestImage(
+        root=final / "root.img", kernel=final / "vmlinuz", initrd=final / "initrd.img",
+        key=key, build_seconds=round(time.monotonic() - started, 1),
+    )
+    image.check()
+    return image
+
+
+def prune_cache(keep: Sequence[str], cache: Path | None = None) -> list[Path]:
+    """Remove cached images and bases whose key is not in ``keep``; return what was removed."""
+    cache = cache or cache_dir()
+    removed = []
+    for p in sorted(cache.glob("image-*")) + sorted(cache.glob("base-*")):
+        key = p.name.split("-", 1)[1]
+        if p.is_dir() and not any(key.startswith(k) or k.startswith(key) for k in keep):
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m aerate.deploy.image``: build or reuse the image and print its paths."""
+    del argv
+    try:
+        image = ensure_image()
+    except ImageError as exc:
+        print(f"aerate image: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({
+        "root": str(image.root), "kernel": str(image.kernel), "initrd": str(image.initrd),
+        "key": image.key, "build_seconds": image.build_seconds,
+        "root_allocated_mib": image.root.stat().st_blocks * 512 >> 20,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Fixtures of the vm tier: the guest image (per session) and booted guests (per module).
+
+A test module picks its guest's shape with a module-level ``GUEST_SHAPE`` dict (keyword
+arguments of :func:`aerate.deploy.vm.booted`), or by parametrizing ``guest`` indirectly.
+On a failed test the guest's serial console and ``journalctl -b`` go into the report; the
+boot-to-ready time of every guest is printed and summarised at the end of the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator, Iterator
+from typing import Any
+
+import pytest
+
+from aerate.deploy.image import GuestImage, ImageError, ensure_image
+from aerate.deploy.vm import Guest, HarnessError, booted
+
+_summary: list[str] = []
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(line)
+    _summary.append(line)
+
+
+@pytest.fixture(scope="session")
+def guest_image(request: pytest.FixtureRequest) -> GuestImage:
+    """The guest image of this working tree, built or taken from the cache."""
+    if os.geteuid() != 0:
+        pytest.fail("the vm tier needs root: it builds images, uses qemu:///system and "
+                    "reserves host hugepages", pytrace=False)
+    try:
+        image = ensure_image()
+    except ImageError as exc:
+        pytest.fail(f"guest image: {exc}", pytrace=False)
+    _say(request.config,
+         f"aerate guest image {image.key}: {image.build_seconds:.1f} s to build or reuse")
+    return image
+
+
+@pytest.fixture(scope="module")
+def guest(request: pytest.FixtureRequest, guest_image: GuestImage) -> Iterator[Guest]:
+    """A booted guest with aerate-agent active, shared by the tests of one module."""
+    shape: dict[str, Any] = dict(getattr(request.module, "GUEST_SHAPE", {}))
+    shape.update(getattr(request, "param", {}) or {})
+    try:
+        with booted(guest_image, **shape) as g:
+            _say(request.config,
+                 f"aerate guest {g.name} ({g.spec.domain_type}, {g.spec.backing}): "
+                 f"boot-to-ready {g.timings['boot_to_ready']:.1f} s "
+                 f"(guest agent at {g.timings['boot_to_agent']:.1f} s)")
+            yield g
+    except HarnessError as exc:
+        pytest.fail(f"guest boot: {exc}", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """Attach the serial console and the guest journal to a failed test's report."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    for value in funcargs.values():
+        if isinstance(value, Guest):
+            for title, text in value.diagnostics().items():
+                report.sections.append((f"{value.name} {title}", text[-60000:]))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Repeat image and boot timings at the end, where they are easy to find."""
+    if _summary:
+        terminalreporter.section("aerate vm timings")
+        for line in _summary:
+            terminalreporter.write_line(line)
