@@ -78,6 +78,8 @@ class VmSession:
         self.endpoint = HostEndpoint()
         self.counters = Counters()
         self.bucket = TokenBucket(rate=reports_per_s, burst=burst, tokens=burst)
+        # Statistics come every few seconds; a guest sending them much faster is flooding.
+        self.stats_bucket = TokenBucket(rate=5.0, burst=20.0, tokens=20.0)
         self.hello: Dict[str, Any] = {}
         self.stats: Dict[str, Any] = {}
         self.last_error = ""
@@ -122,6 +124,10 @@ class VmSession:
                 batch, ranges = payload
                 self._report(batch, ranges)
             elif kind == "stats":
+                if not self.stats_bucket.take():
+                    self._fail("statistics flood (more than %.0f messages/s)"
+                               % self.stats_bucket.rate)
+                    return
                 self.stats = payload
             elif kind == "need-sync":
                 self._note("info", "guest agent asked for a new session (it restarted)")

@@ -117,3 +117,11 @@ def test_guest_restart_gets_a_new_session_and_orphans_released() -> None:
     assert [k for k, _ in fresh.receive(s.take_outbox())] == ["session"]
     s.receive(fresh.take_outbox())
     assert s.state is HostState.RUNNING and s.status()["sessions"] == 2
+
+
+def test_stats_flood_is_cut_off() -> None:
+    s, g, _ = make()
+    for _ in range(30):
+        g.send({"type": "stats", "engine": {}})
+    s.receive(g.take_outbox())
+    assert s.state is HostState.CLOSED and "statistics flood" in s.last_error
