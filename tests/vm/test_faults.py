@@ -1,0 +1,132 @@
+"""The fault matrix on a real guest (S2, S3, S4): crashes and restarts mid-work lose nothing.
+
+- libvirtd restarts: the VM's session (straight to QEMU's socket) carries on; while libvirtd
+  is away the daemon cannot tell whether a migration began, so it refuses to discard.
+- aerated is SIGKILLed while the guest holds reported pages: a new daemon starts a new
+  session, the guest returns the held pages, reclaim resumes.
+- aerate-agent is SIGKILLed in the guest with batches held: systemd restarts it, the arena
+  comes back from the fd store, and the pages go back only with the next session.
+A checker in the guest verifies every page it wrote all along.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from aerate.deploy.image import GuestImage
+from aerate.deploy.scenario import Aerated, Hog, aerated, checker_result, start_checker, wait_for
+from aerate.deploy.vm import DAEMONS, Guest, booted, ensure_daemons
+
+pytestmark = [pytest.mark.vm, pytest.mark.fault]
+MiB = 1 << 20
+CONFIG = "[defaults]\nreserve_mib = 128\nhwm = 8\nstats_interval_s = 1\n"
+
+
+@pytest.fixture(scope="module")
+def guest_and_run(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[tuple[Guest, Any]]:
+    run = tmp_path_factory.mktemp("aerated-faults")
+    with booted(guest_image, backing="memfd", memory_mib=1536) as g:
+        start_checker(g, mib=192, duration=400, churn=2)
+        yield g, run
+        result = checker_result(g, timeout=900)
+        assert result["corrupted"] == 0, result
+
+
+def engine(d: Aerated, name: str) -> dict[str, Any]:
+    return dict((d.vm(name).get("guest") or {}).get("engine") or {})
+
+
+def surplus(g: Guest) -> int:
+    return int(g.check("awk '/HugePages_Surp/ {print $2}' /proc/meminfo").strip())
+
+
+def test_libvirtd_restart_keeps_the_session_and_refuses_meanwhile(
+        guest_and_run: tuple[Guest, Any]) -> None:
+    g, run = guest_and_run
+    with aerated(run / "a", CONFIG, ("--vm", g.name)) as d:
+        wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the session")
+        sessions = d.vm(g.name)["sessions"]
+        libvirtd = next(x for x in DAEMONS if x.name == "libvirtd")
+        pid = int(libvirtd.pidfile.read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not d.status().get("libvirt"), 30, "aerated to notice libvirtd gone")
+        # While libvirtd is away a freed GiB is reported, and refused: nothing is discarded.
+        before = d.vm(g.name)
+        hog = Hog(g, 256, hold_s=1)
+        hog.start()
+        hog.join()
+        wait_for(lambda: d.vm(g.name).get("refused_bytes", 0) > before.get("refused_bytes", 0),
+                 120, "a refused batch")
+        assert d.vm(g.name)["discarded_bytes"] == before["discarded_bytes"]
+        assert "cannot ask libvirt" in d.vm(g.name)["reason"] or \
+            "cannot ask libvirt" in d.log_text()
+        ensure_daemons()
+        wait_for(lambda: d.status().get("libvirt"), 60, "aerated to reconnect to libvirtd")
+        vm = d.vm(g.name)
+        assert vm["state"] == "running" and vm["sessions"] == sessions
+        # Reclaim works again once libvirtd is back (the agent retries after its back-off).
+        hog = Hog(g, 256, hold_s=1)
+        hog.start()
+        hog.join()
+        wait_for(lambda: d.vm(g.name)["discarded_bytes"] > vm["discarded_bytes"], 400,
+                 "a discard after libvirtd came back", 2)
+
+
+def agent_status(g: Guest) -> str:
+    return g.check("systemctl show -p StatusText --value aerate-agent").strip()
+
+
+def test_aerated_dies_with_a_batch_in_flight_then_a_new_daemon_takes_over(
+        guest_and_run: tuple[Guest, Any]) -> None:
+    """S2 across a daemon crash: a batch the daemon never acked stays held in the guest
+    until a new daemon starts a new session."""
+    g, run = guest_and_run
+    with aerated(run / "b", CONFIG + "capacity = 2\n", ("--vm", g.name)) as d:
+        wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the session")
+        d.proc.send_signal(signal.SIGSTOP)   # the daemon reads nothing more, acks nothing
+        try:
+            hog = Hog(g, 512, hold_s=1)
+            hog.start()
+            hog.join()
+            wait_for(lambda: agent_status(g).startswith("waiting"), 120,
+                     "the agent to report a batch and wait for its ack")
+            held = surplus(g)
+            assert held > 0
+        finally:
+            d.proc.kill()
+            d.proc.wait()
+    time.sleep(5)
+    assert surplus(g) >= held, "pages of an un-acked batch went back without a new session"
+    assert agent_status(g).startswith("waiting")
+    with aerated(run / "c", CONFIG, ("--vm", g.name)) as d2:
+        wait_for(lambda: d2.vm(g.name).get("state") == "running", 300, "a new session")
+        wait_for(lambda: surplus(g) == 0 and engine(d2, g.name).get("phase") == "idle", 300,
+                 "the guest to finish its pass with the new daemon", 2)
+
+
+def test_agent_sigkill_with_pages_held_recovers_them(guest_and_run: tuple[Guest, Any]) -> None:
+    g, run = guest_and_run
+    with aerated(run / "d", CONFIG + "delay_ms = 2000\ncapacity = 2\n", ("--vm", g.name)) as d:
+        wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the session")
+        hog = Hog(g, 512, hold_s=1)
+        hog.start()
+        hog.join()
+        wait_for(lambda: surplus(g) > 0, 120, "the agent to hold pages")
+        held = surplus(g)
+        pid = g.check("systemctl show -p MainPID --value aerate-agent").strip()
+        g.check("systemctl kill -s KILL aerate-agent")
+        wait_for(lambda: g.check("systemctl show -p MainPID --value aerate-agent").strip()
+                 not in ("0", pid), 60, "systemd to restart the agent")
+        log = g.check("journalctl -u aerate-agent --no-pager -o cat | tail -20")
+        assert "recovered arena from the fd store" in log, log
+        assert surplus(g) > 0 or held == 0
+        wait_for(lambda: surplus(g) == 0 and engine(d, g.name).get("phase") == "idle", 300,
+                 "the recovered pages to go back after the new session", 2)
+        assert d.vm(g.name)["sessions"] >= 2
