@@ -67,16 +67,14 @@ class ProcKernel:
     def still_free(self, pfns: List[int]) -> List[bool]:
         """Is each 2 MiB block starting at pfn still free in the buddy allocator?
 
-        The head page carries the buddy flag only while it heads a free block; after a
-        merge into a larger free block it is a flagless tail. So a sampled frame counts as
-        free when it is a buddy head or has no flag at all; anything else (LRU, slab, huge,
-        anon...) means the guest uses the memory again. Unflagged kernel allocations are
-        mistaken for free: that errs on the safe side (a reclaim missed, nothing discarded).
+        Since Linux 4.6 every page of a free buddy block carries the buddy flag (not only
+        the head), so a block counts as free when each sampled frame is a buddy page. An
+        unreadable flag counts as not free: the safe side (a reclaim missed, nothing
+        discarded twice).
         """
         wanted = [p + s for p in pfns for s in _SAMPLES]
         try:
             flags = procfs.read_kpageflags_for(wanted, self.kpageflags)
         except OSError:
             return [False] * len(pfns)
-        return [all(flags.get(p + s, 1) == 0 or procfs.is_buddy(flags[p + s])
-                    for s in _SAMPLES) for p in pfns]
+        return [all(procfs.is_buddy(flags.get(p + s, 0)) for s in _SAMPLES) for p in pfns]

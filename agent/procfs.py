@@ -567,7 +567,7 @@ KPF_PGTABLE = 26
 # ... and from include/linux/kernel-page-flags.h (kernel hacking bits, may change).
 KPF_RESERVED = 32
 KPF_MLOCKED = 33
-KPF_OWNER_2 = 34  # KPF_MAPPEDTODISK before 6.x
+KPF_OWNER_2 = 34  # KPF_MAPPEDTODISK in older kernels
 KPF_PRIVATE = 35
 KPF_PRIVATE_2 = 36
 KPF_OWNER_PRIVATE = 37

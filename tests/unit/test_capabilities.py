@@ -22,7 +22,8 @@ def caps(kernel: str) -> dict[str, c.Capability]:
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("kernel", ["host-6.18", "debian12-6.1", "linux-4.18"])
+@pytest.mark.parametrize("kernel", ["host-6.18", "debian12-6.1", "debian12-6.1-numa",
+                                    "linux-4.18"])
 def test_captured_roots_report_every_capability_with_a_line(kernel: str) -> None:
     found = c.detect_all(str(DATA / kernel))
     assert tuple(x.name for x in found) == ORDER

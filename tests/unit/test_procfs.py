@@ -2,11 +2,12 @@
 
 Captured trees live in tests/data/proc/<kernel>/ laid out like a root filesystem, so the
 same readers run on them as on /. See the README in each directory for where the data came
-from (host-6.18 and debian12-6.1 are real captures; linux-4.18 is reconstructed).
+from (host-6.18 and the debian12-6.1* trees are real captures; linux-4.18 is reconstructed).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -40,9 +41,12 @@ FACTS: Dict[str, Facts] = {
     # counts ~19 GiB that zoneinfo and buddyinfo do not show yet.
     "host-6.18": Facts(frozenset({0}), frozenset({(0, "DMA"), (0, "DMA32"), (0, "Normal")}),
                        MIGRATETYPES_6, psi=True, reporting=True, meminfo_matches_zones=False),
-    "debian12-6.1": Facts(frozenset({0, 1}),
-                          frozenset({(0, "DMA"), (0, "DMA32"), (1, "Normal")}),
+    "debian12-6.1": Facts(frozenset({0}), frozenset({(0, "DMA"), (0, "DMA32")}),
                           MIGRATETYPES_6, psi=True, reporting=True, meminfo_matches_zones=True),
+    "debian12-6.1-numa": Facts(frozenset({0, 1}),
+                               frozenset({(0, "DMA"), (0, "DMA32"), (1, "Normal")}),
+                               MIGRATETYPES_6, psi=True, reporting=True,
+                               meminfo_matches_zones=True),
     "linux-4.18": Facts(frozenset({0, 1}),
                         frozenset({(0, "DMA"), (0, "DMA32"), (0, "Normal"), (1, "Normal")}),
                         ("Unmovable", "Movable", "Reclaimable", "HighAtomic", "CMA", "Isolate"),
@@ -65,7 +69,7 @@ def drift(z: p.ZoneInfo) -> int:
 
 def test_every_kernel_directory_has_facts() -> None:
     assert set(KERNELS) == set(FACTS), "add FACTS for new captures in tests/data/proc"
-    assert {"host-6.18", "linux-4.18"} <= set(KERNELS)
+    assert {"host-6.18", "debian12-6.1", "linux-4.18"} <= set(KERNELS)
 
 
 # --------------------------------------------------------------------------- captured data
@@ -451,6 +455,20 @@ def test_snapshot_turns_unreadable_and_garbled_files_into_reasons(tmp_path: Path
     assert p.DEFAULT_PARTS | p.STATIC_PARTS | {"pagetypeinfo"} == set(p.PARTS)
     with pytest.raises(ValueError, match="unknown snapshot parts"):
         p.read_snapshot(str(tmp_path), ["buddyinfo", "slabinfo"])
+
+
+@pytest.mark.unit
+def test_psi_disabled_at_boot_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MOCK: a kernel built with CONFIG_PSI_DEFAULT_DISABLED and booted without psi=1 answers
+    EOPNOTSUPP on read; no such kernel runs here, so the read is replaced."""
+
+    def disabled(path: str) -> str:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
+
+    monkeypatch.setattr(p, "read_text", disabled)
+    s = p.read_snapshot(root("host-6.18"), ["psi"])
+    assert s.psi_memory is None
+    assert "boot with psi=1" in (s.why_missing("psi") or "")
 
 
 # --------------------------------------------------------------------------- live /proc
