@@ -21,11 +21,10 @@ leaves the old one running).
 
 from __future__ import annotations
 
+import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
-
-import tomllib
 
 from aerate.agent import settings as table
 

@@ -235,7 +235,7 @@ class VmRunner:
                 timeout = SYNC_RETRY if s.state is HostState.SYNCING else None
                 try:
                     data = await asyncio.wait_for(reader.read(65536), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     s.connected()   # no answer: the agent may not run yet; sync again
                     continue
                 if not data:
