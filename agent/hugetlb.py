@@ -15,6 +15,11 @@ the knob still shows what the agent last wrote, the recorded value is the operat
 if the knob shows something else, someone (the operator) wrote it since, and that value is
 taken as the operator's new word. The state file exists only while the knob is raised.
 
+An operator who raises ``nr_hugepages`` while the arena holds surplus pages gets those
+pages converted to persistent ones (the kernel takes surplus pages first); the arena's later
+release then leaves them free in the operator's pool, which is what the operator asked for,
+and further hugetlb fills refuse while that pool has free pages (see HugetlbArena.fill).
+
 One budget per run directory: an exclusive ``flock`` on ``<run_dir>/hugetlb.lock`` (held
 until :meth:`SurplusBudget.close` or process death) keeps a second agent from recording the
 first one's raised value as "original".
