@@ -61,20 +61,28 @@ class DaemonError(RuntimeError):
     """The daemon cannot start; the message says why and what to do."""
 
 
-def take_lock(run_dir: str) -> int:
-    """S4: one daemon per host. Returns the lock fd (held for the process lifetime)."""
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
-    path = os.path.join(run_dir, "aerated.lock")
+def pid_lock(path: str) -> tuple[int | None, str]:
+    """flock ``path`` and write our pid in it: (fd, "") or (None, pid of the holder)."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise DaemonError(f"another aerated (pid {other}) holds {path}; only one may run "
-                          "per host. Stop it first.") from None
+        return None, other
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, ""
+
+
+def take_lock(run_dir: str) -> int:
+    """S4: one daemon per run directory. Returns the lock fd (held for the process life)."""
+    path = os.path.join(run_dir, "aerated.lock")
+    fd, other = pid_lock(path)
+    if fd is None:
+        raise DaemonError(f"another aerated (pid {other}) holds {path}; only one may run "
+                          "per host. Stop it first.")
     return fd
 
 
@@ -174,19 +182,11 @@ class VmRunner:
 
     def _lock(self) -> int | None:
         """Take this VM's lock (S4), or None when another daemon holds it."""
-        os.makedirs(VM_LOCK_DIR, mode=0o755, exist_ok=True)
         path = os.path.join(VM_LOCK_DIR, self.name.replace("/", "_") + ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
+        fd, other = pid_lock(path)
+        if fd is None:
             self.state, self.reason = "busy", (
                 f"another aerated (pid {other}) serves this VM ({path})")
-            return None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
     async def run(self) -> None:

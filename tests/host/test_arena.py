@@ -16,19 +16,18 @@ per-CPU traffic -- bounded by tolerance() (measured on a quiet machine: under 1 
 
 from __future__ import annotations
 
-import array
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional
 
 import pytest
+from supervisor import NotifyStandIn, spawn_with_listen_fds
 
 from aerate.agent import arena as ar
 from aerate.agent import fdstore
@@ -138,59 +137,6 @@ def assert_hugetlb_page_at(pfn: int, what: str = "hugetlb") -> None:
     assert flags[0] >> KPF_COMPOUND_HEAD & 1, f"pfn {pfn} is not a compound head"
     assert flags[0] >> kind & 1, f"pfn {pfn} is not a {what} page"
     assert all(f >> KPF_COMPOUND_TAIL & 1 for f in flags[1:]), f"{pfn}+1..511 are not its tails"
-
-
-# --- systemd's part, played by the test (same as tests/host/test_fdstore.py) -------------
-
-TRAMPOLINE = """
-import fcntl, os, sys
-fds = [int(x) for x in sys.argv[1].split(",") if x]
-copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]
-for fd in fds:
-    os.close(fd)
-for i, fd in enumerate(copies):
-    os.dup2(fd, 3 + i, inheritable=True)
-    os.close(fd)
-os.environ.update(LISTEN_FDS=str(len(fds)), LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=sys.argv[2])
-os.execv(sys.argv[3], sys.argv[3:])
-"""
-
-
-class NotifyStandIn:
-    """systemd's end of NOTIFY_SOCKET: receives FDSTORE=1 datagrams with SCM_RIGHTS."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(60)
-
-    def receive(self) -> Tuple[str, List[int]]:
-        size = array.array("i").itemsize
-        msg, anc, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(4 * size))
-        fds = array.array("i")
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[: len(data) - len(data) % size])
-        return msg.decode(), list(fds)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def spawn_with_listen_fds(
-    argv: List[str], fds: List[int], names: List[str], **popen: object
-) -> subprocess.Popen[str]:
-    """Start ``argv`` as systemd starts a service whose fd store holds ``fds``."""
-    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        [sys.executable, "-c", TRAMPOLINE, ",".join(map(str, fds)), ":".join(names), *argv],
-        pass_fds=fds,
-        text=True,
-        **popen,
-    )
-
-
-# --- fixtures ---------------------------------------------------------------------------
 
 
 @pytest.fixture(autouse=True)
