@@ -26,6 +26,8 @@ from pathlib import Path
 
 AGENT_PORT = "org.aerate.agent.0"
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
+# Test harness only: a second qemu-ga the harness reaches without libvirt (aerate.deploy.qga).
+HARNESS_PORT = "org.aerate.harness.0"
 BACKINGS = ("memfd", "hugetlbfs", "private")
 DOMAIN_TYPES = ("kvm", "qemu")
 HUGEPAGE_KIB = 2048
@@ -60,6 +62,8 @@ class DomainSpec:
     cmdline: str = DEFAULT_CMDLINE
     disk_format: str = "qcow2"
     machine: str = "q35"
+    harness_socket: Path | None = None
+    """Host socket of the harness agent port; None leaves the port out."""
     extra_devices: Sequence[str] = field(default_factory=tuple)
     """XML fragments appended to <devices> (tests add devices this way)."""
     extra_domain: Sequence[str] = field(default_factory=tuple)
@@ -150,6 +154,10 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(chan, "target", type="virtio", name=AGENT_PORT)
     ga = _sub(dev, "channel", type="unix")
     _sub(ga, "target", type="virtio", name=GUEST_AGENT_PORT)
+    if spec.harness_socket is not None:
+        hc = _sub(dev, "channel", type="unix")
+        _sub(hc, "source", mode="bind", path=str(spec.harness_socket))
+        _sub(hc, "target", type="virtio", name=HARNESS_PORT)
 
     # A pty the operator can `virsh console` to, mirrored to a log file by virtlogd.
     serial = _sub(dev, "serial", type="pty")

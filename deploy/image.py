@@ -286,9 +286,13 @@ def base_recipe_files() -> list[Path]:
 
 
 def image_recipe_files() -> list[Path]:
-    """Files installed into the image next to the wheel (they key the image stage)."""
+    """Files installed into the image next to the wheel (they key the image stage).
+
+    In order: the agent's unit and udev rule, the checker, the harness agent's unit and rule.
+    """
     return [SYSTEMD_DIR / "aerate-agent.service", SYSTEMD_DIR / "99-aerate-agent.rules",
-            GUEST_DIR / "aerate-checker"]
+            GUEST_DIR / "aerate-checker", GUEST_DIR / "aerate-harness-ga.service",
+            GUEST_DIR / "99-aerate-harness.rules"]
 
 
 def base_key() -> str:
@@ -427,18 +431,22 @@ def install_wheel(wheel: Path, rootfs: Path) -> list[str]:
 
 
 def install_agent(rootfs: Path, wheel: Path) -> None:
-    """Install the agent wheel, its unit, udev rule and the checker into ``rootfs``."""
+    """Install the agent wheel, its unit, udev rule, the checker and the harness agent."""
     install_wheel(wheel, rootfs)
-    unit, rules, checker = image_recipe_files()
-    for path in (unit, rules, checker):
+    files = image_recipe_files()
+    for path in files:
         if not path.is_file():
             raise ImageError(f"missing recipe file {path}")
-    shutil.copy2(unit, rootfs / "etc/systemd/system/aerate-agent.service")
-    shutil.copy2(rules, rootfs / "etc/udev/rules.d/99-aerate-agent.rules")
+    unit, rules, checker, harness_unit, harness_rules = files
+    units = rootfs / "etc/systemd/system"
+    shutil.copy2(unit, units / unit.name)
+    shutil.copy2(harness_unit, units / harness_unit.name)
+    shutil.copy2(rules, rootfs / "etc/udev/rules.d" / rules.name)
+    shutil.copy2(harness_rules, rootfs / "etc/udev/rules.d" / harness_rules.name)
     shutil.copy2(checker, rootfs / "usr/local/bin/aerate-checker")
     (rootfs / "usr/local/bin/aerate-checker").chmod(0o755)
     run_step("enable aerate-agent",
-             in_chroot(rootfs, ["systemctl", "enable", "aerate-agent.service"]),
+             in_chroot(rootfs, ["systemctl", "enable", unit.name, harness_unit.name]),
              env={**os.environ, **_guest_env()})
     # Byte-compile with the guest's own python: proves the agent's syntax fits it, and saves
     # the first start from compiling under TCG.
@@ -508,6 +516,10 @@ def ensure_image(src: Path = REPO, cache: Path | None = None) -> GuestImage:
                 if final.exists():
                     shutil.rmtree(final)
                 stage.rename(final)
+    # Mark both stages used now; stale ones of other keys go (see prune_cache).
+    os.utime(final / "done")
+    os.utime(base / "done")
+    prune_cache([key, bkey], cache)
     image = GuestImage(
         root=final / "root.img", kernel=final / "vmlinuz", initrd=final / "initrd.img",
         key=key, build_seconds=round(time.monotonic() - started, 1),
@@ -516,16 +528,35 @@ def ensure_image(src: Path = REPO, cache: Path | None = None) -> GuestImage:
     return image
 
 
-def prune_cache(keep: Sequence[str], cache: Path | None = None) -> list[Path]:
-    """Remove cached images and bases whose key is not in ``keep``; return what was removed."""
+def prune_cache(current: Sequence[str], cache: Path | None = None, keep_recent: int = 4,
+                max_age_s: float = 3600.0) -> list[Path]:
+    """Remove stale cached images and bases; return what was removed.
+
+    A directory goes when its key is not in ``current``, it is not among the ``keep_recent``
+    most recently used of its kind, and it was last used more than ``max_age_s`` ago (another
+    test session may still boot from a slightly older image).
+    """
     cache = cache or cache_dir()
     removed = []
-    for p in sorted(cache.glob("image-*")) + sorted(cache.glob("base-*")):
-        key = p.name.split("-", 1)[1]
-        if p.is_dir() and not any(key.startswith(k) or k.startswith(key) for k in keep):
-            shutil.rmtree(p)
+    now = time.time()
+    for kind in ("image", "base"):
+        dirs = [p for p in cache.glob(f"{kind}-*") if p.is_dir() and not p.name.endswith(".tmp")]
+        dirs.sort(key=lambda p: _last_used(p), reverse=True)
+        for p in dirs[keep_recent:]:
+            key = p.name.split("-", 1)[1]
+            if key in current or now - _last_used(p) < max_age_s:
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            (cache / f".{p.name}.lock").unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def _last_used(path: Path) -> float:
+    try:
+        return (path / "done").stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,6 @@ overlay afterwards. ``Guest.run`` runs commands through qemu-guest-agent's ``gue
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -21,17 +20,17 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import libvirt
-import libvirt_qemu
 
 from aerate.deploy.domain import DomainSpec, detect_domain_type, domain_xml, hugepages_needed
 from aerate.deploy.image import GuestImage, output_tail
+from aerate.deploy.qga import QgaClient, QgaError
 from aerate.host.libvirt_conn import ensure_event_loop
 
 URI = "qemu:///system"
@@ -173,22 +172,74 @@ def reserved_hugepages(count: int, pool: Path = HUGEPAGES_2M) -> Iterator[None]:
 # The guest
 
 
-@dataclass
 class Guest:
-    """A running test domain and the ways into it."""
+    """A running test domain and the ways into it.
 
-    conn: libvirt.virConnect
-    dom: libvirt.virDomain
-    spec: DomainSpec
-    timings: dict[str, float] = field(default_factory=dict)
-    _cond: threading.Condition = field(default_factory=threading.Condition)
-    _agent_up: bool = False
-    _stopped: str = ""
+    Commands go to a qemu-guest-agent on the harness port, straight over its socket, so they
+    work while libvirtd is down. ``conn`` and ``dom`` reconnect to libvirtd when it restarted.
+    """
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, spec: DomainSpec,
+                 qga: QgaClient) -> None:
+        self._conn = conn
+        self._dom = dom
+        self.spec = spec
+        self.qga = qga
+        self.timings: dict[str, float] = {}
+        self._cond = threading.Condition()
+        self._stopped = ""
 
     @property
     def name(self) -> str:
         """The libvirt domain name."""
         return self.spec.name
+
+    # -- libvirt, surviving a libvirtd restart --
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        """A live libvirt connection (reopened if libvirtd restarted since)."""
+        if not self._alive():
+            try:
+                self._conn = libvirt.open(URI)
+                self._dom = self._conn.lookupByName(self.name)
+            except libvirt.libvirtError as exc:
+                raise HarnessError(f"guest {self.name}: cannot reach libvirt again at {URI}: "
+                                   f"{exc}; is libvirtd running?") from exc
+        return self._conn
+
+    @property
+    def dom(self) -> libvirt.virDomain:
+        """The libvirt domain, on a live connection."""
+        _ = self.conn
+        return self._dom
+
+    def _alive(self) -> bool:
+        try:
+            return bool(self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def destroy(self, timeout: float = 60.0) -> None:
+        """Stop the domain now; starts libvirtd first if a test left it stopped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not self._alive():
+                    ensure_daemons()
+                _destroy(self.dom)
+                return
+            except HarnessError as exc:
+                if time.monotonic() > deadline:
+                    print(f"aerate harness: could not destroy {self.name}: {exc}",
+                          file=sys.stderr)
+                    return
+                time.sleep(1.0)  # libvirtd is coming back: retry
+
+    def close(self) -> None:
+        """Close the agent socket and a libvirt connection this guest reopened."""
+        self.qga.close()
+        _close(self._conn)
 
     # -- libvirt events (called on the event loop thread) --
 
@@ -199,52 +250,29 @@ class Guest:
                 self._stopped = f"event {event} detail {detail}"
                 self._cond.notify_all()
 
-    def on_agent(self, state: int) -> None:
-        """qemu-guest-agent connected or went away in the guest."""
-        with self._cond:
-            connected = libvirt.VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED
-            self._agent_up = state == connected
-            self._cond.notify_all()
-
-    def _wait(self, what: str, pred: Callable[[], bool], deadline: float) -> None:
-        with self._cond:
-            while not pred():
-                if self._stopped:
-                    raise BootError(self._with_console(
-                        f"guest {self.name} stopped ({self._stopped}) while waiting for {what}"))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise BootError(self._with_console(
-                        f"guest {self.name}: no {what} after "
-                        f"{time.monotonic() - self.timings['created']:.0f}s"))
-                # Events drive this wait; the cap only bounds how stale a missed one can be.
-                self._cond.wait(min(left, 2.0))
-
-    # -- qemu-guest-agent --
-
-    def agent_command(self, execute: str, arguments: dict[str, Any] | None = None,
-                      timeout: int = 10) -> Any:
-        """Run one qemu-guest-agent command; return its ``return`` value."""
-        cmd: dict[str, Any] = {"execute": execute}
-        if arguments is not None:
-            cmd["arguments"] = arguments
-        try:
-            reply = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(cmd), timeout, 0)
-        except libvirt.libvirtError as exc:
-            raise HarnessError(f"guest {self.name}: guest agent {execute} failed: {exc}") from exc
-        return json.loads(reply).get("return")
+    # -- guest agent --
 
     def wait_guest_agent(self, deadline: float) -> None:
-        """Block until qemu-guest-agent answers a ping."""
-        while True:
-            self._wait("qemu-guest-agent connection", lambda: self._agent_up, deadline)
-            try:
-                self.agent_command("guest-ping", timeout=5)
-                return
-            except HarnessError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)  # connected port, agent not serving yet: nothing to wait on
+        """Block until the harness's guest agent answers (or the domain stopped)."""
+        # Each try blocks on the socket for up to 2 s: the answer ends the wait at once.
+        while not self.qga.try_sync(timeout=2.0):
+            with self._cond:
+                stopped = self._stopped
+            if stopped:
+                raise BootError(self._with_console(
+                    f"guest {self.name} stopped ({stopped}) while booting"))
+            if time.monotonic() > deadline:
+                raise BootError(self._with_console(
+                    f"guest {self.name}: no answer from {self.qga.describe()} after "
+                    f"{time.monotonic() - self.timings['created']:.0f}s"))
+
+    def agent_command(self, execute: str, arguments: dict[str, Any] | None = None,
+                      timeout: float = 30.0) -> Any:
+        """Run one qemu-guest-agent command; return its ``return`` value."""
+        try:
+            return self.qga.command(execute, arguments, timeout)
+        except QgaError as exc:
+            raise HarnessError(str(exc)) from exc
 
     def run(self, cmd: str | Sequence[str], timeout: float = 120.0,
             stdin: bytes | None = None) -> tuple[int, str, str]:
@@ -254,27 +282,10 @@ class Guest:
         """
         argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         argv = ["timeout", "-k", "5", str(int(timeout)), *argv]
-        args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
-        if stdin is not None:
-            args["input-data"] = base64.b64encode(stdin).decode()
-        pid = self.agent_command("guest-exec", args)["pid"]
-        deadline = time.monotonic() + timeout + 30
-        delay = 0.02
-        while True:
-            st = self.agent_command("guest-exec-status", {"pid": pid})
-            if st.get("exited"):
-                break
-            if time.monotonic() > deadline:
-                raise HarnessError(f"guest {self.name}: {shlex.join(argv)} never finished")
-            # guest-exec has no completion event; back off to at most 0.5 s between polls.
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-        out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
-        err = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
-        rc = st.get("exitcode")
-        if rc is None:
-            rc = 128 + int(st.get("signal", 0))
-        return int(rc), out, err
+        try:
+            return self.qga.exec(argv, stdin, timeout + 30)
+        except QgaError as exc:
+            raise HarnessError(f"{exc} (running {shlex.join(argv)})") from exc
 
     def check(self, cmd: str | Sequence[str], timeout: float = 120.0) -> str:
         """Run ``cmd`` in the guest and return stdout; HarnessError with its output if rc != 0."""
@@ -350,6 +361,47 @@ def _overlay(base: Path, path: Path) -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
+def _process_token(pid: int) -> str:
+    """pid plus its start time: survives nothing but that very process (pids get reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def reap_stale(conn: libvirt.virConnect, root: Path | None = None) -> list[str]:
+    """Destroy domains and remove work dirs left by harness processes that died (SIGKILL).
+
+    Each work dir records its owner process; a dir whose owner is gone, or that has no owner
+    record and no domain, is stale. Returns the names reaped.
+    """
+    root = root or run_dir()
+    reaped = []
+    for work in sorted(root.glob("aerate-*")) if root.is_dir() else []:
+        owner = work / "owner"
+        try:
+            token = owner.read_text().strip()
+        except OSError:
+            token = ""
+        if token and _process_token(int(token.split()[0])) == token:
+            continue  # its harness is alive
+        try:
+            dom = conn.lookupByName(work.name)
+        except libvirt.libvirtError:
+            dom = None
+        if dom is not None:
+            if not token:
+                continue  # not made by this harness version: leave it alone
+            persistent = dom.isPersistent()
+            _destroy(dom)
+            if persistent:
+                _undefine(dom)
+        shutil.rmtree(work, ignore_errors=True)
+        reaped.append(work.name)
+    return reaped
+
+
 def _keep_recent_logs(directory: Path, keep: int = 30) -> None:
     logs = sorted(directory.glob("*-serial.log"), key=lambda p: p.stat().st_mtime)
     for old in logs[:-keep]:
@@ -375,16 +427,19 @@ def booted(image: GuestImage, *, backing: str = "memfd", memory_mib: int = 1024,
     logs = log_dir()
     with ExitStack() as stack:
         conn = connect()
-        stack.callback(conn.close)
+        stack.callback(_close, conn)
         kind = domain_type or detect_domain_type(image.kernel)
+        reap_stale(conn)
         work.mkdir(parents=True, exist_ok=True)
         stack.callback(shutil.rmtree, work, ignore_errors=True)
+        (work / "owner").write_text(_process_token(os.getpid()) + "\n")
         logs.mkdir(parents=True, exist_ok=True)
         _keep_recent_logs(logs)
         disk = stack.enter_context(_overlay(image.root, work / "disk.qcow2"))
         spec = DomainSpec(
             name=name, kernel=image.kernel, initrd=image.initrd, disk=disk,
             agent_socket=work / "aerate.sock", serial_log=logs / f"{name}-serial.log",
+            harness_socket=work / "harness-ga.sock",
             backing=backing, memory_mib=memory_mib, vcpus=vcpus, domain_type=kind,
             free_page_reporting=free_page_reporting, extra_devices=tuple(extra_devices),
             extra_domain=tuple(extra_domain),
@@ -392,31 +447,27 @@ def booted(image: GuestImage, *, backing: str = "memfd", memory_mib: int = 1024,
         xml = domain_xml(spec)
         stack.enter_context(reserved_hugepages(hugepages_needed(spec)))
         created = time.monotonic()
+        guest: Guest | None = None
         try:
             if persistent:
                 dom = conn.defineXML(xml)
-                stack.callback(_undefine, dom)
+                # Undefine through the guest once it exists: libvirtd may have restarted.
+                stack.callback(lambda: _undefine(guest.dom if guest else dom))
                 dom.create()
             else:
                 dom = conn.createXML(xml, 0)
         except libvirt.libvirtError as exc:
             raise BootError(f"libvirt refused to start domain {name} ({kind}, {backing}): "
                             f"{exc}\n--- domain XML ---\n{xml}") from exc
-        guest = Guest(conn=conn, dom=dom, spec=spec)
+        guest = Guest(conn=conn, dom=dom, spec=spec,
+                      qga=QgaClient(work / "harness-ga.sock", name))
         guest.timings["created"] = created
-        stack.callback(_destroy, dom)
-        ids = [
-            conn.domainEventRegisterAny(
-                dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                lambda _c, _d, ev, det, _o: guest.on_lifecycle(ev, det), None),
-            conn.domainEventRegisterAny(
-                dom, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
-                lambda _c, _d, st, _r, _o: guest.on_agent(st), None),
-        ]
-        for cb_id in ids:
-            stack.callback(_deregister, conn, cb_id)
-        # The agent may have connected before the callbacks were in place.
-        guest._agent_up = _agent_connected(dom)
+        stack.callback(guest.close)
+        stack.callback(guest.destroy)
+        cb_id = conn.domainEventRegisterAny(
+            dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+            lambda _c, _d, ev, det, _o: guest.on_lifecycle(ev, det), None)
+        stack.callback(_deregister, guest, cb_id)
         deadline = created + timeout
         guest.wait_guest_agent(deadline)
         guest.timings["boot_to_agent"] = round(time.monotonic() - created, 1)
@@ -424,14 +475,6 @@ def booted(image: GuestImage, *, backing: str = "memfd", memory_mib: int = 1024,
             guest.wait_unit_active(ready_unit, deadline)
         guest.timings["boot_to_ready"] = round(time.monotonic() - created, 1)
         yield guest
-
-
-def _agent_connected(dom: libvirt.virDomain) -> bool:
-    try:
-        libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', 2, 0)
-    except libvirt.libvirtError:
-        return False
-    return True
 
 
 def _destroy(dom: libvirt.virDomain) -> None:
@@ -443,6 +486,11 @@ def _destroy(dom: libvirt.virDomain) -> None:
             print(f"aerate harness: destroying {dom.name()} failed: {exc}", file=sys.stderr)
 
 
+def _close(conn: libvirt.virConnect) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()
+
+
 def _undefine(dom: libvirt.virDomain) -> None:
     try:
         dom.undefine()
@@ -451,10 +499,11 @@ def _undefine(dom: libvirt.virDomain) -> None:
             print(f"aerate harness: undefining {dom.name()} failed: {exc}", file=sys.stderr)
 
 
-def _deregister(conn: libvirt.virConnect, cb_id: int) -> None:
-    # A connection already gone took its callbacks with it.
-    with contextlib.suppress(libvirt.libvirtError):
-        conn.domainEventDeregisterAny(cb_id)
+def _deregister(guest: Guest, cb_id: int) -> None:
+    # A connection already gone (libvirtd restarted) took its callbacks with it.
+    if guest._alive():
+        with contextlib.suppress(libvirt.libvirtError):
+            guest._conn.domainEventDeregisterAny(cb_id)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

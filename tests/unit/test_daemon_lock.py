@@ -13,8 +13,9 @@ from aerate.host.daemon import DaemonError, pid_lock, take_lock
 
 pytestmark = pytest.mark.unit
 
-HOLD = "import sys, time\nfrom aerate.host.daemon import pid_lock\nfd, _ = pid_lock(sys.argv[1])\n" \
-       "print('held' if fd is not None else 'busy', flush=True)\ntime.sleep(30)\n"
+HOLD = ("import sys, time\nfrom aerate.host.daemon import pid_lock\n"
+        "fd, _ = pid_lock(sys.argv[1])\n"
+        "print('held' if fd is not None else 'busy', flush=True)\ntime.sleep(30)\n")
 
 
 def test_second_holder_is_told_who_has_it(tmp_path: Path) -> None:

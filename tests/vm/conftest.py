@@ -9,7 +9,7 @@ boot-to-ready time of every guest is printed and summarised at the end of the ru
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -42,6 +42,18 @@ def guest_image(request: pytest.FixtureRequest) -> GuestImage:
     return image
 
 
+def _boot_line(g: Guest) -> str:
+    return (f"aerate guest {g.name} ({g.spec.domain_type}, {g.spec.backing}): "
+            f"boot-to-ready {g.timings['boot_to_ready']:.1f} s "
+            f"(guest agent at {g.timings['boot_to_agent']:.1f} s)")
+
+
+@pytest.fixture
+def note_boot(request: pytest.FixtureRequest) -> Callable[[Guest], None]:
+    """For tests that boot their own guest: print and summarise its boot-to-ready time."""
+    return lambda g: _say(request.config, _boot_line(g))
+
+
 @pytest.fixture(scope="module")
 def guest(request: pytest.FixtureRequest, guest_image: GuestImage) -> Iterator[Guest]:
     """A booted guest with aerate-agent active, shared by the tests of one module."""
@@ -49,10 +61,7 @@ def guest(request: pytest.FixtureRequest, guest_image: GuestImage) -> Iterator[G
     shape.update(getattr(request, "param", {}) or {})
     try:
         with booted(guest_image, **shape) as g:
-            _say(request.config,
-                 f"aerate guest {g.name} ({g.spec.domain_type}, {g.spec.backing}): "
-                 f"boot-to-ready {g.timings['boot_to_ready']:.1f} s "
-                 f"(guest agent at {g.timings['boot_to_agent']:.1f} s)")
+            _say(request.config, _boot_line(g))
             yield g
     except HarnessError as exc:
         pytest.fail(f"guest boot: {exc}", pytrace=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -41,6 +40,11 @@ def test_agent_is_an_active_systemd_service(guest: Guest) -> None:
     assert guest.check(f"readlink -f /dev/virtio-ports/{AGENT_PORT}").startswith("/dev/vport")
 
 
+def test_memfd_guest_has_no_kernel_free_page_reporting_unless_asked(guest: Guest) -> None:
+    features = guest.check("cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/features")
+    assert features.strip()[5] == "0"  # VIRTIO_BALLOON_F_REPORTING: off by default
+
+
 def test_host_and_agent_exchange_sync_and_hello(guest: Guest) -> None:
     """The host end of org.aerate.agent.0: 0xFF + sync with a fresh nonce, answered in kind."""
     host = HostEndpoint()
@@ -54,7 +58,7 @@ def test_host_and_agent_exchange_sync_and_hello(guest: Guest) -> None:
             assert time.monotonic() < deadline, f"no hello from the agent in 60 s: {events}"
             try:
                 data = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             assert data, "the guest end closed the channel"
             events += host.receive(data)
