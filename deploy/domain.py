@@ -8,8 +8,9 @@ Shapes (``DomainSpec.backing``):
 - ``private``   — libvirt's default private anonymous RAM: only the balloon can reclaim.
 
 Every shape gets the aerate virtio-serial port ``org.aerate.agent.0`` as a unix socket the host
-connects to, the qemu-guest-agent port, a virtio memballoon (optionally with
-``freePageReporting``), a serial console logged to a file, a virtio disk and direct kernel boot.
+connects to, the qemu-guest-agent port (and, for the test harness, ``org.aerate.harness.0``),
+a virtio memballoon (optionally with ``freePageReporting``), a serial console logged to a
+file, a virtio disk and direct kernel boot.
 :func:`domain_xml` is pure; :func:`detect_domain_type` runs QEMU once and caches its answer.
 """
 

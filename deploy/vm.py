@@ -4,7 +4,10 @@
 service manager did, put a qcow2 overlay over the cached image, create a transient domain
 with a unique name, wait for qemu-guest-agent, then for a systemd unit (aerate-agent) to be
 active, hand a :class:`Guest` to the caller, and always destroy the domain and remove the
-overlay afterwards. ``Guest.run`` runs commands through qemu-guest-agent's ``guest-exec``.
+overlay afterwards. ``Guest.run`` runs commands through ``guest-exec`` of a qemu-guest-agent
+on the harness port, reached over its own socket (:mod:`aerate.deploy.qga`), so commands keep
+working while libvirtd is stopped; the domain is torn down even if a test left libvirtd
+stopped or the test process was killed (:func:`reap_stale`, at the next boot).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -374,7 +378,8 @@ def reap_stale(conn: libvirt.virConnect, root: Path | None = None) -> list[str]:
     """Destroy domains and remove work dirs left by harness processes that died (SIGKILL).
 
     Each work dir records its owner process; a dir whose owner is gone, or that has no owner
-    record and no domain, is stale. Returns the names reaped.
+    record and no domain, is stale. So is a running domain whose disk lies in a work dir that
+    no longer exists. Returns the names reaped.
     """
     root = root or run_dir()
     reaped = []
@@ -393,13 +398,26 @@ def reap_stale(conn: libvirt.virConnect, root: Path | None = None) -> list[str]:
         if dom is not None:
             if not token:
                 continue  # not made by this harness version: leave it alone
-            persistent = dom.isPersistent()
-            _destroy(dom)
-            if persistent:
-                _undefine(dom)
+            _destroy_for_good(dom)
         shutil.rmtree(work, ignore_errors=True)
         reaped.append(work.name)
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        work = root / dom.name()
+        if not dom.name().startswith("aerate-") or work.exists():
+            continue
+        disks = [el.get("file") for el in
+                 ET.fromstring(dom.XMLDesc(0)).iterfind("devices/disk/source")]
+        if str(work / "disk.qcow2") in disks:
+            _destroy_for_good(dom)
+            reaped.append(dom.name())
     return reaped
+
+
+def _destroy_for_good(dom: libvirt.virDomain) -> None:
+    persistent = dom.isPersistent()
+    _destroy(dom)
+    if persistent:
+        _undefine(dom)
 
 
 def _keep_recent_logs(directory: Path, keep: int = 30) -> None:
