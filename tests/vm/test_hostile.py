@@ -27,23 +27,16 @@ import json, os, select, sys, time
 port = os.open("/dev/virtio-ports/org.aerate.agent.0", os.O_RDWR)
 buf = b""
 
-def read_sync(timeout=60):
+def next_sync(wait):
+    """The next sync within ``wait`` seconds, or None."""
     global buf
-    end = time.time() + timeout
-    asked = 0.0
-    while time.time() < end:
-        if time.time() - asked > 2:
-            # A guest without a session asks for one, as the real agent does after a restart.
-            os.write(port, b"\xff" + json.dumps({"proto": 1, "type": "need-sync"}).encode()
-                     + b"\n")
-            asked = time.time()
-        r, _, _ = select.select([port], [], [], 1)
-        if r:
-            buf += os.read(port, 65536)
+    end = time.time() + wait
+    while True:
         while b"\xff" in buf:
             buf = buf[buf.index(b"\xff") + 1:]
             line, sep, rest = buf.partition(b"\n")
             if not sep:
+                buf = b"\xff" + buf
                 break
             buf = rest
             try:
@@ -52,7 +45,31 @@ def read_sync(timeout=60):
                 continue
             if msg.get("type") == "sync":
                 return msg
-    raise SystemExit("no sync from the host")
+        left = end - time.time()
+        if left <= 0:
+            return None
+        r, _, _ = select.select([port], [], [], min(left, 1))
+        if r:
+            buf += os.read(port, 65536)
+
+def establish(timeout=90):
+    """Get a session the way the real agent does: ask (need-sync) while none exists, answer
+    every sync with its hello, and settle on the last one (a late ask can cause a re-sync)."""
+    end = time.time() + timeout
+    sync = None
+    while time.time() < end:
+        if sync is None:
+            os.write(port, b"\xff" + json.dumps({"proto": 1, "type": "need-sync"}).encode()
+                     + b"\n")
+        got = next_sync(3 if sync is not None else 8)
+        if got is None:
+            if sync is not None:
+                return sync
+            continue
+        sync = got
+        send({"proto": 1, "type": "hello", "nonce": sync["nonce"], "session": sync["session"],
+              "agent": "hostile"}, sync=True)
+    raise SystemExit("no session from the host")
 
 def send(obj, sync=False):
     data = json.dumps(obj).encode() + b"\n"
@@ -72,11 +89,7 @@ attacks = {
 }
 done = {}
 for name in sys.argv[1:]:
-    sync = read_sync()
-    s = sync["session"]
-    send({"proto": 1, "type": "hello", "nonce": sync["nonce"], "session": s,
-          "agent": "hostile"}, sync=True)
-    time.sleep(0.5)
+    s = establish()["session"]
     attacks[name](s)
     done[name] = s
     time.sleep(1)
