@@ -151,7 +151,9 @@ def test_agent_aerates_real_free_memory_and_gives_it_back(host: Host,
 
         host.pump(60, until=settled)
         total = host.reported_bytes()
-        assert 256 * MiB <= total <= 1024 * MiB, total
+        # About 512 MiB is beyond the reserve; the agent sees less than that when the kernel
+        # keeps order-9 pages in its per-CPU lists (5.13+), which buddyinfo does not show.
+        assert 128 * MiB <= total <= 1024 * MiB, total
         ranges = [r for _, rs in host.reports for r in rs]
         assert all(g % (2 * MiB) == 0 and n % (2 * MiB) == 0 for g, n in ranges)
         starts = sorted(g for g, _ in ranges)
@@ -242,8 +244,8 @@ def test_sigkill_mid_batch_keeps_pages_until_a_new_session(host: Host,
         proc.wait()
         time.sleep(0.5)
         assert surplus() == held, "pages of an un-acked batch were freed by a crash"
-        # The restarted agent gets the fd back as systemd would hand it over.
-        host.ep = HostEndpoint()   # same pty: the old host state is gone with the agent
+        # The restarted agent gets the fd back as systemd would hand it over. The host end
+        # still believes in its session, as aerated would: the agent must ask for a new one.
         proc2 = spawn_with_listen_fds(argv, stored, ["aerate-arena"], env=env["env"],
                                       stderr=subprocess.PIPE)
         for fd in stored:

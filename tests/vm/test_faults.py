@@ -124,8 +124,9 @@ def test_agent_sigkill_with_pages_held_recovers_them(guest_and_run: tuple[Guest,
         g.check("systemctl kill -s KILL aerate-agent")
         wait_for(lambda: g.check("systemctl show -p MainPID --value aerate-agent").strip()
                  not in ("0", pid), 60, "systemd to restart the agent")
-        log = g.check("journalctl -u aerate-agent --no-pager -o cat | tail -20")
-        assert "recovered arena from the fd store" in log, log
+        wait_for(lambda: "recovered arena from the fd store" in g.check(
+            "journalctl -u aerate-agent --no-pager -o cat | grep 'aerate-agent 0.1.0 on' | "
+            "tail -1"), 60, "the restarted agent to recover its arena from the fd store")
         assert surplus(g) > 0 or held == 0
         wait_for(lambda: surplus(g) == 0 and engine(d, g.name).get("phase") == "idle", 300,
                  "the recovered pages to go back after the new session", 2)
