@@ -107,6 +107,7 @@ class Engine:
         self._backoff_s = 0.0
         self._backoff_until = 0.0
         self._rate_tokens = 0.0
+        self._pass_left = 0         # units the current pass may still take
         self._refusals = 0          # refused batches in a row
         self._refusals_waited = 0   # how many of them were already waited out
         self._rate_t = 0.0
@@ -268,13 +269,22 @@ class Engine:
             self.phase = Phase.IDLE
             return None, idle
         raw = self.raw_units()
-        if raw < (self.cfg["hwm"] if not self.held_acked else 1):
+        in_pass = bool(self.held_acked or self.unreported)
+        if raw < (1 if in_pass else self.cfg["hwm"]):
             self.end_pass("pass done: %d raw units under hwm %d" % (max(raw, 0),
                                                                     self.cfg["hwm"]))
             self.phase = Phase.IDLE
             return None, idle
+        if not in_pass:
+            # A pass takes at most what was free when it began: where the kernel keeps adding
+            # free memory (deferred struct page init, memory hotplug) it must still end.
+            self._pass_left = raw
+        elif self._pass_left <= 0:
+            self.end_pass("pass done: took what was free when it began")
+            self.phase = Phase.IDLE
+            return None, idle
         units_per_block = max(1, (self.arena.granule_bytes // PAGE) >> self.cfg["min_order"])
-        want = min(self._capacity_now, max(1, raw // units_per_block))
+        want = min(self._capacity_now, max(1, min(raw, self._pass_left) // units_per_block))
         if not self._rate_allows(now, want * self.arena.granule_bytes):
             return None, max(delay, 0.05)
         try:
@@ -290,6 +300,7 @@ class Engine:
             self.end_pass("the kernel gave no block")
             self.phase = Phase.IDLE
             return None, idle
+        self._pass_left -= len(blocks) * units_per_block
         refilled = [b for b in blocks if b.pfn in self.aerated]
         for b in refilled:
             del self.aerated[b.pfn]
