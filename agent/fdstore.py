@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Sequence
 
 ARENA_FDNAME = "aerate-arena"
 SD_LISTEN_FDS_START = 3
+#: Longest wait for a service manager's notify queue to take a blocking message (seconds).
+SEND_TIMEOUT = 10.0
 _ENV_KEYS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
@@ -53,8 +55,13 @@ def notify_address(env: Optional[Dict[str, str]] = None) -> Optional[str]:
     return value
 
 
-def send_notify(message: str, fds: Sequence[int] = (), address: Optional[str] = None) -> bool:
-    """Send one sd_notify datagram (with ``fds`` attached); False when there is no socket."""
+def send_notify(message: str, fds: Sequence[int] = (), address: Optional[str] = None,
+                block: bool = True) -> bool:
+    """Send one sd_notify datagram (with ``fds`` attached); False when there is no socket.
+
+    With ``block=False`` a full notify queue drops the message (False) instead of stalling
+    the caller: right for STATUS= and WATCHDOG= lines, never for FDSTORE=.
+    """
     addr = address if address is not None else notify_address()
     if addr is None:
         return False
@@ -63,7 +70,11 @@ def send_notify(message: str, fds: Sequence[int] = (), address: Optional[str] = 
         ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes()))
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # A service manager that reads nothing must not hang the agent for good.
+            sock.settimeout(SEND_TIMEOUT if block else 0.0)
             sock.sendmsg([message.encode()], ancillary, 0, addr)
+    except BlockingIOError:
+        return False
     except OSError as exc:
         raise FdStoreError(
             f"sending {message.splitlines()[0]!r} to notify socket {addr!r} failed: {exc}"

@@ -35,8 +35,9 @@ STOP_GRACE = 5.0
 
 
 def _notify(msg: str) -> None:
+    # Never block the cycle on a slow service manager: a dropped STATUS= line is harmless.
     try:
-        fdstore.send_notify(msg)
+        fdstore.send_notify(msg, block=False)
     except fdstore.FdStoreError as e:
         log.warning("sd_notify failed: %s", e)
 
@@ -286,7 +287,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.warning("stopping with %d MiB still held (batches without an ack); they stay "
                         "in the arena for the next agent", held >> 20)
         else:
-            fdstore.remove()
+            try:
+                fdstore.remove()
+            except fdstore.FdStoreError as e:
+                log.warning("%s", e)
             arena.close()
         port.close()
     return 0

@@ -270,11 +270,11 @@ def test_a_pass_ends_even_when_the_kernel_keeps_adding_free_memory() -> None:
 
     a.fill = fill_and_grow  # type: ignore[method-assign]
     e = Engine(k, a, settings())
-    for steps in range(1, 300):
+    for _ in range(300):
         run(e, 1)
         if e.counters["passes"]:
             break
     # The first pass ended by itself, having taken about what was free at its start.
-    assert e.counters["passes"] == 1 and steps < 300
+    assert e.counters["passes"] == 1
     assert 32 * 2 * MiB <= e.counters["reported_bytes"] <= 40 * 2 * MiB
     assert e.held_acked == [] and "began" in e.last_reason
