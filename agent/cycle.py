@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Set, 
 from . import settings as settings_mod
 from .arena import ArenaError, Block
 from .hugetlb import BudgetError
-from .protocol import Range
+from .protocol import Range, coalesce
 
 PAGE = 4096
 __all__ = ["Block", "Engine", "KernelView", "Phase", "granule_ranges"]
@@ -342,22 +342,15 @@ def granule_ranges(blocks: Iterable[Block], granule: int) -> Tuple[List[Range], 
     With a 2 MiB granule every 2 MiB block qualifies; with 1 GiB only runs of 512 adjacent,
     aligned blocks do (a 1 GiB host page can only be discarded whole).
     """
-    by_start = sorted(blocks, key=lambda b: b.pfn)
-    runs: List[Range] = []
-    for b in by_start:
-        gpa, length = b.phys_addr, b.nbytes
-        if runs and runs[-1][0] + runs[-1][1] == gpa:
-            runs[-1] = (runs[-1][0], runs[-1][1] + length)
-        else:
-            runs.append((gpa, length))
+    blocks = list(blocks)
     ranges: List[Range] = []
-    for gpa, length in runs:
+    for gpa, length in coalesce([(b.phys_addr, b.nbytes) for b in blocks]):
         start = -(-gpa // granule) * granule
         end = (gpa + length) // granule * granule
         if end > start:
             ranges.append((start, end - start))
     covered = set()
-    for b in by_start:
+    for b in blocks:
         gpa, length = b.phys_addr, b.nbytes
         if any(s <= gpa and gpa + length <= s + n for s, n in ranges):
             covered.add(b.pfn)
