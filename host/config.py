@@ -29,6 +29,8 @@ from typing import Any
 from aerate.agent import settings as table
 
 DEFAULT_PATH = "/etc/aerate/aerated.toml"
+#: Where aerated keeps its lock and control socket (aeratectl looks there too).
+RUN_DIR = "/run/aerate"
 METADATA_NS = "urn:x-aerate:settings:1"
 METADATA_KEY = "aerate"
 

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from aerate.agent import settings as table
-from aerate.host.daemon import RUN_DIR
+from aerate.host.config import RUN_DIR
 
 
 class CtlError(RuntimeError):

@@ -48,7 +48,7 @@ from aerate.host.refusal import REFUSE, Decision, VmFacts, decide, domain_facts
 from aerate.host.session import VmSession
 
 log = logging.getLogger("aerated")
-RUN_DIR = "/run/aerate"
+RUN_DIR = config_mod.RUN_DIR
 #: Per-VM locks live here whatever --run-dir says: two daemons (an operator's and a test's,
 #: say) must never serve the same VM at once (S4).
 VM_LOCK_DIR = "/run/aerate/vms"
