@@ -30,6 +30,10 @@ from .hugetlb import BudgetError
 from .protocol import Range, coalesce
 
 PAGE = 4096
+#: Re-read the buddy flags of aerated blocks at most this often (seconds). Between two
+#: re-validations the estimate can only be stale on the safe side: a block the guest took
+#: back still counts as aerated, so a reclaim is at worst delayed, never doubled.
+REVALIDATE_EVERY = 5.0
 __all__ = ["Block", "Engine", "KernelView", "Phase", "granule_ranges"]
 
 
@@ -111,6 +115,8 @@ class Engine:
         self._refusals = 0          # refused batches in a row
         self._refusals_waited = 0   # how many of them were already waited out
         self._rate_t = 0.0
+        #: (free units, time) at the last re-validation of the aerated blocks
+        self._revalidated: Optional[Tuple[int, float]] = None
         self.counters = {"reported_bytes": 0, "discarded_bytes": 0, "refused_bytes": 0,
                          "returned_bytes": 0, "passes": 0, "backoffs": 0, "refilled_aerated": 0}
         self.last_reason = "starting"
@@ -167,24 +173,49 @@ class Engine:
 
     # ------------------------------------------------------------------ the cycle
 
-    def _pressure(self) -> str:
-        psi = self.kernel.psi_some_avg10()
-        if psi is not None and psi > self.cfg["psi_threshold"]:
-            return "memory PSI some avg10 %.1f%% > %.1f%%" % (psi, self.cfg["psi_threshold"])
+    def _pressure(self, read_psi: bool = True) -> str:
+        if read_psi:
+            psi = self.kernel.psi_some_avg10()
+            if psi is not None and psi > self.cfg["psi_threshold"]:
+                return "memory PSI some avg10 %.1f%% > %.1f%%" % (psi,
+                                                                  self.cfg["psi_threshold"])
         margin = self.cfg["reserve_mib"] * 256 // 2
         free, low = self.kernel.free_pages(), self.kernel.low_pages()
         if free < low + margin:
             return "free %d MiB is near the low watermark %d MiB" % (free // 256, low // 256)
         return ""
 
-    def raw_units(self) -> int:
-        """Free units (2**min_order pages) beyond reserve and beyond what is aerated."""
+    def _back_off(self, now: float, pressure: str, idle: float) -> Tuple[None, float]:
+        # Back off fast: acked blocks go back at once; un-acked ones must wait (S2).
+        if self.phase is not Phase.BACKOFF:
+            self.counters["backoffs"] += 1
+        self.end_pass("backoff: " + pressure)
+        self.phase = Phase.BACKOFF
+        self._backoff_s = min(60.0, max(1.0, self._backoff_s * 2))
+        self._backoff_until = now + self._backoff_s
+        self._capacity_now = 1
+        return None, min(idle, self._backoff_s)
+
+    def raw_units(self, now: Optional[float] = None) -> int:
+        """Free units (2**min_order pages) beyond reserve and beyond what is aerated.
+
+        With ``now`` (the cycle's clock) the aerated blocks are re-validated only when the
+        kernel's count of free units moved since the last time, and at most every
+        ``REVALIDATE_EVERY`` seconds: an aerated block the guest allocates splits, so the
+        count moves. An idle guest then costs no kpageflags read at all. Without ``now`` the
+        re-validation always runs.
+        """
         order = self.cfg["min_order"]
         per_unit = 1 << order
         reserve = (self.kernel.reserve_pages() + self.cfg["reserve_mib"] * 256) // per_unit
-        self._revalidate()
+        free = self.kernel.free_units(order)
+        last = self._revalidated
+        if now is None or last is None or (
+                free != last[0] and now - last[1] >= REVALIDATE_EVERY):
+            self._revalidate()
+            self._revalidated = (free, now if now is not None else float("-inf"))
         aerated = sum(n for n in self.aerated.values()) // per_unit
-        return int(self.kernel.free_units(order) - reserve - aerated)
+        return int(free - reserve - aerated)
 
     def _revalidate(self) -> None:
         if not self.aerated:
@@ -240,17 +271,14 @@ class Engine:
             self.phase = Phase.DISABLED
             self.last_reason = stats_only or "disabled by setting 'enabled'"
             return None, idle
-        pressure = self._pressure()
+        # PSI is read while the engine holds or waits for something, and before a new
+        # pass starts; an idle engine holding nothing has nothing to give back, so its tick
+        # only checks free memory against the low watermark (from /proc/buddyinfo, read
+        # anyway) and skips the PSI read.
+        holding = bool(self.inflight or self.held_acked or self.unreported)
+        pressure = self._pressure(read_psi=holding or self.phase is Phase.BACKOFF)
         if pressure:
-            # Back off fast: acked blocks go back at once; un-acked ones must wait (S2).
-            if self.phase is not Phase.BACKOFF:
-                self.counters["backoffs"] += 1
-            self.end_pass("backoff: " + pressure)
-            self.phase = Phase.BACKOFF
-            self._backoff_s = min(60.0, max(1.0, self._backoff_s * 2))
-            self._backoff_until = now + self._backoff_s
-            self._capacity_now = 1
-            return None, min(idle, self._backoff_s)
+            return self._back_off(now, pressure, idle)
         if now < self._backoff_until:
             return None, self._backoff_until - now
         self._backoff_s = max(0.0, self._backoff_s / 2)
@@ -268,7 +296,7 @@ class Engine:
             self.end_pass("no session")
             self.phase = Phase.IDLE
             return None, idle
-        raw = self.raw_units()
+        raw = self.raw_units(now)
         in_pass = bool(self.held_acked or self.unreported)
         if raw < (1 if in_pass else self.cfg["hwm"]):
             self.end_pass("pass done: %d raw units under hwm %d" % (max(raw, 0),
@@ -276,6 +304,9 @@ class Engine:
             self.phase = Phase.IDLE
             return None, idle
         if not in_pass:
+            pressure = self._pressure()
+            if pressure:
+                return self._back_off(now, pressure, idle)
             # A pass takes at most what was free when it began: where the kernel keeps adding
             # free memory (deferred struct page init, memory hotplug) it must still end.
             self._pass_left = raw

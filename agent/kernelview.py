@@ -1,20 +1,71 @@
 """The cycle's view of the running guest kernel, read from /proc (agent/procfs.py).
 
-A thin adapter: the engine asks, this reads and parses. Watermarks change rarely and
-/proc/zoneinfo is long, so they are re-read at most every ``WATERMARK_TTL`` seconds; the
-free counts come from /proc/buddyinfo on every tick.
+A thin adapter: the engine asks, this reads and parses. It is read on every idle tick, so
+it is built to be cheap there (issue 2: an idle agent must cost < 0.2 % of a core):
+
+- The /proc files it polls stay open and are re-read with one ``pread`` at offset 0: a
+  seq_file regenerates its text when read from the start, so that one syscall replaces the
+  nine of a Python ``open().read()`` (open, two fstat, ioctl, two lseek, two read, close).
+  Under TCG, where each syscall costs tens of microseconds, this is most of the idle cost.
+- /proc/buddyinfo is read at most once per tick (the engine asks several questions in a
+  row); watermarks change rarely and /proc/zoneinfo is long, so they are re-read at most
+  every ``WATERMARK_TTL`` seconds.
+- The statistics message reuses the same open files (``stats``).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from typing import List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from . import procfs
 
 WATERMARK_TTL = 30.0
-# Frames sampled inside each aerated block when re-validating it (offsets in 4 KiB pages).
-_SAMPLES = (0, 1, 255, 511)
+# Frames sampled inside each aerated block when re-validating it (offsets in 4 KiB pages):
+# the first two, one pread per block. The buddy allocator serves every allocation from the
+# low end of the free block it splits (expand() puts the upper halves back on the free
+# lists), so the first allocation out of an aerated block takes frame 0. A block found free
+# here while some other frame is in use only stays counted as aerated: the safe side.
+_SAMPLES = (0, 1)
+_CHUNK = 1 << 16
+T = TypeVar("T")
+
+
+class KernelFile:
+    """A /proc text file kept open and re-read from offset 0 on each ``read``.
+
+    A failed read closes the file, so the next read opens it again (a file that appears
+    later, e.g. PSI enabled at runtime, is picked up; one that vanished raises OSError).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: Optional[int] = None
+
+    def read(self) -> str:
+        """The whole text now (ASCII; undecodable bytes replaced, as procfs.read_text)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            parts: List[bytes] = []
+            offset = 0
+            while True:
+                data = os.pread(self._fd, _CHUNK, offset)
+                if not data:
+                    break
+                parts.append(data)
+                offset += len(data)
+        except OSError:
+            self.close()
+            raise
+        return b"".join(parts).decode("ascii", "replace")
+
+    def close(self) -> None:
+        """Close the file (the next read reopens it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class ProcKernel:
@@ -23,21 +74,34 @@ class ProcKernel:
     def __init__(self, root: str = "/", kpageflags: str = procfs.KPAGEFLAGS_PATH) -> None:
         self.root = root
         self.kpageflags = kpageflags
+        self._files = {rel: KernelFile(os.path.join(root, rel)) for rel in
+                       ("proc/buddyinfo", "proc/zoneinfo", "proc/meminfo",
+                        "proc/pressure/memory")}
         self._wm: Optional[Tuple[float, procfs.Watermarks]] = None
         self._buddy: Optional[Tuple[float, Tuple[procfs.BuddyZone, ...]]] = None
         self.psi_missing: Optional[str] = None
+
+    def _parse(self, rel: str, parser: Callable[[str, str], T]) -> T:
+        f = self._files[rel]
+        return parser(f.read(), f.path)
+
+    def close(self) -> None:
+        """Close the /proc files kept open."""
+        for f in self._files.values():
+            f.close()
 
     def _buddyinfo(self) -> Tuple[procfs.BuddyZone, ...]:
         # One read per tick is enough: the engine asks several questions in a row.
         now = time.monotonic()
         if self._buddy is None or now - self._buddy[0] > 0.05:
-            self._buddy = (now, procfs.read_buddyinfo(self.root))
+            self._buddy = (now, self._parse("proc/buddyinfo", procfs.parse_buddyinfo))
         return self._buddy[1]
 
     def _watermarks(self) -> procfs.Watermarks:
         now = time.monotonic()
         if self._wm is None or now - self._wm[0] > WATERMARK_TTL:
-            self._wm = (now, procfs.total_watermarks(procfs.read_zoneinfo(self.root).zones))
+            zones = self._parse("proc/zoneinfo", procfs.parse_zoneinfo).zones
+            self._wm = (now, procfs.total_watermarks(zones))
         return self._wm[1]
 
     def free_units(self, min_order: int) -> int:
@@ -56,13 +120,46 @@ class ProcKernel:
         """Free pages in the zones the cycle uses (DMA left out)."""
         return procfs.summarize_free(self._buddyinfo(), 0).free_pages
 
+    def _pressure(self) -> procfs.Pressure:
+        return self._parse("proc/pressure/memory", procfs.parse_pressure)
+
     def psi_some_avg10(self) -> Optional[float]:
         """Memory PSI 'some' avg10, or None without PSI (the reason kept in psi_missing)."""
         try:
-            return procfs.read_pressure_memory(self.root).some.avg10
-        except OSError as e:
+            return self._pressure().some.avg10
+        except (OSError, procfs.ProcParseError) as e:
             self.psi_missing = str(e)
             return None
+
+    def stats(self) -> Dict[str, Any]:
+        """Kernel figures for the statistics message: free blocks by order and zone,
+        MemTotal/MemFree, PSI, and why any of them is missing (never raises)."""
+        out: Dict[str, Any] = {}
+        missing: List[str] = []
+
+        def attempt(rel: str, fn: Callable[[], None]) -> None:
+            try:
+                fn()
+            except (OSError, procfs.ProcParseError) as e:
+                missing.append("%s: %s" % (self._files[rel].path, e))
+
+        def buddy() -> None:
+            self._buddy = None          # the statistics want this moment's counts
+            out["free_by_order"] = {"%d/%s" % (z.node, z.zone): list(z.free)
+                                    for z in self._buddyinfo()}
+
+        def mem() -> None:
+            info = self._parse("proc/meminfo", procfs.parse_meminfo)
+            out["mem_total"], out["mem_free"] = info.total, info.free
+
+        def psi() -> None:
+            out["psi_some_avg10"] = self._pressure().some.avg10
+
+        attempt("proc/buddyinfo", buddy)
+        attempt("proc/meminfo", mem)
+        attempt("proc/pressure/memory", psi)
+        out["missing"] = missing
+        return out
 
     def still_free(self, pfns: List[int]) -> List[bool]:
         """Is each 2 MiB block starting at pfn still free in the buddy allocator?

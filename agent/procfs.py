@@ -612,6 +612,19 @@ def flag_names(flags: int) -> Tuple[str, ...]:
     return tuple(KPF_NAMES.get(b, "bit%d" % b) for b in range(64) if flags >> b & 1)
 
 
+def _kpageflags_at(fd: int, pfn: int, count: int, path: str) -> List[int]:
+    """``count`` flag words from pfn on an open /proc/kpageflags; NOPAGE past the end."""
+    out: List[int] = []
+    while len(out) < count:
+        want = min(count - len(out), _KPF_CHUNK)
+        data = os.pread(fd, want * _KPF_WORD, (pfn + len(out)) * _KPF_WORD)
+        if not data:
+            break
+        out.extend(parse_kpageflags(data[: len(data) - len(data) % _KPF_WORD], path))
+    out.extend([_NOPAGE_WORD] * (count - len(out)))
+    return out
+
+
 def read_kpageflags(pfn: int, count: int = 1, path: str = KPAGEFLAGS_PATH) -> List[int]:
     """Flags of ``count`` pages starting at ``pfn``, one word per page.
 
@@ -620,34 +633,32 @@ def read_kpageflags(pfn: int, count: int = 1, path: str = KPAGEFLAGS_PATH) -> Li
     """
     if pfn < 0 or count < 0:
         raise ValueError("pfn and count must be >= 0, got pfn=%d count=%d" % (pfn, count))
-    out: List[int] = []
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        while len(out) < count:
-            want = min(count - len(out), _KPF_CHUNK)
-            data = os.pread(fd, want * _KPF_WORD, (pfn + len(out)) * _KPF_WORD)
-            if not data:
-                break
-            out.extend(parse_kpageflags(data[: len(data) - len(data) % _KPF_WORD], path))
+        return _kpageflags_at(fd, pfn, count, path)
     finally:
         os.close(fd)
-    out.extend([_NOPAGE_WORD] * (count - len(out)))
-    return out
 
 
 def read_kpageflags_for(pfns: Iterable[int], path: str = KPAGEFLAGS_PATH) -> Dict[int, int]:
-    """Flags for each PFN in ``pfns`` (any order, duplicates fine), one pread per run of
-    consecutive PFNs."""
+    """Flags for each PFN in ``pfns`` (any order, duplicates fine): the file is opened
+    once, with one pread per run of consecutive PFNs."""
     result: Dict[int, int] = {}
     ordered = sorted(set(pfns))
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        words = read_kpageflags(ordered[i], j - i + 1, path)
-        result.update(zip(ordered[i:j + 1], words))
-        i = j + 1
+    if ordered and ordered[0] < 0:
+        raise ValueError("pfn must be >= 0, got %d" % ordered[0])
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        i = 0
+        while i < len(ordered):
+            j = i
+            while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+                j += 1
+            words = _kpageflags_at(fd, ordered[i], j - i + 1, path)
+            result.update(zip(ordered[i:j + 1], words))
+            i = j + 1
+    finally:
+        os.close(fd)
     return result
 
 

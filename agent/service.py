@@ -90,9 +90,11 @@ def open_arena(capacity: int, run_dir: str) -> Tuple[Arena, List[Any], str]:
 class Agent:
     """The running agent: owns the port, endpoint, engine and timers."""
 
-    def __init__(self, port: Port, engine: Engine, arena: Arena, note: str) -> None:
+    def __init__(self, port: Port, engine: Engine, arena: Arena, note: str,
+                 kernel: ProcKernel) -> None:
         self.port = port
         self.engine = engine
+        self.kernel = kernel
         self.arena = arena
         self.note = note
         self.endpoint = GuestEndpoint({"agent": VERSION, "arena": arena.kind,
@@ -150,18 +152,9 @@ class Agent:
     # -- timers
 
     def _stats(self) -> Dict[str, Any]:
-        snap = procfs.read_snapshot(parts=("buddyinfo", "meminfo", "psi"))
         out: Dict[str, Any] = {"type": "stats", "engine": self.engine.status(),
                                "arena": self.arena.kind}
-        if snap.buddyinfo is not None:
-            out["free_by_order"] = {"%d/%s" % (z.node, z.zone): list(z.free)
-                                    for z in snap.buddyinfo}
-        if snap.meminfo is not None:
-            out["mem_total"] = snap.meminfo.total
-            out["mem_free"] = snap.meminfo.free
-        if snap.psi_memory is not None:
-            out["psi_some_avg10"] = snap.psi_memory.some.avg10
-        out["missing"] = [m.reason for m in snap.missing]
+        out.update(self.kernel.stats())
         return out
 
     def _status_line(self) -> str:
@@ -264,9 +257,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ArenaError, OSError) as e:
         log.error("cannot set up the arena: %s", e)
         return 1
-    engine = Engine(ProcKernel(), arena, values, stats_only=stats_only_reason())
+    kernel = ProcKernel()
+    engine = Engine(kernel, arena, values, stats_only=stats_only_reason())
     engine.orphans = orphans
-    agent = Agent(port, engine, arena, note)
+    agent = Agent(port, engine, arena, note, kernel)
     log.info("aerate-agent %s on %s: %s%s", VERSION, args.port, note,
              "; arena weakness: %s" % arena.weakness if arena.weakness else "")
     if engine.stats_only:

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import pytest
 
-from aerate.agent.cycle import Block, Engine, Phase, granule_ranges
+from aerate.agent.cycle import REVALIDATE_EVERY, Block, Engine, Phase, granule_ranges
 
 pytestmark = pytest.mark.unit
 MiB = 1024 * 1024
@@ -26,6 +26,8 @@ class ScriptedKernel:
         self.psi: Optional[float] = 0.0
         self.high = 0
         self.low = 0
+        self.still_free_calls = 0
+        self.psi_reads = 0
 
     def free_units(self, min_order: int) -> int:
         return len(self.free_list) * BLOCK_PAGES >> min_order
@@ -40,9 +42,11 @@ class ScriptedKernel:
         return self.low
 
     def psi_some_avg10(self) -> Optional[float]:
+        self.psi_reads += 1
         return self.psi
 
     def still_free(self, pfns: List[int]) -> List[bool]:
+        self.still_free_calls += 1
         return [p in self.free_list for p in pfns]
 
 
@@ -125,6 +129,45 @@ def test_reused_memory_counts_as_raw_again() -> None:
     assert e.raw_units() == 8
     reports = run(e, 100)
     assert len(blocks_of(reports)) == 8
+
+
+def test_idle_ticks_read_no_page_flags_until_free_memory_moves() -> None:
+    """Idle cost: re-validating aerated blocks reads kpageflags for each of them, so the
+    engine does it only when the free count moved, at most every REVALIDATE_EVERY s."""
+    k = ScriptedKernel(free_blocks=16)
+    e = Engine(k, ScriptedArena(k), settings(hwm=4))
+    run(e, 100)
+    assert e.aerated_bytes() == 16 * 2 * MiB
+    now = 1000.0
+    e.tick(now, True)
+    calls = k.still_free_calls
+    for i in range(1, 60):                  # a quiet minute: nothing moves
+        e.tick(now + i, True)
+    assert k.still_free_calls == calls
+    for _ in range(4):                      # the guest takes 8 MiB of aerated memory
+        k.free_list.pop()
+    e.tick(now + 61, True)
+    assert k.still_free_calls == calls + 1
+    assert e.aerated_bytes() == 12 * 2 * MiB
+    k.free_list.pop()                       # moves again at once: waits for the interval
+    e.tick(now + 62, True)
+    assert k.still_free_calls == calls + 1 and e.aerated_bytes() == 12 * 2 * MiB
+    e.tick(now + 61 + REVALIDATE_EVERY, True)
+    assert k.still_free_calls == calls + 2 and e.aerated_bytes() == 11 * 2 * MiB
+
+
+def test_idle_ticks_skip_psi_but_no_pass_starts_under_psi_pressure() -> None:
+    k = ScriptedKernel(free_blocks=2)
+    a = ScriptedArena(k)
+    e = Engine(k, a, settings(hwm=4))
+    k.psi = 50.0
+    for i in range(30):                     # idle, holding nothing: PSI is never read
+        assert e.tick(float(i), True)[0] is None
+    assert k.psi_reads == 0 and e.phase is Phase.IDLE
+    k.free_list.extend(BLOCK_PAGES * (900 + i) for i in range(8))
+    ranges, _ = e.tick(40.0, True)          # a pass would start: PSI is read and wins
+    assert ranges is None and k.psi_reads == 1 and e.phase is Phase.BACKOFF
+    assert a.held == [] and "PSI" in e.last_reason
 
 
 def test_unacked_blocks_stay_held_under_pressure_acked_ones_go() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from aerate.agent import procfs
-from aerate.agent.kernelview import ProcKernel
+from aerate.agent.kernelview import KernelFile, ProcKernel
 
 pytestmark = pytest.mark.unit
 DATA = Path(__file__).resolve().parents[1] / "data" / "proc"
@@ -54,3 +54,37 @@ def test_still_free_on_real_kpageflags(tmp_path: Path) -> None:
             assert not free, hex(head)
     # Frames beyond the file read as "no page": never free.
     assert k.still_free([first + 8192 * 4]) == [False]
+
+
+def test_kernel_file_rereads_from_the_start_and_reopens_after_a_failure(tmp_path: Path) -> None:
+    f = tmp_path / "buddyinfo"
+    f.write_text("first\n")
+    kf = KernelFile(str(f))
+    assert kf.read() == "first\n"
+    f.write_text("second, longer\n")            # same inode, new text: one pread from 0
+    assert kf.read() == "second, longer\n"
+    big = "x" * (200 * 1024)                    # longer than one pread chunk
+    f.write_text(big)
+    assert kf.read() == big
+    f.unlink()
+    assert kf.read() == big                     # the open file outlives its name...
+    kf.close()
+    with pytest.raises(FileNotFoundError):     # ...a closed one is opened by name again
+        kf.read()
+    f.write_text("back\n")
+    assert kf.read() == "back\n"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_stats_carry_what_the_files_say_and_why_parts_are_missing(kernel: str) -> None:
+    root = str(DATA / kernel)
+    st = ProcKernel(root=root).stats()
+    buddy = procfs.read_buddyinfo(root)
+    assert st["free_by_order"] == {f"{z.node}/{z.zone}": list(z.free) for z in buddy}
+    assert st["mem_total"] == procfs.read_meminfo(root).total
+    if kernel == "linux-4.18":                 # no PSI before 4.20: said, not crashed
+        assert "psi_some_avg10" not in st
+        assert any("pressure/memory" in m for m in st["missing"])
+    else:
+        assert st["psi_some_avg10"] == procfs.read_pressure_memory(root).some.avg10
+        assert st["missing"] == []
