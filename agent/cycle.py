@@ -120,6 +120,8 @@ class Engine:
         self.counters = {"reported_bytes": 0, "discarded_bytes": 0, "refused_bytes": 0,
                          "returned_bytes": 0, "passes": 0, "backoffs": 0, "refilled_aerated": 0}
         self.last_reason = "starting"
+        #: raw free memory beyond the reserve at the last look (bytes; an estimate)
+        self.last_raw_bytes = 0
 
     # ------------------------------------------------------------------ settings
 
@@ -215,6 +217,7 @@ class Engine:
             self._revalidate()
             self._revalidated = (free, now if now is not None else float("-inf"))
         aerated = sum(n for n in self.aerated.values()) // per_unit
+        self.last_raw_bytes = max(0, int(free - reserve - aerated)) * per_unit * PAGE
         return int(free - reserve - aerated)
 
     def _revalidate(self) -> None:
@@ -362,6 +365,7 @@ class Engine:
         """A JSON-able picture of the engine for stats messages and the journal."""
         return {"phase": self.phase.value, "reason": self.last_reason,
                 "held_bytes": self.held_bytes(), "aerated_bytes": self.aerated_bytes(),
+                "raw_bytes": self.last_raw_bytes,
                 "inflight_batches": sorted(self.inflight), "capacity_now": self._capacity_now,
                 "counters": dict(self.counters)}
 

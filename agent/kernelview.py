@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 from . import procfs
 
 WATERMARK_TTL = 30.0
+PAGE = 4096
 # Frames sampled inside each aerated block when re-validating it (offsets in 4 KiB pages):
 # the first two, one pread per block. The buddy allocator serves every allocation from the
 # low end of the free block it splits (expand() puts the upper halves back on the free
@@ -132,8 +133,8 @@ class ProcKernel:
             return None
 
     def stats(self) -> Dict[str, Any]:
-        """Kernel figures for the statistics message: free blocks by order and zone,
-        MemTotal/MemFree, PSI, and why any of them is missing (never raises)."""
+        """Kernel figures for the statistics message: free blocks by order and zone, the
+        zone watermarks, MemTotal/MemFree, PSI, and why any is missing (never raises)."""
         out: Dict[str, Any] = {}
         missing: List[str] = []
 
@@ -155,7 +156,12 @@ class ProcKernel:
         def psi() -> None:
             out["psi_some_avg10"] = self._pressure().some.avg10
 
+        def watermarks() -> None:
+            out["watermark_low_bytes"] = self.low_pages() * PAGE
+            out["watermark_high_bytes"] = self.reserve_pages() * PAGE
+
         attempt("proc/buddyinfo", buddy)
+        attempt("proc/zoneinfo", watermarks)
         attempt("proc/meminfo", mem)
         attempt("proc/pressure/memory", psi)
         out["missing"] = missing

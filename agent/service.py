@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import fdstore, procfs
+from . import capabilities, fdstore, procfs
 from . import settings as settings_mod
 from .arena import Arena, ArenaError, create_arena
 from .channel import DEFAULT_PATH, Port, PortError
@@ -91,16 +91,21 @@ class Agent:
     """The running agent: owns the port, endpoint, engine and timers."""
 
     def __init__(self, port: Port, engine: Engine, arena: Arena, note: str,
-                 kernel: ProcKernel) -> None:
+                 kernel: ProcKernel,
+                 caps: Tuple[capabilities.Capability, ...] = ()) -> None:
         self.port = port
         self.engine = engine
         self.kernel = kernel
         self.arena = arena
         self.note = note
+        # What this kernel offers, told once per session (the hello), not every stats tick.
         self.endpoint = GuestEndpoint({"agent": VERSION, "arena": arena.kind,
                                        "arena_weakness": arena.weakness,
                                        "page_size": 4096,
-                                       "stats_only": engine.stats_only})
+                                       "stats_only": engine.stats_only,
+                                       "capabilities": {c.name: {"available": c.available,
+                                                                 "detail": c.detail}
+                                                        for c in caps}})
         self.stopping = False
         self._next_tick = 0.0
         self._next_stats = 0.0
@@ -257,10 +262,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ArenaError, OSError) as e:
         log.error("cannot set up the arena: %s", e)
         return 1
+    caps = capabilities.detect_all()
+    for c in caps:
+        if not c.available:
+            log.info("capability %s unavailable: %s", c.name, c.detail)
     kernel = ProcKernel()
     engine = Engine(kernel, arena, values, stats_only=stats_only_reason())
     engine.orphans = orphans
-    agent = Agent(port, engine, arena, note, kernel)
+    agent = Agent(port, engine, arena, note, kernel, caps)
     log.info("aerate-agent %s on %s: %s%s", VERSION, args.port, note,
              "; arena weakness: %s" % arena.weakness if arena.weakness else "")
     if engine.stats_only:

@@ -66,6 +66,12 @@ def format_status(answer: dict[str, Any]) -> str:
             f"{_mib(vm.get('reported_bytes')):>9} {_mib(vm.get('discarded_bytes')):>9} "
             f"{_mib(vm.get('refused_bytes')):>9} {_mib(vm.get('backing_allocated_bytes')):>9}"
             f"  {vm.get('last_error') or vm.get('reason', '')}")
+    for vm in answer.get("vms", []):
+        lacking = sorted(name for name, c in (vm.get("capabilities") or {}).items()
+                         if not c.get("available"))
+        if lacking:
+            lines.append(f"  {vm['vm']}: guest kernel lacks {', '.join(lacking)} "
+                         f"(aeratectl status --json says why)")
     if len(lines) == 1:
         lines.append("(no running VMs)")
     if not answer.get("libvirt", True):

@@ -188,9 +188,20 @@ class VmSession:
                 "refused_bytes": c.refused, "batches": c.batches, "sessions": c.sessions,
                 "errors": c.errors, "last_error": self.last_error,
                 "agent": self.hello.get("agent"), "arena": self.hello.get("arena"),
+                "capabilities": _capabilities(self.hello.get("capabilities")),
                 "guest": {k: v for k, v in self.stats.items()
                           if k not in ("type", "proto", "session")},
                 "settings": dict(self.settings)}
+
+
+def _capabilities(value: Any) -> Dict[str, Dict[str, Any]]:
+    """The guest's capability list as told in its hello, keeping only well-formed entries
+    (the guest is not trusted: status shows what it said, never anything else)."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k)[:64]: {"available": v.get("available") is True,
+                          "detail": str(v.get("detail", ""))[:300]}
+            for k, v in list(value.items())[:32] if isinstance(v, dict)}
 
 
 __all__ = ["Discard", "InRam", "Permit", "TokenBucket", "VmSession", "protocol"]

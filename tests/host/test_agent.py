@@ -167,6 +167,12 @@ def test_agent_aerates_real_free_memory_and_gives_it_back(host: Host,
         assert peak[0] * 2 * MiB >= min(total, 64 * MiB)
         engine = host.stats["engine"]
         assert engine["aerated_bytes"] > 0
+        # The statistics carry the kernel's own figures beside the engine's estimates.
+        wm = procfs.total_watermarks(procfs.read_zoneinfo().zones)
+        assert host.stats["watermark_low_bytes"] == wm.low * 4096
+        assert host.stats["watermark_high_bytes"] == wm.high * 4096
+        assert host.stats["missing"] == [] and host.stats["free_by_order"]
+        assert 0 <= engine["raw_bytes"] < total + reserve * MiB
         # Turned off live, the agent gives back everything it holds and stays idle.
         host.ep.configure({"enabled": False})
         host.pump(30, until=lambda: surplus() == 0

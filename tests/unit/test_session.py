@@ -7,11 +7,12 @@ these tests (what would be discarded); real punching is tested in tests/host/.
 from __future__ import annotations
 
 import json
-from typing import List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
 from aerate.agent.protocol import GuestEndpoint, GuestState, HostState
+from aerate.host.ctl import format_status
 from aerate.host.punch import PunchFailed
 from aerate.host.refusal import Decision
 from aerate.host.session import VmSession
@@ -21,7 +22,8 @@ MiB2 = 2 * 1024 * 1024
 RAM = (0, 1024 * MiB2)   # a 2 GiB guest, one piece
 
 
-def make(decision: str = "punch") -> Tuple[VmSession, GuestEndpoint, List[Tuple[int, int]]]:
+def make(decision: str = "punch", hello: Optional[Dict[str, Any]] = None
+         ) -> Tuple[VmSession, GuestEndpoint, List[Tuple[int, int]]]:
     calls: List[Tuple[int, int]] = []
 
     def discard(gpa: int, length: int) -> int:
@@ -34,7 +36,7 @@ def make(decision: str = "punch") -> Tuple[VmSession, GuestEndpoint, List[Tuple[
     verdict = [Decision(decision, "test")]
     s = VmSession("vm1", MiB2, in_ram, discard, lambda: verdict[0])
     s.verdict = verdict  # type: ignore[attr-defined]
-    g = GuestEndpoint({"agent": "t"})
+    g = GuestEndpoint(hello or {"agent": "t"})
     s.connected()
     g.receive(s.take_outbox())
     s.receive(g.take_outbox())
@@ -125,3 +127,23 @@ def test_stats_flood_is_cut_off() -> None:
         g.send({"type": "stats", "engine": {}})
     s.receive(g.take_outbox())
     assert s.state is HostState.CLOSED and "statistics flood" in s.last_error
+
+
+def test_capabilities_the_guest_told_reach_status_and_the_table() -> None:
+    caps = {"psi": {"available": False, "detail": "no /proc/pressure/memory (kernel 4.18)"},
+            "kpageflags": {"available": True, "detail": "readable"}}
+    s, _, _ = make(hello={"agent": "t", "capabilities": caps})
+    st = s.status()
+    assert st["capabilities"] == caps
+    table = format_status({"vms": [st]})
+    assert "vm1: guest kernel lacks psi" in table and "kpageflags" not in table
+
+
+@pytest.mark.parametrize("told", ["not a dict", [1, 2], {"psi": "yes"},
+                                  {f"c{i}": {"available": True} for i in range(100)}])
+def test_malformed_capabilities_from_a_guest_are_dropped_or_bounded(told: Any) -> None:
+    s, _, _ = make(hello={"agent": "t", "capabilities": told})
+    caps = s.status()["capabilities"]
+    assert isinstance(caps, dict) and len(caps) <= 32
+    assert all(set(v) == {"available", "detail"} for v in caps.values())
+    json.dumps(caps)

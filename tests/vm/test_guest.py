@@ -66,6 +66,14 @@ def test_host_and_agent_exchange_sync_and_hello(guest: Guest) -> None:
     assert isinstance(hello, dict)
     assert hello["nonce"] == nonce and hello["session"] == session
     assert not [e for e in events if e[0] == "error"], events
+    # The agent says what this kernel offers it, each with a line an operator can read: in
+    # this guest the preferred arena and the re-validation work, and the kernel's own free
+    # page reporting is off (no freePageReporting on the domain's balloon).
+    caps = hello["capabilities"]
+    assert all(c["detail"] for c in caps.values()), caps
+    for name in ("memfd_hugetlb", "madv_populate_write", "pagemap_pfn", "kpageflags", "psi"):
+        assert caps[name]["available"], (name, caps[name])
+    assert not caps["free_page_reporting"]["available"]
 
 
 def _probe_unit(service_text: str) -> str:
