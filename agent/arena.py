@@ -195,6 +195,7 @@ class Arena(abc.ABC):
         self._base = 0
         self._raw_base = 0
         self._map_len = 0
+        self._fd: Optional[int] = None
 
     def held(self) -> List[Block]:
         """The blocks held now, in arena order."""
@@ -220,6 +221,27 @@ class Arena(abc.ABC):
                 )
         return chosen
 
+    def _hold(self, off: int, pfn: int) -> Block:
+        """Record the slot at ``off`` as a held block starting at frame ``pfn``."""
+        block = Block(pfn, BLOCK_PAGES, off)
+        self._held[off] = block
+        return block
+
+    def _forget(self, chosen: Iterable[Block]) -> None:
+        """Discard checked held blocks, a span of adjacent slots at a time, and stop holding
+        them. On failure the span that failed and those after it stay held."""
+        try:
+            for off, length in _spans(b.offset for b in chosen):
+                self._discard(off, length)
+                for o in range(off, off + length, BLOCK_BYTES):
+                    del self._held[o]
+        except OSError as exc:
+            raise ArenaError(f"releasing {self.kind} arena blocks failed: {exc}") from exc
+
+    @abc.abstractmethod
+    def _discard(self, off: int, length: int) -> None:
+        """Hand the pages of ``length`` bytes of slots at ``off`` back to the kernel."""
+
     @abc.abstractmethod
     def fill(self, n: int) -> List[Block]:
         """Take up to ``n`` more blocks; return the new ones (fewer when memory runs short)."""
@@ -233,18 +255,19 @@ class Arena(abc.ABC):
         """Return those of the given held blocks whose frames changed; ``held()`` then shows
         the frames as they are now. Call it before reporting blocks that were held a while."""
 
-    @abc.abstractmethod
     def fileno(self) -> Optional[int]:
-        """The fd that carries the held pages across a restart, or None (nothing to carry)."""
+        """The memfd that carries the held pages across a restart, or None (anonymous
+        backing: nothing survives the agent)."""
+        return self._fd
 
     def close(self) -> None:
         """Unmap and close. Held pages are freed unless their fd lives on (fd store)."""
         if self._map_len:
             _libc.munmap(self._raw_base, self._map_len)
             self._map_len = 0
-        fd = self.fileno()
-        if fd is not None:
-            os.close(fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._held.clear()
 
     def __enter__(self) -> Arena:
@@ -291,7 +314,7 @@ class HugetlbArena(Arena):
                 raise
         else:
             fd = _fd
-        self._fd: Optional[int] = fd
+        self._fd = fd
         try:
             # NORESERVE: pages are allocated by fallocate, never reserved through the mapping.
             self._raw_base, self._base = _reserve_aligned(size)
@@ -305,14 +328,10 @@ class HugetlbArena(Arena):
             self.close()
             raise ArenaError(f"cannot map the hugetlb arena ({size} bytes): {exc}") from exc
 
-    def fileno(self) -> Optional[int]:
-        """The hugetlb memfd."""
-        return self._fd
-
-    def close(self) -> None:
-        """Unmap and close the memfd; held pages are freed unless the fd store keeps it."""
-        super().close()
-        self._fd = None
+    def _discard(self, off: int, length: int) -> None:
+        # Punching frees the surplus pages straight back to the buddy allocator.
+        assert self._fd is not None
+        _punch(self._fd, off, length)
 
     def _pfns(self, offsets: Sequence[int]) -> Dict[int, Optional[int]]:
         """Map each block offset to the frame of its first page, reading one entry per block."""
@@ -382,9 +401,7 @@ class HugetlbArena(Arena):
                     f"hugetlb page at arena offset {off} shows frame {pfn} in pagemap, not an "
                     "aligned 2 MiB page; the arena cannot trust its PFNs on this kernel"
                 )
-            block = Block(pfn, BLOCK_PAGES, off)
-            self._held[off] = block
-            new.append(block)
+            new.append(self._hold(off, pfn))
         return new
 
     def release(self, blocks: Iterable[Block]) -> None:
@@ -393,12 +410,7 @@ class HugetlbArena(Arena):
         if self._fd is None:
             raise ArenaError("hugetlb arena is closed")
         try:
-            for off, length in _spans(b.offset for b in chosen):
-                _punch(self._fd, off, length)
-                for o in range(off, off + length, BLOCK_BYTES):
-                    del self._held[o]
-        except OSError as exc:
-            raise ArenaError(f"releasing hugetlb arena blocks failed: {exc}") from exc
+            self._forget(chosen)
         finally:
             self._budget.set(len(self._held))
 
@@ -510,7 +522,6 @@ class ThpArena(Arena):
             raise ValueError(f"THP arena backing must be auto, memfd or anon, not {backing!r}")
         self.backing = backing
         size = capacity * BLOCK_BYTES
-        self._fd: Optional[int] = None
         if backing == "memfd":
             if _fd is not None:
                 self._fd = _fd
@@ -549,15 +560,6 @@ class ThpArena(Arena):
                 "for a memfd the fd store can carry"
             )
 
-    def fileno(self) -> Optional[int]:
-        """The shmem memfd, or None for anonymous backing (nothing survives the agent)."""
-        return self._fd
-
-    def close(self) -> None:
-        """Unmap (and close the memfd): pages are freed unless the fd store keeps the memfd."""
-        super().close()
-        self._fd = None
-
     def _discard(self, off: int, length: int) -> None:
         addr = self._base + off
         _libc.munlock(addr, length)
@@ -592,21 +594,12 @@ class ThpArena(Arena):
                 # Not a THP (fragmented memory): useless for 2 MiB reporting, give it back.
                 self._discard(off, BLOCK_BYTES)
                 continue
-            block = Block(pfn, BLOCK_PAGES, off)
-            self._held[off] = block
-            new.append(block)
+            new.append(self._hold(off, pfn))
         return new
 
     def release(self, blocks: Iterable[Block]) -> None:
         """munlock and discard the blocks (punch the memfd, or MADV_DONTNEED)."""
-        chosen = self._checked(blocks)
-        try:
-            for off, length in _spans(b.offset for b in chosen):
-                self._discard(off, length)
-                for o in range(off, off + length, BLOCK_BYTES):
-                    del self._held[o]
-        except OSError as exc:
-            raise ArenaError(f"releasing THP arena blocks failed: {exc}") from exc
+        self._forget(self._checked(blocks))
 
     def verify(self, blocks: Iterable[Block]) -> List[Block]:
         """Return the given blocks whose slot moved or split; ``held()`` shows moved slots'
@@ -636,7 +629,7 @@ class ThpArena(Arena):
                     # Never eligible, so never reported: safe to hand back.
                     arena._discard(off, BLOCK_BYTES)
                 else:
-                    arena._held[off] = Block(pfn, BLOCK_PAGES, off)
+                    arena._hold(off, pfn)
         except BaseException:
             arena._fd = None  # the caller still owns fd on failure
             arena.close()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from aerate.agent import procfs
+from aerate.agent.pagemap import read_entries
 
 PSI = "psi"
 HUGETLB = "hugetlb_2m"
@@ -136,19 +137,12 @@ def detect_thp(root: str = "/") -> Capability:
     return Capability(THP, modes["enabled"] in ("always", "madvise"), line)
 
 
-def _probe_pagemap(pagemap: str) -> procfs.PagemapEntry:
+def _probe_pagemap() -> procfs.PagemapEntry:
     """The pagemap entry of one page of a freshly written buffer of this process."""
     page = mmap.PAGESIZE
     buf = ctypes.create_string_buffer(2 * page)  # zero-filled: every page is written
     addr = (ctypes.addressof(buf) + page - 1) // page * page
-    fd = os.open(pagemap, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.pread(fd, 8, addr // page * 8)
-    finally:
-        os.close(fd)
-    if len(data) != 8:
-        raise OSError(errno.EIO, "short read from %s" % pagemap)
-    entry = procfs.parse_pagemap_entry(int.from_bytes(data, "little"))
+    entry = procfs.parse_pagemap_entry(read_entries(addr, 1)[0])
     del buf  # keep the buffer (and its page) alive until after the read
     return entry
 
@@ -156,7 +150,7 @@ def _probe_pagemap(pagemap: str) -> procfs.PagemapEntry:
 def detect_pagemap_pfn() -> Capability:
     """/proc/self/pagemap shows real PFNs (needs CAP_SYS_ADMIN; zero otherwise)."""
     try:
-        entry = _probe_pagemap("/proc/self/pagemap")
+        entry = _probe_pagemap()
     except OSError as e:
         return Capability(PAGEMAP_PFN, False, "/proc/self/pagemap unreadable: %s" % _errmsg(e))
     if not entry.present:

@@ -7,10 +7,9 @@ example held 2 MiB blocks) into larger granules, because the host can only disca
 backing page when the guest hands back all of it.
 
 The I/O part reads ``/proc/<pid>/pagemap`` (see Documentation/admin-guide/mm/pagemap.rst):
-one little-endian u64 per virtual base page; bit 63 present, bit 62 swapped, bits 0-54 the
-page frame number. Without CAP_SYS_ADMIN the kernel (4.2+) reports present pages with PFN 0;
-that is detected and raised as :class:`PagemapPermissionError` instead of being mistaken for
-"page frame 0".
+one little-endian u64 per virtual base page, decoded by :func:`aerate.agent.procfs.pagemap_pfn`.
+Without CAP_SYS_ADMIN the kernel (4.2+) reports present pages with PFN 0; that is detected and
+raised as :class:`PagemapPermissionError` instead of being mistaken for "page frame 0".
 """
 
 from __future__ import annotations
@@ -21,10 +20,9 @@ from array import array
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
+from aerate.agent.procfs import pagemap_pfn
+
 PAGE_SIZE = mmap.PAGESIZE
-PM_PRESENT = 1 << 63
-PM_SWAPPED = 1 << 62
-PM_PFN_MASK = (1 << 55) - 1
 _ENTRY_BYTES = 8
 
 
@@ -121,13 +119,6 @@ class PagemapPermissionError(PagemapError, PermissionError):
     """The kernel hid the page frame numbers: the reader lacks CAP_SYS_ADMIN."""
 
 
-def decode_entry(entry: int) -> Optional[int]:
-    """Return the PFN of a raw pagemap entry, or None when the page is not resident."""
-    if not entry & PM_PRESENT or entry & PM_SWAPPED:
-        return None
-    return entry & PM_PFN_MASK
-
-
 def read_entries(
     vaddr: int, nr_pages: int, pid: Union[int, str] = "self", stride: int = 1
 ) -> Sequence[int]:
@@ -186,7 +177,7 @@ def read_pagemap(
     """
     pfns: List[Optional[int]] = []
     for entry in read_entries(vaddr, nr_pages, pid, stride):
-        pfn = decode_entry(entry)
+        pfn = pagemap_pfn(entry)
         if pfn == 0:
             raise PagemapPermissionError(
                 1,

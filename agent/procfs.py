@@ -684,12 +684,22 @@ class PagemapEntry:
     pfn: int
 
 
+def pagemap_pfn(word: int) -> Optional[int]:
+    """The page frame number in one 64-bit pagemap word, or None when the page is not
+    resident (absent, or swapped out: then the low bits are a swap entry, not a frame).
+
+    0 for a present page means the kernel hid the frame (reader lacks CAP_SYS_ADMIN). Kept
+    a plain function, not a :class:`PagemapEntry`, because arenas decode 512 words a block.
+    """
+    if not word & PM_PRESENT or word & PM_SWAP:
+        return None
+    return word & PM_PFN_MASK
+
+
 def parse_pagemap_entry(word: int) -> PagemapEntry:
     """Decode one 64-bit pagemap word (Documentation/admin-guide/mm/pagemap.rst)."""
-    present = bool(word & PM_PRESENT)
-    swapped = bool(word & PM_SWAP)
-    return PagemapEntry(present, swapped, bool(word & PM_FILE), bool(word & PM_MMAP_EXCLUSIVE),
-                        word & PM_PFN_MASK if present and not swapped else 0)
+    return PagemapEntry(bool(word & PM_PRESENT), bool(word & PM_SWAP), bool(word & PM_FILE),
+                        bool(word & PM_MMAP_EXCLUSIVE), pagemap_pfn(word) or 0)
 
 
 # --------------------------------------------------------------------------- virtio-balloon

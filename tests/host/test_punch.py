@@ -7,11 +7,9 @@ back both through that file and through QEMU's own view of guest-physical memory
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from aerate.deploy.qemu import QEMU_BINARY, BareQemu
 from aerate.host import backing as bk
 from aerate.host import qemu_map as qm
 from aerate.host.punch import PunchRefused, punch
@@ -32,7 +31,7 @@ pytestmark = [pytest.mark.host, pytest.mark.timeout(120)]
 MIB = 1 << 20
 GIB = 1 << 30
 HUGE = 2 * MIB  # every test write is aligned to this (the largest page size used)
-QEMU = shutil.which("qemu-system-x86_64")
+QEMU = shutil.which(QEMU_BINARY)
 
 
 def _require_root_and_qemu() -> None:
@@ -42,51 +41,10 @@ def _require_root_and_qemu() -> None:
         pytest.skip("qemu-system-x86_64 is not installed")
 
 
-class Qmp:
-    """A small QMP client on a unix socket (test helper; the daemon goes through libvirt)."""
-
-    def __init__(self, path: str, proc: subprocess.Popen[bytes]) -> None:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"QEMU exited with {proc.returncode} before QMP came up")
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rw")
-        json.loads(self.file.readline())
-        self("qmp_capabilities", None)
-
-    def __call__(self, command: str, arguments: Any = None) -> Any:
-        msg: dict[str, Any] = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg) + "\n")
-        self.file.flush()
-        while True:
-            reply = json.loads(self.file.readline())
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise RuntimeError(f"QMP {command}: {reply['error']}")
-            return reply["return"]
-
-    def hmp(self, line: str) -> str:
-        out: str = self("human-monitor-command", {"command-line": line})
-        return out
-
-
 @dataclass
 class Vm:
     name: str
-    proc: subprocess.Popen[bytes]
-    qmp: Qmp
+    qemu: BareQemu
     gmap: qm.GuestMemoryMap
     backings: dict[str, bk.Backing]
 
@@ -120,7 +78,7 @@ class Vm:
 
     def qemu_sees(self, gpa: int) -> int:
         """First 8 bytes at `gpa` as QEMU's guest-physical view reads them."""
-        out = self.qmp.hmp(f"xp /1gx {gpa:#x}")
+        out = self.qemu.qmp.hmp(f"xp /1gx {gpa:#x}")
         return int(out.split(":")[1].split()[0], 16)
 
     def allocated(self) -> int:
@@ -143,25 +101,19 @@ def scratch() -> Iterator[str]:
 def start_vm(name: str, scratch: str, memory: list[str], machine: str = "q35",
              size: str = "512M") -> Vm:
     _require_root_and_qemu()
-    sock = f"{scratch}/qmp.sock"
-    cmd = [QEMU or "", "-nodefaults", "-display", "none", "-accel", "tcg", "-S",
-           "-machine", f"{machine},memory-backend=pc.ram", "-m", size, *memory,
-           "-qmp", f"unix:{sock},server=on,wait=off"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    qemu = BareQemu(["-machine", f"{machine},memory-backend=pc.ram", "-m", size, *memory],
+                    f"{scratch}/qmp.sock")
     try:
-        qmp = Qmp(sock, proc)
-        gmap = qm.build_map(qm.gather(qmp))
-        backings = bk.resolve(proc.pid, gmap, qmp.hmp)
+        gmap = qm.build_map(qm.gather(qemu.qmp))
+        backings = bk.resolve(qemu.pid, gmap, qemu.qmp.hmp)
     except BaseException:
-        proc.kill()
-        proc.wait()
+        qemu.kill()
         raise
-    return Vm(name, proc, qmp, gmap, backings)
+    return Vm(name, qemu, gmap, backings)
 
 
 def stop_vm(vm: Vm) -> None:
-    vm.proc.kill()
-    vm.proc.wait()
+    vm.qemu.kill()
 
 
 class HugepagePool:
@@ -538,7 +490,7 @@ def test_libvirt_domain_is_mapped_and_punched(lv: Any, lv_domain: str) -> None:
     assert permit().action == "punch", permit().reason
     assert "memfd" in xml
 
-    vm = Vm(name, None, None, gmap, backings)  # type: ignore[arg-type]
+    vm = Vm(name, None, gmap, backings)  # type: ignore[arg-type]
     g = 2 * MIB
     # Paused (by the user, which does not refuse): the firmware's own writes would blur
     # the allocation count.
@@ -594,25 +546,16 @@ def test_reconnects_after_libvirtd_restart(lv: Any, lv_domain: str) -> None:
 def test_device_owned_ram_block_is_resolved(scratch: str) -> None:
     # virtio-mem registers its block as "<pci path>/vmem0"; QEMU's gpa2hva says "vmem0".
     _require_root_and_qemu()
-    sock = f"{scratch}/qmp.sock"
-    proc = subprocess.Popen(
-        [QEMU or "", "-nodefaults", "-display", "none", "-accel", "tcg", "-S",
-         "-machine", "q35,memory-backend=pc.ram", "-m", "512M,maxmem=2G",
-         "-object", "memory-backend-memfd,id=pc.ram,size=512M,share=on",
-         "-object", "memory-backend-memfd,id=vmem0,size=1G,share=on",
-         "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0",
-         "-qmp", f"unix:{sock},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    try:
-        qmp = Qmp(sock, proc)
-        gmap = qm.build_map(qm.gather(qmp))
-        backings = bk.resolve(proc.pid, gmap, qmp.hmp)
+    args = ["-machine", "q35,memory-backend=pc.ram", "-m", "512M,maxmem=2G",
+            "-object", "memory-backend-memfd,id=pc.ram,size=512M,share=on",
+            "-object", "memory-backend-memfd,id=vmem0,size=1G,share=on",
+            "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0"]
+    with BareQemu(args, f"{scratch}/qmp.sock") as qemu:
+        gmap = qm.build_map(qm.gather(qemu.qmp))
+        backings = bk.resolve(qemu.pid, gmap, qemu.qmp.hmp)
         (block,) = [b for b in backings if b.endswith("/vmem0")]
         assert backings[block].kind == bk.BackingKind.MEMFD_SHARED, backings[block].reason
         assert backings[block].file_size == GIB
         assert backings["pc.ram"].ino != backings[block].ino
         place = qm.locate(gmap, 4 * GIB, 2 * MIB, 2 * MIB)
         assert (place.block_name, place.block_offset) == (block, 0)
-    finally:
-        proc.kill()
-        proc.wait()

@@ -1,4 +1,6 @@
-"""Pagemap run logic: granule-aligned, physically contiguous runs, and entry decoding."""
+"""Pagemap run logic: granule-aligned, physically contiguous runs.
+
+Decoding a pagemap word is tested with the decoder, in test_procfs.py."""
 
 from __future__ import annotations
 
@@ -60,14 +62,6 @@ def test_bad_granule_is_refused() -> None:
         pm.contiguous_runs([1], 0)
     with pytest.raises(ValueError):
         pm.coalesce([(0, 1)], 0)
-
-
-def test_decode_entry_bits() -> None:
-    assert pm.decode_entry(pm.PM_PRESENT | 0x12345) == 0x12345
-    assert pm.decode_entry(0x12345) is None  # not present
-    assert pm.decode_entry(pm.PM_PRESENT | pm.PM_SWAPPED | 7) is None
-    # Flag bits 55-61 (soft-dirty, exclusive, file...) are not part of the frame.
-    assert pm.decode_entry(pm.PM_PRESENT | (1 << 61) | (1 << 55) | 9) == 9
 
 
 # --- properties -------------------------------------------------------------------------

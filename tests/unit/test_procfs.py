@@ -420,6 +420,17 @@ def test_pagemap_entry_decoding() -> None:
 
 
 @pytest.mark.unit
+def test_pagemap_pfn_is_none_unless_resident() -> None:
+    assert p.pagemap_pfn(p.PM_PRESENT | 0x12345) == 0x12345
+    assert p.pagemap_pfn(0x12345) is None  # not present
+    assert p.pagemap_pfn(p.PM_PRESENT | p.PM_SWAP | 7) is None
+    # Flag bits 55-61 (soft-dirty, exclusive, file...) are not part of the frame.
+    assert p.pagemap_pfn(p.PM_PRESENT | p.PM_FILE | p.PM_SOFT_DIRTY | 9) == 9
+    # A present page at frame 0 is how the kernel hides PFNs: 0, not "not resident".
+    assert p.pagemap_pfn(p.PM_PRESENT) == 0
+
+
+@pytest.mark.unit
 def test_cmdline_and_bracket_choice() -> None:
     params = p.parse_cmdline('a=1 quiet b="x y" a=2 -- init=/bin/sh c=3\n')
     assert params == {"a": "2", "quiet": "", "b": "x y"}

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,54 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aerate.deploy.qemu import BareQemu
+
 HERE = Path(__file__).resolve().parent
 GIB = 1 << 30
 MIB = 1 << 20
-
-
-class Qmp:
-    """A minimal QMP client over a unix socket (enough for captures and host tests)."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rw")
-        json.loads(self.file.readline())  # greeting
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        msg: dict[str, Any] = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg) + "\n")
-        self.file.flush()
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise ConnectionError(f"QMP closed while waiting for {command}")
-            reply = json.loads(line)
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise RuntimeError(f"QMP {command}: {reply['error']}")
-            return reply["return"]
-
-    def hmp(self, line: str) -> str:
-        out: str = self.execute("human-monitor-command", {"command-line": line})
-        return out
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def memfd(ident: str, size: int, **extra: str) -> list[str]:
@@ -203,7 +158,7 @@ def capture(case: str) -> None:
     args, hp, run = case_args(case, scratch)
     saved = {k: pool_path(k).read_text().strip() for k in hp}
     mounted = False
-    proc = None
+    qemu = None
     try:
         for size_kib, pages in hp.items():
             pool_path(size_kib).write_text(str(int(saved[size_kib]) + pages))
@@ -217,35 +172,31 @@ def capture(case: str) -> None:
                 check=True,
             )
             mounted = True
-        sock = f"{scratch}/qmp.sock"
-        cmd = ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-accel", "tcg"]
-        cmd += [*args, "-qmp", f"unix:{sock},server=on,wait=off"]
-        if not run:
-            cmd.append("-S")
         log = open(f"{scratch}/qemu.log", "wb")  # noqa: SIM115 - closed with the scratch dir
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        qmp = Qmp(sock)
+        qemu = BareQemu(args, f"{scratch}/qmp.sock", stopped=not run, log=log)
+        qmp = qemu.qmp
         if run:
             time.sleep(3)
         out = HERE / case
         out.mkdir(exist_ok=True)
-        shown = [a.replace(scratch, "$SCRATCH").replace(str(os.getpid()), "$PID") for a in cmd]
+        pid = str(os.getpid())
+        shown = [a.replace(scratch, "$SCRATCH").replace(pid, "$PID") for a in qemu.argv]
         (out / "case.json").write_text(json.dumps({"argv": shown}, indent=1) + "\n")
 
         def dump(name: str, value: Any) -> None:
             (out / name).write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
 
-        dump("query-memdev.json", qmp.execute("query-memdev"))
-        dump("qom-objects.json", qmp.execute("qom-list", {"path": "/objects"}))
+        dump("query-memdev.json", qmp("query-memdev"))
+        dump("qom-objects.json", qmp("qom-list", {"path": "/objects"}))
         machine = {}
         for prop in ("below-4g-mem-size", "above-4g-mem-size", "memory-backend"):
             try:
-                machine[prop] = qmp.execute("qom-get", {"path": "/machine", "property": prop})
+                machine[prop] = qmp("qom-get", {"path": "/machine", "property": prop})
             except RuntimeError as exc:
                 machine[prop] = {"error": str(exc)}
         dump("machine.json", machine)
-        dump("query-memory-devices.json", qmp.execute("query-memory-devices"))
-        dump("query-memory-size-summary.json", qmp.execute("query-memory-size-summary"))
+        dump("query-memory-devices.json", qmp("query-memory-devices"))
+        dump("query-memory-size-summary.json", qmp("query-memory-size-summary"))
         (out / "mtree-f.txt").write_text(qmp.hmp("info mtree -f"))
         (out / "mtree.txt").write_text(qmp.hmp("info mtree"))
         (out / "ramblock.txt").write_text(qmp.hmp("info ramblock"))
@@ -255,23 +206,22 @@ def capture(case: str) -> None:
         for gpa in probes:
             lines.append(f"gpa2hva {gpa:#x}\n" + qmp.hmp(f"gpa2hva {gpa:#x}"))
         (out / "gpa2hva.txt").write_text("".join(lines))
-        (out / "maps.txt").write_text(Path(f"/proc/{proc.pid}/maps").read_text())
-        (out / "smaps-large.txt").write_text(large_smaps(proc.pid))
+        (out / "maps.txt").write_text(Path(f"/proc/{qemu.pid}/maps").read_text())
+        (out / "smaps-large.txt").write_text(large_smaps(qemu.pid))
         fds = []
-        for fd in sorted(os.listdir(f"/proc/{proc.pid}/fd"), key=int):
+        for fd in sorted(os.listdir(f"/proc/{qemu.pid}/fd"), key=int):
             try:
-                fds.append(f"{fd} -> {os.readlink(f'/proc/{proc.pid}/fd/{fd}')}")
+                fds.append(f"{fd} -> {os.readlink(f'/proc/{qemu.pid}/fd/{fd}')}")
             except FileNotFoundError:
                 continue
         (out / "fd.txt").write_text("\n".join(fds).replace(scratch, "$SCRATCH") + "\n")
-        qmp.execute("quit")
+        qmp("quit")
         qmp.close()
-        proc.wait(timeout=10)
+        qemu.proc.wait(timeout=10)
         print(f"captured {case}")
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        if qemu is not None:
+            qemu.kill()
         if mounted:
             subprocess.run(["umount", f"{scratch}/hugetlbfs"], check=True)
         for size_kib, value in saved.items():
