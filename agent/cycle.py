@@ -34,6 +34,9 @@ PAGE = 4096
 #: re-validations the estimate can only be stale on the safe side: a block the guest took
 #: back still counts as aerated, so a reclaim is at worst delayed, never doubled.
 REVALIDATE_EVERY = 5.0
+#: ... and at least this often, moved or not: a guest can take aerated blocks while as many
+#: others become free, which leaves the count where it was.
+REVALIDATE_MAX_AGE = 60.0
 __all__ = ["Block", "Engine", "KernelView", "Phase", "granule_ranges"]
 
 
@@ -202,17 +205,18 @@ class Engine:
         """Free units (2**min_order pages) beyond reserve and beyond what is aerated.
 
         With ``now`` (the cycle's clock) the aerated blocks are re-validated only when the
-        kernel's count of free units moved since the last time, and at most every
-        ``REVALIDATE_EVERY`` seconds: an aerated block the guest allocates splits, so the
-        count moves. An idle guest then costs no kpageflags read at all. Without ``now`` the
-        re-validation always runs.
+        kernel's count of free units moved since the last time, at most every
+        ``REVALIDATE_EVERY`` seconds (an aerated block the guest allocates splits, so the
+        count moves), and at least every ``REVALIDATE_MAX_AGE`` seconds. An idle guest then
+        costs one kpageflags read per block a minute. Without ``now`` the re-validation
+        always runs.
         """
         order = self.cfg["min_order"]
         per_unit = 1 << order
         reserve = (self.kernel.reserve_pages() + self.cfg["reserve_mib"] * 256) // per_unit
         free = self.kernel.free_units(order)
         last = self._revalidated
-        if now is None or last is None or (
+        if now is None or last is None or now - last[1] >= REVALIDATE_MAX_AGE or (
                 free != last[0] and now - last[1] >= REVALIDATE_EVERY):
             self._revalidate()
             self._revalidated = (free, now if now is not None else float("-inf"))

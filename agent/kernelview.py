@@ -3,9 +3,10 @@
 A thin adapter: the engine asks, this reads and parses. It is read on every idle tick, so
 it is built to be cheap there (issue 2: an idle agent must cost < 0.2 % of a core):
 
-- The /proc files it polls stay open and are re-read with one ``pread`` at offset 0: a
-  seq_file regenerates its text when read from the start, so that one syscall replaces the
-  nine of a Python ``open().read()`` (open, two fstat, ioctl, two lseek, two read, close).
+- The /proc files it polls stay open and are re-read with ``pread`` from offset 0 (the
+  text, then the empty read that proves the end): a seq_file regenerates its text when read
+  from the start, so two syscalls replace the nine of a Python ``open().read()`` (open, two
+  fstat, ioctl, two lseek, two read, close).
   Under TCG, where each syscall costs tens of microseconds, this is most of the idle cost.
 - /proc/buddyinfo is read at most once per tick (the engine asks several questions in a
   row); watermarks change rarely and /proc/zoneinfo is long, so they are re-read at most
@@ -23,12 +24,14 @@ from . import procfs
 
 WATERMARK_TTL = 30.0
 PAGE = 4096
-# Frames sampled inside each aerated block when re-validating it (offsets in 4 KiB pages):
-# the first two, one pread per block. The buddy allocator serves every allocation from the
-# low end of the free block it splits (expand() puts the upper halves back on the free
-# lists), so the first allocation out of an aerated block takes frame 0. A block found free
-# here while some other frame is in use only stays counted as aerated: the safe side.
-_SAMPLES = (0, 1)
+# Frames sampled inside each aerated block when re-validating it (offsets in 4 KiB pages).
+# The buddy allocator serves every allocation from the low end of the free block it splits
+# (expand() puts the upper halves back on the free lists), so the first allocation out of an
+# aerated block takes frame 0; frame 511 catches a block whose low end was freed again while
+# its top stays in use. Frame 511 of one block and frames 0-1 of the next are adjacent, so a
+# run of adjacent blocks costs about one pread per block. A block found free here while some
+# other frame is in use only stays counted as aerated: the safe side.
+_SAMPLES = (0, 1, 511)
 _CHUNK = 1 << 16
 T = TypeVar("T")
 
@@ -91,6 +94,12 @@ class ProcKernel:
         for f in self._files.values():
             f.close()
 
+    def __enter__(self) -> ProcKernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _buddyinfo(self) -> Tuple[procfs.BuddyZone, ...]:
         # One read per tick is enough: the engine asks several questions in a row.
         now = time.monotonic()
@@ -142,7 +151,8 @@ class ProcKernel:
             try:
                 fn()
             except (OSError, procfs.ProcParseError) as e:
-                missing.append("%s: %s" % (self._files[rel].path, e))
+                path = self._files[rel].path
+                missing.append(str(e) if path in str(e) else "%s: %s" % (path, e))
 
         def buddy() -> None:
             self._buddy = None          # the statistics want this moment's counts

@@ -262,7 +262,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ArenaError, OSError) as e:
         log.error("cannot set up the arena: %s", e)
         return 1
-    caps = capabilities.detect_all()
+    try:
+        caps = capabilities.detect_all()
+    except (OSError, ValueError) as e:
+        # Telling the host what the kernel offers is not worth refusing to start over.
+        log.warning("capability detection failed, the hello will carry none: %s", e)
+        caps = ()
     for c in caps:
         if not c.available:
             log.info("capability %s unavailable: %s", c.name, c.detail)

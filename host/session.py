@@ -7,6 +7,7 @@ S5) testable on its own and the daemon a thin loop.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -194,14 +195,27 @@ class VmSession:
                 "settings": dict(self.settings)}
 
 
+_CAP_NAME = re.compile(r"[a-z0-9_]{1,32}")
+
+
 def _capabilities(value: Any) -> Dict[str, Dict[str, Any]]:
-    """The guest's capability list as told in its hello, keeping only well-formed entries
-    (the guest is not trusted: status shows what it said, never anything else)."""
+    """The guest's capability list as told in its hello, keeping only well-formed entries.
+
+    The guest is not trusted (S5): names must be short identifiers (they reach terminals in
+    ``aeratectl status``), details plain strings without control characters, and only the
+    first 32 entries count. Nothing here can raise, whatever JSON the guest sent.
+    """
     if not isinstance(value, dict):
         return {}
-    return {str(k)[:64]: {"available": v.get("available") is True,
-                          "detail": str(v.get("detail", ""))[:300]}
-            for k, v in list(value.items())[:32] if isinstance(v, dict)}
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, cap in list(value.items())[:32]:
+        if not (isinstance(cap, dict) and _CAP_NAME.fullmatch(name)):
+            continue
+        detail = cap.get("detail")
+        detail = detail if isinstance(detail, str) else ""
+        out[name] = {"available": cap.get("available") is True,
+                     "detail": "".join(c if c.isprintable() else "?" for c in detail[:300])}
+    return out
 
 
 __all__ = ["Discard", "InRam", "Permit", "TokenBucket", "VmSession", "protocol"]

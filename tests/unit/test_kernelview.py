@@ -17,7 +17,11 @@ KERNELS = ["host-6.18", "debian12-6.1", "linux-4.18"]
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_free_units_and_watermarks_agree_with_the_files(kernel: str) -> None:
     root = str(DATA / kernel)
-    k = ProcKernel(root=root)
+    with ProcKernel(root=root) as k:
+        check_free_units_and_watermarks(k, root)
+
+
+def check_free_units_and_watermarks(k: ProcKernel, root: str) -> None:
     buddy = procfs.read_buddyinfo(root)
     # Every order >= 9 block counted in 2 MiB units, DMA left out.
     expect = sum(n << (order - 9) for z in buddy if z.zone != "DMA"
@@ -30,8 +34,8 @@ def test_free_units_and_watermarks_agree_with_the_files(kernel: str) -> None:
 
 
 def test_no_psi_is_none_with_a_reason() -> None:
-    k = ProcKernel(root=str(DATA / "linux-4.18"))
-    assert k.psi_some_avg10() is None and k.psi_missing
+    with ProcKernel(root=str(DATA / "linux-4.18")) as k:
+        assert k.psi_some_avg10() is None and k.psi_missing
 
 
 def test_still_free_on_real_kpageflags(tmp_path: Path) -> None:
@@ -78,7 +82,8 @@ def test_kernel_file_rereads_from_the_start_and_reopens_after_a_failure(tmp_path
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_stats_carry_what_the_files_say_and_why_parts_are_missing(kernel: str) -> None:
     root = str(DATA / kernel)
-    st = ProcKernel(root=root).stats()
+    with ProcKernel(root=root) as k:
+        st = k.stats()
     buddy = procfs.read_buddyinfo(root)
     assert st["free_by_order"] == {f"{z.node}/{z.zone}": list(z.free) for z in buddy}
     assert st["mem_total"] == procfs.read_meminfo(root).total

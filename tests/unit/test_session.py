@@ -139,11 +139,24 @@ def test_capabilities_the_guest_told_reach_status_and_the_table() -> None:
     assert "vm1: guest kernel lacks psi" in table and "kpageflags" not in table
 
 
+def _nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize("told", ["not a dict", [1, 2], {"psi": "yes"},
-                                  {f"c{i}": {"available": True} for i in range(100)}])
+                                  {f"c{i}": {"available": True} for i in range(100)},
+                                  {"psi": {"available": True, "detail": _nested(900)}},
+                                  {"\x1b[2J": {"available": False, "detail": "\x1b[31mred"}},
+                                  {"psi": {"available": "yes", "detail": "ok\x07"}}])
 def test_malformed_capabilities_from_a_guest_are_dropped_or_bounded(told: Any) -> None:
     s, _, _ = make(hello={"agent": "t", "capabilities": told})
     caps = s.status()["capabilities"]
     assert isinstance(caps, dict) and len(caps) <= 32
     assert all(set(v) == {"available", "detail"} for v in caps.values())
+    assert all(n.isidentifier() and v["detail"].isprintable() for n, v in caps.items())
+    assert all(v["available"] in (True, False) for v in caps.values())
     json.dumps(caps)
+    format_status({"vms": [s.status()]})   # the table never sees a control character
