@@ -55,7 +55,9 @@ class AerateCollector(Collector):
                 backing.add_metric([name], vm["backing_allocated_bytes"])
             up.add_metric([name, str(vm.get("reclaimer", "-"))],
                           1 if vm.get("state") == "running" else 0)
-            engine = (vm.get("guest") or {}).get("engine") or {}
+            guest = vm.get("guest")
+            engine = guest.get("engine") if isinstance(guest, dict) else None
+            engine = engine if isinstance(engine, dict) else {}
             if isinstance(engine.get("held_bytes"), int):
                 held.add_metric([name], engine["held_bytes"])
             if isinstance(engine.get("aerated_bytes"), int):

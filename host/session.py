@@ -129,7 +129,9 @@ class VmSession:
                     self._fail("statistics flood (more than %.0f messages/s)"
                                % self.stats_bucket.rate)
                     return
-                self.stats = payload
+                # Kept as plain JSON of bounded depth and size: status, aeratectl and the
+                # metrics scrape read it for every VM, so one guest must not break them (S5).
+                self.stats = _plain(payload, STATS_DEPTH)
             elif kind == "need-sync":
                 self._note("info", "guest agent asked for a new session (it restarted)")
                 self.connected()
@@ -196,6 +198,28 @@ class VmSession:
 
 
 _CAP_NAME = re.compile(r"[a-z0-9_]{1,32}")
+#: Nesting kept of a guest's stats message: stats -> engine -> counters -> value.
+STATS_DEPTH = 4
+
+
+def _text(value: str, limit: int = 300) -> str:
+    return "".join(c if c.isprintable() else "?" for c in value[:limit])
+
+
+def _plain(value: Any, depth: int) -> Any:
+    """``value`` cut to ``depth`` levels of nesting, 64 items a level, strings of 300
+    printable characters; deeper parts become None. Never raises."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return _text(value)
+    if depth <= 0:
+        return None
+    if isinstance(value, list):
+        return [_plain(v, depth - 1) for v in value[:64]]
+    if isinstance(value, dict):
+        return {_text(str(k), 64): _plain(v, depth - 1) for k, v in list(value.items())[:64]}
+    return None
 
 
 def _capabilities(value: Any) -> Dict[str, Dict[str, Any]]:
@@ -214,7 +238,7 @@ def _capabilities(value: Any) -> Dict[str, Dict[str, Any]]:
         detail = cap.get("detail")
         detail = detail if isinstance(detail, str) else ""
         out[name] = {"available": cap.get("available") is True,
-                     "detail": "".join(c if c.isprintable() else "?" for c in detail[:300])}
+                     "detail": _text(detail)}
     return out
 
 

@@ -160,3 +160,23 @@ def test_malformed_capabilities_from_a_guest_are_dropped_or_bounded(told: Any) -
     assert all(v["available"] in (True, False) for v in caps.values())
     json.dumps(caps)
     format_status({"vms": [s.status()]})   # the table never sees a control character
+
+
+def test_hostile_stats_cannot_break_status_for_anyone() -> None:
+    """S5: status (aeratectl, metrics) serialises every VM's last stats; a guest sending
+    deeply nested or oversized stats must not make that raise, here or from a deep stack."""
+    s, g, _ = make()
+    g.send({"type": "stats", "engine": {"phase": _nested(950), "counters": {"passes": 3}},
+            "free_by_order": {f"0/Z{i}": list(range(80)) for i in range(100)},
+            "arena": "\x1b]0;pwned\x07"})
+    s.receive(g.take_outbox())
+    assert s.state is HostState.RUNNING
+
+    def deep(n: int) -> str:
+        return json.dumps(s.status()) if n == 0 else deep(n - 1)
+
+    text = deep(100)
+    guest = s.status()["guest"]
+    assert guest["engine"]["counters"] == {"passes": 3}
+    assert len(guest["free_by_order"]) == 64 and len(text) < 200_000
+    assert guest["arena"].isprintable()
