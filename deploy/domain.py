@@ -9,7 +9,8 @@ Shapes (``DomainSpec.backing``):
 
 Every shape gets the aerate virtio-serial port ``org.aerate.agent.0`` as a unix socket the host
 connects to, the qemu-guest-agent port (and, for the test harness, ``org.aerate.harness.0``),
-a virtio memballoon (optionally with ``freePageReporting``), a serial console logged to a
+a virtio memballoon (optionally with ``freePageReporting``; ``autodeflate`` for private
+RAM), a serial console logged to a
 file, a virtio disk and direct kernel boot.
 :func:`domain_xml` is pure; :func:`detect_domain_type` runs QEMU once and caches its answer.
 """
@@ -60,6 +61,9 @@ class DomainSpec:
     vcpus: int = 2
     domain_type: str = "qemu"
     free_page_reporting: bool = False
+    balloon_autodeflate: bool | None = None
+    """The guest's balloon driver gives pages back on OOM (QEMU deflate-on-oom); None:
+    on for ``private`` RAM, which only the balloon reclaims, off otherwise."""
     cmdline: str = DEFAULT_CMDLINE
     disk_format: str = "qcow2"
     machine: str = "q35"
@@ -170,6 +174,11 @@ def domain_xml(spec: DomainSpec) -> str:
     balloon_attrs = {"model": "virtio"}
     if spec.free_page_reporting:
         balloon_attrs["freePageReporting"] = "on"
+    autodeflate = spec.balloon_autodeflate
+    if autodeflate if autodeflate is not None else spec.backing == "private":
+        # A last line of defence if the balloon reclaimer deflates too late: the guest
+        # takes pages back from the balloon before its OOM killer picks a victim.
+        balloon_attrs["autodeflate"] = "on"
     balloon = _sub(dev, "memballoon", **balloon_attrs)
     _sub(balloon, "stats", period="5")
     rng = _sub(dev, "rng", model="virtio")

@@ -20,20 +20,23 @@ import fcntl
 import fnmatch
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
 from typing import Any
 
+import libvirt
 from prometheus_client import start_http_server
 
 from aerate.agent import settings as table
 from aerate.agent.fdstore import send_notify
 from aerate.agent.protocol import HostState
+from aerate.host import balloon as balloon_mod
 from aerate.host import config as config_mod
 from aerate.host import metrics as metrics_mod
-from aerate.host.backing import Backing, allocated_bytes
+from aerate.host.backing import Backing, BackingKind, allocated_bytes
 from aerate.host.backing import resolve as resolve_backings
 from aerate.host.libvirt_conn import (
     DomainError,
@@ -44,7 +47,7 @@ from aerate.host.libvirt_conn import (
 )
 from aerate.host.punch import punch
 from aerate.host.qemu_map import GuestMemoryMap, MapError, build_map, contains, gather
-from aerate.host.refusal import REFUSE, Decision, VmFacts, decide, domain_facts
+from aerate.host.refusal import BALLOON, REFUSE, Decision, VmFacts, decide, domain_facts
 from aerate.host.session import VmSession
 
 log = logging.getLogger("aerated")
@@ -55,6 +58,9 @@ VM_LOCK_DIR = "/run/aerate/vms"
 SYNC_RETRY = 5.0
 PERMIT_TTL = 0.25
 MIN_GRANULE = 2 << 20
+#: How often the balloon controller looks again without a new statistics message (it
+#: notices a silent guest this way).
+BALLOON_TICK = 1.0
 
 
 class DaemonError(RuntimeError):
@@ -99,11 +105,23 @@ class VmRunner:
         self.state = "starting"
         self.reason = ""
         self.task: asyncio.Task[None] | None = None
+        self.stop_reason = ""
         self._permit: tuple[float, Decision] = (0.0, Decision(REFUSE, "not decided yet"))
         self.settings: dict[str, Any] = {}
         self.metadata: dict[str, Any] = {}
         self.live: dict[str, Any] = {}
         self.backing_before = 0
+        # Balloon reclaimer: the last target we asked libvirt for (None: we never moved
+        # it, or it is back at full memory), what libvirt last said, and why.
+        self.balloon_target: int | None = None
+        self.balloon_actual = 0
+        self.balloon_max = 0
+        self.balloon_reason = ""
+        self._balloon_error = ""
+        self._last_deflate = -math.inf
+        self._settled_at: float | None = -math.inf  # balloon first seen at its target
+        self._stats_seen: object = None
+        self._stats_at = -math.inf
 
     # -- facts and policy
 
@@ -121,13 +139,117 @@ class VmRunner:
         try:
             xml = conn.domain_xml(self.name)
             job = conn.job_info(self.name)
+            # The balloon reclaimer is built; decide() still refuses a domain without a
+            # virtio memballoon or with locked RAM, with that reason.
             facts = VmFacts(domain_facts(xml), job, self.backings or None,
-                            mode=self.effective_settings()["mode"])
+                            mode=self.effective_settings()["mode"], balloon_available=True)
             decision = decide(facts)
         except (LibvirtUnavailable, DomainError) as e:
             decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {e}")
         self._permit = (now, decision)
         return decision
+
+    def guest_settings(self) -> dict[str, Any]:
+        """The settings the agent gets: a ballooned VM's agent stays stats-only, because
+        an arena isolating free memory would fight the balloon for the same pages."""
+        values = table.guest_view(self.effective_settings())
+        if self._permit[1].action == BALLOON:
+            values["enabled"] = False
+        return values
+
+    # -- the balloon reclaimer (private RAM): libvirt I/O here, policy in host/balloon.py
+
+    def _balloon_dom(self) -> Any:
+        try:
+            return self.daemon.conn.connection().lookupByName(self.name)
+        except libvirt.libvirtError as e:
+            raise DomainError(f"VM {self.name}: lookup failed: {e}") from e
+
+    def _balloon_read(self) -> tuple[int, int]:
+        """(actual balloon size, maximum memory) in bytes, from libvirt."""
+        dom = self._balloon_dom()
+        try:
+            actual = int(dom.memoryStats()["actual"]) * 1024
+            maximum = int(dom.maxMemory()) * 1024
+        except (libvirt.libvirtError, KeyError) as e:
+            raise DomainError(f"VM {self.name}: reading the balloon size failed: {e}") from e
+        return actual, maximum
+
+    def _balloon_set(self, target: int) -> None:
+        try:
+            self._balloon_dom().setMemoryFlags(target // 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as e:
+            raise DomainError(f"VM {self.name}: setting the balloon to {target >> 20} MiB "
+                              f"failed: {e}") from e
+
+    def balloon_tick(self) -> None:
+        """Run the balloon controller once and apply its target (never raises: a libvirt
+        failure is logged once and retried at the next tick)."""
+        private = any(b.kind is BackingKind.ANON_PRIVATE for b in self.backings.values())
+        if self._permit[1].action != BALLOON and self.balloon_target is None and not private:
+            return  # not a balloon VM and we never moved its balloon: no libvirt calls
+        now = time.monotonic()
+        decision = self.permit()
+        values = self.effective_settings()
+        allowed = decision.action == BALLOON and bool(values["enabled"])
+        why_not = decision.reason if decision.action != BALLOON else \
+            "disabled by setting 'enabled'"
+        if decision.action != BALLOON and self.balloon_target is None:
+            return
+        try:
+            actual, maximum = self._balloon_read()
+            settings = balloon_mod.BalloonSettings.from_settings(values)
+            raw = self.session.stats if self.session is not None else None
+            stats, why = balloon_mod.parse_stats(raw if self._stats_seen is not None else None,
+                                                 now - self._stats_at, maximum)
+            current = self.balloon_target if self.balloon_target is not None else actual
+            if self._settled_at is None and abs(actual - current) <= settings.settle:
+                self._settled_at = now
+            step = balloon_mod.next_target(
+                stats, why, actual, self.balloon_target, maximum, settings,
+                now - self._last_deflate, allowed, why_not,
+                None if self._settled_at is None else now - self._settled_at)
+            self.balloon_actual, self.balloon_max = actual, maximum
+            self.balloon_reason = step.reason
+            if step.target != current:
+                self._settled_at = None
+                log.info("%s: balloon %d -> %d MiB (actual %d MiB): %s", self.name,
+                         current >> 20, step.target >> 20, actual >> 20, step.reason)
+                self._balloon_set(step.target)
+                if step.deflate:
+                    self._last_deflate = now
+                self.balloon_target = step.target
+            if self.balloon_target == maximum and actual >= maximum:
+                self.balloon_target = None  # back at full memory: nothing of ours to undo
+            self._balloon_error = ""
+        except (LibvirtUnavailable, DomainError) as e:
+            if str(e) != self._balloon_error:
+                log.warning("%s: balloon: %s; retrying", self.name, e)
+            self._balloon_error = str(e)
+
+    def balloon_release(self, why: str) -> None:
+        """No controller will watch this VM any more: give the guest all its memory back,
+        so no hidden squeeze stays behind (called when the daemon stops serving it)."""
+        target = self.balloon_target
+        if target is None:
+            return
+        try:
+            _, maximum = self._balloon_read()
+            self._balloon_set(maximum)
+            self.balloon_target = None
+            log.info("%s: balloon deflated to full memory (%d MiB): %s, so no controller "
+                     "watches it any more", self.name, maximum >> 20, why)
+        except (LibvirtUnavailable, DomainError) as e:
+            if why in ("stopped", "crashed", "undefined"):
+                log.debug("%s: balloon not reset, the VM is gone (%s): %s", self.name, why, e)
+                return
+            log.warning("%s: balloon left at %d MiB: %s (%s); give the VM its memory back "
+                        "with virsh setmem", self.name, target >> 20, e, why)
+
+    async def _balloon_loop(self) -> None:
+        while True:
+            await asyncio.sleep(BALLOON_TICK)
+            self.balloon_tick()
 
     def _discard(self, gpa: int, length: int) -> int:
         assert self.gmap is not None and self.session is not None
@@ -165,9 +287,10 @@ class VmRunner:
             self.backing_before = self.backing_allocated()
         if self.session is None:
             self.session = VmSession(self.name, granule, self._in_ram, self._discard,
-                                     self.permit, table.guest_view(self.effective_settings()))
+                                     self.permit, self.guest_settings())
         else:
             self.session.granule = granule
+            self.session.configure({"enabled": self.guest_settings()["enabled"]})
         log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
         return True
 
@@ -191,13 +314,17 @@ class VmRunner:
 
     async def run(self) -> None:
         """Hold the VM's lock, then connect, sync, serve; reconnect with backoff on any
-        failure, until cancelled."""
+        failure, until cancelled. The balloon goes back to full memory at the end."""
         while (lock := self._lock()) is None:
             log.warning("%s: %s; waiting", self.name, self.reason)
             await asyncio.sleep(5)
+        ticker = asyncio.get_running_loop().create_task(self._balloon_loop(),
+                                                        name=f"balloon:{self.name}")
         try:
             await self._run_locked()
         finally:
+            ticker.cancel()
+            self.balloon_release(self.stop_reason or "aerated stopped serving this VM")
             os.close(lock)
 
     async def _run_locked(self) -> None:
@@ -243,6 +370,10 @@ class VmRunner:
                 s.receive(data)
                 if s.state is HostState.RUNNING:
                     self.state = "running"
+                if s.stats is not self._stats_seen:
+                    # A new statistics message: the balloon controller acts on it now.
+                    self._stats_seen, self._stats_at = s.stats, time.monotonic()
+                    self.balloon_tick()
         finally:
             self._flush_log()
             writer.close()
@@ -259,9 +390,13 @@ class VmRunner:
     def apply_live(self, values: dict[str, Any]) -> None:
         """Settings set now by the operator: to the guest at once and into the session."""
         self.live.update(values)
+        was = self._permit[1].action
         self._permit = (0.0, self._permit[1])
+        action = self.permit().action
         if self.session is not None:
             guest = table.guest_view(values)
+            if BALLOON in (was, action) or "enabled" in guest:
+                guest["enabled"] = self.guest_settings()["enabled"]
             if guest:
                 self.session.configure(guest)
 
@@ -271,6 +406,13 @@ class VmRunner:
         if self.session is not None:
             out.update(self.session.status())
             out["state"] = self.state
+        if self._permit[1].action == BALLOON or self.balloon_target is not None:
+            # No batches flow on a ballooned VM, so the session has no decision to show.
+            out["reclaimer"], out["reason"] = self._permit[1]
+            out["balloon"] = {"target_bytes": self.balloon_target
+                              if self.balloon_target is not None else self.balloon_actual,
+                              "actual_bytes": self.balloon_actual,
+                              "max_bytes": self.balloon_max, "reason": self.balloon_reason}
         with contextlib.suppress(OSError, RuntimeError):
             out["backing_allocated_bytes"] = self.backing_allocated()
         out["backing_allocated_at_start"] = self.backing_before
@@ -360,6 +502,7 @@ class Daemon:
         """Stop serving a VM (its QEMU is gone; no discard can be under way: S4)."""
         r = self.runners.pop(name, None)
         if r is not None and r.task is not None:
+            r.stop_reason = why
             r.task.cancel()
             log.info("%s: session ended (%s)", name, why)
 
@@ -409,7 +552,7 @@ class Daemon:
             for r in self.runners.values():
                 r.apply_live({})
                 if r.session is not None:
-                    r.session.configure(table.guest_view(r.effective_settings()))
+                    r.session.configure(r.guest_settings())
             return {"ok": True, "config": self.config.path}
         return {"ok": False, "error": f"unknown command {cmd!r} (status, set, reload)"}
 
@@ -438,8 +581,11 @@ class Daemon:
         await self.stopping.wait()
         send_notify("STOPPING=1")
         server.close()
+        tasks = [r.task for r in self.runners.values() if r.task is not None]
         for name in list(self.runners):
             self.stop_runner(name, "daemon stopping")
+        # Let each runner finish (its balloon goes back to full memory) while libvirt is up.
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.conn.stop()
 
 

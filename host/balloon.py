@@ -1,0 +1,179 @@
+"""The balloon controller: the next virtio-balloon target of one VM with private RAM.
+
+Pure: the guest's last statistics (hostile input, validated here), the balloon's actual
+size, the VM's maximum memory and the settings come in; a target and the reason go out.
+The daemon reads and sets the balloon through libvirt and calls :func:`next_target` on
+every statistics message and on a timer.
+
+Policy (DESIGN "Reclaim on the host", balloon):
+- inflate (shrink the guest) only by free memory beyond the zone high watermarks +
+  ``reserve``, at most ``step`` per decision, only once the last target was reached, on
+  statistics taken after that, and not soon after a deflate; never below the floor (the
+  larger of ``floor`` x maximum and the guest's used memory + watermarks + reserve);
+- deflate to full memory at once when free memory falls under ``reserve``/2, PSI exceeds
+  ``psi_threshold``, the statistics are missing, malformed or older than 3 intervals,
+  or reclaim is not allowed now;
+- between those (free in [reserve/2, reserve + hysteresis]) hold: no oscillation.
+Whatever the guest says, the target stays within [floor x maximum, maximum].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MiB = 1 << 20
+STALE_INTERVALS = 3.0
+
+
+@dataclass(frozen=True)
+class BalloonSettings:
+    """The controller's knobs, in bytes and seconds."""
+
+    reserve: int
+    psi_threshold: float
+    floor_fraction: float
+    stats_interval_s: float
+    step: int = 256 * MiB  # most memory one decision takes from the guest
+    hysteresis: int = 64 * MiB  # surplus below this is left alone
+    settle: int = 16 * MiB  # actual within this of the target: the balloon arrived
+    cooldown_intervals: float = 3.0  # no inflation this many stats intervals after a deflate
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any]) -> BalloonSettings:
+        """From the effective settings (agent/settings.py TABLE names)."""
+        return cls(reserve=int(values["reserve_mib"]) * MiB,
+                   psi_threshold=float(values["psi_threshold"]),
+                   floor_fraction=float(values["floor"]),
+                   stats_interval_s=float(values["stats_interval_s"]))
+
+
+@dataclass(frozen=True)
+class GuestStats:
+    """The validated figures the controller uses from one guest statistics message."""
+
+    mem_free: int
+    watermark_high: int
+    psi_some_avg10: float | None  # None: the guest kernel has no PSI
+    age_s: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """The controller's answer: the balloon target (bytes of guest memory) and why."""
+
+    target: int
+    reason: str
+    deflate: bool = False  # the target gives memory back to the guest
+
+
+def _byte_count(raw: Mapping[str, Any], key: str, limit: int) -> int | None:
+    v = raw.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > limit:
+        return None
+    return v
+
+
+def parse_stats(raw: Any, age_s: float, maximum: int) -> tuple[GuestStats | None, str]:
+    """Validate a guest statistics message (untrusted); (None, why) when unusable.
+
+    Byte counts must be integers in [0, maximum]: a guest cannot have more free memory
+    than the VM's maximum, so a larger figure is a lie, not a reason to inflate.
+    """
+    if not isinstance(raw, Mapping):
+        return None, "no statistics from the guest agent yet"
+    if not isinstance(age_s, (int, float)) or math.isnan(age_s):
+        return None, "statistics of unknown age"
+    free = _byte_count(raw, "mem_free", maximum)
+    high = _byte_count(raw, "watermark_high_bytes", maximum)
+    bad = [k for k, v in (("mem_free", free), ("watermark_high_bytes", high)) if v is None]
+    if bad:
+        return None, f"guest statistics lack a valid {', '.join(bad)}"
+    psi_raw = raw.get("psi_some_avg10")
+    psi: float | None = None
+    if psi_raw is not None:
+        if isinstance(psi_raw, bool) or not isinstance(psi_raw, (int, float)) \
+                or not 0.0 <= float(psi_raw) <= 100.0:
+            return None, "guest statistics carry an invalid psi_some_avg10"
+        psi = float(psi_raw)
+    assert free is not None and high is not None
+    return GuestStats(free, high, psi, float(age_s)), ""
+
+
+def floor_bytes(maximum: int, s: BalloonSettings) -> int:
+    """The smallest target whatever the guest says: floor x maximum, rounded up to MiB."""
+    fraction = min(1.0, max(0.0, s.floor_fraction))
+    return min(maximum, -(-math.ceil(fraction * maximum) // MiB) * MiB)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.0f} MiB"
+
+
+def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: int | None,
+                maximum: int, s: BalloonSettings, since_deflate_s: float = math.inf,
+                allowed: bool = True, why_not: str = "",
+                settled_s: float | None = math.inf) -> Step:
+    """The balloon target for this moment (see the module docstring for the policy).
+
+    ``actual``: the balloon's size now (guest memory, bytes); ``target``: the last target
+    the daemon asked for (None: never set); ``since_deflate_s``: seconds since the daemon
+    last deflated; ``allowed``: reclaim is permitted for the VM now (else ``why_not``);
+    ``settled_s``: seconds since the balloon was first seen at its last target (None: not
+    seen there yet). Inflation only trusts statistics taken after that moment: older ones
+    still count the pages the balloon took since as free.
+    """
+    maximum = max(0, maximum)
+    low = floor_bytes(maximum, s)
+    actual = min(max(actual, 0), maximum)
+    current = min(max(target if target is not None else actual, low), maximum)
+    ballooned = current < maximum or actual < maximum
+
+    def full(why: str) -> Step:
+        if not ballooned:
+            return Step(maximum, f"{why}; balloon at full memory")
+        return Step(maximum, f"{why}; deflating to full memory ({_mib(maximum)})", True)
+
+    def hold(why: str) -> Step:
+        return Step(current, why)
+
+    if not allowed:
+        return full(f"reclaim not allowed now: {why_not}")
+    stale_after = STALE_INTERVALS * s.stats_interval_s
+    if stats is None:
+        return full(stats_why or "no guest statistics")
+    if stats.age_s > stale_after:
+        return full(f"guest statistics are {stats.age_s:.0f} s old (more than "
+                    f"{STALE_INTERVALS:.0f} intervals of {s.stats_interval_s:.0f} s): "
+                    "guest agent silent")
+    if stats.mem_free < s.reserve // 2:
+        return full(f"guest short of memory: {_mib(stats.mem_free)} free < reserve/2 "
+                    f"({_mib(s.reserve // 2)})")
+    if stats.psi_some_avg10 is not None and stats.psi_some_avg10 > s.psi_threshold:
+        return full(f"guest under memory pressure: PSI some avg10 {stats.psi_some_avg10:.1f}"
+                    f" > {s.psi_threshold:.1f}")
+    if abs(actual - current) > s.settle:
+        return hold(f"balloon moving: actual {_mib(actual)}, target {_mib(current)}")
+    if settled_s is None or stats.age_s >= settled_s:
+        return hold("waiting for guest statistics taken after the balloon reached "
+                    f"{_mib(current)}")
+    if since_deflate_s < s.cooldown_intervals * s.stats_interval_s:
+        return hold(f"deflated {since_deflate_s:.0f} s ago; waiting before inflating again")
+    if stats.psi_some_avg10 is not None and stats.psi_some_avg10 > s.psi_threshold / 2:
+        return hold(f"PSI some avg10 {stats.psi_some_avg10:.1f} above half the threshold")
+    free = min(stats.mem_free, actual)
+    surplus = free - stats.watermark_high - s.reserve
+    if surplus < s.hysteresis:
+        return hold(f"{_mib(free)} free is within the high watermarks "
+                    f"({_mib(stats.watermark_high)}) + reserve ({_mib(s.reserve)}) + "
+                    f"{_mib(s.hysteresis)}")
+    used_floor = actual - free + stats.watermark_high + s.reserve
+    floor = min(maximum, max(low, used_floor))
+    new = max(floor, actual - min(s.step, surplus))
+    new = min(maximum, -(-new // MiB) * MiB)  # whole MiB, rounded towards the guest
+    if new >= current - MiB:
+        return hold(f"at the floor ({_mib(floor)})")
+    return Step(new, f"{_mib(surplus)} free beyond the high watermarks + reserve: "
+                     f"inflating by {_mib(current - new)} to {_mib(new)}")

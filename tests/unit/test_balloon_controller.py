@@ -1,0 +1,212 @@
+"""The balloon controller (host/balloon.py): one test per rule, and hostile statistics.
+
+Byte figures are what a 2 GiB guest reports (agent/kernelview.py ProcKernel.stats).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aerate.agent import settings as table
+from aerate.host.balloon import (
+    BalloonSettings,
+    GuestStats,
+    MiB,
+    Step,
+    floor_bytes,
+    next_target,
+    parse_stats,
+)
+
+pytestmark = pytest.mark.unit
+
+MAX = 2048 * MiB
+S = BalloonSettings(reserve=256 * MiB, psi_threshold=10.0, floor_fraction=0.25,
+                    stats_interval_s=5.0)
+WM = 12 * MiB
+
+
+def stats(free_mib: float, psi: float | None = 0.0, age: float = 1.0) -> GuestStats:
+    return GuestStats(int(free_mib * MiB), WM, psi, age)
+
+
+def step(st_: GuestStats | None, actual: int = MAX, target: int | None = None,
+         **kw: Any) -> Step:
+    return next_target(st_, "no statistics", actual, target, MAX, S, **kw)
+
+
+def test_settings_come_from_the_table() -> None:
+    s = BalloonSettings.from_settings(table.defaults())
+    assert s.reserve == 256 * MiB and s.psi_threshold == 10.0
+    assert s.floor_fraction == 0.5 and s.stats_interval_s == 5.0
+
+
+def test_inflates_by_the_surplus_beyond_watermark_and_reserve_in_bounded_steps() -> None:
+    r = step(stats(1500))
+    assert r.target == MAX - S.step and not r.deflate and "inflating" in r.reason
+    # A small surplus is taken whole, never more: free stays >= watermark + reserve.
+    r = step(stats(400))
+    surplus = 400 * MiB - WM - S.reserve
+    assert r.target == MAX - surplus
+
+
+def test_no_inflation_within_the_hysteresis_band() -> None:
+    free = (WM + S.reserve + S.hysteresis) // MiB - 1
+    r = step(stats(free))
+    assert r.target == MAX and not r.deflate
+    # Between reserve/2 and reserve + hysteresis a ballooned guest is left where it is.
+    r = step(stats(200), actual=1024 * MiB, target=1024 * MiB)
+    assert r.target == 1024 * MiB and not r.deflate
+
+
+def test_never_below_the_floor() -> None:
+    # Used memory + watermark + reserve is the floor, whatever the step allows.
+    big = replace(S, step=MAX)
+    r = next_target(stats(700), "", 1000 * MiB, None, MAX, big)
+    used = 300 * MiB
+    assert r.target == used + WM + S.reserve
+    # And never below floor x maximum, even for a guest with nothing used.
+    r = step(stats(600), actual=600 * MiB, target=600 * MiB)
+    assert r.target == floor_bytes(MAX, S) == 512 * MiB
+    r = step(stats(600), actual=512 * MiB, target=512 * MiB)
+    assert r.target == 512 * MiB and "floor" in r.reason
+
+
+def test_waits_until_the_last_target_is_reached() -> None:
+    r = step(stats(1500), actual=MAX, target=MAX - S.step)
+    assert r.target == MAX - S.step and "moving" in r.reason
+
+
+def test_deflates_fully_at_once_when_free_falls_under_half_the_reserve() -> None:
+    r = step(stats(100), actual=700 * MiB, target=700 * MiB)
+    assert r.target == MAX and r.deflate and "short of memory" in r.reason
+
+
+def test_deflates_fully_on_pressure() -> None:
+    r = step(stats(900, psi=25.0), actual=1000 * MiB, target=1000 * MiB)
+    assert r.target == MAX and r.deflate and "PSI" in r.reason
+    # Above half the threshold: no deflate, but no inflation either.
+    r = step(stats(900, psi=6.0), actual=1000 * MiB, target=1000 * MiB)
+    assert r.target == 1000 * MiB and not r.deflate
+
+
+def test_inflation_waits_for_statistics_taken_after_the_balloon_settled() -> None:
+    # Statistics older than the balloon's arrival at its target still count the pages it
+    # took as free: inflating on them would take those pages twice.
+    r = step(stats(1500, age=2.0), actual=1536 * MiB, target=1536 * MiB, settled_s=1.0)
+    assert r.target == 1536 * MiB and "taken after" in r.reason
+    r = step(stats(1500, age=2.0), actual=1536 * MiB, target=1536 * MiB, settled_s=None)
+    assert r.target == 1536 * MiB
+    r = step(stats(1500, age=0.5), actual=1536 * MiB, target=1536 * MiB, settled_s=1.0)
+    assert r.target == 1536 * MiB - S.step
+    # Deflating never waits for fresh statistics.
+    r = step(stats(50, age=2.0), actual=1536 * MiB, target=1536 * MiB, settled_s=None)
+    assert r.target == MAX and r.deflate
+
+
+def test_cooldown_after_a_deflate() -> None:
+    r = step(stats(1500), since_deflate_s=2 * S.stats_interval_s)
+    assert r.target == MAX and "ago" in r.reason
+    r = step(stats(1500), since_deflate_s=4 * S.stats_interval_s)
+    assert r.target < MAX
+
+
+def test_stale_or_missing_statistics_never_inflate() -> None:
+    assert step(None).target == MAX
+    stale = stats(1500, age=3 * S.stats_interval_s + 1)
+    assert step(stale).target == MAX
+    assert not step(stale).deflate  # at full memory already: nothing to do
+
+
+def test_silent_guest_while_ballooned_gets_full_memory_back() -> None:
+    stale = stats(1500, age=3 * S.stats_interval_s + 1)
+    r = step(stale, actual=700 * MiB, target=700 * MiB)
+    assert r.target == MAX and r.deflate and "silent" in r.reason
+    r = step(None, actual=700 * MiB, target=700 * MiB)
+    assert r.target == MAX and r.deflate
+
+
+def test_not_allowed_deflates_to_full() -> None:
+    r = step(stats(1500), actual=700 * MiB, target=700 * MiB, allowed=False,
+             why_not="a migration-out job is running")
+    assert r.target == MAX and r.deflate and "migration" in r.reason
+    assert step(stats(1500), allowed=False, why_not="off").target == MAX
+
+
+def test_a_floor_raised_by_the_operator_is_applied() -> None:
+    r = step(stats(300), actual=300 * MiB, target=300 * MiB)
+    assert r.target == floor_bytes(MAX, S)
+
+
+def test_no_oscillation_over_a_steady_guest() -> None:
+    """A guest using 600 MiB steadily: the balloon goes down and stays there."""
+    used, actual, target, t, last_deflate = 600 * MiB, MAX, None, 0.0, -math.inf
+    targets = []
+    for _ in range(40):
+        s_ = GuestStats(actual - used, WM, 0.0, 1.0)
+        r = next_target(s_, "", actual, target, MAX, S, t - last_deflate)
+        if r.deflate:
+            last_deflate = t
+        target = actual = r.target  # the guest follows at once
+        targets.append(r.target)
+        t += S.stats_interval_s
+    assert targets[-1] == used + WM + S.reserve
+    assert targets == sorted(targets, reverse=True)  # only ever down, never back up
+
+
+def test_parse_stats_takes_a_real_message() -> None:
+    raw = {"type": "stats", "mem_total": 2_071_000_000, "mem_free": 1_500_000_000,
+           "watermark_low_bytes": 9_000_000, "watermark_high_bytes": 12_000_000,
+           "psi_some_avg10": 0.0, "free_by_order": {}, "engine": {"phase": "disabled"}}
+    got, why = parse_stats(raw, 2.0, MAX)
+    assert got == GuestStats(1_500_000_000, 12_000_000, 0.0, 2.0) and why == ""
+    no_psi = dict(raw)
+    del no_psi["psi_some_avg10"]
+    got, _ = parse_stats(no_psi, 2.0, MAX)
+    assert got is not None and got.psi_some_avg10 is None
+
+
+@pytest.mark.parametrize("bad", [
+    None, [], "stats", {}, {"mem_free": "1500000000", "watermark_high_bytes": 1},
+    {"mem_free": True, "watermark_high_bytes": 1},
+    {"mem_free": -1, "watermark_high_bytes": 1},
+    {"mem_free": 1.5e9, "watermark_high_bytes": 1},
+    {"mem_free": MAX + 1, "watermark_high_bytes": 1},
+    {"mem_free": 10**30, "watermark_high_bytes": 1},
+    {"mem_free": 1 << 30, "watermark_high_bytes": None},
+    {"mem_free": 1 << 30, "watermark_high_bytes": 1, "psi_some_avg10": float("nan")},
+    {"mem_free": 1 << 30, "watermark_high_bytes": 1, "psi_some_avg10": -3},
+    {"mem_free": 1 << 30, "watermark_high_bytes": 1, "psi_some_avg10": "high"},
+])
+def test_garbage_statistics_are_rejected_and_never_inflate(bad: Any) -> None:
+    got, why = parse_stats(bad, 1.0, MAX)
+    assert got is None and why
+    r = next_target(got, why, MAX, None, MAX, S)
+    assert r.target == MAX and not r.deflate
+    r = next_target(got, why, 800 * MiB, 800 * MiB, MAX, S)
+    assert r.target == MAX and r.deflate  # a ballooned guest that talks garbage gets it all
+
+
+_ints = st.one_of(st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=True), st.booleans(),
+                  st.none(), st.text(max_size=5))
+
+
+@given(free=_ints, high=_ints, psi=_ints, age=st.floats(allow_nan=True),
+       actual=st.integers(-(1 << 40), 1 << 40),
+       target=st.one_of(st.none(), st.integers(-(1 << 40), 1 << 40)),
+       since=st.floats(allow_nan=False))
+def test_hostile_guest_never_moves_the_balloon_out_of_bounds(
+        free: Any, high: Any, psi: Any, age: float, actual: int, target: int | None,
+        since: float) -> None:
+    """Whatever a guest says, its balloon stays within [floor x maximum, maximum]."""
+    raw = {"mem_free": free, "watermark_high_bytes": high, "psi_some_avg10": psi}
+    got, why = parse_stats(raw, age, MAX)
+    r = next_target(got, why, actual, target, MAX, S, since)
+    assert floor_bytes(MAX, S) <= r.target <= MAX
+    assert r.target % MiB == 0 or r.target in (MAX, target)
