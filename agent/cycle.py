@@ -120,6 +120,7 @@ class Engine:
         self._rate_t = 0.0
         #: (free units, time) at the last re-validation of the aerated blocks
         self._revalidated: Optional[Tuple[int, float]] = None
+        self._fell = False          # free units had fallen by hwm at the last look
         self.counters = {"reported_bytes": 0, "discarded_bytes": 0, "refused_bytes": 0,
                          "returned_bytes": 0, "passes": 0, "backoffs": 0, "refilled_aerated": 0}
         self.last_reason = "starting"
@@ -207,17 +208,25 @@ class Engine:
         With ``now`` (the cycle's clock) the aerated blocks are re-validated only when the
         kernel's count of free units moved since the last time, at most every
         ``REVALIDATE_EVERY`` seconds (an aerated block the guest allocates splits, so the
-        count moves), and at least every ``REVALIDATE_MAX_AGE`` seconds. An idle guest then
-        costs one kpageflags read per block a minute. Without ``now`` the re-validation
-        always runs.
+        count moves), and at least every ``REVALIDATE_MAX_AGE`` seconds. A fall of ``hwm``
+        units or more, seen on two ticks in a row, re-validates at once: an allocation that
+        large takes the most recently freed blocks first, the aerated ones, and if it is
+        freed again before the engine looks, those blocks would stay counted as aerated
+        while the host backs them again (a reclaim missed for good). An idle guest costs one
+        kpageflags read per block a minute. Without ``now`` the re-validation always runs.
         """
         order = self.cfg["min_order"]
         per_unit = 1 << order
         reserve = (self.kernel.reserve_pages() + self.cfg["reserve_mib"] * 256) // per_unit
         free = self.kernel.free_units(order)
         last = self._revalidated
+        # A fall seen on two ticks in a row: the kernel's own free page reporting (where it
+        # runs beside the agent) takes batches of free blocks off the lists for a moment,
+        # which must not read as the guest allocating them.
+        fell = last is not None and last[0] - free >= self.cfg["hwm"]
+        fell_twice, self._fell = fell and self._fell, fell
         if now is None or last is None or now - last[1] >= REVALIDATE_MAX_AGE or (
-                free != last[0] and now - last[1] >= REVALIDATE_EVERY):
+                free != last[0] and now - last[1] >= REVALIDATE_EVERY) or fell_twice:
             self._revalidate()
             self._revalidated = (free, now if now is not None else float("-inf"))
         aerated = sum(n for n in self.aerated.values()) // per_unit

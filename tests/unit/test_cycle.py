@@ -156,7 +156,7 @@ def test_idle_ticks_read_no_page_flags_until_free_memory_moves() -> None:
     e.tick(now + 61, True)
     assert k.still_free_calls == calls + 1
     assert e.aerated_bytes() == 12 * 2 * MiB
-    k.free_list.pop()                       # moves again at once: waits for the interval
+    k.free_list.pop()                       # moves a little again: waits for the interval
     e.tick(now + 62, True)
     assert k.still_free_calls == calls + 1 and e.aerated_bytes() == 12 * 2 * MiB
     e.tick(now + 61 + REVALIDATE_EVERY, True)
@@ -170,6 +170,27 @@ def test_idle_ticks_read_no_page_flags_until_free_memory_moves() -> None:
     assert k.still_free_calls == calls + 2 and e.aerated_bytes() == 11 * 2 * MiB
     e.tick(t + REVALIDATE_MAX_AGE, True)
     assert k.still_free_calls == calls + 3 and e.aerated_bytes() == 10 * 2 * MiB
+
+
+def test_a_large_allocation_is_seen_before_it_is_freed_again() -> None:
+    """The guest takes hwm units or more of aerated memory and frees it 2.5 s later: the
+    engine must notice in between, or those blocks stay 'aerated' while the host backs them
+    again, and the pass after the free would leave them out."""
+    k = ScriptedKernel(free_blocks=32)
+    a = ScriptedArena(k)
+    e = Engine(k, a, settings(hwm=4))
+    run(e, 200)
+    assert e.aerated_bytes() == 32 * 2 * MiB
+    t = 1000.0
+    e.tick(t, True)
+    taken = [k.free_list.pop() for _ in range(8)]   # a 16 MiB allocation, within a tick
+    e.tick(t + 1, True)
+    assert e.aerated_bytes() == 32 * 2 * MiB          # once could be a transient dip...
+    e.tick(t + 2, True)
+    assert e.aerated_bytes() == 24 * 2 * MiB          # ...twice is seen, not 5 s later
+    k.free_list.extend(taken)                         # freed again at t + 2.5
+    ranges, _ = e.tick(t + 3, True)
+    assert ranges and len(blocks_of([ranges])) == 8   # a pass reports them again
 
 
 def test_idle_ticks_skip_psi_but_no_pass_starts_under_psi_pressure() -> None:
