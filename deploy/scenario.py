@@ -30,10 +30,9 @@ class ScenarioError(HarnessError):
 
 
 @dataclass
-class Aerated:
-    """A running aerated process and where it keeps its socket and log."""
+class DaemonView:
+    """What an operator sees of a running aerated: its control socket and its log."""
 
-    proc: subprocess.Popen[bytes]
     run_dir: Path
     log: Path
 
@@ -63,6 +62,13 @@ class Aerated:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+@dataclass
+class Aerated(DaemonView):
+    """A running aerated process and where it keeps its socket and log."""
+
+    proc: subprocess.Popen[bytes]
+
+
 @contextlib.contextmanager
 def aerated(run_dir: Path, config_text: str = "", extra: tuple[str, ...] = ()
             ) -> Iterator[Aerated]:
@@ -76,7 +82,7 @@ def aerated(run_dir: Path, config_text: str = "", extra: tuple[str, ...] = ()
             [sys.executable, "-m", "aerate.host.daemon", "--run-dir", str(run_dir),
              "--config", str(config), "--metrics", "off", "--log-level", "debug", *extra],
             stdout=out, stderr=subprocess.STDOUT)
-    d = Aerated(proc, run_dir, log)
+    d = Aerated(run_dir, log, proc)
     try:
         wait_for(lambda: (run_dir / "aerated.sock").exists() or proc.poll() is not None,
                  30, "aerated control socket")

@@ -32,10 +32,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from aerate.deploy.scenario import Hog, wait_for
+from aerate.deploy.scenario import DaemonView, Hog, wait_for
 from aerate.deploy.vm import URI, Guest
 from aerate.host import daemon as daemon_mod
-from aerate.host.ctl import CtlError, request
 from aerate.host.libvirt_conn import DEFAULT_URI, PID_DIR, LibvirtConnection
 
 pytestmark = pytest.mark.vm
@@ -84,28 +83,8 @@ class HostdevXmlConnection(LibvirtConnection):
         return xml.replace("</devices>", HOSTDEV_XML + "</devices>")
 
 
-@dataclass
-class InProcessDaemon:
-    """The control socket and log of a daemon this test runs in its own process."""
-
-    run_dir: Path
-    log: Path
-
-    def vm(self, name: str) -> dict[str, Any]:
-        """One VM's status as ``aeratectl status --json`` gets it, or {}."""
-        with contextlib.suppress(CtlError, ValueError):
-            for vm in request({"cmd": "status"}, str(self.run_dir)).get("vms", []):
-                if vm.get("vm") == name:
-                    return dict(vm)
-        return {}
-
-    def log_text(self) -> str:
-        """What the daemon logged so far."""
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
 def with_daemon(run_dir: Path, vm: str, hostdev: bool,
-                body: Callable[[InProcessDaemon], T]) -> T:
+                body: Callable[[DaemonView], T]) -> T:
     """Run the real ``Daemon`` (serving only ``vm``) while ``body`` runs in a thread.
 
     The daemon's loop runs in the main thread, as in ``aerated``: ``Daemon.serve`` installs
@@ -115,7 +94,7 @@ def with_daemon(run_dir: Path, vm: str, hostdev: bool,
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "aerated.toml"
     config.write_text(CONFIG)
-    handle = InProcessDaemon(run_dir, run_dir / "aerated.log")
+    handle = DaemonView(run_dir, run_dir / "aerated.log")
     handler = logging.FileHandler(handle.log)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -196,7 +175,7 @@ def test_hostdev_vm_is_refused_with_its_reason(freed: FreedGuest, tmp_path: Path
     batch_seen: list[float] = []
     engine_views: list[dict[str, Any]] = []
 
-    def watch(d: InProcessDaemon) -> dict[str, Any]:
+    def watch(d: DaemonView) -> dict[str, Any]:
         """Poll until the third refused batch; sample the memfd all along."""
         last = 0
 
@@ -253,7 +232,7 @@ def test_same_harness_without_the_hostdev_discards(freed: FreedGuest, tmp_path: 
     start = ram_allocated(g)
     target = (HOG_MIB - RESERVE_MIB) * MiB // 2
 
-    def watch(d: InProcessDaemon) -> dict[str, Any]:
+    def watch(d: DaemonView) -> dict[str, Any]:
         # The agent may still be in its refusal backoff (up to 40 s): allow for it.
         wait_for(lambda: start - ram_allocated(g) >= target, 300,
                  f"{target >> 20} MiB of {name}'s memfd to be punched", interval=1)
