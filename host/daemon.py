@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import libvirt
@@ -45,7 +46,7 @@ from aerate.host.libvirt_conn import (
     LifecycleEvent,
     channel_path,
 )
-from aerate.host.punch import punch
+from aerate.host.punch import Check, punch
 from aerate.host.qemu_map import GuestMemoryMap, MapError, build_map, contains, gather
 from aerate.host.refusal import BALLOON, REFUSE, Decision, VmFacts, decide, domain_facts
 from aerate.host.session import VmSession
@@ -121,6 +122,7 @@ class VmRunner:
         self._last_deflate = -math.inf
         self._settled_at: float | None = -math.inf  # balloon first seen at its target
         self._stats_seen: object = None
+        self._restart = ""   # non-empty: start a new session at the next loop turn
         self._stats_at = -math.inf
 
     # -- facts and policy
@@ -251,10 +253,10 @@ class VmRunner:
             await asyncio.sleep(BALLOON_TICK)
             self.balloon_tick()
 
-    def _discard(self, gpa: int, length: int) -> int:
+    def _discard(self, gpa: int, length: int, checks: Sequence[Check]) -> int:
         assert self.gmap is not None and self.session is not None
         return punch(self.name, self.gmap, self.backings, gpa, length,
-                     self.session.granule, self.permit)
+                     self.session.granule, self.permit, checks)
 
     def _in_ram(self, gpa: int, length: int) -> bool:
         assert self.gmap is not None and self.session is not None
@@ -285,11 +287,13 @@ class VmRunner:
         granule = max([MIN_GRANULE] + [b.page_size for b in self.backings.values()])
         with contextlib.suppress(OSError, RuntimeError):
             self.backing_before = self.backing_allocated()
+        lease_s = float(self.effective_settings()["lease_s"])
         if self.session is None:
             self.session = VmSession(self.name, granule, self._in_ram, self._discard,
-                                     self.permit, self.guest_settings())
+                                     self.permit, self.guest_settings(), lease_s=lease_s)
         else:
             self.session.granule = granule
+            self.session.endpoint.set_lease(lease_s)
             self.session.configure({"enabled": self.guest_settings()["enabled"]})
         log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
         return True
@@ -359,15 +363,28 @@ class VmRunner:
                 if s.state is HostState.CLOSED:
                     self.state = "closed"
                     return  # reconnect: a new connection, a new session
-                timeout = SYNC_RETRY if s.state is HostState.SYNCING else None
+                if self._restart:
+                    log.info("%s: new session: %s", self.name, self._restart)
+                    self._restart = ""
+                    s.connected()
+                    continue
+                if s.state is HostState.SYNCING:
+                    timeout: float | None = SYNC_RETRY
+                else:
+                    timeout = max(0.0, s.endpoint.keepalive_due())
                 try:
                     data = await asyncio.wait_for(reader.read(65536), timeout)
                 except TimeoutError:
-                    s.connected()   # no answer: the agent may not run yet; sync again
+                    if s.state is HostState.SYNCING:
+                        s.connected()   # no answer: the agent may not run yet; sync again
+                    else:
+                        s.endpoint.keepalive()  # a fresh lease token for the guest
                     continue
                 if not data:
                     raise ConnectionResetError("QEMU closed the channel socket")
                 s.receive(data)
+                if s.state is HostState.RUNNING and s.endpoint.keepalive_due() <= 0:
+                    s.endpoint.keepalive()
                 if s.state is HostState.RUNNING:
                     self.state = "running"
                 if s.stats is not self._stats_seen:
@@ -379,6 +396,11 @@ class VmRunner:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    def restart_session(self, why: str) -> None:
+        """Begin a new session at the next turn of the serve loop (loop thread only: the
+        loop is not inside a discard when this runs, S4)."""
+        self._restart = why  # the serve loop wakes at least every keepalive period
 
     def _flush_log(self) -> None:
         if self.session is None:
@@ -394,6 +416,7 @@ class VmRunner:
         self._permit = (0.0, self._permit[1])
         action = self.permit().action
         if self.session is not None:
+            self.session.endpoint.set_lease(float(self.effective_settings()["lease_s"]))
             guest = table.guest_view(values)
             if BALLOON in (was, action) or "enabled" in guest:
                 guest["enabled"] = self.guest_settings()["enabled"]
@@ -437,10 +460,31 @@ class Daemon:
         self.conn = LibvirtConnection(uri, on_connect=self._on_connect,
                                       on_disconnect=self._on_disconnect,
                                       on_lifecycle=self._on_lifecycle,
-                                      on_device=self._on_device)
+                                      on_device=self._on_device,
+                                      on_reset=self._on_reset)
         self.stopping = asyncio.Event()
 
-    # libvirt's thread calls these three: they only hand over to the loop.
+    # libvirt's thread calls these: they only hand over to the loop, except that a guest
+    # reset or a stopped domain revokes the session right here (S4): the loop thread may be
+    # the one busy discarding for that VM, and the check before its next slice must see it.
+
+    def _revoke(self, name: str, why: str) -> None:
+        runner = self.runners.get(name)
+        session = runner.session if runner is not None else None
+        if session is not None:
+            session.revoke(why)
+
+    def _on_reset(self, name: str) -> None:
+        self._revoke(name, "the guest was reset")
+        self.loop.call_soon_threadsafe(self.on_reset, name)
+
+    def on_reset(self, name: str) -> None:
+        """A guest reset: its memory is no longer what its reports described. End the
+        session (a new one starts on a new connection) before anything more is read."""
+        r = self.runners.get(name)
+        if r is not None:
+            log.info("%s: guest reset; its session ends, a new one starts", name)
+            r.restart_session("the guest was reset")
 
     def _on_connect(self, conn: LibvirtConnection) -> None:
         self.loop.call_soon_threadsafe(self.resync)
@@ -451,6 +495,8 @@ class Daemon:
             "is back", why)
 
     def _on_lifecycle(self, ev: LifecycleEvent) -> None:
+        if ev.event in ("stopped", "crashed", "shutdown"):
+            self._revoke(ev.name, f"the domain {ev.event}")
         self.loop.call_soon_threadsafe(self.on_lifecycle, ev)
 
     def _on_device(self, name: str, alias: str, added: bool) -> None:

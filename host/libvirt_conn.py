@@ -155,7 +155,8 @@ class LibvirtConnection:
 
     on_connect(conn) runs after every (re)connect, on_disconnect(reason) after the
     connection is lost, on_lifecycle(event) per lifecycle event, on_device(name, alias,
-    added) when a device (e.g. a DIMM) is added or removed.
+    added) when a device (e.g. a DIMM) is added or removed, on_reset(name) when the guest
+    was reset (libvirt's REBOOT event: QEMU's RESET, a guest reboot or ``virsh reset``).
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class LibvirtConnection:
         on_disconnect: Callable[[str], None] | None = None,
         on_lifecycle: Callable[[LifecycleEvent], None] | None = None,
         on_device: Callable[[str, str, bool], None] | None = None,
+        on_reset: Callable[[str], None] | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         keepalive: tuple[int, int] = (5, 3),
@@ -175,6 +177,7 @@ class LibvirtConnection:
         self._on_disconnect = on_disconnect
         self._on_lifecycle = on_lifecycle
         self._on_device = on_device
+        self._on_reset = on_reset
         self._backoff = (backoff_initial, backoff_max)
         self._keepalive = keepalive
         self._conn: libvirt.virConnect | None = None
@@ -252,6 +255,9 @@ class LibvirtConnection:
             conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._device_removed_cb, None
             )
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._reboot_cb, None
+            )
         except libvirt.libvirtError:
             conn.close()
             raise
@@ -286,6 +292,10 @@ class LibvirtConnection:
         ev = LifecycleEvent(dom.name(), dom.UUIDString(),
                             LIFECYCLE_EVENTS.get(event, str(event)), detail)
         self._call(self._on_lifecycle, ev)
+
+    def _reboot_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
+                   opaque: object) -> None:
+        self._call(self._on_reset, dom.name())
 
     def _device_added_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str,
                          opaque: object) -> None:

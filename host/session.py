@@ -3,6 +3,14 @@
 No sockets and no libvirt here: the daemon feeds bytes in and writes ``take_outbox()`` out;
 the memory map and the discard function are handed in. That keeps the safety logic (S1, S4,
 S5) testable on its own and the daemon a thin loop.
+
+Leases (agent/protocol.py, "Leases"). A report is served only while the token it carries is
+inside the host's window, and the discard function gets checks that it runs right before
+each slice it punches (host/punch.py): the lease is still open, and the session was not
+revoked. Revocation is how a guest reset or a stopped domain reaches a discard already under
+way: libvirt's event thread calls ``revoke()``, which writes one attribute (atomic under the
+GIL) that the next check reads; it does not wait for the loop thread, which may be the one
+busy punching.
 """
 
 from __future__ import annotations
@@ -14,13 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from aerate.agent import protocol
-from aerate.agent.protocol import HostEndpoint, HostState, Range
-from aerate.host.punch import PunchFailed, PunchRefused
+from aerate.agent.protocol import Clock, HostEndpoint, HostState, Report
+from aerate.host.punch import Check, PunchFailed, PunchRefused
 from aerate.host.refusal import PUNCH, Decision
 
-#: Discard ``length`` bytes at guest-physical ``gpa``; returns bytes discarded. Raises
-#: PunchRefused (nothing touched), PunchFailed or OSError (host/punch.py).
-Discard = Callable[[int, int], int]
+#: Discard ``length`` bytes at guest-physical ``gpa``, running every check right before each
+#: slice; returns bytes discarded. Raises PunchRefused (``done`` bytes were discarded before
+#: a check or the map said no), PunchFailed or OSError (host/punch.py).
+Discard = Callable[[int, int, Sequence[Check]], int]
 #: Is [gpa, gpa+length) wholly inside this VM's RAM? (S1, from the QEMU memory map)
 InRam = Callable[[int, int], bool]
 #: The reclaimer allowed for this VM *now* (a migration may have started meanwhile).
@@ -37,6 +46,14 @@ class Counters:
     batches: int = 0
     sessions: int = 0
     errors: int = 0
+    #: batches (and their bytes) refused because their lease token was stale or missing
+    lease_refused_batches: int = 0
+    lease_refused: int = 0
+    #: discards stopped part-way because the lease ran out or the session was revoked
+    cut_short: int = 0
+    #: slices whose fallocate ended after the lease window closed (the safety margin was
+    #: eaten: a stalled daemon); should stay 0
+    lease_overruns: int = 0
 
 
 @dataclass
@@ -68,7 +85,8 @@ class VmSession:
 
     def __init__(self, vm: str, granule: int, in_ram: InRam, discard: Discard,
                  permit: Permit, settings: Optional[Dict[str, Any]] = None,
-                 reports_per_s: float = 50.0, burst: float = 100.0) -> None:
+                 reports_per_s: float = 50.0, burst: float = 100.0,
+                 lease_s: float = 2.0, clock: Optional[Clock] = None) -> None:
         self.vm = vm
         self.granule = granule
         self.in_ram = in_ram
@@ -76,7 +94,11 @@ class VmSession:
         self.permit = permit
         self.decision = Decision("refuse", "no batch seen yet")
         self.settings = dict(settings or {})
-        self.endpoint = HostEndpoint()
+        self.endpoint = HostEndpoint(clock=clock, lease_s=lease_s)
+        #: (session id, why) once the guest was reset or the domain stopped: no discard of
+        #: that session may start any more (set from libvirt's event thread)
+        self.revoked: Tuple[int, str] = (0, "")
+        self.last_refusal = ""
         self.counters = Counters()
         self.bucket = TokenBucket(rate=reports_per_s, burst=burst, tokens=burst)
         # Statistics come every few seconds; a guest sending them much faster is flooding.
@@ -93,6 +115,21 @@ class VmSession:
 
     def _note(self, level: str, msg: str) -> None:
         self.log.append((level, "%s: %s" % (self.vm, msg)))
+
+    def revoke(self, why: str) -> None:
+        """End the current session for discards at once (any thread: one attribute write).
+
+        Called from libvirt's event thread on a guest reset (REBOOT) or a domain that stops:
+        the guest's memory is no longer what its reports described. The loop thread still
+        has to close the connection and start a new session; until then every check of the
+        revoked session fails and its reports are refused.
+        """
+        self.revoked = (self.endpoint.session, why)
+
+    def revocation(self, session: int) -> str:
+        """Why ``session`` was revoked, or ""."""
+        sid, why = self.revoked
+        return why if sid == session and why else ""
 
     def connected(self) -> None:
         """A fresh connection to the guest's port: start a new session with a new nonce.
@@ -122,8 +159,7 @@ class VmSession:
                 self._note("info", "session up: agent %s, arena %s"
                            % (payload.get("agent", "?"), payload.get("arena", "?")))
             elif kind == "report":
-                batch, ranges = payload
-                self._report(batch, ranges)
+                self._report(payload)
             elif kind == "stats":
                 if not self.stats_bucket.take():
                     self._fail("statistics flood (more than %.0f messages/s)"
@@ -147,7 +183,26 @@ class VmSession:
         self.endpoint.pending.clear()
         self._note("warning", why + "; session closed, nothing discarded")
 
-    def _report(self, batch: int, ranges: Sequence[Range]) -> None:
+    def _checks(self, session: int, token: Optional[int]) -> Tuple[Check, ...]:
+        """What host/punch.py asks right before each slice of this report's discard."""
+        endpoint = self.endpoint
+
+        def lease() -> str:
+            return endpoint.lease_problem(token)
+
+        def alive() -> str:
+            why = self.revocation(session)
+            return "session ended: %s" % why if why else ""
+
+        return (alive, lease)
+
+    def _refuse(self, batch: int, total: int, reason: str) -> None:
+        self.counters.refused += total
+        self.last_refusal = reason
+        self.endpoint.ack(batch, discarded=0, refused=total, reason=reason)
+
+    def _report(self, report: Report) -> None:
+        batch, ranges = report.batch, report.ranges
         total = sum(n for _, n in ranges)
         if not self.bucket.take():
             self._fail("report flood (more than %.0f reports/s)" % self.bucket.rate)
@@ -159,19 +214,44 @@ class VmSession:
                 return
         self.counters.reported += total
         self.counters.batches += 1
+        session = self.endpoint.session
+        revoked = self.revocation(session)
+        if revoked:
+            self._refuse(batch, total, "session ended: %s" % revoked)
+            return
+        lease = self.endpoint.lease_problem(report.token)
+        if lease:
+            # S1: the guest may have taken these pages back already; refused, not fatal: an
+            # honest guest whose report waited behind a slow daemon keeps its session.
+            self.counters.lease_refused_batches += 1
+            self.counters.lease_refused += total
+            self._note("warning", "batch %d refused: %s" % (batch, lease))
+            self._refuse(batch, total, lease)
+            return
         decision = self.decision = self.permit()
         if decision.action != PUNCH:
-            self.counters.refused += total
-            self.endpoint.ack(batch, discarded=0, refused=total, reason=decision.reason)
+            self._refuse(batch, total, decision.reason)
             return
+        checks = self._checks(session, report.token)
         done = 0
         reason = ""
         for gpa, length in ranges:
             try:
-                done += self.discard(gpa, length)
+                done += self.discard(gpa, length, checks)
             except PunchRefused as e:
+                done += e.done
                 reason = str(e)
-                self._note("warning", "batch %d: %s" % (batch, reason))
+                if e.overrun:
+                    # The window closed while that slice ran: the margin of the lease
+                    # argument was eaten (a daemon stalled mid-discard). Should never be.
+                    self.counters.lease_overruns += 1
+                    self._note("error", "batch %d: a discard slice ended after its window "
+                               "closed: %s" % (batch, reason))
+                elif e.done:
+                    self.counters.cut_short += 1
+                    self._note("warning", "batch %d: %s" % (batch, reason))
+                else:
+                    self._note("warning", "batch %d: %s" % (batch, reason))
                 break
             except (PunchFailed, OSError) as e:
                 # Abandoned for good: the ack below tells the guest nothing more will come.
@@ -180,6 +260,8 @@ class VmSession:
                 break
         self.counters.discarded += done
         self.counters.refused += total - done
+        if reason:
+            self.last_refusal = reason
         self.endpoint.ack(batch, discarded=done, refused=total - done, reason=reason)
 
     def status(self) -> Dict[str, Any]:
@@ -190,6 +272,11 @@ class VmSession:
                 "reported_bytes": c.reported, "discarded_bytes": c.discarded,
                 "refused_bytes": c.refused, "batches": c.batches, "sessions": c.sessions,
                 "errors": c.errors, "last_error": self.last_error,
+                "last_refusal": self.last_refusal,
+                "lease": {"lease_s": self.endpoint.lease_s,
+                          "refused_batches": c.lease_refused_batches,
+                          "refused_bytes": c.lease_refused, "cut_short": c.cut_short,
+                          "overruns": c.lease_overruns},
                 "agent": self.hello.get("agent"), "arena": self.hello.get("arena"),
                 "capabilities": _capabilities(self.hello.get("capabilities")),
                 "guest": {k: v for k, v in self.stats.items()
