@@ -480,6 +480,14 @@ class Report(NamedTuple):
     token: Optional[int]
 
 
+def deadline_problem(token: int, deadline: float, now: float) -> str:
+    """Why no discard under ``token`` may start at ``now`` given its ``deadline``, or ""."""
+    if now < deadline:
+        return ""
+    return ("lease token %d expired: its window closed %.2f s ago (the host serves a report "
+            "only within half of lease_s after sending its token)" % (token, now - deadline))
+
+
 class HostEndpoint:
     """The host's end of one guest's channel, as a socket-free state machine.
 
@@ -564,13 +572,13 @@ class HostEndpoint:
             if token >= self._next_token:
                 return "lease token %d was never sent in this session" % token
             return "lease token %d expired (older than this session's window)" % token
-        now = self.clock() if now is None else now
-        if now >= deadline:
-            sent, lease_s = self._tokens[token]
-            return ("lease token %d expired: sent %.2f s ago, the host's window is %.2f s "
-                    "(half of lease_s=%.2f)" % (token, now - sent, HOST_SHARE * lease_s,
-                                                lease_s))
-        return ""
+        return deadline_problem(token, deadline, self.clock() if now is None else now)
+
+    def close(self) -> None:
+        """The guest broke the protocol: no more events until ``start`` on a new connection;
+        every pending batch is forgotten (none of it will be discarded)."""
+        self.state = HostState.CLOSED
+        self.pending.clear()
 
     def keepalive_due(self, now: Optional[float] = None) -> float:
         """Seconds until the next keepalive is due (<= 0: now)."""
@@ -664,7 +672,7 @@ class HostEndpoint:
                     continue  # an older session's line, still in the pipe
                 self._handle(msg, events)
             except ProtocolError as e:
-                self.state = HostState.CLOSED
+                self.close()
                 events.append(("error", str(e)))
         return events
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import fnmatch
@@ -49,7 +50,7 @@ from aerate.host.libvirt_conn import (
 from aerate.host.punch import Check, punch
 from aerate.host.qemu_map import GuestMemoryMap, MapError, build_map, contains, gather
 from aerate.host.refusal import BALLOON, REFUSE, Decision, VmFacts, decide, domain_facts
-from aerate.host.session import VmSession
+from aerate.host.session import DiscardJob, VmSession
 
 log = logging.getLogger("aerated")
 RUN_DIR = config_mod.RUN_DIR
@@ -123,6 +124,7 @@ class VmRunner:
         self._settled_at: float | None = -math.inf  # balloon first seen at its target
         self._stats_seen: object = None
         self._restart = ""   # non-empty: start a new session at the next loop turn
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # discards (S8)
         self._stats_at = -math.inf
 
     # -- facts and policy
@@ -329,6 +331,8 @@ class VmRunner:
         finally:
             ticker.cancel()
             self.balloon_release(self.stop_reason or "aerated stopped serving this VM")
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)   # idle: every job was awaited
             os.close(lock)
 
     async def _run_locked(self) -> None:
@@ -382,7 +386,10 @@ class VmRunner:
                     continue
                 if not data:
                     raise ConnectionResetError("QEMU closed the channel socket")
-                s.receive(data)
+                job = s.feed(data)
+                while job is not None:
+                    await self._discard_off_loop(job)
+                    job = s.finish(job)
                 if s.state is HostState.RUNNING and s.endpoint.keepalive_due() <= 0:
                     s.endpoint.keepalive()
                 if s.state is HostState.RUNNING:
@@ -396,6 +403,30 @@ class VmRunner:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    async def _discard_off_loop(self, job: DiscardJob) -> None:
+        """Run one report's discard on this VM's own thread and wait for it (S8: a slow or
+        huge fallocate of one VM never holds up another VM's acks).
+
+        Cancelled meanwhile (the daemon stops serving the VM), it revokes the session so
+        the discard stops at its next slice, and still waits for it to end before the
+        cancellation goes on (S4: the VM's lock, and with it any new session, is released
+        only after its in-flight discard finished).
+        """
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"discard:{self.name}")
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, job.run)
+        cancelled = False
+        while not fut.done():
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                cancelled = True
+                if self.session is not None:
+                    self.session.revoke(self.stop_reason or "aerated stopped serving the VM")
+        if cancelled:
+            raise asyncio.CancelledError
 
     def restart_session(self, why: str) -> None:
         """Begin a new session at the next turn of the serve loop (loop thread only: the

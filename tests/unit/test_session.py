@@ -187,3 +187,28 @@ def test_hostile_stats_cannot_break_status_for_anyone() -> None:
     assert guest["engine"]["counters"] == {"passes": 3}
     assert len(guest["free_by_order"]) == 64 and len(text) < 200_000
     assert guest["arena"].isprintable()
+
+
+def test_a_discard_off_the_loop_freezes_the_session_until_it_is_finished() -> None:
+    """S4 with discards on a worker thread: while a job is out, nothing else of the session
+    happens -- no new input is taken, no new session can start -- and what arrived behind
+    the report is acted on only after its ack."""
+    s, g, calls = make()
+    b1 = g.report([(0, MiB2)])
+    fresh = GuestEndpoint({"agent": "restarted"})
+    fresh.request_sync()     # a need-sync queued right behind the report
+    job = s.feed(g.take_outbox() + fresh.take_outbox())
+    assert job is not None and job.batch == b1 and calls == []
+    with pytest.raises(RuntimeError, match="being discarded"):
+        s.feed(b"")
+    with pytest.raises(RuntimeError, match="S4"):
+        s.connected()
+    session = s.endpoint.session
+    job.run()                          # what the worker thread does
+    assert calls == [(0, MiB2)] and s.endpoint.session == session
+    assert s.finish(job) is None
+    # The ack went out for the old session, then the need-sync started a new one.
+    out = s.take_outbox()
+    assert b'"type":"ack"' in out and b'"type":"sync"' in out
+    assert out.index(b'"type":"ack"') < out.index(b'"type":"sync"')
+    assert s.endpoint.session != session and s.status()["discarded_bytes"] == MiB2
