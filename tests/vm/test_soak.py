@@ -61,8 +61,9 @@ def test_random_kills_of_agent_and_daemon_lose_no_page(guest_image: GuestImage,
                 if what == "agent":
                     pid = g.check("systemctl show -p MainPID --value aerate-agent").strip()
                     g.check("systemctl kill -s KILL aerate-agent")
-                    wait_for(lambda: g.check("systemctl show -p MainPID --value "
-                                             "aerate-agent").strip() not in ("0", pid),
+                    wait_for(lambda pid=pid: g.check("systemctl show -p MainPID --value "
+                                                     "aerate-agent").strip()
+                             not in ("0", pid),
                              90, "systemd to restart the agent")
                     # Let the new agent get its session (its orphans go back then).
                     wait_for(lambda: d.vm(g.name).get("state") == "running", 120,
