@@ -80,6 +80,9 @@ class Arena(Protocol):
     def release(self, blocks: List[Block]) -> None:
         """Return blocks to the kernel."""
 
+    def verify(self, blocks: List[Block]) -> List[Block]:
+        """Re-read the frames of held blocks; return those whose frame changed."""
+
 
 class Phase(enum.Enum):
     """What the engine is doing, for status and tests."""
@@ -132,7 +135,7 @@ class Engine:
         self._fell = False          # free units had fallen by hwm at the last look
         self.counters = {"reported_bytes": 0, "discarded_bytes": 0, "refused_bytes": 0,
                          "returned_bytes": 0, "passes": 0, "backoffs": 0, "refilled_aerated": 0,
-                         "expired_batches": 0, "orphans_returned": 0}
+                         "expired_batches": 0, "orphans_returned": 0, "moved_blocks": 0}
         self.last_reason = "starting"
         #: raw free memory beyond the reserve at the last look (bytes; an estimate)
         self.last_raw_bytes = 0
@@ -390,7 +393,17 @@ class Engine:
             self.end_pass("the kernel gave no block")
             self.phase = Phase.IDLE
             return None, idle
-        self._pass_left -= len(blocks) * units_per_block
+        moved = self._moved(blocks)
+        if moved:
+            # A held page moved between the fill and the report (migration, compaction of
+            # a CMA range, memory offlining): its old frame is not ours any more, so it is
+            # not reported; the block stays held (unreported) and goes back at the pass end.
+            self.counters["moved_blocks"] += len(moved)
+            self.last_reason = "%d held blocks moved before their report" % len(moved)
+            self.unreported.extend(moved)
+            gone = {b.pfn for b in moved}   # verify() returns the blocks passed in
+            blocks = [b for b in blocks if b.pfn not in gone]
+        self._pass_left -= (len(blocks) + len(moved)) * units_per_block
         refilled = [b for b in blocks if b.pfn in self.aerated]
         for b in refilled:
             del self.aerated[b.pfn]
@@ -405,6 +418,16 @@ class Engine:
         return ranges, delay
 
     # ------------------------------------------------------------------ status
+
+    def _moved(self, blocks: List[Block]) -> List[Block]:
+        """The blocks whose frame changed since the fill (re-read right before the report);
+        an arena that cannot tell counts all as moved (safe side: nothing reported)."""
+        if not blocks:
+            return []
+        try:
+            return list(self.arena.verify(blocks))
+        except (ArenaError, OSError):
+            return list(blocks)
 
     def held_bytes(self) -> int:
         """Bytes isolated in the arena right now (in flight, acked, orphaned)."""

@@ -64,6 +64,7 @@ class ScriptedArena:
     def __init__(self, kernel: ScriptedKernel) -> None:
         self.k = kernel
         self.held: List[Block] = []
+        self.moved: set = set()   # head pfns the "kernel" migrated after the fill
 
     def fill(self, n: int) -> List[Block]:
         out = []
@@ -77,6 +78,9 @@ class ScriptedArena:
         for b in blocks:
             self.held.remove(b)
             self.k.free_list.append(b.pfn)
+
+    def verify(self, blocks: List[Block]) -> List[Block]:
+        return [b for b in blocks if b.pfn in self.moved]
 
 
 def run(engine: Engine, steps: int, ack: bool = True, discarded: bool = True) -> List[List]:
@@ -345,6 +349,20 @@ def test_a_stopping_engine_starts_nothing_new() -> None:
     e = Engine(k, a, settings())
     e.stopping = True
     assert e.tick(0.0, can_report=True)[0] is None and a.held == []
+
+
+def test_a_block_that_moved_before_its_report_is_not_reported() -> None:
+    """The PFN re-check right before a report: a held page migrated since the fill is an
+    incident, counted, and its old frame is never reported."""
+    k = ScriptedKernel(free_blocks=16)
+    a = ScriptedArena(k)
+    e = Engine(k, a, settings(capacity=16))   # the first batch takes 4 blocks
+    first = k.free_list[-1]   # the fill takes the top of the LIFO list first
+    a.moved.add(first)
+    ranges, _ = e.tick(0.0, can_report=True)
+    assert ranges and all(not (g <= first * 4096 < g + n) for g, n in ranges)
+    assert e.counters["moved_blocks"] == 1
+    assert any(b.pfn == first for b in e.unreported)
 
 
 def test_stats_only_and_disabled_never_fill() -> None:

@@ -110,7 +110,16 @@ def resume_and_see_refusal(d: Aerated, name: str, before: dict[str, Any],
     assert lease(d, name)["overruns"] == 0, st
     if quiet_guest:
         assert st["discarded_bytes"] == before["discarded_bytes"], (
-            "the resumed daemon discarded a report whose pages the guest had taken back", st)
+            "the resumed daemon discarded a report whose pages the guest had taken back",
+            st, d.log_text()[-6000:])
+
+
+def quiet(g: Guest, d: Aerated) -> None:
+    """Wait until the session runs and the agent's pass is over (idle twice in a row, a
+    second apart): from here nothing is reported until the guest frees memory."""
+    def idle() -> bool:
+        return d.vm(g.name).get("state") == "running" and agent_status(g).startswith("idle")
+    wait_for(lambda: idle() and (time.sleep(1) or idle()), 300, "a quiet session")
 
 
 def snapshot(d: Aerated, name: str) -> dict[str, Any]:
@@ -124,8 +133,7 @@ def test_agent_stop_with_a_report_in_flight_never_gets_it_punched(
     g, d = vm
     start_checker(g, mib=160, duration=100 * rounds(2), churn=2)
     for _ in range(rounds(2)):
-        wait_for(lambda: d.vm(g.name).get("state") == "running" and
-                 agent_status(g).startswith(("idle", "filling")), 300, "a quiet session")
+        quiet(g, d)
         before = snapshot(d, g.name)
         report_in_flight(g, d)
         t0 = time.monotonic()
@@ -151,8 +159,7 @@ def test_guest_reboot_with_a_report_in_flight_never_gets_it_punched(
     kernel and programs land on the pages the stale report names."""
     g, d = vm
     for _ in range(rounds(1)):
-        wait_for(lambda: d.vm(g.name).get("state") == "running" and
-                 agent_status(g).startswith(("idle", "filling")), 300, "a quiet session")
+        quiet(g, d)
         before = snapshot(d, g.name)
         report_in_flight(g, d)
         g.run("systemctl reboot", 30)
@@ -171,8 +178,7 @@ def test_agent_sigkill_with_a_report_in_flight_never_gets_it_punched(
         vm: tuple[Guest, Aerated]) -> None:
     g, d = vm
     for _ in range(rounds(1)):
-        wait_for(lambda: d.vm(g.name).get("state") == "running" and
-                 agent_status(g).startswith(("idle", "filling")), 300, "a quiet session")
+        quiet(g, d)
         before = snapshot(d, g.name)
         report_in_flight(g, d)
         held = surplus(g)
