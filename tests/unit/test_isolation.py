@@ -1,0 +1,143 @@
+"""S8: one VM's stuck libvirt never delays another VM's acks; a timeout refuses that VM.
+
+The real daemon code paths (Daemon, VmRunner, VmWorker, VmSession, HostEndpoint, the permit
+cache, the memory map checks and host/punch.py on a memfd) with a MOCK of libvirtd only
+(daemon_sim.FakeLibvirt: libvirtd cannot be made slow for one VM on demand here). Guests are
+the real GuestEndpoint over unix sockets the daemon connects to, as to QEMU's chardev.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+from daemon_sim import FakeLibvirt, SimGuest, new_daemon, new_vm
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def run(tmp_path: Path, body: Callable[[Any, FakeLibvirt, dict[str, SimGuest]],
+                                       Awaitable[None]],
+        names: tuple[str, ...] = ("A", "B"), **timing: float) -> None:
+    async def main() -> None:
+        conn = FakeLibvirt()
+        guests: dict[str, SimGuest] = {}
+        for n in names:
+            vm = new_vm(n, str(tmp_path))
+            conn.add(vm)
+            # Reports are sent by the test itself (report_s very long).
+            guests[n] = SimGuest(n, vm.sock, report_s=3600, stats_s=3600)
+            await guests[n].start()
+        daemon = new_daemon(conn, str(tmp_path), **timing)
+        try:
+            await body(daemon, conn, guests)
+        finally:
+            conn.stop()
+            for n in list(daemon.runners):
+                daemon.stop_runner(n, "test over")
+            for g in guests.values():
+                await g.stop()
+            daemon.pool.shutdown(wait=False, cancel_futures=True)
+            for vm in conn.vms.values():
+                os.close(vm.fd)
+
+    asyncio.run(main())
+
+
+async def report_and_wait(daemon: Any, guest: SimGuest, timeout: float) -> float:
+    """Send one report from ``guest`` through its live connection; seconds to its ack."""
+    got = asyncio.Event()
+    guest.on_ack = lambda g: got.set()
+    runner = daemon.runners[guest.name]
+    await until(lambda: runner.state.value == "running", 5, f"{guest.name} running")
+    assert guest.ep is not None and guest.writer is not None
+    t0 = time.monotonic()
+    assert guest.report_now(guest.ep, guest.writer) is not None
+    await asyncio.wait_for(got.wait(), timeout)
+    return time.monotonic() - t0
+
+
+def test_a_vm_whose_domain_xml_sleeps_10s_does_not_delay_another_vms_ack(
+        tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        conn.slow[("A", "domain_xml")] = 10.0
+        daemon.start_runner("A")
+        await asyncio.sleep(0.05)  # A is now inside its 10 s domain_xml
+        daemon.start_runner("B")
+        await until(lambda: guests["B"].sessions > 0, 5, "B's session")
+        took = await report_and_wait(daemon, guests["B"], 5)
+        assert took < 0.5, f"B's report took {took:.3f} s to be acked"
+        _, discarded, refused, _ = guests["B"].acks[-1]
+        assert discarded == 4 * (2 << 20) and refused == 0, guests["B"].acks
+        assert daemon.runners["A"].state.value == "preparing"
+        # The loop stays responsive while A's call sleeps: status answers at once.
+        t0 = time.monotonic()
+        status = await daemon.handle({"cmd": "status"})
+        assert time.monotonic() - t0 < 0.1 and len(status["vms"]) == 2
+
+    run(tmp_path, body)
+
+
+def test_a_timed_out_libvirt_call_refuses_that_vm_with_the_reason(tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        conn.slow[("A", "domain_xml")] = 10.0
+        daemon.start_runner("A")
+        runner = daemon.runners["A"]
+        await until(lambda: runner.state.value == "retrying", 5, "A's call to time out")
+        assert runner.reason == "libvirt call domain_xml timed out after 0.5 s"
+        status = await daemon.handle({"cmd": "status"})
+        (a,) = status["vms"]
+        assert a["reason"] == runner.reason and a["libvirt_calls"]["hung"] == "domain_xml"
+
+    run(tmp_path, body, names=("A",), call_timeout=0.5)
+
+
+def test_a_hung_job_query_refuses_the_next_batch_and_status_says_why(tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        await report_and_wait(daemon, guests["A"], 2)
+        assert guests["A"].acks[-1][1] > 0  # punched while libvirt answers
+        conn.slow[("A", "job_info")] = 30.0
+        runner = daemon.runners["A"]
+        await until(lambda: runner.permit().action == "refuse", 5, "the permit to refuse")
+        await report_and_wait(daemon, guests["A"], 2)
+        _, discarded, refused, _ = guests["A"].acks[-1]
+        assert discarded == 0 and refused > 0
+        assert "timed out" in runner.session.decision.reason, runner.session.decision
+        status = await daemon.handle({"cmd": "status"})
+        assert "timed out" in status["vms"][0]["permit"]["reason"]
+
+    run(tmp_path, body, names=("A",), call_timeout=0.3, permit_refresh=0.1,
+        permit_max_age=1.0)
+
+
+def test_a_permit_expires_when_the_refresh_is_late_even_without_a_timeout(
+        tmp_path: Path) -> None:
+    """Refresh calls that hang longer than the PUNCH may live (timeout > max age): the
+    permit turns to REFUSE at max age, not at the timeout."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        runner = daemon.runners["A"]
+        assert runner.permit().action == "punch"
+        conn.slow[("A", "job_info")] = 30.0
+        t0 = time.monotonic()
+        await until(lambda: runner.permit().action == "refuse", 5, "the permit to expire")
+        assert time.monotonic() - t0 < 1.5
+        assert "old" in runner.permit().reason
+
+    run(tmp_path, body, names=("A",), call_timeout=20.0, permit_refresh=0.1,
+        permit_max_age=0.5)
