@@ -94,6 +94,10 @@ READ_CHUNK = 4096
 #: How often the balloon controller looks again without a new statistics message (it
 #: notices a silent guest this way).
 BALLOON_TICK = 1.0
+#: After restoring a saved balloon size: how many seconds to watch it arrive, and how close
+#: counts as arrived (the settle margin of host/balloon.py).
+RESTORE_CHECKS = 10
+RESTORE_SLACK = 16 << 20
 
 
 class DaemonError(RuntimeError):
@@ -388,8 +392,15 @@ class VmRunner:
                          "squeezed it: %s", self.name, actual >> 20, rec.target_bytes >> 20,
                          why)
             self.balloon_target = None
-            await self._forget_record_if_back(
-                actual if actual >= rec.target_bytes else -1, 0)
+            # The guest gives pages back at its own pace: look again for a while, so the
+            # record goes once the balloon is back (else the next start restores again).
+            for _ in range(RESTORE_CHECKS):
+                actual, _ = await self.worker.call(
+                    "balloon_info", self.daemon.conn.balloon_info, self.name)
+                await self._forget_record_if_back(actual, RESTORE_SLACK)
+                if self._balloon_record is None:
+                    break
+                await asyncio.sleep(1.0)
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
             log.warning("%s: balloon left at its squeezed size: %s (%s); aerated retries, "
                         "or give the VM its memory back with virsh setmem %s %d KiB",
@@ -417,9 +428,12 @@ class VmRunner:
             await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                    self.name, size)
             self.balloon_target = None
+            actual, _ = await self.worker.call(
+                "balloon_info", self.daemon.conn.balloon_info, self.name)
+            await self._forget_record_if_back(actual, RESTORE_SLACK)
             log.info("%s: balloon deflated to %d MiB: %s, so no controller watches it any "
                      "more", self.name, size >> 20, why)
-        except (LibvirtUnavailable, DomainError, CallTimeout) as e:
+        except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
             log.warning("%s: balloon left squeezed: %s (%s); the record in %s restores it "
                         "at the next start, or use virsh setmem", self.name, e, why,
                         self.daemon.balloons.dir)
@@ -527,7 +541,8 @@ class VmRunner:
         finally:
             for t in tasks:
                 t.cancel()
-            self._set_state(RunnerState.STOPPED, self.stop_reason)
+            if self.stop_reason:  # cancelled; a no-channel runner keeps saying why it idles
+                self._set_state(RunnerState.STOPPED, self.stop_reason)
             try:
                 await asyncio.shield(
                     self.balloon_release(self.stop_reason or "aerated stopped serving it"))

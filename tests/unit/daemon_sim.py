@@ -37,16 +37,18 @@ GRANULE = 2 * MiB
 RAM = 256 * MiB
 
 
-def domain_xml(name: str, sock: str) -> str:
-    """A live domain XML with shared memfd RAM, the aerate channel at ``sock``, a balloon."""
+def domain_xml(name: str, sock: str, private: bool = False, channel: bool = True,
+               autodeflate: bool = True) -> str:
+    """A live domain XML with shared memfd RAM (or libvirt's default private RAM), the aerate
+    channel at ``sock`` and a virtio balloon."""
+    backing = "" if private else \
+        "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
+    chan = (f"<channel type='unix'><source mode='bind' path='{sock}'/>"
+            "<target type='virtio' name='org.aerate.agent.0'/></channel>") if channel else ""
+    deflate = " autodeflate='on'" if autodeflate else ""
     return (f"<domain type='qemu'><name>{name}</name>"
-            "<memory unit='KiB'>262144</memory>"
-            "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
-            "<devices>"
-            f"<channel type='unix'><source mode='bind' path='{sock}'/>"
-            "<target type='virtio' name='org.aerate.agent.0'/></channel>"
-            "<memballoon model='virtio' autodeflate='on'/>"
-            "</devices></domain>")
+            f"<memory unit='KiB'>262144</memory>{backing}<devices>{chan}"
+            f"<memballoon model='virtio'{deflate}/></devices></domain>")
 
 
 @dataclass
@@ -88,6 +90,9 @@ class FakeLibvirt:
         self.balloon: Dict[str, Tuple[int, int]] = {}  # name -> (actual, maximum)
         self.balloon_sets: List[Tuple[str, int]] = []
         self.job: Dict[str, JobInfo] = {}
+        self.private: set[str] = set()  # VMs with private anonymous RAM (balloon reclaimer)
+        self.no_channel: set[str] = set()
+        self.no_autodeflate: set[str] = set()
         self._lock = threading.Lock()
         self.release = threading.Event()  # set: every sleeping call returns at once
 
@@ -123,7 +128,8 @@ class FakeLibvirt:
     def domain_xml(self, name: str, inactive: bool = False) -> str:
         """The simulated domain's XML."""
         vm = self._enter(name, "domain_xml")
-        return domain_xml(name, vm.sock)
+        return domain_xml(name, vm.sock, name in self.private, name not in self.no_channel,
+                          name not in self.no_autodeflate)
 
     def job_info(self, name: str) -> JobInfo:
         """Idle, unless a test set ``job[name]``."""
@@ -142,6 +148,11 @@ class FakeLibvirt:
     def memory_map(self, name: str) -> Tuple[GuestMemoryMap, Dict[str, Backing]]:
         """The memfd-backed map of the simulated VM."""
         vm = self._enter(name, "memory_map")
+        if name in self.private:
+            return vm.gmap, {"pc.ram": Backing(
+                vm_pid=os.getpid(), block_name="pc.ram", kind=BackingKind.ANON_PRIVATE,
+                reason="private anonymous RAM of a simulated guest", page_size=4096,
+                length=RAM)}
         return vm.gmap, {"pc.ram": vm.backing}
 
     def balloon_info(self, name: str) -> Tuple[int, int]:
@@ -166,6 +177,7 @@ class SimGuest:
     report_s: float = 2.0
     stats_s: float = 5.0
     blocks: int = 4  # 2 MiB blocks per report
+    mem_free: int = 128 * MiB  # what its stats say
     latencies: List[float] = field(default_factory=list)
     acks: List[Tuple[int, int, int, str]] = field(default_factory=list)  # batch, disc, ref, why
     sessions: int = 0
@@ -250,12 +262,16 @@ class SimGuest:
                 self.report_now(ep, writer)
             if now >= next_stats:
                 next_stats += self.stats_s
-                ep.send({"type": "stats", "mem_free": 128 * MiB,
-                         "watermark_high_bytes": 8 * MiB, "psi_some_avg10": 0.0,
-                         "engine": {"held_bytes": 0, "aerated_bytes": 0}})
-                out = ep.take_outbox()
-                if out:
-                    writer.write(out)
+                self.send_stats(ep, writer)
+
+    def send_stats(self, ep: GuestEndpoint, writer: asyncio.StreamWriter) -> None:
+        """One statistics message, as the agent sends every stats_interval_s."""
+        ep.send({"type": "stats", "mem_free": self.mem_free,
+                 "watermark_high_bytes": 8 * MiB, "psi_some_avg10": 0.0,
+                 "engine": {"held_bytes": 0, "aerated_bytes": 0}})
+        out = ep.take_outbox()
+        if out:
+            writer.write(out)
 
 
 def percentile(values: List[float], q: float) -> float:

@@ -73,11 +73,14 @@ def test_a_vm_whose_domain_xml_sleeps_10s_does_not_delay_another_vms_ack(
         tmp_path: Path) -> None:
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
         conn.slow[("A", "domain_xml")] = 10.0
-        daemon.start_runner("A")
-        await asyncio.sleep(0.05)  # A is now inside its 10 s domain_xml
         daemon.start_runner("B")
         await until(lambda: guests["B"].sessions > 0, 5, "B's session")
-        took = await report_and_wait(daemon, guests["B"], 5)
+        # Timed from before A starts: were A's 10 s call on the loop, it would be in here.
+        t0 = time.monotonic()
+        daemon.start_runner("A")
+        await asyncio.sleep(0.05)  # A is now inside its 10 s domain_xml
+        await report_and_wait(daemon, guests["B"], 5)
+        took = time.monotonic() - t0
         assert took < 0.5, f"B's report took {took:.3f} s to be acked"
         _, discarded, refused, _ = guests["B"].acks[-1]
         assert discarded == 4 * (2 << 20) and refused == 0, guests["B"].acks
@@ -141,3 +144,111 @@ def test_a_permit_expires_when_the_refresh_is_late_even_without_a_timeout(
 
     run(tmp_path, body, names=("A",), call_timeout=20.0, permit_refresh=0.1,
         permit_max_age=0.5)
+
+
+def test_a_batch_beyond_the_discard_budget_is_refused_counted_and_shown(
+        tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.config.defaults.update({"discard_batch_mib": 4})
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        await report_and_wait(daemon, guests["A"], 2)  # 4 ranges of 2 MiB: 8 MiB
+        _, discarded, refused, _ = guests["A"].acks[-1]
+        assert (discarded, refused) == (4 << 20, 4 << 20)
+        status = (await daemon.handle({"cmd": "status"}))["vms"][0]
+        assert status["budget"]["bites"] == 1
+        assert "discard_batch_mib" in status["budget"]["reason"]
+        assert status["refused_bytes"] == 4 << 20
+
+    run(tmp_path, body, names=("A",))
+
+
+def test_an_input_flood_ends_the_session_within_the_budget(tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.config.defaults.update({"input_kib_s": 64})  # burst: 256 KiB
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        runner = daemon.runners["A"]
+        await until(lambda: runner.state.value == "running", 5, "A running")
+        assert guests["A"].writer is not None
+        guests["A"].writer.write(b"\xff" * (10 << 20))
+        await until(lambda: runner.state.value == "retrying", 10, "the flood to be cut off")
+        assert "input flood" in runner.reason and runner.input_budget.floods == 1
+
+    run(tmp_path, body, names=("A",))
+
+
+def _private(conn: FakeLibvirt, guests: dict[str, SimGuest], name: str) -> None:
+    conn.private.add(name)
+    conn.balloon[name] = (4096 << 20, 4096 << 20)
+    guests[name].mem_free = 3072 << 20
+
+
+def test_a_squeezed_balloon_left_by_a_dead_daemon_is_restored_at_start(
+        tmp_path: Path) -> None:
+    """The first daemon dies without releasing anything (as under SIGKILL: its release
+    path is disabled); the second one, whatever it decides for the VM now (here: the
+    domain lost its aerate channel), puts the balloon back to the saved size."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        _private(conn, guests, "P")
+        daemon.start_runner("P")
+        runner = daemon.runners["P"]
+        await until(lambda: guests["P"].ep is not None and runner.state.value == "running",
+                    5, "P running")
+        assert guests["P"].ep is not None and guests["P"].writer is not None
+        guests["P"].send_stats(guests["P"].ep, guests["P"].writer)
+        await until(lambda: conn.balloon["P"][0] < 4096 << 20, 5, "the first inflate")
+        rec = daemon.balloons.load("P")
+        assert rec is not None and rec.target_bytes == 4096 << 20
+        squeezed = conn.balloon["P"][0]
+
+        async def no_release(why: str) -> None:
+            return None
+
+        runner.balloon_release = no_release  # the SIGKILL stand-in: nothing runs at death
+        daemon.stop_runner("P", "killed")
+        await asyncio.gather(runner.task, return_exceptions=True)
+        assert conn.balloon["P"][0] == squeezed and daemon.balloons.load("P") is not None
+
+        conn.no_channel.add("P")
+        from daemon_sim import new_daemon as again
+        second = again(conn, daemon.run_dir)
+        second.start_runner("P")
+        await until(lambda: conn.balloon["P"][0] == 4096 << 20, 5, "the restore")
+        await until(lambda: second.balloons.load("P") is None, 5, "the record's removal")
+        await until(lambda: second.runners["P"].state.value == "no-channel", 5, "no-channel")
+        for n in list(second.runners):
+            second.stop_runner(n, "test over")
+
+    run(tmp_path, body, names=("P",))
+
+
+def test_a_record_of_a_vm_this_daemon_does_not_serve_is_restored_too(tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        _private(conn, guests, "P")
+        conn.balloon["P"] = (3000 << 20, 4096 << 20)
+        daemon.balloons.save("P", 4096 << 20, 4096 << 20)
+        daemon.balloons.save("gone", 1 << 30, 1 << 30)  # a VM that no longer runs
+        daemon.only = ("other-*",)
+        daemon.resync()
+        await until(lambda: conn.balloon["P"][0] == 4096 << 20, 5, "the restore")
+        await until(lambda: daemon.balloons.all()[0] == [], 5, "both records removed")
+        assert "P" not in daemon.runners
+
+    run(tmp_path, body, names=("P",))
+
+
+def test_no_inflate_without_autodeflate(tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        _private(conn, guests, "P")
+        conn.no_autodeflate.add("P")
+        daemon.start_runner("P")
+        runner = daemon.runners["P"]
+        await until(lambda: guests["P"].ep is not None and runner.state.value == "running",
+                    5, "P running")
+        assert guests["P"].ep is not None and guests["P"].writer is not None
+        guests["P"].send_stats(guests["P"].ep, guests["P"].writer)
+        await until(lambda: "autodeflate" in runner.balloon_reason, 5, "the refusal")
+        assert conn.balloon_sets == [] and daemon.balloons.load("P") is None
+
+    run(tmp_path, body, names=("P",))
