@@ -252,3 +252,43 @@ def test_no_inflate_without_autodeflate(tmp_path: Path) -> None:
         assert conn.balloon_sets == [] and daemon.balloons.load("P") is None
 
     run(tmp_path, body, names=("P",))
+
+
+def test_watchdog_pings_and_status_lines_come_from_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    addr = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(addr)
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", addr)
+    got: list[str] = []
+
+    def drain() -> list[str]:
+        while True:
+            try:
+                got.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return got
+
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        pinger = asyncio.get_running_loop().create_task(daemon._systemd_loop(0.2))
+        try:
+            await until(lambda: "WATCHDOG=1" in drain(), 2, "a watchdog ping")
+            assert any(m.startswith("STATUS=0 VMs") for m in got), got
+            daemon.start_runner("A")
+            await until(lambda: daemon.runners["A"].state.value == "running", 5, "A running")
+            await report_and_wait(daemon, guests["A"], 2)
+            await until(lambda: any("1 running" in m and "8 MiB discarded" in m
+                                    and "libvirt up" in m for m in drain()), 3,
+                        "a STATUS= line with the running VM and the bytes discarded")
+            t0 = time.monotonic()
+            before = sum(m == "WATCHDOG=1" for m in drain())
+            await until(lambda: sum(m == "WATCHDOG=1" for m in drain()) >= before + 5, 2,
+                        "five more pings")
+            assert time.monotonic() - t0 < 1.0  # every WatchdogSec/2 = 0.1 s
+        finally:
+            pinger.cancel()
+            sock.close()
+
+    run(tmp_path, body, names=("A",))
