@@ -103,17 +103,41 @@ class DiscardBudget:
                 "refused_bytes": self.refused, "bites": self.bites, "reason": self.reason}
 
 
+#: Loop CPU one VM's input handling may use: a share of one core, and a burst in seconds.
+#: An honest agent's messages cost tens of microseconds each, a few per second; the time
+#: its discards take is not counted here (the discard budget bounds that).
+LOOP_SHARE = 0.05
+LOOP_BURST_S = 0.25
+
+
 class InputBudget:
-    """Bytes per second a VM's channel may deliver before its session is ended."""
+    """Bytes and loop CPU a VM's channel may cost before its session is ended.
 
-    def __init__(self, rate_kib_s: int, burst_kib: int) -> None:
+    Two buckets, both charged after each read: bytes (``rate_kib_s``, ``burst_kib``) and
+    loop-thread CPU seconds spent parsing (``LOOP_SHARE`` of a core, ``LOOP_BURST_S``).
+    The CPU bucket is the bound that holds whatever the input's shape (a run of 0xFF
+    markers costs more per byte than a long line): a flood costs the loop at most
+    ``LOOP_BURST_S`` + ``LOOP_SHARE`` x its duration, plus one read's worth, then the
+    session ends and the reconnect backoff (1 s doubling to 30 s) spaces out the next.
+    """
+
+    def __init__(self, rate_kib_s: int, burst_kib: int, loop_share: float = LOOP_SHARE,
+                 loop_burst_s: float = LOOP_BURST_S) -> None:
         self.bucket = Bucket(rate=rate_kib_s * KiB, burst=burst_kib * KiB)
+        self.cpu = Bucket(rate=loop_share, burst=loop_burst_s)
         self.floods = 0
+        self.cpu_used = 0.0  # loop CPU seconds charged so far
 
-    def take(self, n: int, now: float) -> str:
-        """'' while within budget, else the reason to end the session."""
-        if self.bucket.take(n, now):
-            return ""
-        self.floods += 1
-        return (f"input flood: more than {self.bucket.rate / KiB:g} KiB/s from the guest "
-                f"(burst {self.bucket.burst / KiB:g} KiB; setting input_kib_s)")
+    def take(self, n: int, now: float, cpu_s: float = 0.0) -> str:
+        """Charge ``n`` bytes and ``cpu_s`` loop seconds: '' while within budget, else
+        the reason to end the session."""
+        self.cpu_used += cpu_s
+        if not self.bucket.take(n, now):
+            self.floods += 1
+            return (f"input flood: more than {self.bucket.rate / KiB:g} KiB/s from the "
+                    f"guest (burst {self.bucket.burst / KiB:g} KiB; setting input_kib_s)")
+        if not self.cpu.take(cpu_s, now) and self.cpu.rate > 0:
+            self.floods += 1
+            return (f"input flood: parsing the guest's input took more than "
+                    f"{100 * self.cpu.rate:g} % of a core (burst {self.cpu.burst:g} s)")
+        return ""

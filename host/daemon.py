@@ -188,6 +188,8 @@ class VmRunner:
         values = self.effective_settings()
         self.budget = DiscardBudget(values["discard_batch_mib"], values["discard_rate_mib_s"])
         self.input_budget = InputBudget(values["input_kib_s"], 4 * values["input_kib_s"])
+        self._discard_cpu = 0.0  # loop CPU seconds spent in discards (not input handling)
+        self._stopped = False  # run() ended: its helper loops stop
         # Balloon reclaimer: the last target we asked libvirt for (None: we never moved
         # it, or it is back at full memory), what libvirt last said, and why.
         self.balloon_target: int | None = None
@@ -280,11 +282,14 @@ class VmRunner:
         self._wake_refresh.set()
 
     async def _refresh_loop(self) -> None:
-        while True:
+        # The flag, not only the cancel, ends it: asyncio.wait_for of Python 3.11 can
+        # swallow a cancel that races with the call's own answer.
+        while not self._stopped:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_refresh.wait(), self.daemon.permit_refresh)
             self._wake_refresh.clear()
-            await self.refresh_permit()
+            if not self._stopped:
+                await self.refresh_permit()
 
     def guest_settings(self) -> dict[str, Any]:
         """The settings the agent gets: a ballooned VM's agent stays stats-only, because
@@ -439,11 +444,12 @@ class VmRunner:
                         self.daemon.balloons.dir)
 
     async def _balloon_loop(self) -> None:
-        while True:
+        while not self._stopped:  # see _refresh_loop
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_balloon.wait(), BALLOON_TICK)
             self._wake_balloon.clear()
-            await self.balloon_tick()
+            if not self._stopped:
+                await self.balloon_tick()
 
     # -- discards
 
@@ -454,8 +460,12 @@ class VmRunner:
         why = self.budget.check(self.session.counters.batches, length, time.monotonic())
         if why:
             raise PunchRefused(self.name, gpa, length, why)
-        return self.daemon.punch(self.name, self.gmap, self.backings, gpa, length,
-                                 self.session.granule, self.permit)
+        t0 = time.thread_time()
+        try:
+            return self.daemon.punch(self.name, self.gmap, self.backings, gpa, length,
+                                     self.session.granule, self.permit)
+        finally:
+            self._discard_cpu += time.thread_time() - t0
 
     def _in_ram(self, gpa: int, length: int) -> bool:
         assert self.gmap is not None and self.session is not None
@@ -539,8 +549,10 @@ class VmRunner:
             tasks.append(loop.create_task(self._balloon_loop(), name=f"balloon:{self.name}"))
             await self._run_locked(tasks)
         finally:
+            self._stopped = True
             for t in tasks:
                 t.cancel()
+            await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
             if self.stop_reason:  # cancelled; a no-channel runner keeps saying why it idles
                 self._set_state(RunnerState.STOPPED, self.stop_reason)
             try:
@@ -597,10 +609,13 @@ class VmRunner:
                     continue
                 if not data:
                     raise ConnectionResetError("QEMU closed the channel socket")
-                flood = self.input_budget.take(len(data), time.monotonic())
-                if flood:
-                    raise GuestFlood(f"{flood}; session ended, nothing more discarded")
+                # Loop CPU of this read's handling, minus the discards' own (budgeted apart).
+                cpu0, disc0 = time.thread_time(), self._discard_cpu
                 s.receive(data)
+                spent = time.thread_time() - cpu0 - (self._discard_cpu - disc0)
+                flood = self.input_budget.take(len(data), time.monotonic(), max(0.0, spent))
+                if flood:
+                    raise GuestFlood(f"{flood}; session ended")
                 if s.state is HostState.RUNNING and self.state is not RunnerState.RUNNING:
                     self._set_state(RunnerState.RUNNING)
                 if s.stats is not self._stats_seen:

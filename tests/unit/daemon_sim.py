@@ -185,6 +185,7 @@ class SimGuest:
     _sent: Dict[int, float] = field(default_factory=dict)
     _server: Optional[asyncio.AbstractServer] = None
     _tasks: List[asyncio.Task[None]] = field(default_factory=list)
+    _writers: List[asyncio.StreamWriter] = field(default_factory=list)
     _next: int = 0
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     #: The live connection's endpoint and writer (None until the daemon connects).
@@ -196,16 +197,21 @@ class SimGuest:
         self._server = await asyncio.start_unix_server(self._serve, path=self.sock)
 
     async def stop(self) -> None:
-        """Close the socket and every connection."""
+        """Close the socket and every connection (closing, not cancelling: a cancelled
+        stream handler makes asyncio log a traceback)."""
         for t in self._tasks:
             t.cancel()
         if self._server is not None:
             self._server.close()
+        for w in self._writers:
+            w.close()
+        await asyncio.sleep(0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ep = GuestEndpoint({"agent": "sim", "arena": "memfd", "page_size": 4096,
                             "capabilities": {}})
         self.ep, self.writer = ep, writer
+        self._writers.append(writer)
         ticker = asyncio.get_running_loop().create_task(self._tick(ep, writer))
         self._tasks.append(ticker)
         try:
@@ -294,3 +300,14 @@ def new_daemon(conn: FakeLibvirt, run_dir: str, **timing: float) -> Any:
             raise AttributeError(f"Daemon has no timing knob {k!r}")
         setattr(d, k, v)
     return d
+
+
+async def stop_daemon(daemon: Any, conn: FakeLibvirt) -> None:
+    """Stop every runner and wait for them (their finally blocks use the pool), then the
+    pool; sleeping fake calls are released first."""
+    conn.stop()
+    tasks = [r.task for r in daemon.runners.values() if r.task is not None]
+    for name in list(daemon.runners):
+        daemon.stop_runner(name, "test over")
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    daemon.pool.shutdown(wait=False, cancel_futures=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import pytest
-from daemon_sim import FakeLibvirt, SimGuest, new_daemon, new_vm
+from daemon_sim import FakeLibvirt, SimGuest, new_daemon, new_vm, stop_daemon
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -44,12 +44,9 @@ def run(tmp_path: Path, body: Callable[[Any, FakeLibvirt, dict[str, SimGuest]],
         try:
             await body(daemon, conn, guests)
         finally:
-            conn.stop()
-            for n in list(daemon.runners):
-                daemon.stop_runner(n, "test over")
+            await stop_daemon(daemon, conn)
             for g in guests.values():
                 await g.stop()
-            daemon.pool.shutdown(wait=False, cancel_futures=True)
             for vm in conn.vms.values():
                 os.close(vm.fd)
 
@@ -217,8 +214,7 @@ def test_a_squeezed_balloon_left_by_a_dead_daemon_is_restored_at_start(
         await until(lambda: conn.balloon["P"][0] == 4096 << 20, 5, "the restore")
         await until(lambda: second.balloons.load("P") is None, 5, "the record's removal")
         await until(lambda: second.runners["P"].state.value == "no-channel", 5, "no-channel")
-        for n in list(second.runners):
-            second.stop_runner(n, "test over")
+        await stop_daemon(second, conn)
 
     run(tmp_path, body, names=("P",))
 
