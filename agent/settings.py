@@ -62,6 +62,14 @@ TABLE: Tuple[Setting, ...] = (
             help="lease on reports: the host discards nothing later than half of this after "
                  "sending the token a report carries; a guest returns un-acked pages only "
                  "this long after receiving it (keepalives every quarter of it)"),
+    Setting("discard_batch_mib", int, 2048, 2, 1 << 30, scope="host",
+            help="most MiB the host discards for one report batch; the rest is refused "
+                 "(the default fits the largest honest batch: capacity 1024 x 2 MiB)"),
+    Setting("discard_rate_mib_s", int, 4096, 0, 1 << 30, scope="host",
+            help="most MiB/s the host discards for one VM, bursts of 2 s (0 = no cap)"),
+    Setting("input_kib_s", int, 1024, 64, 1 << 20, scope="host",
+            help="most KiB/s read from a VM's channel (bursts of 4 s); a flood beyond it "
+                 "ends the session"),
 )
 
 BY_NAME: Dict[str, Setting] = {s.name: s for s in TABLE}

@@ -9,12 +9,14 @@ Policy (DESIGN "Reclaim on the host", balloon):
 - inflate (shrink the guest) only by free memory beyond the zone high watermarks +
   ``reserve``, at most ``step`` per decision, only once the last target was reached, on
   statistics taken after that, and not soon after a deflate; never below the floor (the
-  larger of ``floor`` x maximum and the guest's used memory + watermarks + reserve);
+  largest of ``floor`` x maximum, the domain's ``<memtune><min_guarantee>`` and the guest's
+  used memory + watermarks + reserve);
 - deflate to full memory at once when free memory falls under ``reserve``/2, PSI exceeds
   ``psi_threshold``, the statistics are missing, malformed or older than 3 intervals,
   or reclaim is not allowed now;
 - between those (free in [reserve/2, reserve + hysteresis]) hold: no oscillation.
-Whatever the guest says, the target stays within [floor x maximum, maximum].
+Whatever the guest says, the target stays within [max(floor x maximum, min_guarantee),
+maximum].
 """
 
 from __future__ import annotations
@@ -40,14 +42,18 @@ class BalloonSettings:
     hysteresis: int = 64 * MiB  # surplus below this is left alone
     settle: int = 16 * MiB  # actual within this of the target: the balloon arrived
     cooldown_intervals: float = 3.0  # no inflation this many stats intervals after a deflate
+    min_guarantee: int = 0  # the domain's <memtune><min_guarantee>: a floor in bytes
 
     @classmethod
-    def from_settings(cls, values: Mapping[str, Any]) -> BalloonSettings:
-        """From the effective settings (agent/settings.py TABLE names)."""
+    def from_settings(cls, values: Mapping[str, Any], min_guarantee: int = 0
+                      ) -> BalloonSettings:
+        """From the effective settings (agent/settings.py TABLE names) and the domain's
+        <memtune><min_guarantee> in bytes."""
         return cls(reserve=int(values["reserve_mib"]) * MiB,
                    psi_threshold=float(values["psi_threshold"]),
                    floor_fraction=float(values["floor"]),
-                   stats_interval_s=float(values["stats_interval_s"]))
+                   stats_interval_s=float(values["stats_interval_s"]),
+                   min_guarantee=max(0, int(min_guarantee)))
 
 
 @dataclass(frozen=True)
@@ -103,9 +109,11 @@ def parse_stats(raw: Any, age_s: float, maximum: int) -> tuple[GuestStats | None
 
 
 def floor_bytes(maximum: int, s: BalloonSettings) -> int:
-    """The smallest target whatever the guest says: floor x maximum, rounded up to MiB."""
+    """The smallest target whatever the guest says: max(floor x maximum, the domain's
+    min_guarantee), rounded up to MiB, never above maximum."""
     fraction = min(1.0, max(0.0, s.floor_fraction))
-    return min(maximum, -(-math.ceil(fraction * maximum) // MiB) * MiB)
+    low = max(math.ceil(fraction * maximum), s.min_guarantee)
+    return min(maximum, -(-low // MiB) * MiB)
 
 
 def _mib(n: int) -> str:

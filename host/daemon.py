@@ -3,12 +3,17 @@
 An asyncio loop owns everything that changes state: the VM runners (one task per running
 domain with an aerate channel), the control socket and the timers. libvirt's events
 arrive on libvirt's own thread (host/libvirt_conn.py) and are handed to the loop with
-``call_soon_threadsafe``. Discards run synchronously inside a session's ``receive``, so a
-session is never closed or re-synced while a discard is under way (S4).
+``call_soon_threadsafe``. Nothing on the loop thread blocks on libvirt or on QEMU's /proc
+(S8): every such call runs in the VM's worker (host/vm_worker.py: a shared bounded pool,
+per-VM order, a timeout that refuses that VM), and ``permit()``, ``status`` and the
+metrics scrape read snapshots those calls refresh. Discards still run synchronously
+inside a session's ``receive``, so a session is never closed or re-synced while a
+discard is under way (S4); each is held to the VM's discard budget (host/budget.py).
 
 VM sessions talk straight to QEMU's chardev socket, not through libvirtd: a libvirtd
 restart does not drop them. While libvirtd is away nothing new is started and every
-batch is refused, because the daemon cannot tell whether a migration began (S1).
+batch is refused (the permit expires), because the daemon cannot tell whether a
+migration began (S1).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import enum
 import fcntl
 import fnmatch
 import json
@@ -26,31 +32,44 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import libvirt
 from prometheus_client import start_http_server
 
 from aerate.agent import settings as table
-from aerate.agent.fdstore import send_notify
+from aerate.agent.fdstore import FdStoreError, send_notify
 from aerate.agent.protocol import HostState
 from aerate.host import balloon as balloon_mod
 from aerate.host import config as config_mod
 from aerate.host import metrics as metrics_mod
 from aerate.host.backing import Backing, BackingKind, allocated_bytes
-from aerate.host.backing import resolve as resolve_backings
+from aerate.host.balloon_store import BalloonStore, Saved, StoreError
+from aerate.host.budget import DiscardBudget, InputBudget
 from aerate.host.libvirt_conn import (
+    BalloonLimits,
     DomainError,
     LibvirtConnection,
     LibvirtUnavailable,
     LifecycleEvent,
+    balloon_limits,
     channel_path,
 )
-from aerate.host.punch import Check, punch
-from aerate.host.qemu_map import GuestMemoryMap, MapError, build_map, contains, gather
-from aerate.host.refusal import BALLOON, REFUSE, Decision, VmFacts, decide, domain_facts
+from aerate.host.permit import PermitCache
+from aerate.host.punch import Check, PunchRefused, punch
+from aerate.host.qemu_map import GuestMemoryMap, MapError, contains
+from aerate.host.refusal import (
+    BALLOON,
+    REFUSE,
+    Decision,
+    DomainFacts,
+    JobInfo,
+    VmFacts,
+    decide,
+    domain_facts,
+)
 from aerate.host.session import DiscardJob, VmSession
+from aerate.host.vm_worker import CALL_TIMEOUT, CallTimeout, VmWorker, new_pool
 
 log = logging.getLogger("aerated")
 RUN_DIR = config_mod.RUN_DIR
@@ -58,11 +77,28 @@ RUN_DIR = config_mod.RUN_DIR
 #: say) must never serve the same VM at once (S4).
 VM_LOCK_DIR = "/run/aerate/vms"
 SYNC_RETRY = 5.0
-PERMIT_TTL = 0.25
 MIN_GRANULE = 2 << 20
+#: How often each VM's permit is re-decided from libvirt's job state (off the loop), and
+#: how old a PUNCH/BALLOON may get before permit() refuses (host/permit.py argues it).
+PERMIT_REFRESH = 1.0
+PERMIT_MAX_AGE = 2.5
+#: The domain XML changes through events (devices restart the runner); re-read it anyway.
+XML_REFRESH = 30.0
+#: How often the backing_allocated figure of status/metrics is re-read (off the loop).
+BACKING_REFRESH = 2.0
+#: A map build is a dozen QMP/HMP round trips and QEMU's smaps: a longer timeout.
+MAP_TIMEOUT = 15.0
+#: Bytes read from a channel per turn. The protocol's line reader costs up to
+#: O(chunk^2) on a run of 0xFF markers (agent/protocol.py LineReader), so small turns
+#: keep one VM's worst chunk to about a millisecond of loop time.
+READ_CHUNK = 4096
 #: How often the balloon controller looks again without a new statistics message (it
 #: notices a silent guest this way).
 BALLOON_TICK = 1.0
+#: After restoring a saved balloon size: how many seconds to watch it arrive, and how close
+#: counts as arrived (the settle margin of host/balloon.py).
+RESTORE_CHECKS = 10
+RESTORE_SLACK = 16 << 20
 
 
 class DaemonError(RuntimeError):
@@ -94,8 +130,35 @@ def take_lock(run_dir: str) -> int:
     return fd
 
 
+class RunnerState(str, enum.Enum):
+    """Where a VM's runner stands; ``VmRunner._set_state`` is the one transition point."""
+
+    STARTING = "starting"      # created, waiting for its VM lock
+    BUSY = "busy"              # another aerated holds the VM's lock
+    PREPARING = "preparing"    # asking libvirt for the channel, settings, memory map
+    NO_CHANNEL = "no-channel"  # nothing to do: the domain has no aerate channel
+    SYNCING = "syncing"        # connected, waiting for the agent's answer to our sync
+    RUNNING = "running"        # a session is up
+    CLOSED = "closed"          # the guest ended the session (or broke the protocol)
+    RETRYING = "retrying"      # a failure (libvirt timeout, QEMU gone...); backing off
+    STOPPED = "stopped"        # the daemon no longer serves the VM
+
+
+class GuestFlood(RuntimeError):
+    """The guest sent more input than its budget (S5); its session ends."""
+
+
 class VmRunner:
-    """Everything the daemon knows and does for one VM."""
+    """Everything the daemon knows and does for one VM.
+
+    Its jobs, and where each lives: settings layering (``effective_settings``); the permit
+    (facts fetched off the loop by ``refresh_permit``, cached in host/permit.py, read by
+    ``permit()`` without blocking); the balloon (policy in host/balloon.py, its record in
+    host/balloon_store.py, libvirt calls through the worker); the memory map (built in the
+    worker by ``LibvirtConnection.memory_map``); serving the channel (``_serve``, protocol
+    and S1 checks in host/session.py); status (snapshots only). Every blocking call goes
+    through ``self.worker`` (host/vm_worker.py): ordered for this VM, off the loop, timed.
+    """
 
     def __init__(self, daemon: Daemon, name: str) -> None:
         self.daemon = daemon
@@ -104,15 +167,29 @@ class VmRunner:
         self.gmap: GuestMemoryMap | None = None
         self.backings: dict[str, Backing] = {}
         self.channel: str | None = None
-        self.state = "starting"
+        self.state = RunnerState.STARTING
         self.reason = ""
         self.task: asyncio.Task[None] | None = None
         self.stop_reason = ""
-        self._permit: tuple[float, Decision] = (0.0, Decision(REFUSE, "not decided yet"))
+        self.worker = VmWorker(name, daemon.pool, daemon.call_timeout)
+        self.cache = PermitCache(daemon.permit_max_age)
+        self._wake_refresh = asyncio.Event()
+        self._wake_balloon = asyncio.Event()
+        self.xml = ""  # the live domain XML the facts were taken from
+        self._xml_at = -math.inf
+        self._facts_of: tuple[str, DomainFacts | None] = ("", None)  # parsed once per XML
+        self.limits = BalloonLimits(False, False, 0)
         self.settings: dict[str, Any] = {}
         self.metadata: dict[str, Any] = {}
         self.live: dict[str, Any] = {}
         self.backing_before = 0
+        # Snapshot of backing_allocated(), refreshed off the loop (status reads only this).
+        self.backing_now: int | None = None
+        self._backing_at = -math.inf
+        values = self.effective_settings()
+        self.budget = DiscardBudget(values["discard_batch_mib"], values["discard_rate_mib_s"])
+        self.input_budget = InputBudget(values["input_kib_s"], 4 * values["input_kib_s"])
+        self._stopped = False  # run() ended: its helper loops stop
         # Balloon reclaimer: the last target we asked libvirt for (None: we never moved
         # it, or it is back at full memory), what libvirt last said, and why.
         self.balloon_target: int | None = None
@@ -120,12 +197,20 @@ class VmRunner:
         self.balloon_max = 0
         self.balloon_reason = ""
         self._balloon_error = ""
+        self._balloon_record: Saved | None = None  # pre-aerate size, saved on disk
         self._last_deflate = -math.inf
         self._settled_at: float | None = -math.inf  # balloon first seen at its target
         self._stats_seen: object = None
         self._restart = ""   # non-empty: start a new session at the next loop turn
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # discards (S8)
         self._stats_at = -math.inf
+
+    def _set_state(self, state: RunnerState, reason: str = "") -> None:
+        """The one place a runner changes state; every change is logged with its reason."""
+        if state is not self.state:
+            log.debug("%s: %s -> %s%s", self.name, self.state.value, state.value,
+                      f" ({reason})" if reason else "")
+        self.state, self.reason = state, reason
 
     # -- facts and policy
 
@@ -135,62 +220,97 @@ class VmRunner:
         return table.layered(layers)
 
     def permit(self) -> Decision:
-        """The reclaimer allowed now; job state is re-read at most every PERMIT_TTL s."""
-        now = time.monotonic()
-        if now - self._permit[0] < PERMIT_TTL:
-            return self._permit[1]
+        """The reclaimer allowed now. Never blocks: it reads the decision the background
+        refresh and libvirt's events keep fresh; a PUNCH/BALLOON older than
+        ``permit_max_age`` is REFUSE (host/permit.py argues the bound)."""
+        return self.cache.get(time.monotonic())
+
+    def _fetch(self, need_xml: bool, need_backing: bool
+               ) -> tuple[str | None, JobInfo, int | None]:
+        """Blocking, in the worker: the job state, and the XML / backing figure when due."""
         conn = self.daemon.conn
+        xml = conn.domain_xml(self.name) if need_xml else None
+        job = conn.job_info(self.name)
+        backing = None
+        if need_backing:
+            with contextlib.suppress(OSError, RuntimeError):
+                backing = self.backing_allocated()
+        return xml, job, backing
+
+    def _domain_facts(self, xml: str) -> DomainFacts:
+        # Parsed once per XML text: at 1,000 VMs a parse a second each would cost a core.
+        cached = self._facts_of[1]
+        if self._facts_of[0] != xml or cached is None:
+            cached = domain_facts(xml)
+            self._facts_of = (xml, cached)
+        return cached
+
+    async def refresh_permit(self) -> Decision:
+        """Ask libvirt (off the loop, timed) what the VM is doing and decide again.
+
+        The decision is stamped with the time the request was issued (host/permit.py); any
+        failure or timeout refuses at once, with the reason.
+        """
+        issued = time.monotonic()
+        before = self.cache.last().action
         try:
-            xml = conn.domain_xml(self.name)
-            job = conn.job_info(self.name)
+            need_xml = not self.xml or issued - self._xml_at > XML_REFRESH
+            need_backing = issued - self._backing_at > BACKING_REFRESH
+            new_xml, job, backing = await self.worker.call(
+                "job_info", self._fetch, need_xml, need_backing)
+            if new_xml is not None:
+                self.xml, self._xml_at = new_xml, issued
+                self.limits = balloon_limits(new_xml)
+            if need_backing:
+                self.backing_now, self._backing_at = backing, issued
+            xml = self.xml
             # The balloon reclaimer is built; decide() still refuses a domain without a
             # virtio memballoon or with locked RAM, with that reason.
-            facts = VmFacts(domain_facts(xml), job, self.backings or None,
+            facts = VmFacts(self._domain_facts(xml), job, self.backings or None,
                             mode=self.effective_settings()["mode"], balloon_available=True)
             decision = decide(facts)
-        except (LibvirtUnavailable, DomainError) as e:
+            self.cache.set(decision, issued)
+        except (LibvirtUnavailable, DomainError, CallTimeout, ValueError) as e:
             decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {e}")
-        self._permit = (now, decision)
+            self.cache.set(decision, issued, error=str(e))
+        if self.session is not None and (before == BALLOON) != (decision.action == BALLOON):
+            # Balloon VMs keep their agent stats-only: tell the guest when that flips.
+            self.session.configure({"enabled": self.guest_settings()["enabled"]})
         return decision
+
+    def invalidate(self, why: str) -> None:
+        """An event says the facts changed: refuse now, decide again soon."""
+        self.cache.invalidate(why, time.monotonic())
+        self._wake_refresh.set()
+
+    async def _refresh_loop(self) -> None:
+        # The flag, not only the cancel, ends it: asyncio.wait_for of Python 3.11 can
+        # swallow a cancel that races with the call's own answer.
+        while not self._stopped:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_refresh.wait(), self.daemon.permit_refresh)
+            self._wake_refresh.clear()
+            if not self._stopped:
+                await self.refresh_permit()
 
     def guest_settings(self) -> dict[str, Any]:
         """The settings the agent gets: a ballooned VM's agent stays stats-only, because
         an arena isolating free memory would fight the balloon for the same pages."""
         values = table.guest_view(self.effective_settings())
-        if self._permit[1].action == BALLOON:
+        if self.cache.last().action == BALLOON:
             values["enabled"] = False
         return values
 
-    # -- the balloon reclaimer (private RAM): libvirt I/O here, policy in host/balloon.py
+    # -- the balloon reclaimer (private RAM): libvirt I/O via the worker, policy in
+    # host/balloon.py, the pre-aerate size in host/balloon_store.py
 
-    def _balloon_dom(self) -> Any:
-        try:
-            return self.daemon.conn.connection().lookupByName(self.name)
-        except libvirt.libvirtError as e:
-            raise DomainError(f"VM {self.name}: lookup failed: {e}") from e
-
-    def _balloon_read(self) -> tuple[int, int]:
-        """(actual balloon size, maximum memory) in bytes, from libvirt."""
-        dom = self._balloon_dom()
-        try:
-            actual = int(dom.memoryStats()["actual"]) * 1024
-            maximum = int(dom.maxMemory()) * 1024
-        except (libvirt.libvirtError, KeyError) as e:
-            raise DomainError(f"VM {self.name}: reading the balloon size failed: {e}") from e
-        return actual, maximum
-
-    def _balloon_set(self, target: int) -> None:
-        try:
-            self._balloon_dom().setMemoryFlags(target // 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        except libvirt.libvirtError as e:
-            raise DomainError(f"VM {self.name}: setting the balloon to {target >> 20} MiB "
-                              f"failed: {e}") from e
-
-    def balloon_tick(self) -> None:
+    async def balloon_tick(self) -> None:
         """Run the balloon controller once and apply its target (never raises: a libvirt
         failure is logged once and retried at the next tick)."""
         private = any(b.kind is BackingKind.ANON_PRIVATE for b in self.backings.values())
-        if self._permit[1].action != BALLOON and self.balloon_target is None and not private:
+        last = self.cache.last()
+        if last.action != BALLOON and self.balloon_target is None and not private \
+                and self._balloon_record is None:
             return  # not a balloon VM and we never moved its balloon: no libvirt calls
         now = time.monotonic()
         decision = self.permit()
@@ -198,11 +318,19 @@ class VmRunner:
         allowed = decision.action == BALLOON and bool(values["enabled"])
         why_not = decision.reason if decision.action != BALLOON else \
             "disabled by setting 'enabled'"
-        if decision.action != BALLOON and self.balloon_target is None:
+        if allowed and not self.limits.autodeflate:
+            allowed, why_not = False, (
+                "the domain's <memballoon> lacks autodeflate='on' (without it a squeezed "
+                "guest cannot take memory back from the balloon under OOM); add it to "
+                "the domain XML")
+        if decision.action != BALLOON and self.balloon_target is None \
+                and self._balloon_record is None:
             return
         try:
-            actual, maximum = self._balloon_read()
-            settings = balloon_mod.BalloonSettings.from_settings(values)
+            actual, maximum = await self.worker.call(
+                "balloon_info", self.daemon.conn.balloon_info, self.name)
+            settings = balloon_mod.BalloonSettings.from_settings(values,
+                                                                 self.limits.min_guarantee)
             raw = self.session.stats if self.session is not None else None
             stats, why = balloon_mod.parse_stats(raw if self._stats_seen is not None else None,
                                                  now - self._stats_at, maximum)
@@ -216,79 +344,161 @@ class VmRunner:
             self.balloon_actual, self.balloon_max = actual, maximum
             self.balloon_reason = step.reason
             if step.target != current:
+                if step.target < current and self._balloon_record is None:
+                    # tuned's rule: save what we change before the first change.
+                    self._balloon_record = await self.worker.call(
+                        "save balloon record", self.daemon.balloons.save, self.name,
+                        actual, maximum)
                 self._settled_at = None
                 log.info("%s: balloon %d -> %d MiB (actual %d MiB): %s", self.name,
                          current >> 20, step.target >> 20, actual >> 20, step.reason)
-                self._balloon_set(step.target)
+                await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
+                                       self.name, step.target)
                 if step.deflate:
                     self._last_deflate = now
                 self.balloon_target = step.target
             if self.balloon_target == maximum and actual >= maximum:
                 self.balloon_target = None  # back at full memory: nothing of ours to undo
+            await self._forget_record_if_back(actual, settings.settle)
             self._balloon_error = ""
-        except (LibvirtUnavailable, DomainError) as e:
+        except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
             if str(e) != self._balloon_error:
                 log.warning("%s: balloon: %s; retrying", self.name, e)
             self._balloon_error = str(e)
 
-    def balloon_release(self, why: str) -> None:
-        """No controller will watch this VM any more: give the guest all its memory back,
+    async def _forget_record_if_back(self, actual: int, settle: int) -> None:
+        rec = self._balloon_record
+        if rec is not None and self.balloon_target is None and actual >= rec.target_bytes \
+                - settle:
+            await self.worker.call("remove balloon record", self.daemon.balloons.remove,
+                                   self.name)
+            self._balloon_record = None
+            log.info("%s: balloon back at its pre-aerate size (%d MiB); record removed",
+                     self.name, rec.target_bytes >> 20)
+
+    async def restore_balloon(self, why: str) -> None:
+        """Put the balloon back to the size saved before aerate first squeezed it, if a
+        record says it did (a previous daemon may have died with it squeezed). Called at
+        start-up whatever the VM's decision, and when the daemon stops serving the VM."""
+        try:
+            rec = await self.worker.call("load balloon record", self.daemon.balloons.load,
+                                         self.name)
+        except (StoreError, CallTimeout) as e:
+            log.error("%s: %s", self.name, e)
+            return
+        if rec is None:
+            return
+        self._balloon_record = rec
+        try:
+            actual, _ = await self.worker.call(
+                "balloon_info", self.daemon.conn.balloon_info, self.name)
+            if actual < rec.target_bytes:
+                await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
+                                       self.name, rec.target_bytes)
+                log.info("%s: balloon restored %d -> %d MiB, the size saved before aerate "
+                         "squeezed it: %s", self.name, actual >> 20, rec.target_bytes >> 20,
+                         why)
+            self.balloon_target = None
+            # The guest gives pages back at its own pace: look again for a while, so the
+            # record goes once the balloon is back (else the next start restores again).
+            for _ in range(RESTORE_CHECKS):
+                actual, _ = await self.worker.call(
+                    "balloon_info", self.daemon.conn.balloon_info, self.name)
+                await self._forget_record_if_back(actual, RESTORE_SLACK)
+                if self._balloon_record is None:
+                    break
+                await asyncio.sleep(1.0)
+        except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
+            log.warning("%s: balloon left at its squeezed size: %s (%s); aerated retries, "
+                        "or give the VM its memory back with virsh setmem %s %d KiB",
+                        self.name, e, why, self.name, rec.target_bytes >> 10)
+
+    async def balloon_release(self, why: str) -> None:
+        """No controller will watch this VM any more: give the guest its memory back,
         so no hidden squeeze stays behind (called when the daemon stops serving it)."""
+        if why in ("stopped", "crashed", "undefined"):
+            # Its QEMU is gone; a new one starts at the configured size.
+            with contextlib.suppress(CallTimeout, OSError):
+                await self.worker.call("remove balloon record", self.daemon.balloons.remove,
+                                       self.name)
+            return
         target = self.balloon_target
-        if target is None:
+        if target is None and self._balloon_record is None:
             return
         try:
-            _, maximum = self._balloon_read()
-            self._balloon_set(maximum)
+            rec = self._balloon_record
+            if rec is not None:
+                size = rec.target_bytes
+            else:
+                _, size = await self.worker.call(
+                    "balloon_info", self.daemon.conn.balloon_info, self.name)
+            await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
+                                   self.name, size)
             self.balloon_target = None
-            log.info("%s: balloon deflated to full memory (%d MiB): %s, so no controller "
-                     "watches it any more", self.name, maximum >> 20, why)
-        except (LibvirtUnavailable, DomainError) as e:
-            if why in ("stopped", "crashed", "undefined"):
-                log.debug("%s: balloon not reset, the VM is gone (%s): %s", self.name, why, e)
-                return
-            log.warning("%s: balloon left at %d MiB: %s (%s); give the VM its memory back "
-                        "with virsh setmem", self.name, target >> 20, e, why)
+            actual, _ = await self.worker.call(
+                "balloon_info", self.daemon.conn.balloon_info, self.name)
+            await self._forget_record_if_back(actual, RESTORE_SLACK)
+            log.info("%s: balloon deflated to %d MiB: %s, so no controller watches it any "
+                     "more", self.name, size >> 20, why)
+        except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
+            log.warning("%s: balloon left squeezed: %s (%s); the record in %s restores it "
+                        "at the next start, or use virsh setmem", self.name, e, why,
+                        self.daemon.balloons.dir)
 
     async def _balloon_loop(self) -> None:
-        while True:
-            await asyncio.sleep(BALLOON_TICK)
-            self.balloon_tick()
+        while not self._stopped:  # see _refresh_loop
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_balloon.wait(), BALLOON_TICK)
+            self._wake_balloon.clear()
+            if not self._stopped:
+                await self.balloon_tick()
+
+    # -- discards
 
     def _discard(self, gpa: int, length: int, checks: Sequence[Check]) -> int:
+        """The session's discard, on this VM's discard thread: the VM's budget first (S5),
+        then punch (S1 re-checked, the lease and revocation checks before each slice)."""
         assert self.gmap is not None and self.session is not None
-        return punch(self.name, self.gmap, self.backings, gpa, length,
-                     self.session.granule, self.permit, checks)
+        # The session counts a batch before discarding its ranges: this is its number.
+        why = self.budget.check(self.session.counters.batches, length, time.monotonic())
+        if why:
+            raise PunchRefused(self.name, gpa, length, why)
+        return self.daemon.punch(self.name, self.gmap, self.backings, gpa, length,
+                                 self.session.granule, self.permit, checks)
 
     def _in_ram(self, gpa: int, length: int) -> bool:
         assert self.gmap is not None and self.session is not None
         return contains(self.gmap, gpa, length, self.session.granule)
 
-    def prepare(self) -> bool:
-        """Learn the VM's channel, memory map, backing and settings. False: nothing to do."""
+    async def prepare(self) -> bool:
+        """Learn the VM's channel, memory map, backing and settings (all off the loop,
+        each call timed). False: nothing to do."""
+        self._set_state(RunnerState.PREPARING, "asking libvirt for the channel and map")
         conn = self.daemon.conn
-        xml = conn.domain_xml(self.name)
+        xml = await self.worker.call("domain_xml", conn.domain_xml, self.name)
         self.channel = channel_path(xml)
         if self.channel is None:
-            self.state, self.reason = "no-channel", (
-                "the domain has no virtio-serial channel org.aerate.agent.0 "
-                "(see deploy/domain.py for the XML to add)")
+            self._set_state(RunnerState.NO_CHANNEL,
+                            "the domain has no virtio-serial channel org.aerate.agent.0 "
+                            "(see deploy/domain.py for the XML to add)")
             return False
+        self.xml, self._xml_at = xml, time.monotonic()
+        self.limits = balloon_limits(xml)
         try:
             self.metadata = config_mod.metadata_from_xml(
-                self.daemon.conn.metadata(self.name, config_mod.METADATA_NS), self.name)
+                await self.worker.call("metadata", conn.metadata, self.name,
+                                       config_mod.METADATA_NS), self.name)
         except config_mod.ConfigError as e:
             log.warning("%s; ignoring the stored settings", e)
             self.metadata = {}
-        self.gmap = build_map(gather(conn.qmp_function(self.name)))
-        pid = conn.qemu_pid(self.name)
-        self.backings = resolve_backings(pid, self.gmap, conn.hmp_function(self.name))
-        self._permit = (0.0, self._permit[1])
-        decision = self.permit()
+        self.gmap, self.backings = await self.worker.call(
+            "memory_map", conn.memory_map, self.name, timeout=self.daemon.map_timeout)
+        self._apply_budget()
+        self._backing_at = -math.inf  # the refresh below takes a backing snapshot
+        decision = await self.refresh_permit()
         self.reason = decision.reason
         granule = max([MIN_GRANULE] + [b.page_size for b in self.backings.values()])
-        with contextlib.suppress(OSError, RuntimeError):
-            self.backing_before = self.backing_allocated()
+        self.backing_before = self.backing_now or 0
         lease_s = float(self.effective_settings()["lease_s"])
         if self.session is None:
             self.session = VmSession(self.name, granule, self._in_ram, self._discard,
@@ -300,8 +510,16 @@ class VmRunner:
         log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
         return True
 
+    def _apply_budget(self) -> None:
+        v = self.effective_settings()
+        self.budget.configure(v["discard_batch_mib"], v["discard_rate_mib_s"])
+        kib = v["input_kib_s"]
+        self.input_budget.bucket.rate, self.input_budget.bucket.burst = kib * 1024, \
+            4 * kib * 1024
+
     def backing_allocated(self) -> int:
-        """Host memory allocated to this VM's RAM right now, bytes (from the kernel)."""
+        """Host memory allocated to this VM's RAM right now, bytes (from the kernel).
+        Blocking (reads QEMU's smaps for private RAM): only the worker calls it."""
         total = 0
         for b in self.backings.values():
             total += allocated_bytes(b)
@@ -311,43 +529,62 @@ class VmRunner:
 
     def _lock(self) -> int | None:
         """Take this VM's lock (S4), or None when another daemon holds it."""
-        path = os.path.join(VM_LOCK_DIR, self.name.replace("/", "_") + ".lock")
+        path = os.path.join(self.daemon.vm_lock_dir, self.name.replace("/", "_") + ".lock")
         fd, other = pid_lock(path)
         if fd is None:
-            self.state, self.reason = "busy", (
-                f"another aerated (pid {other}) serves this VM ({path})")
+            self._set_state(RunnerState.BUSY,
+                            f"another aerated (pid {other}) serves this VM ({path})")
         return fd
 
     async def run(self) -> None:
-        """Hold the VM's lock, then connect, sync, serve; reconnect with backoff on any
-        failure, until cancelled. The balloon goes back to full memory at the end."""
+        """Hold the VM's lock, give back any balloon squeeze a previous daemon left, then
+        connect, sync, serve; reconnect with backoff on any failure, until cancelled. The
+        balloon goes back to its pre-aerate size at the end."""
         while (lock := self._lock()) is None:
             log.warning("%s: %s; waiting", self.name, self.reason)
             await asyncio.sleep(5)
-        ticker = asyncio.get_running_loop().create_task(self._balloon_loop(),
-                                                        name=f"balloon:{self.name}")
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[None]] = []
         try:
-            await self._run_locked()
+            await self.restore_balloon("a record from an earlier aerated run")
+            tasks.append(loop.create_task(self._balloon_loop(), name=f"balloon:{self.name}"))
+            await self._run_locked(tasks)
         finally:
-            ticker.cancel()
-            self.balloon_release(self.stop_reason or "aerated stopped serving this VM")
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)   # idle: every job was awaited
-            os.close(lock)
+            self._stopped = True
+            for t in tasks:
+                t.cancel()
+            await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+            if self.stop_reason:  # cancelled; a no-channel runner keeps saying why it idles
+                self._set_state(RunnerState.STOPPED, self.stop_reason)
+            try:
+                await asyncio.shield(
+                    self.balloon_release(self.stop_reason or "aerated stopped serving it"))
+            finally:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)   # idle: every job was awaited
+                os.close(lock)
 
-    async def _run_locked(self) -> None:
+    async def _run_locked(self, tasks: list[asyncio.Task[None]]) -> None:
         delay = 1.0
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                if not self.prepare():
+                if not await self.prepare():
                     return
+                if not any(t.get_name().startswith("permit:") for t in tasks):
+                    tasks.append(loop.create_task(self._refresh_loop(),
+                                                  name=f"permit:{self.name}"))
                 await self._serve()
                 delay = 1.0
             except asyncio.CancelledError:
                 raise
-            except (OSError, LibvirtUnavailable, DomainError, MapError, RuntimeError) as e:
-                self.state, self.reason = "retrying", f"{type(e).__name__}: {e}"
-                log.warning("%s: %s; retrying in %.0fs", self.name, e, delay)
+            except (OSError, LibvirtUnavailable, DomainError, MapError, RuntimeError,
+                    ValueError) as e:
+                # CallTimeout and GuestFlood are RuntimeErrors: refused, with the reason.
+                why = str(e) if isinstance(e, (CallTimeout, GuestFlood)) else \
+                    f"{type(e).__name__}: {e}"
+                self._set_state(RunnerState.RETRYING, why)
+                log.warning("%s: %s; retrying in %.0fs", self.name, why, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -357,7 +594,7 @@ class VmRunner:
         reader, writer = await asyncio.open_unix_connection(self.channel)
         try:
             s.connected()
-            self.state = "syncing"
+            self._set_state(RunnerState.SYNCING)
             while True:
                 self._flush_log()
                 out = s.take_outbox()
@@ -365,7 +602,7 @@ class VmRunner:
                     writer.write(out)
                     await writer.drain()
                 if s.state is HostState.CLOSED:
-                    self.state = "closed"
+                    self._set_state(RunnerState.CLOSED, s.last_error)
                     return  # reconnect: a new connection, a new session
                 if self._restart:
                     log.info("%s: new session: %s", self.name, self._restart)
@@ -377,7 +614,7 @@ class VmRunner:
                 else:
                     timeout = max(0.0, s.endpoint.keepalive_due())
                 try:
-                    data = await asyncio.wait_for(reader.read(65536), timeout)
+                    data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except TimeoutError:
                     if s.state is HostState.SYNCING:
                         s.connected()   # no answer: the agent may not run yet; sync again
@@ -386,18 +623,30 @@ class VmRunner:
                     continue
                 if not data:
                     raise ConnectionResetError("QEMU closed the channel socket")
+                # Loop CPU of this read's handling; the discards run on their own thread
+                # (and have their own budget), so only feed() and finish() count.
+                cpu0 = time.thread_time()
                 job = s.feed(data)
+                spent = time.thread_time() - cpu0
                 while job is not None:
                     await self._discard_off_loop(job)
+                    cpu0 = time.thread_time()
                     job = s.finish(job)
+                    spent += time.thread_time() - cpu0
+                flood = self.input_budget.take(len(data), time.monotonic(), max(0.0, spent))
+                if flood:
+                    raise GuestFlood(f"{flood}; session ended")
                 if s.state is HostState.RUNNING and s.endpoint.keepalive_due() <= 0:
                     s.endpoint.keepalive()
-                if s.state is HostState.RUNNING:
-                    self.state = "running"
+                if s.state is HostState.RUNNING and self.state is not RunnerState.RUNNING:
+                    self._set_state(RunnerState.RUNNING)
                 if s.stats is not self._stats_seen:
                     # A new statistics message: the balloon controller acts on it now.
                     self._stats_seen, self._stats_at = s.stats, time.monotonic()
-                    self.balloon_tick()
+                    self._wake_balloon.set()
+                if len(data) == READ_CHUNK:
+                    # More may be buffered: let other VMs' tasks run between chunks.
+                    await asyncio.sleep(0)
         finally:
             self._flush_log()
             writer.close()
@@ -441,59 +690,91 @@ class VmRunner:
         self.session.log.clear()
 
     def apply_live(self, values: dict[str, Any]) -> None:
-        """Settings set now by the operator: to the guest at once and into the session."""
+        """Settings set now by the operator: to the guest at once and into the session.
+        The permit is refused until re-decided with them (mode may have changed)."""
         self.live.update(values)
-        was = self._permit[1].action
-        self._permit = (0.0, self._permit[1])
-        action = self.permit().action
+        self._apply_budget()
+        if table.guest_view(values) != values or not values:
+            self.invalidate("settings changed; deciding again")
         if self.session is not None:
             self.session.endpoint.set_lease(float(self.effective_settings()["lease_s"]))
             guest = table.guest_view(values)
-            if BALLOON in (was, action) or "enabled" in guest:
+            if "enabled" in guest:
                 guest["enabled"] = self.guest_settings()["enabled"]
             if guest:
                 self.session.configure(guest)
 
     def status(self) -> dict[str, Any]:
-        """What aeratectl shows for this VM."""
-        out: dict[str, Any] = {"vm": self.name, "state": self.state, "reason": self.reason}
+        """What aeratectl shows for this VM: snapshots only, no libvirt, no /proc."""
+        out: dict[str, Any] = {"vm": self.name, "state": self.state.value,
+                               "reason": self.reason}
         if self.session is not None:
             out.update(self.session.status())
-            out["state"] = self.state
-        if self._permit[1].action == BALLOON or self.balloon_target is not None:
+            out["state"] = self.state.value
+        now = time.monotonic()
+        current = self.cache.get(now)
+        out["permit"] = {"action": current.action, "reason": current.reason,
+                         "age_s": round(now - self.cache.issued_at, 3)
+                         if math.isfinite(self.cache.issued_at) else None}
+        if current.action == REFUSE and self.session is not None:
+            out["reason"] = current.reason  # why the next batch would be refused
+        last = self.cache.last()
+        if last.action == BALLOON or self.balloon_target is not None:
             # No batches flow on a ballooned VM, so the session has no decision to show.
-            out["reclaimer"], out["reason"] = self._permit[1]
+            out["reclaimer"], out["reason"] = last
             out["balloon"] = {"target_bytes": self.balloon_target
                               if self.balloon_target is not None else self.balloon_actual,
                               "actual_bytes": self.balloon_actual,
-                              "max_bytes": self.balloon_max, "reason": self.balloon_reason}
-        with contextlib.suppress(OSError, RuntimeError):
-            out["backing_allocated_bytes"] = self.backing_allocated()
+                              "max_bytes": self.balloon_max, "reason": self.balloon_reason,
+                              "saved_bytes": self._balloon_record.target_bytes
+                              if self._balloon_record is not None else None}
+        if self.backing_now is not None:
+            out["backing_allocated_bytes"] = self.backing_now
         out["backing_allocated_at_start"] = self.backing_before
         out["backings"] = {n: {"kind": b.kind.value, "page_size": b.page_size,
                                "reason": b.reason} for n, b in self.backings.items()}
+        out["budget"] = self.budget.status()
+        out["input_floods"] = self.input_budget.floods
+        if self.worker.hung or self.worker.timeouts:
+            out["libvirt_calls"] = {"hung": self.worker.hung, "timeouts": self.worker.timeouts,
+                                    "last_timeout": self.worker.last_timeout}
         out["settings"] = self.effective_settings()
         return out
 
 
 class Daemon:
-    """The aerated process: lock, libvirt, runners, control socket."""
+    """The aerated process: lock, libvirt, runners, control socket.
+
+    ``conn`` may be handed in (the tests' and the benchmark's fake libvirt); ``punch`` is the
+    discard the runners call (host/punch.py unless a test counts instead).
+    """
 
     def __init__(self, uri: str, config_path: str, run_dir: str,
-                 metrics: tuple[str, int] | None = None, only: tuple[str, ...] = ()) -> None:
+                 metrics: tuple[str, int] | None = None, only: tuple[str, ...] = (),
+                 conn: Any = None) -> None:
         self.metrics = metrics
         self.only = only
         self.config_path = config_path
         self.config = config_mod.load(config_path)
         self.run_dir = run_dir
+        self.vm_lock_dir = VM_LOCK_DIR
         self.runners: dict[str, VmRunner] = {}
         self.loop = asyncio.get_running_loop()
-        self.conn = LibvirtConnection(uri, on_connect=self._on_connect,
-                                      on_disconnect=self._on_disconnect,
-                                      on_lifecycle=self._on_lifecycle,
-                                      on_device=self._on_device,
-                                      on_reset=self._on_reset)
+        self.pool = new_pool()
+        self.call_timeout = CALL_TIMEOUT
+        self.map_timeout = MAP_TIMEOUT
+        self.permit_refresh = PERMIT_REFRESH
+        self.permit_max_age = PERMIT_MAX_AGE
+        self.punch = punch
+        self.balloons = BalloonStore(run_dir)
+        self.conn = conn if conn is not None else LibvirtConnection(
+            uri, on_connect=self._on_connect, on_disconnect=self._on_disconnect,
+            on_lifecycle=self._on_lifecycle, on_device=self._on_device, on_job=self._on_job,
+            on_reset=self._on_reset)
         self.stopping = asyncio.Event()
+        self._status_line = ""
+        self._notify_error = ""
+        self._restoring: set[str] = set()
 
     # libvirt's thread calls these: they only hand over to the loop, except that a guest
     # reset or a stopped domain revokes the session right here (S4): the loop thread may be
@@ -533,6 +814,15 @@ class Daemon:
     def _on_device(self, name: str, alias: str, added: bool) -> None:
         self.loop.call_soon_threadsafe(self.on_device, name, alias, added)
 
+    def _on_job(self, name: str, what: str) -> None:
+        self.loop.call_soon_threadsafe(self.on_job, name, what)
+
+    def on_job(self, name: str, what: str) -> None:
+        """A migration iterates or a job completed: refuse until re-decided."""
+        r = self.runners.get(name)
+        if r is not None:
+            r.invalidate(f"libvirt job event: {what}")
+
     def on_device(self, name: str, alias: str, added: bool) -> None:
         """A device came or went (a DIMM, virtio-mem): the memory map is stale. Restart
         the VM's session so the map is rebuilt before anything more is discarded."""
@@ -541,7 +831,8 @@ class Daemon:
             self.start_runner(name)
 
     def resync(self) -> None:
-        """After (re)connecting to libvirt: start runners for running VMs, drop the rest."""
+        """After (re)connecting to libvirt: start runners for running VMs, drop the rest,
+        and give back every balloon squeeze a record remembers (served VM or not)."""
         try:
             running = {d.name for d in self.conn.running_domains()}
         except LibvirtUnavailable as e:
@@ -551,6 +842,25 @@ class Daemon:
             self.start_runner(name)
         for name in set(self.runners) - running:
             self.stop_runner(name, "no longer running")
+        records, errors = self.balloons.all()
+        for err in errors:
+            log.error("%s", err)
+        for rec in records:
+            if rec.vm not in running:
+                log.info("%s: balloon record dropped: the VM is not running (a new QEMU "
+                         "starts at its configured size)", rec.vm)
+                self.balloons.remove(rec.vm)
+            elif rec.vm not in self.runners and rec.vm not in self._restoring:
+                # Not served by this daemon (--vm), yet squeezed by an earlier run.
+                self._restoring.add(rec.vm)
+                self.loop.create_task(self._restore_unserved(rec.vm))
+
+    async def _restore_unserved(self, name: str) -> None:
+        try:
+            r = VmRunner(self, name)
+            await r.restore_balloon("not served by this aerated (--vm)")
+        finally:
+            self._restoring.discard(name)
 
     def on_lifecycle(self, ev: LifecycleEvent) -> None:
         """Domain events from libvirt: no polling for VMs coming and going."""
@@ -559,8 +869,8 @@ class Daemon:
         elif ev.event in ("stopped", "crashed", "undefined"):
             self.stop_runner(ev.name, ev.event)
         elif ev.name in self.runners:
-            # suspended (migration, save...), resumed: the next batch re-reads job state.
-            self.runners[ev.name]._permit = (0.0, Decision(REFUSE, f"domain {ev.event}"))
+            # suspended (migration, save...), resumed: refuse until re-decided.
+            self.runners[ev.name].invalidate(f"domain {ev.event}")
 
     def serves(self, name: str) -> bool:
         """Whether this daemon serves VM ``name`` (all, unless --vm patterns narrow it)."""
@@ -583,6 +893,43 @@ class Daemon:
             r.task.cancel()
             log.info("%s: session ended (%s)", name, why)
 
+    # -- systemd: watchdog and status
+
+    def status_line(self) -> str:
+        """STATUS= for systemd: VMs by state, bytes discarded, libvirt up or down."""
+        states: dict[str, int] = {}
+        discarded = 0
+        for r in self.runners.values():
+            states[r.state.value] = states.get(r.state.value, 0) + 1
+            if r.session is not None:
+                discarded += r.session.counters.discarded
+        by_state = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no VMs"
+        up = "up" if self.conn.connected else "DOWN"
+        return f"{len(self.runners)} VMs ({by_state}); {discarded >> 20} MiB discarded; " \
+               f"libvirt {up}"
+
+    def _notify(self, message: str) -> None:
+        try:
+            send_notify(message, block=False)
+            self._notify_error = ""
+        except FdStoreError as e:
+            if str(e) != self._notify_error:
+                log.warning("%s", e)
+            self._notify_error = str(e)
+
+    async def _systemd_loop(self, watchdog_s: float | None) -> None:
+        """Ping the watchdog from the loop thread (a wedged loop misses it and systemd
+        restarts the daemon) and refresh STATUS= when it changes; never blocks."""
+        period = min(1.0, watchdog_s / 2) if watchdog_s else 1.0
+        while True:
+            if watchdog_s:
+                self._notify("WATCHDOG=1")
+            line = self.status_line()
+            if line != self._status_line:
+                self._status_line = line
+                self._notify(f"STATUS={line}")
+            await asyncio.sleep(period)
+
     # -- control socket (aeratectl)
 
     async def control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -591,7 +938,7 @@ class Daemon:
             while line := await reader.readline():
                 try:
                     req = json.loads(line)
-                    answer = self.handle(req)
+                    answer = await self.handle(req)
                 except (ValueError, KeyError, TypeError) as e:
                     answer = {"ok": False, "error": str(e)}
                 writer.write(json.dumps(answer).encode() + b"\n")
@@ -599,8 +946,8 @@ class Daemon:
         finally:
             writer.close()
 
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Serve one control request."""
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Serve one control request (libvirt only through the VM's worker)."""
         cmd = req.get("cmd")
         if cmd == "status":
             vms = [r.status() for r in sorted(self.runners.values(), key=lambda r: r.name)]
@@ -614,10 +961,11 @@ class Daemon:
             values = table.validate(req.get("settings", {}), origin=f"aeratectl set {vm}")
             persisted = dict(r.metadata, **values)
             try:
-                self.conn.set_metadata(vm, config_mod.metadata_to_xml(persisted),
-                                       config_mod.METADATA_KEY, config_mod.METADATA_NS)
+                await r.worker.call("set_metadata", self.conn.set_metadata, vm,
+                                    config_mod.metadata_to_xml(persisted),
+                                    config_mod.METADATA_KEY, config_mod.METADATA_NS)
                 r.metadata = persisted
-            except (LibvirtUnavailable, DomainError) as e:
+            except (LibvirtUnavailable, DomainError, CallTimeout) as e:
                 return {"ok": False, "error": f"VM {vm}: not saved, so not applied: {e}"}
             r.apply_live(values)
             return {"ok": True, "vm": vm, "settings": r.effective_settings()}
@@ -633,6 +981,9 @@ class Daemon:
             return {"ok": True, "config": self.config.path}
         return {"ok": False, "error": f"unknown command {cmd!r} (status, set, reload)"}
 
+    async def _reload(self) -> None:
+        log.info("reload: %s", await self.handle({"cmd": "reload"}))
+
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT."""
         sock = os.path.join(self.run_dir, "aerated.sock")
@@ -645,25 +996,41 @@ class Daemon:
             os.umask(old)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
-        self.loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
-            "reload: %s", self.handle({"cmd": "reload"})))
+        self.loop.add_signal_handler(
+            signal.SIGHUP, lambda: self.loop.create_task(self._reload()))
         if self.metrics is not None:
             addr, port = self.metrics
+            # The scrape runs on prometheus' own thread and reads status snapshots only.
             start_http_server(port, addr=addr, registry=metrics_mod.registry(
                 lambda: [r.status() for r in list(self.runners.values())]))
             log.info("metrics on http://%s:%d/metrics", addr, port)
         self.conn.start()
-        send_notify("READY=1\nSTATUS=serving")
-        log.info("aerated ready; control socket %s", sock)
+        self._notify("READY=1\nSTATUS=serving")
+        watchdog = watchdog_seconds()
+        notifier = self.loop.create_task(self._systemd_loop(watchdog), name="systemd")
+        log.info("aerated ready; control socket %s%s", sock,
+                 f"; watchdog every {watchdog / 2:g} s" if watchdog else "")
         await self.stopping.wait()
-        send_notify("STOPPING=1")
+        self._notify("STOPPING=1")
         server.close()
         tasks = [r.task for r in self.runners.values() if r.task is not None]
         for name in list(self.runners):
             self.stop_runner(name, "daemon stopping")
         # Let each runner finish (its balloon goes back to full memory) while libvirt is up.
         await asyncio.gather(*tasks, return_exceptions=True)
+        notifier.cancel()
         self.conn.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def watchdog_seconds(env: Mapping[str, str] | None = None) -> float | None:
+    """systemd's watchdog period for this process (WATCHDOG_USEC, WATCHDOG_PID), or None."""
+    env = os.environ if env is None else env
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6
 
 
 def main(argv: list[str] | None = None) -> int:

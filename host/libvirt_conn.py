@@ -23,6 +23,9 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
+from aerate.host.backing import Backing
+from aerate.host.backing import resolve as resolve_backings
+from aerate.host.qemu_map import GuestMemoryMap, build_map, gather
 from aerate.host.refusal import JobInfo
 
 log = logging.getLogger("aerate.host.libvirt")
@@ -125,6 +128,41 @@ def channel_path(domain_xml: str, channel: str = AGENT_CHANNEL) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class BalloonLimits:
+    """What the domain XML says about how far its balloon may be inflated."""
+
+    present: bool  # a <memballoon model='virtio'> exists
+    autodeflate: bool  # <memballoon autodeflate='on'>: the guest may deflate under OOM
+    min_guarantee: int  # <memtune><min_guarantee>, bytes (0 when absent)
+
+
+_UNITS = {"b": 1, "bytes": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20,
+          "mib": 1 << 20, "mb": 1000**2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3,
+          "t": 1 << 40, "tib": 1 << 40, "tb": 1000**4}
+
+
+def balloon_limits(domain_xml: str) -> BalloonLimits:
+    """Parse the memballoon's autodeflate and <memtune><min_guarantee> (libvirt units,
+    KiB by default) from a domain XML; raises DomainError on an unreadable value."""
+    root = ET.fromstring(domain_xml)
+    name = root.findtext("name", "?")
+    bal = root.find("devices/memballoon")
+    present = bal is not None and bal.get("model") == "virtio"
+    autodeflate = bal is not None and bal.get("autodeflate") == "on"
+    guarantee = 0
+    el = root.find("memtune/min_guarantee")
+    if el is not None:
+        unit = (el.get("unit") or "KiB").lower()
+        try:
+            guarantee = int((el.text or "").strip()) * _UNITS[unit]
+        except (ValueError, KeyError) as e:
+            raise DomainError(f"VM {name}: <memtune><min_guarantee unit={unit!r}>"
+                              f"{el.text}</min_guarantee> is not a size ({e}); fix the "
+                              "domain XML") from e
+    return BalloonLimits(present, autodeflate, guarantee)
+
+
 def job_from_stats(stats: Mapping[str, Any], state: tuple[int, int]) -> JobInfo:
     """JobInfo from virDomainGetJobStats() and virDomainGetState() results."""
     active = stats.get("type", 0) in (libvirt.VIR_DOMAIN_JOB_BOUNDED,
@@ -157,6 +195,8 @@ class LibvirtConnection:
     connection is lost, on_lifecycle(event) per lifecycle event, on_device(name, alias,
     added) when a device (e.g. a DIMM) is added or removed, on_reset(name) when the guest
     was reset (libvirt's REBOOT event: QEMU's RESET, a guest reboot or ``virsh reset``).
+    added) when a device (e.g. a DIMM) is added or removed, on_job(name, what) when a
+    migration iterates or a job completes (the owner re-checks its permit at once).
     """
 
     def __init__(
@@ -168,6 +208,7 @@ class LibvirtConnection:
         on_lifecycle: Callable[[LifecycleEvent], None] | None = None,
         on_device: Callable[[str, str, bool], None] | None = None,
         on_reset: Callable[[str], None] | None = None,
+        on_job: Callable[[str, str], None] | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         keepalive: tuple[int, int] = (5, 3),
@@ -178,6 +219,7 @@ class LibvirtConnection:
         self._on_lifecycle = on_lifecycle
         self._on_device = on_device
         self._on_reset = on_reset
+        self._on_job = on_job
         self._backoff = (backoff_initial, backoff_max)
         self._keepalive = keepalive
         self._conn: libvirt.virConnect | None = None
@@ -258,6 +300,15 @@ class LibvirtConnection:
             conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._reboot_cb, None
             )
+            # Where libvirt has job events, they shorten the window in which a permit may
+            # predate a job (host/permit.py); the periodic refresh covers the rest.
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, self._migration_cb,
+                None
+            )
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._job_completed_cb, None
+            )
         except libvirt.libvirtError:
             conn.close()
             raise
@@ -304,6 +355,14 @@ class LibvirtConnection:
     def _device_removed_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
                            alias: str, opaque: object) -> None:
         self._call(self._on_device, dom.name(), alias, False)
+
+    def _migration_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
+                      iteration: int, opaque: object) -> None:
+        self._call(self._on_job, dom.name(), f"migration iteration {iteration}")
+
+    def _job_completed_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
+                          params: object, opaque: object) -> None:
+        self._call(self._on_job, dom.name(), "job completed")
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -422,3 +481,28 @@ class LibvirtConnection:
             return job_from_stats(dom.jobStats(), (int(state[0]), int(state[1])))
         except libvirt.libvirtError as exc:
             raise DomainError(f"VM {name}: reading its job state failed: {exc}") from exc
+
+    def memory_map(self, name: str) -> tuple[GuestMemoryMap, dict[str, Backing]]:
+        """The VM's guest-physical map (QMP/HMP through libvirt) and the proven backing of
+        each RAM block (QEMU's /proc). Blocking: the daemon runs it in the VM's worker."""
+        gmap = build_map(gather(self.qmp_function(name)))
+        return gmap, resolve_backings(self.qemu_pid(name), gmap, self.hmp_function(name))
+
+    def balloon_info(self, name: str) -> tuple[int, int]:
+        """(actual balloon size, maximum memory) of the domain, bytes."""
+        dom = self._domain(name)
+        try:
+            actual = int(dom.memoryStats()["actual"]) * 1024
+            maximum = int(dom.maxMemory()) * 1024
+        except (libvirt.libvirtError, KeyError) as e:
+            raise DomainError(f"VM {name}: reading the balloon size failed: {e}") from e
+        return actual, maximum
+
+    def set_balloon(self, name: str, target: int) -> None:
+        """Ask the domain's balloon for ``target`` bytes of guest memory (live only: the
+        persistent definition keeps the operator's size)."""
+        try:
+            self._domain(name).setMemoryFlags(target // 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as e:
+            raise DomainError(f"VM {name}: setting the balloon to {target >> 20} MiB "
+                              f"failed: {e}") from e

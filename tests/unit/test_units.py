@@ -40,3 +40,10 @@ def test_units_are_notify_services_not_forking() -> None:
     for unit in ("aerated.service", "aerate-agent.service"):
         text = (UNITS / unit).read_text()
         assert "Type=notify" in text and "Type=forking" not in text
+
+
+
+def test_the_daemon_unit_has_a_watchdog() -> None:
+    # The loop's pings are tested in tests/unit/test_isolation.py (notify socket).
+    m = re.search(r"^WatchdogSec=(\d+)s$", (UNITS / "aerated.service").read_text(), re.M)
+    assert m and 10 <= int(m.group(1)) <= 120, "aerated.service needs WatchdogSec="

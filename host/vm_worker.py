@@ -1,0 +1,130 @@
+"""Per-VM ordered, timed libvirt calls off the daemon's loop thread (S8).
+
+Every blocking call the daemon makes for a VM (libvirt RPCs, the QMP/HMP round trips of a
+map build, /proc reads of QEMU's smaps) goes through that VM's :class:`VmWorker`:
+
+- **Off the loop**: the call runs on a thread of one shared, bounded
+  ``ThreadPoolExecutor``; the loop thread only awaits its future, so the acks of every other
+  VM keep flowing while one VM's libvirt call is stuck.
+- **Per-VM order**: a VM has at most one call on the pool at a time; its calls run in the
+  order they were made (an ``asyncio.Lock`` is FIFO). A call that timed out still occupies
+  its thread until libvirt answers (a libvirt call cannot be cancelled), so the VM's next
+  call first waits, within its own timeout, for that one to finish; if it is still hung,
+  the next call fails at once with the same kind of error instead of taking a second
+  thread. Hence a hung VM holds at most **one** pool thread, whatever it is asked.
+- **Timeouts**: every call has one; on expiry the caller gets :class:`CallTimeout`
+  ("libvirt call <name> timed out after N s") and treats that VM as refused; the late
+  answer, when it comes, is dropped (its future's result is consumed and discarded).
+
+Why a bounded pool with per-VM queues and not a thread per VM: at 1,000 VMs a thread per
+VM is 1,000 stacks and 1,000 threads contending for the GIL for calls that each take a
+millisecond; the pool keeps a few threads busy (``POOL_THREADS``) and its size only has to
+exceed the number of VMs hung *at the same time*, because each hung VM pins one thread. If
+libvirtd itself hangs, every VM's calls hang and every VM is refused anyway; when more VMs
+than ``POOL_THREADS`` hang at once, the calls of the others queue behind them and time
+out too, which refuses them (safe, and visible in status with the reason), never blocks the
+loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger("aerated.worker")
+
+T = TypeVar("T")
+
+#: Threads shared by all VMs' blocking calls. libvirt's Python binding releases the GIL
+#: while it waits for libvirtd, so a few threads serve hundreds of calls a second.
+POOL_THREADS = 16
+#: Default timeout of one call, seconds. libvirt itself holds a call up to 30 s while a
+#: domain job runs; long before that we would rather refuse than keep a stale PUNCH.
+CALL_TIMEOUT = 5.0
+
+
+class CallTimeout(RuntimeError):
+    """A blocking call for one VM did not answer in time; that VM is refused meanwhile."""
+
+
+def new_pool(threads: int = POOL_THREADS) -> concurrent.futures.ThreadPoolExecutor:
+    """The one pool every VM worker of a daemon shares."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=threads,
+                                                 thread_name_prefix="aerated-call")
+
+
+def _drop_late(fut: asyncio.Future[Any]) -> None:
+    # The caller gave up on this answer; read the outcome so asyncio does not log
+    # "exception was never retrieved" for a call nobody waits for any more.
+    if not fut.cancelled():
+        fut.exception()
+
+
+class VmWorker:
+    """Ordered, timed, off-loop calls for one VM (see the module docstring)."""
+
+    def __init__(self, vm: str, pool: concurrent.futures.Executor,
+                 timeout: float = CALL_TIMEOUT) -> None:
+        self.vm = vm
+        self.pool = pool
+        self.timeout = timeout
+        self._order = asyncio.Lock()
+        #: The call that timed out and still holds a pool thread: (name, future, started).
+        self._hung: tuple[str, asyncio.Future[Any], float] | None = None
+        self.calls = 0
+        self.timeouts = 0
+        self.last_timeout = ""
+
+    @property
+    def hung(self) -> str:
+        """Name of a call that timed out and has not returned yet ('' when none)."""
+        if self._hung is not None and self._hung[1].done():
+            self._hung = None
+        return self._hung[0] if self._hung is not None else ""
+
+    async def call(self, name: str, fn: Callable[..., T], *args: Any,
+                   timeout: float | None = None) -> T:
+        """Run ``fn(*args)`` on the pool after this VM's earlier calls; its result.
+
+        Raises :class:`CallTimeout` when it (or a hung earlier call it must wait for) takes
+        longer than ``timeout`` (default: the worker's), else whatever ``fn`` raised.
+        """
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        async with self._order:
+            if self._hung is not None:
+                hung_name, hung_fut, started = self._hung
+                # The late answer itself is dropped (_drop_late); only its end matters.
+                done, _ = await asyncio.wait({hung_fut},
+                                             timeout=max(0.0, deadline - time.monotonic()))
+                if not done:
+                    self.timeouts += 1
+                    raise CallTimeout(
+                        f"libvirt call {name} not started: the earlier call {hung_name} "
+                        f"for VM {self.vm} is still hung after "
+                        f"{time.monotonic() - started:.0f} s")
+                self._hung = None
+            self.calls += 1
+            fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), left)
+            except TimeoutError:
+                fut.add_done_callback(_drop_late)
+                self._hung = (name, fut, deadline - limit)
+                self.timeouts += 1
+                self.last_timeout = f"libvirt call {name} timed out after {limit:g} s"
+                log.warning("VM %s: %s; refusing it until libvirt answers", self.vm,
+                            self.last_timeout)
+                raise CallTimeout(self.last_timeout) from None
+            except asyncio.CancelledError:
+                # The caller went away (its runner stopped); the thread may still run, so
+                # the VM's next call must wait for it like for a timed-out one.
+                if not fut.done():
+                    fut.add_done_callback(_drop_late)
+                    self._hung = (name, fut, deadline - limit)
+                raise

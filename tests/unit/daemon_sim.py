@@ -1,0 +1,313 @@
+"""Simulated guests and a fake libvirt for driving the real daemon code paths.
+
+Used by tests/unit/test_isolation.py and tests/perf/bench_daemon.py:
+
+- :class:`FakeLibvirt` is a **MOCK of libvirtd** (no libvirt daemon can be made slow per VM
+  on demand here): the same methods as ``LibvirtConnection`` for the daemon's needs, each
+  of which can be made to sleep (``slow[(vm, method)]``, ``slow[(vm, "*")]``). Everything
+  else is real: ``Daemon``, ``VmRunner``, ``VmWorker``, ``VmSession``, ``HostEndpoint``,
+  the permit logic, the memory map and ``punch``.
+- Each simulated VM's RAM is a real **memfd** of the daemon's process, so every discard is
+  a real ``fallocate(PUNCH_HOLE)`` through host/punch.py (the memfd stays sparse: the punch
+  frees nothing, so punch time is the bare syscall).
+- :class:`SimGuest` is the real ``aerate.agent.protocol.GuestEndpoint`` behind a unix socket
+  that it listens on, as QEMU's chardev does: the daemon connects to it. It reports every
+  ``report_s`` and sends stats every ``stats_s``, and records report -> ack latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from aerate.agent.protocol import GuestEndpoint
+from aerate.host.backing import Backing, BackingKind
+from aerate.host.libvirt_conn import DomainError, DomainRef
+from aerate.host.qemu_map import GuestMemoryMap, RamBlockInfo, RamRange
+from aerate.host.refusal import JobInfo
+
+MiB = 1 << 20
+GRANULE = 2 * MiB
+#: Simulated guest RAM per VM (sparse memfd: costs nothing until written).
+RAM = 256 * MiB
+
+
+def domain_xml(name: str, sock: str, private: bool = False, channel: bool = True,
+               autodeflate: bool = True) -> str:
+    """A live domain XML with shared memfd RAM (or libvirt's default private RAM), the aerate
+    channel at ``sock`` and a virtio balloon."""
+    backing = "" if private else \
+        "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
+    chan = (f"<channel type='unix'><source mode='bind' path='{sock}'/>"
+            "<target type='virtio' name='org.aerate.agent.0'/></channel>") if channel else ""
+    deflate = " autodeflate='on'" if autodeflate else ""
+    return (f"<domain type='qemu'><name>{name}</name>"
+            f"<memory unit='KiB'>262144</memory>{backing}<devices>{chan}"
+            f"<memballoon model='virtio'{deflate}/></devices></domain>")
+
+
+@dataclass
+class SimVm:
+    """One simulated VM on the host side: its RAM memfd and channel socket path."""
+
+    name: str
+    sock: str
+    fd: int
+    backing: Backing
+    gmap: GuestMemoryMap
+
+
+def new_vm(name: str, sock_dir: str) -> SimVm:
+    """Create the VM's RAM memfd and describe it as the daemon's map would."""
+    fd = os.memfd_create(f"sim-{name}", os.MFD_CLOEXEC)
+    os.ftruncate(fd, RAM)
+    st = os.fstat(fd)
+    path = f"/proc/{os.getpid()}/fd/{fd}"
+    backing = Backing(vm_pid=os.getpid(), block_name="pc.ram", kind=BackingKind.MEMFD_SHARED,
+                      reason="memfd of a simulated guest", page_size=4096, path=path,
+                      link=os.readlink(path), dev=st.st_dev, ino=st.st_ino, file_offset=0,
+                      file_size=RAM, length=RAM)
+    gmap = GuestMemoryMap(ranges=(RamRange(0, RAM, "pc.ram", 0),),
+                          blocks={"pc.ram": RamBlockInfo("pc.ram", 4096, 0, RAM, RAM)},
+                          memdevs={})
+    return SimVm(name, os.path.join(sock_dir, f"{name}.sock"), fd, backing, gmap)
+
+
+class FakeLibvirt:
+    """MOCK of libvirtd for the daemon (see the module docstring). Thread-safe: the daemon
+    calls it from its worker threads."""
+
+    def __init__(self) -> None:
+        self.vms: Dict[str, SimVm] = {}
+        self.slow: Dict[Tuple[str, str], float] = {}
+        self.calls: Dict[str, int] = {}
+        self.connected = True
+        self.balloon: Dict[str, Tuple[int, int]] = {}  # name -> (actual, maximum)
+        self.balloon_sets: List[Tuple[str, int]] = []
+        self.job: Dict[str, JobInfo] = {}
+        self.private: set[str] = set()  # VMs with private anonymous RAM (balloon reclaimer)
+        self.no_channel: set[str] = set()
+        self.no_autodeflate: set[str] = set()
+        self._lock = threading.Lock()
+        self.release = threading.Event()  # set: every sleeping call returns at once
+
+    def add(self, vm: SimVm) -> None:
+        """Make ``vm`` a running domain."""
+        self.vms[vm.name] = vm
+        self.balloon.setdefault(vm.name, (RAM, RAM))
+
+    def _enter(self, name: str, method: str) -> SimVm:
+        with self._lock:
+            self.calls[method] = self.calls.get(method, 0) + 1
+        delay = self.slow.get((name, method), self.slow.get((name, "*"), 0.0))
+        if delay:
+            self.release.wait(delay)
+        vm = self.vms.get(name)
+        if vm is None:
+            raise DomainError(f"VM {name}: lookup failed: no such domain (fake libvirt)")
+        return vm
+
+    # the LibvirtConnection methods the daemon uses
+
+    def start(self) -> None:
+        """Nothing to start: the fake is always connected."""
+
+    def stop(self) -> None:
+        """Unblock every sleeping call."""
+        self.release.set()
+
+    def running_domains(self) -> List[DomainRef]:
+        """Every added VM."""
+        return [DomainRef(n, n, i) for i, n in enumerate(self.vms)]
+
+    def domain_xml(self, name: str, inactive: bool = False) -> str:
+        """The simulated domain's XML."""
+        vm = self._enter(name, "domain_xml")
+        return domain_xml(name, vm.sock, name in self.private, name not in self.no_channel,
+                          name not in self.no_autodeflate)
+
+    def job_info(self, name: str) -> JobInfo:
+        """Idle, unless a test set ``job[name]``."""
+        self._enter(name, "job_info")
+        return self.job.get(name, JobInfo(active=False, operation="none"))
+
+    def metadata(self, name: str, namespace: str) -> Optional[str]:
+        """No stored settings."""
+        self._enter(name, "metadata")
+        return None
+
+    def set_metadata(self, name: str, xml: str, key: str, namespace: str) -> None:
+        """Accepted and forgotten."""
+        self._enter(name, "set_metadata")
+
+    def memory_map(self, name: str) -> Tuple[GuestMemoryMap, Dict[str, Backing]]:
+        """The memfd-backed map of the simulated VM."""
+        vm = self._enter(name, "memory_map")
+        if name in self.private:
+            return vm.gmap, {"pc.ram": Backing(
+                vm_pid=os.getpid(), block_name="pc.ram", kind=BackingKind.ANON_PRIVATE,
+                reason="private anonymous RAM of a simulated guest", page_size=4096,
+                length=RAM)}
+        return vm.gmap, {"pc.ram": vm.backing}
+
+    def balloon_info(self, name: str) -> Tuple[int, int]:
+        """(actual, maximum) as last set."""
+        self._enter(name, "balloon_info")
+        return self.balloon[name]
+
+    def set_balloon(self, name: str, target: int) -> None:
+        """The balloon arrives at once."""
+        self._enter(name, "set_balloon")
+        with self._lock:
+            self.balloon[name] = (target, self.balloon[name][1])
+            self.balloon_sets.append((name, target))
+
+
+@dataclass
+class SimGuest:
+    """A guest agent's protocol end (the real GuestEndpoint) listening on a unix socket."""
+
+    name: str
+    sock: str
+    report_s: float = 2.0
+    stats_s: float = 5.0
+    blocks: int = 4  # 2 MiB blocks per report
+    mem_free: int = 128 * MiB  # what its stats say
+    latencies: List[float] = field(default_factory=list)
+    acks: List[Tuple[int, int, int, str]] = field(default_factory=list)  # batch, disc, ref, why
+    sessions: int = 0
+    on_ack: Optional[Callable[[SimGuest], None]] = None
+    _sent: Dict[int, float] = field(default_factory=dict)
+    _server: Optional[asyncio.AbstractServer] = None
+    _tasks: List[asyncio.Task[None]] = field(default_factory=list)
+    _writers: List[asyncio.StreamWriter] = field(default_factory=list)
+    _next: int = 0
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The live connection's endpoint and writer (None until the daemon connects).
+    ep: Optional[GuestEndpoint] = None
+    writer: Optional[asyncio.StreamWriter] = None
+
+    async def start(self) -> None:
+        """Listen on the channel socket (the daemon connects, as to QEMU's chardev)."""
+        self._server = await asyncio.start_unix_server(self._serve, path=self.sock)
+
+    async def stop(self) -> None:
+        """Close the socket and every connection (closing, not cancelling: a cancelled
+        stream handler makes asyncio log a traceback)."""
+        for t in self._tasks:
+            t.cancel()
+        if self._server is not None:
+            self._server.close()
+        for w in self._writers:
+            w.close()
+        await asyncio.sleep(0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ep = GuestEndpoint({"agent": "sim", "arena": "memfd", "page_size": 4096,
+                            "capabilities": {}})
+        self.ep, self.writer = ep, writer
+        self._writers.append(writer)
+        ticker = asyncio.get_running_loop().create_task(self._tick(ep, writer))
+        self._tasks.append(ticker)
+        try:
+            while data := await reader.read(65536):
+                now = time.monotonic()
+                for kind, payload in ep.receive(data):
+                    if kind == "session":
+                        self.sessions += 1
+                        self.connected.set()
+                    elif kind == "release":
+                        batch, discarded, refused = payload
+                        sent = self._sent.pop(batch, None)
+                        if sent is not None:
+                            self.latencies.append(now - sent)
+                        self.acks.append((batch, discarded, refused, ""))
+                        if self.on_ack is not None:
+                            self.on_ack(self)
+                out = ep.take_outbox()
+                if out:
+                    writer.write(out)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            ticker.cancel()
+            writer.close()
+
+    def _ranges(self) -> List[Tuple[int, int]]:
+        out = []
+        for _ in range(self.blocks):
+            gpa = (self._next * GRANULE) % RAM
+            self._next += 2  # every other block: ranges stay apart (no coalescing)
+            out.append((gpa, GRANULE))
+        return out
+
+    def report_now(self, ep: GuestEndpoint, writer: asyncio.StreamWriter) -> Optional[int]:
+        """Send one report if the window has room; its batch id."""
+        if not ep.can_report():
+            return None
+        batch = ep.report(self._ranges())
+        self._sent[batch] = time.monotonic()
+        writer.write(ep.take_outbox())
+        return batch
+
+    async def _tick(self, ep: GuestEndpoint, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        # Spread guests over the period so a thousand do not report in the same instant.
+        start = loop.time() + (hash(self.name) % 1000) / 1000 * self.report_s
+        next_report, next_stats = start, start + self.stats_s / 2
+        while True:
+            await asyncio.sleep(max(0.0, min(next_report, next_stats) - loop.time()))
+            now = loop.time()
+            if now >= next_report:
+                next_report += self.report_s
+                self.report_now(ep, writer)
+            if now >= next_stats:
+                next_stats += self.stats_s
+                self.send_stats(ep, writer)
+
+    def send_stats(self, ep: GuestEndpoint, writer: asyncio.StreamWriter) -> None:
+        """One statistics message, as the agent sends every stats_interval_s."""
+        ep.send({"type": "stats", "mem_free": self.mem_free,
+                 "watermark_high_bytes": 8 * MiB, "psi_some_avg10": 0.0,
+                 "engine": {"held_bytes": 0, "aerated_bytes": 0}})
+        out = ep.take_outbox()
+        if out:
+            writer.write(out)
+
+
+def percentile(values: List[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values`` by nearest rank; NaN when empty."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def new_daemon(conn: FakeLibvirt, run_dir: str, **timing: float) -> Any:
+    """The real Daemon on the fake libvirt; VM locks under ``run_dir``; timing overrides
+    (call_timeout, map_timeout, permit_refresh, permit_max_age) as keyword arguments."""
+    from aerate.host import daemon as daemon_mod
+    d = daemon_mod.Daemon("fake:///", os.path.join(run_dir, "none.toml"), run_dir, None, (),
+                          conn=conn)
+    d.vm_lock_dir = os.path.join(run_dir, "vms")
+    for k, v in timing.items():
+        if not hasattr(d, k):
+            raise AttributeError(f"Daemon has no timing knob {k!r}")
+        setattr(d, k, v)
+    return d
+
+
+async def stop_daemon(daemon: Any, conn: FakeLibvirt) -> None:
+    """Stop every runner and wait for them (their finally blocks use the pool), then the
+    pool; sleeping fake calls are released first."""
+    conn.stop()
+    tasks = [r.task for r in daemon.runners.values() if r.task is not None]
+    for name in list(daemon.runners):
+        daemon.stop_runner(name, "test over")
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    daemon.pool.shutdown(wait=False, cancel_futures=True)

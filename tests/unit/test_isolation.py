@@ -1,0 +1,290 @@
+"""S8: one VM's stuck libvirt never delays another VM's acks; a timeout refuses that VM.
+
+The real daemon code paths (Daemon, VmRunner, VmWorker, VmSession, HostEndpoint, the permit
+cache, the memory map checks and host/punch.py on a memfd) with a MOCK of libvirtd only
+(daemon_sim.FakeLibvirt: libvirtd cannot be made slow for one VM on demand here). Guests are
+the real GuestEndpoint over unix sockets the daemon connects to, as to QEMU's chardev.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+from daemon_sim import FakeLibvirt, SimGuest, new_daemon, new_vm, stop_daemon
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def run(tmp_path: Path, body: Callable[[Any, FakeLibvirt, dict[str, SimGuest]],
+                                       Awaitable[None]],
+        names: tuple[str, ...] = ("A", "B"), **timing: float) -> None:
+    async def main() -> None:
+        conn = FakeLibvirt()
+        guests: dict[str, SimGuest] = {}
+        for n in names:
+            vm = new_vm(n, str(tmp_path))
+            conn.add(vm)
+            # Reports are sent by the test itself (report_s very long).
+            guests[n] = SimGuest(n, vm.sock, report_s=3600, stats_s=3600)
+            await guests[n].start()
+        daemon = new_daemon(conn, str(tmp_path), **timing)
+        try:
+            await body(daemon, conn, guests)
+        finally:
+            await stop_daemon(daemon, conn)
+            for g in guests.values():
+                await g.stop()
+            for vm in conn.vms.values():
+                os.close(vm.fd)
+
+    asyncio.run(main())
+
+
+async def report_and_wait(daemon: Any, guest: SimGuest, timeout: float) -> float:
+    """Send one report from ``guest`` through its live connection; seconds to its ack."""
+    got = asyncio.Event()
+    guest.on_ack = lambda g: got.set()
+    runner = daemon.runners[guest.name]
+    await until(lambda: runner.state.value == "running", 5, f"{guest.name} running")
+    assert guest.ep is not None and guest.writer is not None
+    t0 = time.monotonic()
+    assert guest.report_now(guest.ep, guest.writer) is not None
+    await asyncio.wait_for(got.wait(), timeout)
+    return time.monotonic() - t0
+
+
+def test_a_vm_whose_domain_xml_sleeps_10s_does_not_delay_another_vms_ack(
+        tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        conn.slow[("A", "domain_xml")] = 10.0
+        daemon.start_runner("B")
+        await until(lambda: guests["B"].sessions > 0, 5, "B's session")
+        # Timed from before A starts: were A's 10 s call on the loop, it would be in here.
+        t0 = time.monotonic()
+        daemon.start_runner("A")
+        await asyncio.sleep(0.05)  # A is now inside its 10 s domain_xml
+        await report_and_wait(daemon, guests["B"], 5)
+        took = time.monotonic() - t0
+        assert took < 0.5, f"B's report took {took:.3f} s to be acked"
+        _, discarded, refused, _ = guests["B"].acks[-1]
+        assert discarded == 4 * (2 << 20) and refused == 0, guests["B"].acks
+        assert daemon.runners["A"].state.value == "preparing"
+        # The loop stays responsive while A's call sleeps: status answers at once.
+        t0 = time.monotonic()
+        status = await daemon.handle({"cmd": "status"})
+        assert time.monotonic() - t0 < 0.1 and len(status["vms"]) == 2
+
+    run(tmp_path, body)
+
+
+def test_a_timed_out_libvirt_call_refuses_that_vm_with_the_reason(tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        conn.slow[("A", "domain_xml")] = 10.0
+        daemon.start_runner("A")
+        runner = daemon.runners["A"]
+        await until(lambda: runner.state.value == "retrying", 5, "A's call to time out")
+        assert runner.reason == "libvirt call domain_xml timed out after 0.5 s"
+        status = await daemon.handle({"cmd": "status"})
+        (a,) = status["vms"]
+        assert a["reason"] == runner.reason and a["libvirt_calls"]["hung"] == "domain_xml"
+
+    run(tmp_path, body, names=("A",), call_timeout=0.5)
+
+
+def test_a_hung_job_query_refuses_the_next_batch_and_status_says_why(tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        await report_and_wait(daemon, guests["A"], 2)
+        assert guests["A"].acks[-1][1] > 0  # punched while libvirt answers
+        conn.slow[("A", "job_info")] = 30.0
+        runner = daemon.runners["A"]
+        await until(lambda: runner.permit().action == "refuse", 5, "the permit to refuse")
+        await report_and_wait(daemon, guests["A"], 2)
+        _, discarded, refused, _ = guests["A"].acks[-1]
+        assert discarded == 0 and refused > 0
+        assert "timed out" in runner.session.decision.reason, runner.session.decision
+        status = await daemon.handle({"cmd": "status"})
+        assert "timed out" in status["vms"][0]["permit"]["reason"]
+
+    run(tmp_path, body, names=("A",), call_timeout=0.3, permit_refresh=0.1,
+        permit_max_age=1.0)
+
+
+def test_a_permit_expires_when_the_refresh_is_late_even_without_a_timeout(
+        tmp_path: Path) -> None:
+    """Refresh calls that hang longer than the PUNCH may live (timeout > max age): the
+    permit turns to REFUSE at max age, not at the timeout."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        runner = daemon.runners["A"]
+        assert runner.permit().action == "punch"
+        conn.slow[("A", "job_info")] = 30.0
+        t0 = time.monotonic()
+        await until(lambda: runner.permit().action == "refuse", 5, "the permit to expire")
+        assert time.monotonic() - t0 < 1.5
+        assert "old" in runner.permit().reason
+
+    run(tmp_path, body, names=("A",), call_timeout=20.0, permit_refresh=0.1,
+        permit_max_age=0.5)
+
+
+def test_a_batch_beyond_the_discard_budget_is_refused_counted_and_shown(
+        tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.config.defaults.update({"discard_batch_mib": 4})
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        await report_and_wait(daemon, guests["A"], 2)  # 4 ranges of 2 MiB: 8 MiB
+        _, discarded, refused, _ = guests["A"].acks[-1]
+        assert (discarded, refused) == (4 << 20, 4 << 20)
+        status = (await daemon.handle({"cmd": "status"}))["vms"][0]
+        assert status["budget"]["bites"] == 1
+        assert "discard_batch_mib" in status["budget"]["reason"]
+        assert status["refused_bytes"] == 4 << 20
+
+    run(tmp_path, body, names=("A",))
+
+
+def test_an_input_flood_ends_the_session_within_the_budget(tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.config.defaults.update({"input_kib_s": 64})  # burst: 256 KiB
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        runner = daemon.runners["A"]
+        await until(lambda: runner.state.value == "running", 5, "A running")
+        assert guests["A"].writer is not None
+        guests["A"].writer.write(b"\xff" * (10 << 20))
+        await until(lambda: runner.state.value == "retrying", 10, "the flood to be cut off")
+        assert "input flood" in runner.reason and runner.input_budget.floods == 1
+
+    run(tmp_path, body, names=("A",))
+
+
+def _private(conn: FakeLibvirt, guests: dict[str, SimGuest], name: str) -> None:
+    conn.private.add(name)
+    conn.balloon[name] = (4096 << 20, 4096 << 20)
+    guests[name].mem_free = 3072 << 20
+
+
+def test_a_squeezed_balloon_left_by_a_dead_daemon_is_restored_at_start(
+        tmp_path: Path) -> None:
+    """The first daemon dies without releasing anything (as under SIGKILL: its release
+    path is disabled); the second one, whatever it decides for the VM now (here: the
+    domain lost its aerate channel), puts the balloon back to the saved size."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        _private(conn, guests, "P")
+        daemon.start_runner("P")
+        runner = daemon.runners["P"]
+        await until(lambda: guests["P"].ep is not None and runner.state.value == "running",
+                    5, "P running")
+        assert guests["P"].ep is not None and guests["P"].writer is not None
+        guests["P"].send_stats(guests["P"].ep, guests["P"].writer)
+        await until(lambda: conn.balloon["P"][0] < 4096 << 20, 5, "the first inflate")
+        rec = daemon.balloons.load("P")
+        assert rec is not None and rec.target_bytes == 4096 << 20
+        squeezed = conn.balloon["P"][0]
+
+        async def no_release(why: str) -> None:
+            return None
+
+        runner.balloon_release = no_release  # the SIGKILL stand-in: nothing runs at death
+        daemon.stop_runner("P", "killed")
+        await asyncio.gather(runner.task, return_exceptions=True)
+        assert conn.balloon["P"][0] == squeezed and daemon.balloons.load("P") is not None
+
+        conn.no_channel.add("P")
+        from daemon_sim import new_daemon as again
+        second = again(conn, daemon.run_dir)
+        second.start_runner("P")
+        await until(lambda: conn.balloon["P"][0] == 4096 << 20, 5, "the restore")
+        await until(lambda: second.balloons.load("P") is None, 5, "the record's removal")
+        await until(lambda: second.runners["P"].state.value == "no-channel", 5, "no-channel")
+        await stop_daemon(second, conn)
+
+    run(tmp_path, body, names=("P",))
+
+
+def test_a_record_of_a_vm_this_daemon_does_not_serve_is_restored_too(tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        _private(conn, guests, "P")
+        conn.balloon["P"] = (3000 << 20, 4096 << 20)
+        daemon.balloons.save("P", 4096 << 20, 4096 << 20)
+        daemon.balloons.save("gone", 1 << 30, 1 << 30)  # a VM that no longer runs
+        daemon.only = ("other-*",)
+        daemon.resync()
+        await until(lambda: conn.balloon["P"][0] == 4096 << 20, 5, "the restore")
+        await until(lambda: daemon.balloons.all()[0] == [], 5, "both records removed")
+        assert "P" not in daemon.runners
+
+    run(tmp_path, body, names=("P",))
+
+
+def test_no_inflate_without_autodeflate(tmp_path: Path) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        _private(conn, guests, "P")
+        conn.no_autodeflate.add("P")
+        daemon.start_runner("P")
+        runner = daemon.runners["P"]
+        await until(lambda: guests["P"].ep is not None and runner.state.value == "running",
+                    5, "P running")
+        assert guests["P"].ep is not None and guests["P"].writer is not None
+        guests["P"].send_stats(guests["P"].ep, guests["P"].writer)
+        await until(lambda: "autodeflate" in runner.balloon_reason, 5, "the refusal")
+        assert conn.balloon_sets == [] and daemon.balloons.load("P") is None
+
+    run(tmp_path, body, names=("P",))
+
+
+def test_watchdog_pings_and_status_lines_come_from_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    addr = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(addr)
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", addr)
+    got: list[str] = []
+
+    def drain() -> list[str]:
+        while True:
+            try:
+                got.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return got
+
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        pinger = asyncio.get_running_loop().create_task(daemon._systemd_loop(0.2))
+        try:
+            await until(lambda: "WATCHDOG=1" in drain(), 2, "a watchdog ping")
+            assert any(m.startswith("STATUS=0 VMs") for m in got), got
+            daemon.start_runner("A")
+            await until(lambda: daemon.runners["A"].state.value == "running", 5, "A running")
+            await report_and_wait(daemon, guests["A"], 2)
+            await until(lambda: any("1 running" in m and "8 MiB discarded" in m
+                                    and "libvirt up" in m for m in drain()), 3,
+                        "a STATUS= line with the running VM and the bytes discarded")
+            t0 = time.monotonic()
+            before = sum(m == "WATCHDOG=1" for m in drain())
+            await until(lambda: sum(m == "WATCHDOG=1" for m in drain()) >= before + 5, 2,
+                        "five more pings")
+            assert time.monotonic() - t0 < 1.0  # every WatchdogSec/2 = 0.1 s
+        finally:
+            pinger.cancel()
+            sock.close()
+
+    run(tmp_path, body, names=("A",))
