@@ -251,6 +251,15 @@ class Arena(abc.ABC):
         """Why this arena must not report ("" = it may), given ``allow_weak_arena``."""
         return ""
 
+    def unpin(self, blocks: Iterable[Block]) -> None:
+        """Drop the pins of held blocks; they stay held (re-check them with ``verify``
+        before a report). The engine has no use for it; tests compare pinned and unpinned
+        blocks under the same migration trigger with it."""
+        chosen = self._checked(blocks)
+        if self._pinner is not None:
+            for block in chosen:
+                self._pinner.unpin(block.offset // BLOCK_BYTES)
+
     @property
     def reporting_refusal(self) -> str:
         """Why reports from this arena are refused ("" = they are not), with the current
