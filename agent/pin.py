@@ -29,6 +29,19 @@ What holds, and under which conditions:
   re-reading frames right before each report (:meth:`Arena.verify`), which catches a move
   that already happened but not one racing the report.
 
+Measured on this project's dev kernel (Linux 6.18, x86-64, one node), 2 MiB held pages:
+
+- ``echo offline > /sys/devices/system/memory/memoryN/state`` on a 128 MiB block holding
+  64 unpinned held pages migrated all 64 to new frames (and freed the old ones); with the
+  pins the offline kept retrying until interrupted (8 s), the block stayed online and no
+  frame changed (tests/host/test_holding.py repeats this, pinned then unpinned).
+- runtime 1 GiB pages (``hugepages-1048576kB/nr_hugepages``) with 8000 unpinned held pages:
+  two 1 GiB pages came from ranges without hugetlb pages, further ones failed at once, and
+  no held page moved. That kernel does not migrate in-use 2 MiB hugetlb pages to build a
+  gigantic page; CMA (``cma_alloc``) and offlining do.
+- cost: pinning adds about 20 us per block to a fill (1024 blocks: 204 -> 224 ms) and
+  3 ms per 1024 blocks to a release; re-reading 1024 frames takes about 3 ms.
+
 Limits: the kernel caps a table at ``IORING_MAX_REG_BUFFERS`` (16384) entries, so an arena
 with more slots gets more rings; a buffer may be at most 1 GiB (one block is 2 MiB).
 Pinned pages count against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK (the unit

@@ -8,7 +8,7 @@ machine's real kernel.
   session. The memfd fallback loses them under the same treatment (the control run).
 - Pinned blocks keep their frames through memory offlining, the migration trigger this
   kernel really applies to in-use hugetlb pages (a runtime 1 GiB hugepage allocation does
-  not touch them here: see the report in agent/pin.py's history); the same blocks unpinned
+  not touch them on 6.18: see the measurements in agent/pin.py); the same blocks unpinned
   are migrated by the same offline.
 - The THP arena refuses to report unless allow_weak_arena.
 
