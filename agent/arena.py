@@ -301,16 +301,34 @@ class Arena(abc.ABC):
         them. On failure the span that failed and those after it stay held."""
         try:
             for off, length in _spans(b.offset for b in chosen):
+                slots = range(off // BLOCK_BYTES, (off + length) // BLOCK_BYTES)
                 if self._pinner is not None:
                     # Unpin first: a pinned page that is punched stays allocated until the
                     # pin goes (a late release, never an early one).
-                    for o in range(off, off + length, BLOCK_BYTES):
-                        self._pinner.unpin(o // BLOCK_BYTES)
-                self._discard(off, length)
+                    for slot in slots:
+                        self._pinner.unpin(slot)
+                try:
+                    self._discard(off, length)
+                except OSError:
+                    # Still held, so pinned again (best effort: a refused pin is counted).
+                    self._pin([slot * BLOCK_BYTES for slot in slots])
+                    raise
                 for o in range(off, off + length, BLOCK_BYTES):
                     del self._held[o]
         except OSError as exc:
             raise ArenaError(f"releasing {self.kind} arena blocks failed: {exc}") from exc
+
+    def _pin(self, offsets: Sequence[int]) -> None:
+        """Pin each block (before its frame is read: pinning may migrate it first)."""
+        if self._pinner is None or self._pinner.unavailable:
+            return
+        for off in offsets:
+            try:
+                self._pinner.pin(off // BLOCK_BYTES)
+            except OSError as exc:
+                self._incidents["pin_failed"] += 1
+                log.warning("cannot pin the held block at arena offset %d: %s; it is "
+                            "re-checked before each report only", off, exc)
 
     @abc.abstractmethod
     def _discard(self, off: int, length: int) -> None:
@@ -535,18 +553,6 @@ class HugetlbArena(Arena):
         finally:
             self._budget.set(len(self._held))
         return new
-
-    def _pin(self, offsets: Sequence[int]) -> None:
-        """Pin each block (before its frame is read: pinning may migrate it first)."""
-        if self._pinner is None or self._pinner.unavailable:
-            return
-        for off in offsets:
-            try:
-                self._pinner.pin(off // BLOCK_BYTES)
-            except OSError as exc:
-                self._incidents["pin_failed"] += 1
-                log.warning("cannot pin the held block at arena offset %d: %s; it is "
-                            "re-checked before each report only", off, exc)
 
     def _adopt(self, offsets: Sequence[int], fresh: bool = True) -> List[Block]:
         """Map, pin and read the frames of pages at ``offsets``, and hold them.
