@@ -53,6 +53,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -82,6 +83,7 @@ class _RsrcUpdate2(ctypes.Structure):
     ]
 
 
+log = logging.getLogger("aerate-agent.pin")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -207,8 +209,17 @@ class Pinner:
         return len(self._pinned)
 
     def close(self) -> None:
-        """Drop every pin (closing a ring unregisters its buffers)."""
+        """Drop every pin, now. Closing a ring alone would drop them later, from the
+        ring's exit work item, so a page the caller punches meanwhile would stay allocated
+        (and counted as surplus) for a moment; unregistering first is synchronous."""
         for ring in self._rings:
+            if self._pinned:
+                try:
+                    _uring_register(ring, IORING_UNREGISTER_BUFFERS, None, 0)
+                except OSError as exc:
+                    # The close below drops them all the same, only a moment later.
+                    log.debug("io_uring buffer unregistration failed (%s); closing the ring",
+                              exc)
             os.close(ring)
         self._rings = []
         self._pinned.clear()
