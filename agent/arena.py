@@ -5,8 +5,20 @@ Two implementations behind one small interface (:class:`Arena`):
 :class:`HugetlbArena` (preferred) is a hugetlb memfd of 2 MiB pages taken as surplus pages
 (see :mod:`aerate.agent.hugetlb`). Each block is one hugetlb page, which the kernel allocates
 as exactly one order-9 buddy block, so a fill takes order-9 blocks out of the buddy allocator
-and a release (``fallocate(PUNCH_HOLE)``) frees them straight back. The pages live in the
-memfd, not in the agent: while the fd sits in systemd's fd store they survive an agent crash.
+and a release (``fallocate(PUNCH_HOLE)``) frees them straight back. The pages live in a
+hugetlbfs file, not in the agent: a *named* file on the host's hugetlbfs mount
+(:mod:`aerate.agent.carrier`, preferred: it needs no service manager) or a memfd kept in
+systemd's fd store (fallback); either way they survive an agent crash. A named file is
+unlinked only when it holds no page (:meth:`Arena.close`).
+
+Pins (S3): held hugetlb blocks carry a ``FOLL_LONGTERM`` pin through io_uring buffer
+registration (:mod:`aerate.agent.pin`) from the moment :meth:`HugetlbArena.fill` adopts
+them until their release; their frames are read after the pin, because taking the pin may
+migrate a page out of ZONE_MOVABLE/CMA first. Measured on Linux 6.18: offlining a memory
+block migrated every unpinned held page in it to new frames and freed the old ones; with
+the pins the offline could not finish and no frame changed (tests/host/test_holding.py).
+The pins live in the agent process, so between a dead agent and its successor held pages
+are unpinned; the successor pins what it recovers before reading its frames.
 
 What can still move a held hugetlb page (its PFN changes; :meth:`Arena.verify` notices):
 normal compaction -- kcompactd, direct compaction, proactive compaction and writes to
@@ -16,14 +28,21 @@ runtime allocation of gigantic 1 GiB pages, virtio-mem unplug), memory offlining
 hot-remove, ``echo offline > /sys/devices/system/memory/memoryN/state``), soft offlining
 (``/sys/devices/system/memory/soft_offline_page``, ``MADV_SOFT_OFFLINE``, corrected-error
 handling) and ``move_pages``/``migrate_pages``/``mbind(MPOL_MF_MOVE)`` by a process that
-maps the memfd. All are rare and root-driven; a guest that uses them should re-verify held
-blocks before each report.
+maps the memfd. All are rare and root-driven. The pin stops them where io_uring works; the
+engine re-reads frames with :meth:`Arena.verify` right before each report either way, and
+a moved block is an incident (logged at warning, counted in :attr:`Arena.counters`).
 
 :class:`ThpArena` (fallback) is a mapping with ``MADV_HUGEPAGE`` and ``mlock``; only slots
 that came back as one aligned, contiguous 2 MiB run are kept. It is weaker and says so in
 ``weakness``: mlock does not stop compaction from migrating the pages
 (``vm.compact_unevictable_allowed``), and unless shmem THP is enabled its backing is
-anonymous memory that dies with the agent (no recovery after a crash).
+anonymous memory that dies with the agent (no recovery after a crash). It cannot keep
+S2/S3, so it does not report unless the operator opts in (``allow_weak_arena``;
+:attr:`Arena.reporting_refusal`).
+
+Recovery (an arena rebuilt from a previous agent's file or fd) holds every block it finds,
+whatever shape it is in, and hands them all to the caller as orphans: the arena cannot
+know which of them were reported, so it never releases any of them by itself.
 """
 
 from __future__ import annotations
@@ -32,12 +51,17 @@ import abc
 import ctypes
 import ctypes.util
 import errno
+import fcntl
+import logging
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from aerate.agent.hugetlb import HUGE_2M_KB, BudgetError, SurplusBudget, read_pool
 from aerate.agent.pagemap import PAGE_SIZE, contiguous_runs, read_pagemap
+from aerate.agent.pin import Pinner
+
+log = logging.getLogger("aerate-agent.arena")
 
 BLOCK_BYTES = HUGE_2M_KB * 1024
 BLOCK_PAGES = BLOCK_BYTES // PAGE_SIZE
@@ -186,6 +210,8 @@ class Arena(abc.ABC):
     kind = "abstract"
     granule_bytes = BLOCK_BYTES
     weakness: Optional[str] = None
+    #: The operator's ``allow_weak_arena`` setting; the engine keeps it current.
+    allow_weak_arena = False
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -196,6 +222,49 @@ class Arena(abc.ABC):
         self._raw_base = 0
         self._map_len = 0
         self._fd: Optional[int] = None
+        #: The named hugetlbfs file that carries the pages, or None (memfd / anonymous).
+        self.path: Optional[str] = None
+        self._pinner: Optional[Pinner] = None
+        self._incidents = {"pin_failed": 0, "moved": 0, "verified": 0}
+
+    @property
+    def carrier(self) -> str:
+        """What keeps held pages when the agent dies: "file", "memfd" (needs the fd store)
+        or "none" (anonymous memory)."""
+        if self.path is not None:
+            return "file"
+        return "memfd" if self._fd is not None else "none"
+
+    @property
+    def counters(self) -> Dict[str, int]:
+        """Pin and re-check figures for status: ``pinned`` (blocks pinned now),
+        ``pin_unavailable`` (1 when this arena cannot pin at all), ``pin_failed`` (pins
+        the kernel refused), ``verified`` (blocks re-checked), ``moved`` (blocks found on
+        another frame than recorded: each one an incident)."""
+        pinner = self._pinner
+        out = dict(self._incidents)
+        out["pinned"] = pinner.pinned_count() if pinner is not None else 0
+        out["pin_unavailable"] = int(pinner is None or bool(pinner.unavailable))
+        return out
+
+    def refusal(self, allow_weak: bool) -> str:
+        """Why this arena must not report ("" = it may), given ``allow_weak_arena``."""
+        return ""
+
+    def unpin(self, blocks: Iterable[Block]) -> None:
+        """Drop the pins of held blocks; they stay held (re-check them with ``verify``
+        before a report). The engine has no use for it; tests compare pinned and unpinned
+        blocks under the same migration trigger with it."""
+        chosen = self._checked(blocks)
+        if self._pinner is not None:
+            for block in chosen:
+                self._pinner.unpin(block.offset // BLOCK_BYTES)
+
+    @property
+    def reporting_refusal(self) -> str:
+        """Why reports from this arena are refused ("" = they are not), with the current
+        :attr:`allow_weak_arena`. Non-empty for arenas that cannot keep S2/S3."""
+        return self.refusal(self.allow_weak_arena)
 
     def held(self) -> List[Block]:
         """The blocks held now, in arena order."""
@@ -232,11 +301,34 @@ class Arena(abc.ABC):
         them. On failure the span that failed and those after it stay held."""
         try:
             for off, length in _spans(b.offset for b in chosen):
-                self._discard(off, length)
+                slots = range(off // BLOCK_BYTES, (off + length) // BLOCK_BYTES)
+                if self._pinner is not None:
+                    # Unpin first: a pinned page that is punched stays allocated until the
+                    # pin goes (a late release, never an early one).
+                    for slot in slots:
+                        self._pinner.unpin(slot)
+                try:
+                    self._discard(off, length)
+                except OSError:
+                    # Still held, so pinned again (best effort: a refused pin is counted).
+                    self._pin([slot * BLOCK_BYTES for slot in slots])
+                    raise
                 for o in range(off, off + length, BLOCK_BYTES):
                     del self._held[o]
         except OSError as exc:
             raise ArenaError(f"releasing {self.kind} arena blocks failed: {exc}") from exc
+
+    def _pin(self, offsets: Sequence[int]) -> None:
+        """Pin each block (before its frame is read: pinning may migrate it first)."""
+        if self._pinner is None or self._pinner.unavailable:
+            return
+        for off in offsets:
+            try:
+                self._pinner.pin(off // BLOCK_BYTES)
+            except OSError as exc:
+                self._incidents["pin_failed"] += 1
+                log.warning("cannot pin the held block at arena offset %d: %s; it is "
+                            "re-checked before each report only", off, exc)
 
     @abc.abstractmethod
     def _discard(self, off: int, length: int) -> None:
@@ -256,19 +348,36 @@ class Arena(abc.ABC):
         the frames as they are now. Call it before reporting blocks that were held a while."""
 
     def fileno(self) -> Optional[int]:
-        """The memfd that carries the held pages across a restart, or None (anonymous
+        """The file that carries the held pages across a restart, or None (anonymous
         backing: nothing survives the agent)."""
         return self._fd
 
     def close(self) -> None:
-        """Unmap and close. Held pages are freed unless their fd lives on (fd store)."""
+        """Unpin, unmap and close. Held pages of a named file stay in it (the file is
+        removed only when it holds no page at all); a memfd's pages are freed unless its fd
+        lives on (fd store)."""
+        if self._pinner is not None:
+            self._pinner.close()
+            self._pinner = None
         if self._map_len:
             _libc.munmap(self._raw_base, self._map_len)
             self._map_len = 0
         if self._fd is not None:
+            if self.path is not None:
+                self._unlink_if_empty()
             os.close(self._fd)
             self._fd = None
         self._held.clear()
+
+    def _unlink_if_empty(self) -> None:
+        # st_blocks is what the file holds, whatever the bookkeeping says: a file with any
+        # page left is kept for the next agent (S3), an empty one has nothing to carry.
+        assert self._fd is not None and self.path is not None
+        try:
+            if os.fstat(self._fd).st_blocks == 0:
+                os.unlink(self.path)
+        except OSError as exc:
+            log.warning("cannot remove the empty arena file %s: %s", self.path, exc)
 
     def __enter__(self) -> Arena:
         return self
@@ -280,7 +389,9 @@ class Arena(abc.ABC):
     def recover(fd: int, budget: Optional[SurplusBudget] = None) -> Arena:
         """Rebuild an arena from a memfd a previous agent left (the new arena owns ``fd``).
 
-        A hugetlb memfd needs the ``budget`` so later releases restore the knob.
+        A hugetlb memfd needs the ``budget`` so later releases restore the knob. Every
+        block found is held; the caller gets them from ``held()`` and must treat them all
+        as possibly reported (orphans).
         """
         st = os.fstat(fd)
         if st.st_blksize == BLOCK_BYTES:
@@ -290,16 +401,34 @@ class Arena(abc.ABC):
         return ThpArena._recover(fd)
 
 
+def _lock(fd: int, path: str) -> None:
+    # One agent per arena file, whatever its run directory: a second one would punch the
+    # first one's held (maybe reported) pages during its recovery probe.
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        raise ArenaError(
+            f"{path} is locked by another process ({exc}): only one aerate-agent may use an "
+            "arena file; stop the other agent"
+        ) from exc
+
+
 class HugetlbArena(Arena):
     """Surplus 2 MiB hugetlb pages in a memfd; see the module docstring."""
 
     kind = "hugetlb"
 
-    def __init__(self, capacity: int, budget: SurplusBudget, *, _fd: Optional[int] = None) -> None:
+    def __init__(self, capacity: int, budget: SurplusBudget, *, path: Optional[str] = None,
+                 pin: bool = True, _fd: Optional[int] = None) -> None:
+        """A new arena of ``capacity`` slots: in the named hugetlbfs file ``path`` (created;
+        it must not exist) or, with ``path`` None, in a memfd. ``pin=False`` leaves held
+        blocks unpinned (tests compare the two)."""
         super().__init__(capacity)
         self._budget = budget
         size = capacity * BLOCK_BYTES
-        if _fd is None:
+        if _fd is None and path is not None:
+            fd = self._create_named(path, size)
+        elif _fd is None:
             try:
                 fd = os.memfd_create(ARENA_NAME, _MFD_HUGETLB | _MFD_HUGE_2MB | _MFD_CLOEXEC)
             except OSError as exc:
@@ -315,6 +444,7 @@ class HugetlbArena(Arena):
         else:
             fd = _fd
         self._fd = fd
+        self.path = path
         try:
             # NORESERVE: pages are allocated by fallocate, never reserved through the mapping.
             self._raw_base, self._base = _reserve_aligned(size)
@@ -327,6 +457,47 @@ class HugetlbArena(Arena):
                 self._fd = None  # a recovering caller keeps its fd
             self.close()
             raise ArenaError(f"cannot map the hugetlb arena ({size} bytes): {exc}") from exc
+        self._pinner = Pinner(self._base, BLOCK_BYTES, capacity) if pin else None
+        if self._pinner is None:
+            self.weakness = "held pages are not pinned (pinning turned off)"
+        elif self._pinner.unavailable:
+            self.weakness = (
+                f"{self._pinner.unavailable}: memory offlining, CMA or migrate_pages may move "
+                "a held page; frames are re-checked before each report only"
+            )
+
+    @staticmethod
+    def _create_named(path: str, size: int) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ArenaUnavailable(f"cannot create the arena file {path}: {exc}") from exc
+        try:
+            _lock(fd, path)
+            if os.fstat(fd).st_blksize != BLOCK_BYTES:
+                raise ArenaUnavailable(f"{path} is not on a hugetlbfs mount of 2 MiB pages")
+            os.ftruncate(fd, size)
+        except (OSError, ArenaError):
+            os.unlink(path)  # just created, holds nothing
+            os.close(fd)
+            raise
+        return fd
+
+    @classmethod
+    def open_named(cls, path: str, budget: SurplusBudget) -> HugetlbArena:
+        """Recover the arena a previous agent left in the named file ``path``."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ArenaError(f"cannot open the arena file {path}: {exc}") from exc
+        try:
+            _lock(fd, path)
+            if os.fstat(fd).st_blksize != BLOCK_BYTES:
+                raise ArenaError(f"{path} is not a file of 2 MiB hugetlbfs pages; move it away")
+            return cls._recover(fd, budget, path)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _discard(self, off: int, length: int) -> None:
         # Punching frees the surplus pages straight back to the buddy allocator.
@@ -383,26 +554,48 @@ class HugetlbArena(Arena):
             self._budget.set(len(self._held))
         return new
 
-    def _adopt(self, offsets: Sequence[int]) -> List[Block]:
+    def _adopt(self, offsets: Sequence[int], fresh: bool = True) -> List[Block]:
+        """Map, pin and read the frames of pages at ``offsets``, and hold them.
+
+        ``fresh`` pages were just allocated by a fill and were never reported, so on a
+        failure they are punched back. Recovered pages (``fresh=False``) may have been
+        reported by the previous agent: they are held whatever pagemap says and never
+        punched here (the caller releases them as orphans when S2 allows).
+        """
         new: List[Block] = []
         if not offsets:
             return new
         try:
-            pfns = self._map_blocks(offsets)
+            self._map_blocks(offsets)
+            self._pin(offsets)
+            pfns = self._pfns(offsets)
         except Exception:
-            if self._fd is not None:
-                for off, length in _spans(offsets):
-                    _punch(self._fd, off, length)
+            if fresh and self._fd is not None:
+                self._unfill(offsets)
             raise
+        bad = [off for off in offsets if pfns[off] is None or (pfns[off] or 0) % BLOCK_PAGES]
+        if bad and fresh:
+            self._unfill(offsets)
+            raise ArenaError(
+                f"hugetlb page at arena offset {bad[0]} shows frame {pfns[bad[0]]} in pagemap, "
+                "not an aligned 2 MiB page; the arena cannot trust its PFNs on this kernel"
+            )
         for off in offsets:
             pfn = pfns[off]
-            if pfn is None or pfn % BLOCK_PAGES:
-                raise ArenaError(
-                    f"hugetlb page at arena offset {off} shows frame {pfn} in pagemap, not an "
-                    "aligned 2 MiB page; the arena cannot trust its PFNs on this kernel"
-                )
-            new.append(self._hold(off, pfn))
+            if off in bad:
+                log.warning("recovered arena block at offset %d shows frame %s in pagemap; "
+                            "held as an orphan all the same", off, pfn)
+            new.append(self._hold(off, pfn or 0))
         return new
+
+    def _unfill(self, offsets: Sequence[int]) -> None:
+        """Give back pages a fill allocated but could not adopt (never reported)."""
+        assert self._fd is not None
+        for off in offsets:
+            if self._pinner is not None:
+                self._pinner.unpin(off // BLOCK_BYTES)
+        for off, length in _spans(offsets):
+            _punch(self._fd, off, length)
 
     def release(self, blocks: Iterable[Block]) -> None:
         """Punch the blocks out of the memfd: the surplus pages go back to the buddy allocator."""
@@ -426,6 +619,7 @@ class HugetlbArena(Arena):
         unmapped = [off for off in offsets if pfns[off] is None]
         if unmapped:
             pfns.update(self._map_blocks(unmapped))
+        self._incidents["verified"] += len(chosen)
         changed: List[Block] = []
         for block in chosen:
             pfn = pfns[block.offset]
@@ -434,19 +628,27 @@ class HugetlbArena(Arena):
                     raise ArenaError(f"held hugetlb block at offset {block.offset} vanished")
                 self._held[block.offset] = Block(pfn, block.nr_pages, block.offset)
                 changed.append(block)
+                self._incidents["moved"] += 1
+                pinned = self._pinner is not None and self._pinner.is_pinned(
+                    block.offset // BLOCK_BYTES)
+                log.warning("held hugetlb block at arena offset %d moved from frame %d to %d "
+                            "(%s): a report naming the old frame is unsafe",
+                            block.offset, block.pfn, pfn, "pinned" if pinned else "not pinned")
         return changed
 
     @classmethod
-    def _recover(cls, fd: int, budget: SurplusBudget) -> HugetlbArena:
+    def _recover(cls, fd: int, budget: SurplusBudget, path: Optional[str] = None
+                 ) -> HugetlbArena:
         st = os.fstat(fd)
         capacity = st.st_size // BLOCK_BYTES
         if capacity < 1 or st.st_size % BLOCK_BYTES:
             raise ArenaError(
-                f"fd {fd} is a hugetlb file of {st.st_size} bytes, not an aerate arena"
+                f"{path or 'fd %d' % fd} is a hugetlb file of {st.st_size} bytes, not an "
+                "aerate arena; if no agent runs, remove it"
             )
-        arena = cls(capacity, budget, _fd=fd)
+        arena = cls(capacity, budget, path=path, _fd=fd)
         try:
-            arena._adopt(arena._probe_present(st.st_blocks * 512 // BLOCK_BYTES))
+            arena._adopt(arena._probe_present(st.st_blocks * 512 // BLOCK_BYTES), fresh=False)
         except BaseException:
             arena._fd = None  # the caller still owns fd on failure
             arena.close()
@@ -560,6 +762,17 @@ class ThpArena(Arena):
                 "for a memfd the fd store can carry"
             )
 
+    def refusal(self, allow_weak: bool) -> str:
+        """Non-empty unless ``allow_weak``: a THP arena cannot keep S2/S3."""
+        if allow_weak:
+            return ""
+        return ("THP fallback arena: held pages are mlocked, not pinned, so they can be "
+                "migrated, split or swapped, and " +
+                ("anonymous backing dies with the agent" if self._fd is None else
+                 "a memfd loses its mlock when the agent dies") +
+                ": reports could name pages the guest uses again (S2/S3); statistics only "
+                "unless allow_weak_arena=true")
+
     def _discard(self, off: int, length: int) -> None:
         addr = self._base + off
         _libc.munlock(addr, length)
@@ -626,10 +839,13 @@ class ThpArena(Arena):
                 if _libc.mlock(arena._base + off, BLOCK_BYTES) == 0:
                     pfn = arena._whole_run(off)
                 if pfn is None:
-                    # Never eligible, so never reported: safe to hand back.
-                    arena._discard(off, BLOCK_BYTES)
-                else:
-                    arena._hold(off, pfn)
+                    # Not one aligned run *now*: it may have been one when it was reported
+                    # and been split or moved since, so it is held like any other orphan.
+                    heads = read_pagemap(arena._base + off, 1)
+                    pfn = heads[0] if heads and heads[0] is not None else 0
+                    log.warning("recovered THP arena slot at offset %d is no longer one "
+                                "aligned 2 MiB run; held as an orphan all the same", off)
+                arena._hold(off, pfn)
         except BaseException:
             arena._fd = None  # the caller still owns fd on failure
             arena.close()
@@ -657,8 +873,13 @@ class ThpArena(Arena):
         return slots
 
 
-def create_arena(capacity: int, budget: Optional[SurplusBudget]) -> Arena:
+def create_arena(capacity: int, budget: Optional[SurplusBudget],
+                 path: Optional[str] = None) -> Arena:
     """The preferred arena this kernel allows: hugetlb, else THP (its weakness says why).
+
+    With ``path`` the hugetlb arena is that named hugetlbfs file (see
+    :mod:`aerate.agent.carrier`); if the file cannot be made there, a memfd (which needs the
+    fd store to outlive the agent) is used instead and the weakness says why.
 
     A persistent 2 MiB pool with free pages rules hugetlb out too: every fill would refuse
     rather than take the operator's pages (see HugetlbArena.fill).
@@ -670,11 +891,20 @@ def create_arena(capacity: int, budget: Optional[SurplusBudget]) -> Arena:
                 raise ArenaUnavailable(
                     f"the persistent 2 MiB pool has {pool.free_unreserved} free pages"
                 )
+            if path is not None:
+                try:
+                    return HugetlbArena(capacity, budget, path=path)
+                except ArenaUnavailable as exc:
+                    arena = HugetlbArena(capacity, budget)
+                    arena.weakness = "; ".join(
+                        w for w in (f"no named arena file ({exc}): held pages outlive the "
+                                    "agent only through the fd store", arena.weakness) if w)
+                    return arena
             return HugetlbArena(capacity, budget)
         except (ArenaError, BudgetError, OSError) as exc:
             reason = f"hugetlb arena unavailable ({exc})"
     else:
         reason = "no surplus budget (hugetlb arena not requested)"
-    arena = ThpArena(capacity)
-    arena.weakness = f"{reason}; {arena.weakness}"
-    return arena
+    thp = ThpArena(capacity)
+    thp.weakness = f"{reason}; {thp.weakness}"
+    return thp

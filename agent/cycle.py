@@ -321,6 +321,11 @@ class Engine:
         idle = self.cfg["idle_poll_ms"] / 1000.0
         delay = self.cfg["delay_ms"] / 1000.0
         stats_only = "" if self.cfg["override_kernel_reporting"] else self.stats_only
+        if not stats_only:
+            # An arena that cannot keep S2/S3 (the THP fallback) never reports unless the
+            # operator opted in (allow_weak_arena): agent/arena.py says why.
+            refusal = getattr(self.arena, "refusal", None)
+            stats_only = refusal(bool(self.cfg["allow_weak_arena"])) if refusal else ""
         if stats_only or not self.cfg["enabled"]:
             self.end_pass("disabled")
             self.phase = Phase.DISABLED
@@ -446,7 +451,8 @@ class Engine:
                 "held_bytes": self.held_bytes(), "aerated_bytes": self.aerated_bytes(),
                 "raw_bytes": self.last_raw_bytes,
                 "inflight_batches": sorted(self.inflight), "capacity_now": self._capacity_now,
-                "counters": dict(self.counters)}
+                "counters": dict(self.counters),
+                "arena_counters": dict(getattr(self.arena, "counters", {}))}
 
 
 def granule_ranges(blocks: Iterable[Block], granule: int) -> Tuple[List[Range], Set[int]]:

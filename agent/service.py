@@ -17,9 +17,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import capabilities, fdstore, procfs
+from . import capabilities, carrier, fdstore, procfs
 from . import settings as settings_mod
-from .arena import Arena, ArenaError, create_arena
+from .arena import BLOCK_BYTES, Arena, ArenaError, HugetlbArena, create_arena
 from .channel import DEFAULT_PATH, Port, PortError
 from .cycle import Engine
 from .hugetlb import DEFAULT_RUN_DIR, BudgetError, SurplusBudget
@@ -57,27 +57,67 @@ def stats_only_reason(root: str = "/") -> str:
     return ""
 
 
-def open_arena(capacity: int, run_dir: str) -> Tuple[Arena, List[Any], str]:
-    """Recover the arena a previous agent left in the fd store, or make a new one.
+def open_arena(capacity: int, run_dir: str,
+               arena_dir: Optional[str] = None) -> Tuple[Arena, List[Any], str]:
+    """Recover the arena a previous agent left, or make a new one.
 
-    Returns (arena, orphaned blocks, status note).
+    Returns (arena, orphaned blocks, status note). Orphans are every block found held at
+    start: the previous agent may have reported any of them, so the caller releases them
+    only when S2 allows (a new session, or the lease run out since this agent started);
+    nothing here releases one.
+
+    Where held pages wait between agents (see :mod:`aerate.agent.carrier`): preferably the
+    named file ``<arena_dir>/aerate-agent-arena`` on a hugetlbfs mount of the init mount
+    namespace, which needs no service manager and survives a stop that flushes the fd
+    store; else a memfd in systemd's fd store. ``arena_dir`` defaults to
+    ``$AERATE_ARENA_DIR`` or /dev/hugepages ("" turns the named file off).
+
+    Both carriers are looked at on every start: a named file is recovered first; a memfd
+    from the fd store is recovered when there is no file. If both exist (a previous agent
+    fell back to the fd store while the mount was unusable), the file wins and the memfd is
+    left in the fd store, logged: releasing it would need its own orphan bookkeeping, and
+    keeping it is the safe side (S2).
     """
     try:
         budget: Optional[SurplusBudget] = SurplusBudget(run_dir)
     except BudgetError as e:
         log.warning("no hugetlb surplus budget: %s", e)
         budget = None
+    if arena_dir is None:
+        arena_dir = carrier.arena_dir_from_env()
+    problem = carrier.check_dir(arena_dir, BLOCK_BYTES) if budget is not None else "no budget"
+    path = os.path.join(arena_dir, carrier.ARENA_FILE) if not problem else None
     stored = fdstore.take().get(fdstore.ARENA_FDNAME, [])
     for extra in stored[1:]:
         os.close(extra)
+    if path is not None and budget is not None and os.path.exists(path):
+        arena: Arena = HugetlbArena.open_named(path, budget)
+        if stored:
+            same = os.fstat(stored[0]).st_ino == os.fstat(arena.fileno() or -1).st_ino
+            if not same:
+                log.warning("the fd store also holds an older arena memfd; it stays there "
+                            "(its pages stay held until the unit is stopped)")
+            os.close(stored[0])
+        orphans = arena.held()
+        note = "recovered arena from %s: %d blocks held from before" % (path, len(orphans))
+        return arena, orphans, note
     if stored:
         arena = Arena.recover(stored[0], budget)
         orphans = arena.held()
         note = "recovered arena from the fd store: %d blocks held from before" % len(orphans)
         return arena, orphans, note
-    arena = create_arena(capacity, budget)
-    fd = arena.fileno()
+    arena = create_arena(capacity, budget, path)
+    if arena.path is not None:
+        note = "new %s arena in %s (outlives the agent without the fd store)" % (
+            arena.kind, arena.path)
+        warn = carrier.propagation_note(arena_dir, carrier.read_mountinfo())
+        if warn:
+            log.warning("%s", warn)
+        return arena, [], note
     note = "new %s arena" % arena.kind
+    if problem and budget is not None:
+        note += " (no named arena file: %s)" % problem
+    fd = arena.fileno()
     if fd is not None:
         try:
             if fdstore.store([fd]):
@@ -103,6 +143,8 @@ class Agent:
         # What this kernel offers, told once per session (the hello), not every stats tick.
         self.endpoint = GuestEndpoint({"agent": VERSION, "arena": arena.kind,
                                        "arena_weakness": arena.weakness,
+                                       "arena_refusal": arena.refusal(
+                                           bool(engine.cfg.get("allow_weak_arena"))),
                                        "page_size": 4096,
                                        "stats_only": engine.stats_only,
                                        "capabilities": {c.name: {"available": c.available,

@@ -32,6 +32,9 @@ TABLE: Tuple[Setting, ...] = (
             help="report free memory at all; off keeps the agent to stats only"),
     Setting("override_kernel_reporting", bool, False, scope="guest",
             help="aerate even where the guest kernel's own free page reporting is active"),
+    Setting("allow_weak_arena", bool, False, scope="guest",
+            help="report from the THP fallback arena too, whose held pages can move or die "
+                 "with the agent (S2/S3 do not hold there)"),
     Setting("mode", str, "auto", choices=("auto", "punch", "balloon", "off"), scope="host",
             help="reclaimer: auto picks punch for shared backing, balloon for private RAM"),
     Setting("min_order", int, 9, 9, 18, scope="guest",

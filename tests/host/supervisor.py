@@ -8,10 +8,11 @@ systemd hands its fd store back to a restarted service.
 from __future__ import annotations
 
 import array
+import os
 import socket
 import subprocess
 import sys
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 # Moves the given fds to 3.. and sets LISTEN_* for its own pid, then execs the real program:
 # the part systemd plays between fork and exec.
@@ -68,3 +69,54 @@ def spawn_with_listen_fds(
         text=True,
         **popen,
     )
+
+
+class FdStoreStandIn(NotifyStandIn):
+    """systemd's fd store for one service: keeps what ``FDSTORE=1`` sends, drops what
+    ``FDSTOREREMOVE=1`` names, and :meth:`flush` closes everything, which is what systemd
+    does when the unit stops (any version without FileDescriptorStorePreserve=yes; on
+    systemd < 254 always), e.g. after the main process was SIGKILLed and the start limit
+    hit, or on ``systemctl stop``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.stored: Dict[str, List[int]] = {}
+        self.messages: List[str] = []
+
+    def drain(self) -> None:
+        """Take every notification waiting on the socket (never blocks)."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    msg, fds = self.receive()
+                except BlockingIOError:
+                    return
+                self.messages.append(msg)
+                fields = dict(line.partition("=")[::2] for line in msg.splitlines())
+                name = fields.get("FDNAME", "stored")
+                if fields.get("FDSTORE") == "1":
+                    self.stored.setdefault(name, []).extend(fds)
+                else:
+                    for fd in fds:
+                        os.close(fd)
+                if fields.get("FDSTOREREMOVE") == "1":
+                    for fd in self.stored.pop(name, []):
+                        os.close(fd)
+        finally:
+            self.sock.settimeout(30)
+
+    def flush(self) -> int:
+        """Close every stored fd, as systemd does on stop; return how many there were."""
+        self.drain()
+        n = 0
+        for fds in self.stored.values():
+            for fd in fds:
+                os.close(fd)
+                n += 1
+        self.stored.clear()
+        return n
+
+    def close(self) -> None:
+        self.flush()
+        super().close()

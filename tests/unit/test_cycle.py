@@ -365,6 +365,17 @@ def test_a_block_that_moved_before_its_report_is_not_reported() -> None:
     assert any(b.pfn == first for b in e.unreported)
 
 
+def test_a_weak_arena_never_reports_unless_the_operator_allows_it() -> None:
+    k = ScriptedKernel(free_blocks=32)
+    a = ScriptedArena(k)
+    a.refusal = lambda allow: "" if allow else "THP arena: pages die with the agent"  # type: ignore[attr-defined]
+    e = Engine(k, a, settings())
+    assert e.tick(0.0, can_report=True)[0] is None and a.held == []
+    assert e.phase is Phase.DISABLED and "THP arena" in e.last_reason
+    e.apply({"allow_weak_arena": True})
+    assert e.tick(1.0, can_report=True)[0]
+
+
 def test_stats_only_and_disabled_never_fill() -> None:
     k = ScriptedKernel(free_blocks=64)
     a = ScriptedArena(k)

@@ -19,11 +19,27 @@ pytestmark = [pytest.mark.unit,
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 
 
+#: Keys newer than the oldest systemd the units support (Debian 12: 252), set on purpose:
+#: older versions ignore them with one warning (see the comment at each key).
+NEWER_KEYS = {"aerate-agent.service": ["FileDescriptorStorePreserve"]}
+
+
 @pytest.mark.parametrize("unit", ["aerated.service", "aerate-agent.service"])
 def test_unit_verifies(unit: str) -> None:
     r = subprocess.run(["systemd-analyze", "verify", str(UNITS / unit)],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    newer = NEWER_KEYS.get(unit, [])
+    left = [line for line in r.stderr.splitlines() if line.strip()
+            and not any(re.search(r"Unknown key( name)? '%s' in section \[?'?Service" % k,
+                                  line) for k in newer)]
+    assert r.returncode == 0 and not left, r.stderr
+
+
+def test_newer_keys_are_still_in_the_units() -> None:
+    # Without this a key dropped from the unit would leave a stale allowance behind.
+    for unit, keys in NEWER_KEYS.items():
+        text = (UNITS / unit).read_text()
+        assert all(re.search(r"^%s=" % k, text, re.M) for k in keys)
 
 
 @pytest.mark.parametrize("unit, ceiling", [("aerated.service", 3.0),

@@ -5,7 +5,8 @@
 - aerated is SIGKILLed while the guest holds reported pages: a new daemon starts a new
   session, the guest returns the held pages, reclaim resumes.
 - aerate-agent is SIGKILLed in the guest with batches held: systemd restarts it, the arena
-  comes back from the fd store, and the pages go back only with the next session.
+  comes back from its named file in /dev/hugepages, and the pages go back only with the
+  next session.
 A checker in the guest verifies every page it wrote all along.
 """
 
@@ -127,9 +128,9 @@ def test_agent_sigkill_with_pages_held_recovers_them(guest_and_run: tuple[Guest,
         g.check("systemctl kill -s KILL aerate-agent")
         wait_for(lambda: g.check("systemctl show -p MainPID --value aerate-agent").strip()
                  not in ("0", pid), 60, "systemd to restart the agent")
-        wait_for(lambda: "recovered arena from the fd store" in g.check(
+        wait_for(lambda: "recovered arena from /dev/hugepages/aerate-agent-arena" in g.check(
             "journalctl -u aerate-agent --no-pager -o cat | grep 'aerate-agent 0.1.0 on' | "
-            "tail -1"), 60, "the restarted agent to recover its arena from the fd store")
+            "tail -1"), 60, "the restarted agent to recover its arena from the named file")
         assert surplus(g) > 0 or held == 0
         wait_for(lambda: surplus(g) == 0 and engine(d, g.name).get("phase") == "idle", 300,
                  "the recovered pages to go back after the new session", 2)
