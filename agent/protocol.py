@@ -25,7 +25,8 @@ Leases (S1, S2: no report outlives its pages)
     time. Leases bound that time from both ends with one rule each, and no clock shared:
 
     - The host stamps a *token* (increasing within a session) on every sync, ack, config and
-      ``keepalive`` it sends (every ``KEEPALIVE_SHARE`` of the lease), with the lease
+      ``keepalive`` it sends (every ``KEEPALIVE_SHARE`` of the lease while the guest is busy
+      reporting, and at once when a guest asks with ``need-token``), with the lease
       ``lease_ms`` in force for it, and records its send time ``S(t)`` *before* the bytes
       are written. A report carries the newest token the guest holds. The host starts a
       discard of that report (each slice of it, host/punch.py) only while
@@ -56,7 +57,8 @@ Messages (``type``)
     {batch, discarded, refused, reason, token, lease_ms}, ``config`` {settings, token,
     lease_ms}, ``keepalive`` {token, lease_ms}.
     guest -> host: ``hello`` {nonce, agent, capabilities, arena, page_size}, ``report``
-    {batch, token, ranges: [[gpa, length], ...]}, ``stats`` {...}, and, 0xFF-prefixed and outside
+    {batch, token, ranges: [[gpa, length], ...]}, ``need-token`` {} (its newest token is too
+    old to report under), ``stats`` {...}, and, 0xFF-prefixed and outside
     any session, ``need-sync``: a guest that has no session (it just started, or recovered
     held pages after a crash) asks the host to begin one. The host answers with a new sync
     once no discard of its current session can still happen.
@@ -95,6 +97,9 @@ HOST_SHARE = 0.5
 #: so an honest report reaches the host with plenty of its window left.
 KEEPALIVE_SHARE = 0.25
 FRESH_SHARE = 0.3
+#: After a report or a need-token the host keeps sending keepalives for this long (seconds),
+#: so a pass runs without asking; an idle guest costs the host no keepalive at all.
+BUSY_S = 10.0
 #: Most tokens the host remembers per session (older ones count as expired: safe side).
 MAX_TOKENS = 4096
 
@@ -356,6 +361,11 @@ class GuestEndpoint:
         """The earliest time ``expire`` will release something, or None."""
         return min((f.release_at for f in self.inflight.values()), default=None)
 
+    def request_token(self) -> None:
+        """Ask the host for a fresh lease token (the newest one is too old to report)."""
+        if self.state is GuestState.RUNNING:
+            self.outbox += encode({"type": "need-token", "session": self.session})
+
     def request_sync(self) -> None:
         """Ask the host for a session (sent while IDLE; harmless if nobody listens)."""
         self.outbox += encode(dict(self._hello, type="need-sync"), sync=True)
@@ -521,6 +531,8 @@ class HostEndpoint:
         self._tokens: Dict[int, Tuple[float, float]] = {}
         #: when the newest token was queued (the keepalive timer runs from it)
         self.last_stamp = float("-inf")
+        #: keepalives are due until then (a report or need-token extends it)
+        self.busy_until = float("-inf")
         #: batches reported and not yet acked, id -> ranges
         self.pending: Dict[int, List[Range]] = {}
         self.outbox = bytearray()
@@ -580,9 +592,12 @@ class HostEndpoint:
         self.state = HostState.CLOSED
         self.pending.clear()
 
-    def keepalive_due(self, now: Optional[float] = None) -> float:
-        """Seconds until the next keepalive is due (<= 0: now)."""
+    def keepalive_due(self, now: Optional[float] = None) -> Optional[float]:
+        """Seconds until the next keepalive is due (<= 0: now), or None while the guest is
+        idle (no report or need-token for ``BUSY_S``): an idle guest gets none."""
         now = self.clock() if now is None else now
+        if self.state is not HostState.RUNNING or now >= self.busy_until:
+            return None
         return self.last_stamp + KEEPALIVE_SHARE * self.lease_s - now
 
     def keepalive(self) -> None:
@@ -604,6 +619,7 @@ class HostEndpoint:
         self._seen_marker = False
         self._last_batch = 0
         self._tokens = {}
+        self.busy_until = float("-inf")
         self.pending.clear()
         msg: Dict[str, Any] = {"type": "sync", "nonce": nonce, "session": session,
                                "granule": granule}
@@ -704,7 +720,15 @@ class HostEndpoint:
                                   and not isinstance(raw_token, bool)) else None
             self._last_batch = batch
             self.pending[batch] = ranges
+            self.busy_until = self.clock() + BUSY_S
             events.append(("report", Report(batch, ranges, token)))
+        elif t == "need-token":
+            # Answered at once, at most once per keepalive period: a flood of asks costs
+            # one keepalive a period, not one per line.
+            now = self.clock()
+            self.busy_until = now + BUSY_S
+            if now - self.last_stamp >= KEEPALIVE_SHARE * self.lease_s / 4:
+                self.keepalive()
         elif t == "stats":
             events.append(("stats", msg))
         elif t == "hello":

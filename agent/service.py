@@ -30,6 +30,8 @@ log = logging.getLogger("aerate-agent")
 VERSION = "0.1.0"
 #: While no session exists, ask the host for one this often.
 NEED_SYNC_EVERY = 5.0
+#: While a session is up but the newest lease token is stale, ask for one this often.
+NEED_TOKEN_EVERY = 0.25
 #: Longest a stop waits for acks, leases and orphans (below systemd's TimeoutStopSec=90s
 #: default); past it the agent exits holding pages, which the arena keeps for the next
 #: agent (S3).
@@ -154,6 +156,7 @@ class Agent:
         self._next_tick = 0.0
         self._next_stats = 0.0
         self._next_need_sync = 0.0
+        self._next_token_ask = 0.0
         self._watchdog = float(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         self._next_watchdog = 0.0
         self._last_status = ""
@@ -227,6 +230,9 @@ class Agent:
             paused = ""
             if running and not self.endpoint.token_fresh(now):
                 paused = "waiting for a fresh lease token from the host"
+                if now >= self._next_token_ask:
+                    self.endpoint.request_token()
+                    self._next_token_ask = now + NEED_TOKEN_EVERY
             ranges, wait = self.engine.tick(now, running, self.endpoint.granule
                                             if running else 0, paused)
             if ranges:

@@ -612,7 +612,11 @@ class VmRunner:
                 if s.state is HostState.SYNCING:
                     timeout: float | None = SYNC_RETRY
                 else:
-                    timeout = max(0.0, s.endpoint.keepalive_due())
+                    # An idle guest gets no keepalive and costs no timer: it asks (need-token)
+                    # when it wants to report. A pending restart waits for its next bytes:
+                    # the revocation already refuses every discard of that session.
+                    due = s.endpoint.keepalive_due()
+                    timeout = None if due is None else max(0.0, due)
                 try:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except TimeoutError:
@@ -636,7 +640,8 @@ class VmRunner:
                 flood = self.input_budget.take(len(data), time.monotonic(), max(0.0, spent))
                 if flood:
                     raise GuestFlood(f"{flood}; session ended")
-                if s.state is HostState.RUNNING and s.endpoint.keepalive_due() <= 0:
+                due = s.endpoint.keepalive_due()
+                if due is not None and due <= 0:
                     s.endpoint.keepalive()
                 if s.state is HostState.RUNNING and self.state is not RunnerState.RUNNING:
                     self._set_state(RunnerState.RUNNING)
@@ -680,7 +685,7 @@ class VmRunner:
     def restart_session(self, why: str) -> None:
         """Begin a new session at the next turn of the serve loop (loop thread only: the
         loop is not inside a discard when this runs, S4)."""
-        self._restart = why  # the serve loop wakes at least every keepalive period
+        self._restart = why  # acted on at the serve loop's next turn
 
     def _flush_log(self) -> None:
         if self.session is None:

@@ -67,7 +67,8 @@ class Host:
              until: Optional[Callable[[], bool]] = None) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end and not (until and until()):
-            if self.ep.state is HostState.RUNNING and self.ep.keepalive_due() <= 0:
+            due = self.ep.keepalive_due()
+            if due is not None and due <= 0:
                 # What aerated does: a fresh lease token every quarter of the lease.
                 self.ep.keepalive()
                 os.write(self.master, self.ep.take_outbox())

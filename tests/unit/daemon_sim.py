@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from aerate.agent.protocol import GuestEndpoint
+from aerate.agent.protocol import MAX_INFLIGHT, GuestEndpoint, GuestState
 from aerate.host.backing import Backing, BackingKind
 from aerate.host.libvirt_conn import DomainError, DomainRef
 from aerate.host.qemu_map import GuestMemoryMap, RamBlockInfo, RamRange
@@ -183,6 +183,7 @@ class SimGuest:
     sessions: int = 0
     on_ack: Optional[Callable[[SimGuest], None]] = None
     _sent: Dict[int, float] = field(default_factory=dict)
+    _want_report: bool = False
     _server: Optional[asyncio.AbstractServer] = None
     _tasks: List[asyncio.Task[None]] = field(default_factory=list)
     _writers: List[asyncio.StreamWriter] = field(default_factory=list)
@@ -229,6 +230,8 @@ class SimGuest:
                         self.acks.append((batch, discarded, refused, ""))
                         if self.on_ack is not None:
                             self.on_ack(self)
+                if self._want_report and ep.can_report():
+                    self.report_now(ep, writer)   # the fresh token it asked for came
                 out = ep.take_outbox()
                 if out:
                     writer.write(out)
@@ -247,9 +250,16 @@ class SimGuest:
         return out
 
     def report_now(self, ep: GuestEndpoint, writer: asyncio.StreamWriter) -> Optional[int]:
-        """Send one report if the window has room; its batch id."""
+        """Send one report if the window has room; its batch id. Without a fresh lease
+        token it asks for one first, as the agent does, and reports when it comes."""
         if not ep.can_report():
+            if ep.state is GuestState.RUNNING and len(ep.inflight) < MAX_INFLIGHT \
+                    and not ep.token_fresh():
+                self._want_report = True
+                ep.request_token()
+                writer.write(ep.take_outbox())
             return None
+        self._want_report = False
         batch = ep.report(self._ranges())
         self._sent[batch] = time.monotonic()
         writer.write(ep.take_outbox())

@@ -149,10 +149,27 @@ def test_guest_waits_for_a_fresh_token_before_reporting() -> None:
     with pytest.raises(RuntimeError):
         g.report([(0, MiB2)])
     hc.t += 0.61
-    assert s.endpoint.keepalive_due() < 0
-    s.endpoint.keepalive()
+    # An idle guest gets no keepalive: it asks, and the host answers at once.
+    assert s.endpoint.keepalive_due() is None
+    g.request_token()
+    s.receive(g.take_outbox())
     g.receive(s.take_outbox())
     assert g.can_report()
+    # Busy now: keepalives every quarter of the lease, for BUSY_S, then none again.
+    due = s.endpoint.keepalive_due()
+    assert due is not None and due == pytest.approx(0.5)
+    hc.t += p.BUSY_S
+    assert s.endpoint.keepalive_due() is None
+
+
+def test_a_need_token_flood_costs_one_keepalive_per_period() -> None:
+    s, g, hc, _, _ = pair()
+    hc.t += 1.0
+    for _ in range(500):
+        g.request_token()
+    s.receive(g.take_outbox())
+    assert s.take_outbox().count(b'"type":"keepalive"') == 1
+    assert s.state is p.HostState.RUNNING
 
 
 def test_lease_ms_outside_the_bounds_ends_the_session_on_the_guest() -> None:
@@ -197,6 +214,7 @@ ACTIONS = st.lists(st.one_of(
     st.tuples(st.just("advance"), st.floats(0.0, 3.0), st.floats(0.0, 1.0005)),
     st.tuples(st.just("advance"), st.floats(0.0, 0.2), st.just(1.0005)),
     st.tuples(st.just("keepalive")),
+    st.tuples(st.just("ask")),
     st.tuples(st.just("to_guest")),
     st.tuples(st.just("to_host"), st.floats(0.0, 0.9)),
     st.tuples(st.just("report"), st.integers(1, 3)),
@@ -265,6 +283,8 @@ def test_property_no_discard_after_the_guest_returned_the_pages(
             guest_clock.t += dt * rate
         elif kind == "keepalive":
             s.endpoint.keepalive()
+        elif kind == "ask":
+            g.request_token()
         elif kind == "to_guest" and h2g:
             guest_events(g.receive(h2g.pop(0)))
         elif kind == "to_host" and g2h:
