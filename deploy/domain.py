@@ -73,6 +73,10 @@ class DomainSpec:
     """XML fragments appended to <devices> (tests add devices this way)."""
     extra_domain: Sequence[str] = field(default_factory=tuple)
     """XML fragments appended to <domain> (e.g. <metadata>, <memtune>)."""
+    on_reboot: str = "destroy"
+    """What a guest reboot does: "destroy" (the harness default: a test guest that reboots
+    is gone) or "restart" (libvirt's own default: QEMU resets the machine and the same
+    process, memory backing and channel sockets carry on, which the lease tests need)."""
 
     def validate(self) -> None:
         """Raise DomainError naming the bad field."""
@@ -142,7 +146,7 @@ def domain_xml(spec: DomainSpec) -> str:
         _sub(dom, "cpu", mode="host-passthrough")
     _sub(dom, "clock", offset="utc")
     _sub(dom, "on_poweroff", "destroy")
-    _sub(dom, "on_reboot", "destroy")
+    _sub(dom, "on_reboot", spec.on_reboot)
     _sub(dom, "on_crash", "destroy")
 
     dev = _sub(dom, "devices")

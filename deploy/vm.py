@@ -432,7 +432,7 @@ def booted(image: GuestImage, *, backing: str = "memfd", memory_mib: int = 1024,
            extra_devices: Sequence[str] = (), extra_domain: Sequence[str] = (),
            ready_unit: str | None = READY_UNIT, timeout: float = DEFAULT_BOOT_TIMEOUT,
            name_prefix: str = "aerate-test", persistent: bool = False,
-           domain_type: str | None = None) -> Iterator[Guest]:
+           domain_type: str | None = None, on_reboot: str = "destroy") -> Iterator[Guest]:
     """Boot a guest from ``image`` and yield it once ``ready_unit`` is active.
 
     Always destroys (and, if ``persistent``, undefines) the domain and removes its overlay
@@ -460,7 +460,7 @@ def booted(image: GuestImage, *, backing: str = "memfd", memory_mib: int = 1024,
             harness_socket=work / "harness-ga.sock",
             backing=backing, memory_mib=memory_mib, vcpus=vcpus, domain_type=kind,
             free_page_reporting=free_page_reporting, extra_devices=tuple(extra_devices),
-            extra_domain=tuple(extra_domain),
+            extra_domain=tuple(extra_domain), on_reboot=on_reboot,
         )
         xml = domain_xml(spec)
         stack.enter_context(reserved_hugepages(hugepages_needed(spec)))
