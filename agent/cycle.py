@@ -14,9 +14,14 @@ discarded on the host) until the kernel hands them out again, which the engine n
 re-reading their buddy flag: every error there counts a block as raw (safe side: a missed
 reclaim, never a double punch, since the host only ever discards what the agent holds).
 
-Safety (S2): blocks leave the arena only on an ack of their batch, a new session, or
-pressure when they were already acked. Blocks of a batch without ack stay held whatever else
-happens, including pressure.
+Safety (S2): blocks leave the arena only on an ack of their batch, a new session, the end
+of the batch's lease (agent/protocol.py, "Leases": the host starts no discard of it any
+more), or pressure when they were already acked. Blocks of a batch without ack stay held
+until one of those, whatever else happens, including pressure. Blocks recovered from an
+agent that died (orphans) go back on a new session or once ``LEASE_MAX_S`` has passed since
+this agent started: every token the dead agent held was received before that start, and no
+lease is longer. Neither an expired batch nor an orphan counts as aerated: whether the host
+discarded it is not known.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Set, 
 from . import settings as settings_mod
 from .arena import ArenaError, Block
 from .hugetlb import BudgetError
-from .protocol import Range, coalesce
+from .protocol import LEASE_MS_MAX, Range, coalesce
 
 PAGE = 4096
 #: Re-read the buddy flags of aerated blocks at most this often (seconds). Between two
@@ -37,6 +42,8 @@ REVALIDATE_EVERY = 5.0
 #: ... and at least this often, moved or not: a guest can take aerated blocks while as many
 #: others become free, which leaves the count where it was.
 REVALIDATE_MAX_AGE = 60.0
+#: No lease is longer than this (seconds): the bound for orphans of a dead agent.
+LEASE_MAX_S = LEASE_MS_MAX / 1000.0
 __all__ = ["Block", "Engine", "KernelView", "Phase", "granule_ranges"]
 
 
@@ -73,6 +80,9 @@ class Arena(Protocol):
     def release(self, blocks: List[Block]) -> None:
         """Return blocks to the kernel."""
 
+    def verify(self, blocks: List[Block]) -> List[Block]:
+        """Re-read the frames of held blocks; return those whose frame changed."""
+
 
 class Phase(enum.Enum):
     """What the engine is doing, for status and tests."""
@@ -108,6 +118,8 @@ class Engine:
         #: blocks held from before this agent started (crash recovery): released on a new
         #: session, which proves the host dropped whatever it knew of them (S2, S3)
         self.orphans: List[Block] = []
+        #: when orphans may go back without a session (set by ``adopt_orphans``)
+        self.orphans_release_at = float("inf")
         #: head pfn -> nr_pages of blocks returned after discard, believed still free
         self.aerated: Dict[int, int] = {}
         self._capacity_now = max(1, self.cfg["capacity"] // 4)
@@ -122,10 +134,13 @@ class Engine:
         self._revalidated: Optional[Tuple[int, float]] = None
         self._fell = False          # free units had fallen by hwm at the last look
         self.counters = {"reported_bytes": 0, "discarded_bytes": 0, "refused_bytes": 0,
-                         "returned_bytes": 0, "passes": 0, "backoffs": 0, "refilled_aerated": 0}
+                         "returned_bytes": 0, "passes": 0, "backoffs": 0, "refilled_aerated": 0,
+                         "expired_batches": 0, "orphans_returned": 0, "moved_blocks": 0}
         self.last_reason = "starting"
         #: raw free memory beyond the reserve at the last look (bytes; an estimate)
         self.last_raw_bytes = 0
+        #: the agent is stopping: no new pass, no new fill
+        self.stopping = False
 
     # ------------------------------------------------------------------ settings
 
@@ -137,11 +152,31 @@ class Engine:
 
     # ------------------------------------------------------------------ protocol events
 
+    def adopt_orphans(self, blocks: List[Block], started: float) -> None:
+        """Blocks a dead agent left held; they go back on a new session or at
+        ``started + LEASE_MAX_S`` (``started``: this agent's start, on the cycle's clock)."""
+        self.orphans = list(blocks)
+        self.orphans_release_at = started + LEASE_MAX_S
+
+    def _return_orphans(self) -> List[Block]:
+        out, self.orphans = self.orphans, []
+        if out:
+            # Raw, not aerated: nobody knows whether the host discarded them.
+            self.arena.release(out)
+            self.counters["returned_bytes"] += sum(b.nr_pages for b in out) * PAGE
+            self.counters["orphans_returned"] += len(out)
+        return out
+
     def on_session(self) -> List[Block]:
         """A new session began: the host dropped all it knew; orphans may go back."""
-        out, self.orphans = self.orphans, []
-        self._give_back(out)
-        return out
+        return self._return_orphans()
+
+    def on_expired(self, batch: int) -> None:
+        """The lease of an un-acked ``batch`` ran out: the host will not discard it any
+        more, so its pages go back (raw: it may or may not have been discarded)."""
+        if batch in self.inflight:
+            self.counters["expired_batches"] += 1
+        self.on_release(batch, 0, 0)
 
     def reported(self, batch: int) -> None:
         """The caller sent the ranges of the last ``tick`` as ``batch``."""
@@ -273,12 +308,16 @@ class Engine:
         return True
 
     def tick(self, now: float, can_report: bool,
-             granule: int = 0) -> Tuple[Optional[List[Range]], float]:
+             granule: int = 0, paused: str = "") -> Tuple[Optional[List[Range]], float]:
         """Decide what to do now. Returns (ranges to report, seconds until the next tick).
 
         ``granule`` is the host's discard unit for this session (0: the arena's own); only
-        whole, aligned granules are reported.
+        whole, aligned granules are reported. ``paused`` non-empty: a session is up but no
+        report may go now (its lease token is not fresh): the pass stays as it is, pressure
+        is still acted on.
         """
+        if self.orphans and now >= self.orphans_release_at:
+            self._return_orphans()
         idle = self.cfg["idle_poll_ms"] / 1000.0
         delay = self.cfg["delay_ms"] / 1000.0
         stats_only = "" if self.cfg["override_kernel_reporting"] else self.stats_only
@@ -286,6 +325,10 @@ class Engine:
             self.end_pass("disabled")
             self.phase = Phase.DISABLED
             self.last_reason = stats_only or "disabled by setting 'enabled'"
+            return None, idle
+        if self.stopping:
+            self.end_pass("stopping: waiting for acks or leases of batches in flight")
+            self.phase = Phase.WAITING if self.inflight else Phase.IDLE
             return None, idle
         # PSI is read while the engine holds or waits for something, and before a new
         # pass starts; an idle engine holding nothing has nothing to give back, so its tick
@@ -312,6 +355,9 @@ class Engine:
             self.end_pass("no session")
             self.phase = Phase.IDLE
             return None, idle
+        if paused:
+            self.last_reason = paused
+            return None, max(delay, 0.05)
         raw = self.raw_units(now)
         in_pass = bool(self.held_acked or self.unreported)
         if raw < (1 if in_pass else self.cfg["hwm"]):
@@ -347,7 +393,17 @@ class Engine:
             self.end_pass("the kernel gave no block")
             self.phase = Phase.IDLE
             return None, idle
-        self._pass_left -= len(blocks) * units_per_block
+        moved = self._moved(blocks)
+        if moved:
+            # A held page moved between the fill and the report (migration, compaction of
+            # a CMA range, memory offlining): its old frame is not ours any more, so it is
+            # not reported; the block stays held (unreported) and goes back at the pass end.
+            self.counters["moved_blocks"] += len(moved)
+            self.last_reason = "%d held blocks moved before their report" % len(moved)
+            self.unreported.extend(moved)
+            gone = {b.pfn for b in moved}   # verify() returns the blocks passed in
+            blocks = [b for b in blocks if b.pfn not in gone]
+        self._pass_left -= (len(blocks) + len(moved)) * units_per_block
         refilled = [b for b in blocks if b.pfn in self.aerated]
         for b in refilled:
             del self.aerated[b.pfn]
@@ -362,6 +418,16 @@ class Engine:
         return ranges, delay
 
     # ------------------------------------------------------------------ status
+
+    def _moved(self, blocks: List[Block]) -> List[Block]:
+        """The blocks whose frame changed since the fill (re-read right before the report);
+        an arena that cannot tell counts all as moved (safe side: nothing reported)."""
+        if not blocks:
+            return []
+        try:
+            return list(self.arena.verify(blocks))
+        except (ArenaError, OSError):
+            return list(blocks)
 
     def held_bytes(self) -> int:
         """Bytes isolated in the arena right now (in flight, acked, orphaned)."""

@@ -19,11 +19,44 @@ Sessions
     once no discard of an older session can still happen (S4), which is why a guest may give
     back every batch of an older session when a new session begins (S2).
 
+Leases (S1, S2: no report outlives its pages)
+    A report is a claim on guest pages that the guest cannot revoke once written: it may sit
+    in the virtqueue, in QEMU, in the daemon's socket buffer or behind a slow call for any
+    time. Leases bound that time from both ends with one rule each, and no clock shared:
+
+    - The host stamps a *token* (increasing within a session) on every sync, ack, config and
+      ``keepalive`` it sends (every ``KEEPALIVE_SHARE`` of the lease), with the lease
+      ``lease_ms`` in force for it, and records its send time ``S(t)`` *before* the bytes
+      are written. A report carries the newest token the guest holds. The host starts a
+      discard of that report (each slice of it, host/punch.py) only while
+      ``now < S(t) + HOST_SHARE * lease``; a report with an unknown, expired or missing token
+      is refused whole (acked as refused, with the reason), never a protocol error.
+    - The guest records the receive time ``R(t)`` of each token it reads and, for any reason
+      other than that batch's ack or a new session (agent stop, shutdown, reboot, kexec,
+      pressure, a host gone silent), returns a batch's pages only once its own clock says
+      ``now >= R(t) + lease``, where ``t`` is the token the batch's report carried.
+
+    Why this holds under any delay. A token is read after it was sent, so ``R(t) >= S(t)``
+    in real time, whatever the queues, a paused VM or a stalled daemon do. The guest
+    returns pages no earlier than ``R(t) + lease >= S(t) + lease`` and the host starts its
+    last slice before ``S(t) + lease/2``: a slice would have to take longer than half the
+    lease (1 s by default; one slice is at most host/punch.py's SLICE_BYTES, milliseconds)
+    for the two to meet. Clocks: both ends measure only durations on CLOCK_MONOTONIC. A
+    guest clock that stops (paused VM, TCG, guest suspend) makes the guest wait *longer* in
+    real time: the safe side. A guest clock that runs fast (NTP slew, at most 500 ppm)
+    eats 0.05 % of the lease. The residual risk: the daemon process stopped for more than
+    half the lease between its deadline check and the end of that one fallocate call, a
+    window of microseconds; host/punch.py re-checks after every slice and counts an overrun
+    as an incident.
+    Un-acked pages are therefore held at most ``lease`` after their last token, even when
+    the host is gone for good; a report the host reads later is refused by its token age.
+
 Messages (``type``)
-    host -> guest: ``sync`` {nonce, session, granule, settings}, ``ack`` {batch, discarded,
-    refused, reason}, ``config`` {settings}.
+    host -> guest: ``sync`` {nonce, session, granule, settings, token, lease_ms}, ``ack``
+    {batch, discarded, refused, reason, token, lease_ms}, ``config`` {settings, token,
+    lease_ms}, ``keepalive`` {token, lease_ms}.
     guest -> host: ``hello`` {nonce, agent, capabilities, arena, page_size}, ``report``
-    {batch, ranges: [[gpa, length], ...]}, ``stats`` {...}, and, 0xFF-prefixed and outside
+    {batch, token, ranges: [[gpa, length], ...]}, ``stats`` {...}, and, 0xFF-prefixed and outside
     any session, ``need-sync``: a guest that has no session (it just started, or recovered
     held pages after a crash) asks the host to begin one. The host answers with a new sync
     once no discard of its current session can still happen.
@@ -35,9 +68,12 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, Dict, List, Optional, Tuple, Union
+import time
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
-PROTO = 1
+#: Protocol 2 added leases. A protocol-1 host never checks a token, so a lease-keeping
+#: agent must not talk to it (it would return pages the old host may still punch).
+PROTO = 2
 #: The virtio-serial port name both ends use.
 PORT_NAME = "org.aerate.agent.0"
 #: Longest line either side accepts, newline included. A report of ``MAX_RANGES`` ranges fits.
@@ -48,6 +84,19 @@ MAX_RANGES = 1024
 MAX_INFLIGHT = 4
 SYNC_BYTE = b"\xff"
 PAGE_SIZE = 4096
+#: Bounds of a lease either side accepts (milliseconds); the settings table's ``lease_s``
+#: row has the same range.
+LEASE_MS_MIN = 500
+LEASE_MS_MAX = 60_000
+#: The host starts no discard later than this share of the lease after sending the token.
+HOST_SHARE = 0.5
+#: The host sends a keepalive token this often (share of the lease); a guest whose newest
+#: token is older than ``FRESH_SHARE`` of the lease waits for the next one before reporting,
+#: so an honest report reaches the host with plenty of its window left.
+KEEPALIVE_SHARE = 0.25
+FRESH_SHARE = 0.3
+#: Most tokens the host remembers per session (older ones count as expired: safe side).
+MAX_TOKENS = 4096
 
 Range = Tuple[int, int]
 
@@ -197,10 +246,42 @@ class GuestState(enum.Enum):
     RUNNING = "running"    # a session is established
 
 
+Clock = Callable[[], float]
+
+
+class Token(NamedTuple):
+    """The newest lease token a guest holds: its number, when it was read, its lease."""
+
+    token: int
+    received: float
+    lease_s: float
+
+
+class InFlight(NamedTuple):
+    """A reported batch the guest still holds, and the lease its report carried."""
+
+    session: int
+    token: int
+    received: float
+    lease_s: float
+
+    @property
+    def release_at(self) -> float:
+        """When the lease rule lets the guest return this batch without an ack (guest clock)."""
+        return self.received + self.lease_s
+
+
+def _lease_fields(msg: Dict[str, Any]) -> Tuple[int, float]:
+    token = _int(msg, "token", 1)
+    lease_ms = _int(msg, "lease_ms", LEASE_MS_MIN, LEASE_MS_MAX)
+    return token, lease_ms / 1000.0
+
+
 class GuestEndpoint:
     """The guest's end of the channel, as a socket-free state machine.
 
-    ``receive(data)`` returns the events the agent must act on, as ``(kind, payload)`` pairs:
+    ``receive(data, now)`` returns the events the agent must act on, as ``(kind, payload)``
+    pairs:
 
     - ``("session", sync_msg)`` a new session began; ``reply`` holds the hello to send.
       Every batch still in flight from before is released in the same call (S2).
@@ -210,40 +291,70 @@ class GuestEndpoint:
     - ``("config", settings)`` the host changed live settings.
     - ``("error", reason)`` the host broke the protocol; the session ended (batches stay held).
 
+    ``expire(now)`` returns the same ``release`` events, (0, 0), for batches whose lease ran
+    out (module docstring, "Leases"): the only way un-acked pages go back without the host.
+    ``now`` is the guest's CLOCK_MONOTONIC when the bytes were read (default: the clock).
     Outgoing bytes accumulate in ``outbox``; the caller writes them to the port.
     """
 
-    def __init__(self, hello: Dict[str, Any]) -> None:
+    def __init__(self, hello: Dict[str, Any], clock: Optional[Clock] = None) -> None:
         self.state = GuestState.IDLE
         self.session: Optional[int] = None
         self.granule = 2 * 1024 * 1024
+        self.clock: Clock = clock or time.monotonic
         self._hello = dict(hello)
         self._reader = LineReader()
         # True once a marker was seen since the last error or disconnect: a sync may follow.
         self._after_marker = False
         self._next_batch = 1
-        # batch id -> session it was reported in; released only on that session's ack
-        # or when a newer session starts.
-        self.inflight: Dict[int, int] = {}
+        #: the newest token of the current session, None before the first sync
+        self.token: Optional[Token] = None
+        # batch id -> (session, lease); released on that session's ack, a newer session,
+        # or once the lease ran out.
+        self.inflight: Dict[int, InFlight] = {}
         self.outbox = bytearray()
 
     # -- outgoing
 
-    def can_report(self) -> bool:
-        """True when a session is up and the in-flight window has room."""
-        return self.state is GuestState.RUNNING and len(self.inflight) < MAX_INFLIGHT
+    def token_fresh(self, now: Optional[float] = None) -> bool:
+        """True when the newest token is young enough for the host to accept a report."""
+        t = self.token
+        now = self.clock() if now is None else now
+        return t is not None and now - t.received < FRESH_SHARE * t.lease_s
 
-    def report(self, ranges: List[Range]) -> int:
-        """Queue a report of ``ranges``; return its batch id."""
-        if not self.can_report():
-            raise RuntimeError("report needs a running session with room in the window")
-        assert self.session is not None
+    def can_report(self, now: Optional[float] = None) -> bool:
+        """True when a session is up, the window has room and the newest token is fresh."""
+        return (self.state is GuestState.RUNNING and len(self.inflight) < MAX_INFLIGHT
+                and self.token_fresh(now))
+
+    def report(self, ranges: List[Range], now: Optional[float] = None) -> int:
+        """Queue a report of ``ranges`` under the newest token; return its batch id."""
+        if not self.can_report(now):
+            raise RuntimeError("report needs a running session, room in the window and a "
+                               "fresh lease token")
+        assert self.session is not None and self.token is not None
         batch = self._next_batch
         self._next_batch += 1
+        t = self.token
         self.outbox += encode({"type": "report", "session": self.session, "batch": batch,
+                               "token": t.token,
                                "ranges": [list(r) for r in coalesce(ranges)]})
-        self.inflight[batch] = self.session
+        self.inflight[batch] = InFlight(self.session, t.token, t.received, t.lease_s)
         return batch
+
+    def expire(self, now: Optional[float] = None) -> List[Tuple[str, Any]]:
+        """Release events for in-flight batches whose lease has run out (S2's lease rule)."""
+        now = self.clock() if now is None else now
+        events: List[Tuple[str, Any]] = []
+        for batch, f in sorted(self.inflight.items()):
+            if now >= f.release_at:
+                del self.inflight[batch]
+                events.append(("release", (batch, 0, 0)))
+        return events
+
+    def next_expiry(self) -> Optional[float]:
+        """The earliest time ``expire`` will release something, or None."""
+        return min((f.release_at for f in self.inflight.values()), default=None)
 
     def request_sync(self) -> None:
         """Ask the host for a session (sent while IDLE; harmless if nobody listens)."""
@@ -263,15 +374,17 @@ class GuestEndpoint:
         return data
 
     def disconnected(self) -> None:
-        """The host went away (HUP). In-flight batches stay held until ack or a new sync."""
+        """The host went away (HUP). In-flight batches stay held until ack, a new sync or
+        the end of their lease."""
         self.state = GuestState.IDLE
         self._after_marker = False
         self._reader.reset()
 
     # -- incoming
 
-    def receive(self, data: bytes) -> List[Tuple[str, Any]]:
-        """Feed bytes from the host; return the events to act on."""
+    def receive(self, data: bytes, now: Optional[float] = None) -> List[Tuple[str, Any]]:
+        """Feed bytes from the host, read at ``now``; return the events to act on."""
+        now = self.clock() if now is None else now
         events: List[Tuple[str, Any]] = []
         for item in self._reader.feed(data):
             if item is None:
@@ -285,14 +398,19 @@ class GuestEndpoint:
                 if isinstance(item, ProtocolError):
                     raise item
                 if item.strip():
-                    self._handle(decode(item), events)
+                    self._handle(decode(item), events, now)
             except ProtocolError as e:
                 self.state = GuestState.IDLE
                 self._after_marker = False
                 events.append(("error", str(e)))
         return events
 
-    def _handle(self, msg: Dict[str, Any], events: List[Tuple[str, Any]]) -> None:
+    def _take_token(self, msg: Dict[str, Any], now: float) -> None:
+        token, lease_s = _lease_fields(msg)
+        if self.token is None or token > self.token.token:
+            self.token = Token(token, now, lease_s)
+
+    def _handle(self, msg: Dict[str, Any], events: List[Tuple[str, Any]], now: float) -> None:
         t = msg["type"]
         if t == "sync":
             session = _int(msg, "session", 1)
@@ -300,14 +418,16 @@ class GuestEndpoint:
             granule = _int(msg, "granule", PAGE_SIZE, 1 << 40)
             if granule & (granule - 1):
                 raise ProtocolError("sync: granule %d is not a power of two" % granule)
+            token, lease_s = _lease_fields(msg)
             # S2: a new session means the host dropped every older batch.
-            for batch, s in sorted(self.inflight.items()):
-                if s != session:
+            for batch, f in sorted(self.inflight.items()):
+                if f.session != session:
                     del self.inflight[batch]
                     events.append(("release", (batch, 0, 0)))
             self.state = GuestState.RUNNING
             self.session = session
             self.granule = granule
+            self.token = Token(token, now, lease_s)
             hello = dict(self._hello, type="hello", nonce=nonce, session=session)
             self.outbox += encode(hello, sync=True)
             events.append(("session", msg))
@@ -317,14 +437,20 @@ class GuestEndpoint:
             return
         if self.state is not GuestState.RUNNING or msg.get("session") != self.session:
             return  # stale: an older session's message, or one before our sync answer
+        self._take_token(msg, now)
         if t == "ack":
             batch = _int(msg, "batch", 1)
-            if self.inflight.get(batch) != self.session:
-                raise ProtocolError("ack for batch %d, which is not in flight" % batch)
+            held = self.inflight.get(batch)
+            if held is None or held.session != self.session:
+                if batch < self._next_batch:
+                    return  # a late ack of a batch whose lease ran out: already returned
+                raise ProtocolError("ack for batch %d, which was never reported" % batch)
             del self.inflight[batch]
             discarded = _int(msg, "discarded")
             refused = _int(msg, "refused")
             events.append(("release", (batch, discarded, refused)))
+        elif t == "keepalive":
+            pass
         elif t == "config":
             settings = msg.get("settings")
             if not isinstance(settings, dict):
@@ -346,29 +472,125 @@ class HostState(enum.Enum):
     CLOSED = "closed"        # the guest broke the protocol; reconnect to start again
 
 
+class Report(NamedTuple):
+    """A report as the host received it: the lease token is checked by the caller."""
+
+    batch: int
+    ranges: List[Range]
+    token: Optional[int]
+
+
+def deadline_problem(token: int, deadline: float, now: float) -> str:
+    """Why no discard under ``token`` may start at ``now`` given its ``deadline``, or ""."""
+    if now < deadline:
+        return ""
+    return ("lease token %d expired: its window closed %.2f s ago (the host serves a report "
+            "only within half of lease_s after sending its token)" % (token, now - deadline))
+
+
 class HostEndpoint:
     """The host's end of one guest's channel, as a socket-free state machine.
 
     ``start(nonce, session, granule, settings)`` queues the sync; ``receive(data)`` returns
-    ``(kind, payload)`` events: ``("hello", msg)``, ``("report", (batch, ranges))``,
+    ``(kind, payload)`` events: ``("hello", msg)``, ``("report", Report)``,
     ``("stats", msg)``, ``("need-sync", msg)`` (the guest lost its session: finish or abandon
     in-flight discards, then ``start`` again), ``("error", reason)``. After an error the
     state is CLOSED and no more events come until ``start`` is called again on a fresh
     connection.
+
+    Every message the host queues carries a fresh lease token whose send time is recorded
+    when it is queued, which is before it can be written: the safe side of the lease
+    argument (module docstring). ``lease_deadline(token)`` is the moment after which no
+    discard of a report carrying that token may start.
     """
 
-    def __init__(self, max_ranges: int = MAX_RANGES) -> None:
+    def __init__(self, max_ranges: int = MAX_RANGES, clock: Optional[Clock] = None,
+                 lease_s: float = 2.0) -> None:
         self.state = HostState.IDLE
         self.session = 0
         self.nonce = 0
         self.granule = 2 * 1024 * 1024
         self.max_ranges = max_ranges
+        self.clock: Clock = clock or time.monotonic
+        self.lease_s = lease_s
         self._reader = LineReader()
         self._seen_marker = False
         self._last_batch = 0
+        self._next_token = 1
+        #: token -> (send time, lease in force for it); only tokens still inside their window
+        self._tokens: Dict[int, Tuple[float, float]] = {}
+        #: when the newest token was queued (the keepalive timer runs from it)
+        self.last_stamp = float("-inf")
         #: batches reported and not yet acked, id -> ranges
         self.pending: Dict[int, List[Range]] = {}
         self.outbox = bytearray()
+
+    # -- leases
+
+    def set_lease(self, lease_s: float) -> None:
+        """Use ``lease_s`` for tokens sent from now on (earlier ones keep theirs)."""
+        if not LEASE_MS_MIN <= lease_s * 1000 <= LEASE_MS_MAX:
+            raise ValueError("lease %.3f s is outside [%.1f, %.1f] s"
+                             % (lease_s, LEASE_MS_MIN / 1000, LEASE_MS_MAX / 1000))
+        self.lease_s = lease_s
+
+    def _stamp(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+        now = self.clock()
+        token = self._next_token
+        self._next_token += 1
+        lease_ms = round(self.lease_s * 1000)
+        # Forget the oldest tokens once their window closed (they are in send order), and
+        # any beyond MAX_TOKENS: a forgotten token is refused like an expired one.
+        while self._tokens:
+            first = next(iter(self._tokens))
+            sent, lease_s = self._tokens[first]
+            if now < sent + HOST_SHARE * lease_s and len(self._tokens) < MAX_TOKENS:
+                break
+            del self._tokens[first]
+        self._tokens[token] = (now, lease_ms / 1000.0)
+        self.last_stamp = now
+        msg["token"], msg["lease_ms"] = token, lease_ms
+        return msg
+
+    def lease_deadline(self, token: Optional[int]) -> Optional[float]:
+        """No discard of a report carrying ``token`` may start at or after this (host
+        clock); None for a token this session never sent or has forgotten."""
+        if token is None:
+            return None
+        entry = self._tokens.get(token)
+        if entry is None:
+            return None
+        sent, lease_s = entry
+        return sent + HOST_SHARE * lease_s
+
+    def lease_problem(self, token: Optional[int], now: Optional[float] = None) -> str:
+        """Why a report carrying ``token`` must be refused now, or "" when it may be served."""
+        if token is None:
+            return "the report carries no lease token"
+        deadline = self.lease_deadline(token)
+        if deadline is None:
+            if token >= self._next_token:
+                return "lease token %d was never sent in this session" % token
+            return "lease token %d expired (older than this session's window)" % token
+        return deadline_problem(token, deadline, self.clock() if now is None else now)
+
+    def close(self) -> None:
+        """The guest broke the protocol: no more events until ``start`` on a new connection;
+        every pending batch is forgotten (none of it will be discarded)."""
+        self.state = HostState.CLOSED
+        self.pending.clear()
+
+    def keepalive_due(self, now: Optional[float] = None) -> float:
+        """Seconds until the next keepalive is due (<= 0: now)."""
+        now = self.clock() if now is None else now
+        return self.last_stamp + KEEPALIVE_SHARE * self.lease_s - now
+
+    def keepalive(self) -> None:
+        """Queue a keepalive: a fresh token, so the guest can keep reporting."""
+        if self.state is HostState.RUNNING:
+            self.outbox += encode(self._stamp({"type": "keepalive", "session": self.session}))
+
+    # -- session
 
     def start(self, nonce: int, session: int, granule: int,
               settings: Optional[Dict[str, Any]] = None) -> None:
@@ -381,12 +603,13 @@ class HostEndpoint:
         self.session, self.nonce, self.granule = session, nonce, granule
         self._seen_marker = False
         self._last_batch = 0
+        self._tokens = {}
         self.pending.clear()
         msg: Dict[str, Any] = {"type": "sync", "nonce": nonce, "session": session,
                                "granule": granule}
         if settings:
             msg["settings"] = settings
-        self.outbox += encode(msg, sync=True)
+        self.outbox += encode(self._stamp(msg), sync=True)
 
     def ack(self, batch: int, discarded: int, refused: int = 0, reason: str = "") -> None:
         """Queue the ack of a batch; the guest may then return its pages.
@@ -399,14 +622,14 @@ class HostEndpoint:
         msg: Dict[str, Any] = {"type": "ack", "session": self.session, "batch": batch,
                                "discarded": discarded, "refused": refused}
         if reason:
-            msg["reason"] = reason
-        self.outbox += encode(msg)
+            msg["reason"] = reason[:512]
+        self.outbox += encode(self._stamp(msg))
 
     def configure(self, settings: Dict[str, Any]) -> None:
         """Queue a live settings change for the guest."""
         if self.state is HostState.RUNNING:
-            self.outbox += encode({"type": "config", "session": self.session,
-                                   "settings": settings})
+            self.outbox += encode(self._stamp({"type": "config", "session": self.session,
+                                               "settings": settings}))
 
     def take_outbox(self) -> bytes:
         """Return and clear the bytes waiting to be written."""
@@ -449,7 +672,7 @@ class HostEndpoint:
                     continue  # an older session's line, still in the pipe
                 self._handle(msg, events)
             except ProtocolError as e:
-                self.state = HostState.CLOSED
+                self.close()
                 events.append(("error", str(e)))
         return events
 
@@ -474,9 +697,14 @@ class HostEndpoint:
             if len(ranges) > self.max_ranges:
                 raise ProtocolError("report: %d ranges, over this host's cap of %d"
                                     % (len(ranges), self.max_ranges))
+            raw_token = msg.get("token")
+            # A missing or ill-typed token is refused by the caller (lease_problem), not
+            # fatal: the batch is acked as refused and the guest keeps its session.
+            token = raw_token if (isinstance(raw_token, int)
+                                  and not isinstance(raw_token, bool)) else None
             self._last_batch = batch
             self.pending[batch] = ranges
-            events.append(("report", (batch, ranges)))
+            events.append(("report", Report(batch, ranges, token)))
         elif t == "stats":
             events.append(("stats", msg))
         elif t == "hello":

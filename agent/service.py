@@ -30,8 +30,10 @@ log = logging.getLogger("aerate-agent")
 VERSION = "0.1.0"
 #: While no session exists, ask the host for one this often.
 NEED_SYNC_EVERY = 5.0
-#: On SIGTERM, wait at most this long for acks of batches in flight (S2: never drop them).
-STOP_GRACE = 5.0
+#: Longest a stop waits for acks, leases and orphans (below systemd's TimeoutStopSec=90s
+#: default); past it the agent exits holding pages, which the arena keeps for the next
+#: agent (S3).
+STOP_LIMIT = 75.0
 
 
 def _notify(msg: str) -> None:
@@ -136,6 +138,11 @@ class Agent:
                 batch, discarded, refused = payload
                 self.engine.on_release(batch, discarded, refused)
                 self._next_tick = 0.0
+            elif kind == "expired":
+                log.info("batch %d: no ack within its lease; its pages go back un-aerated",
+                         payload)
+                self.engine.on_expired(payload)
+                self._next_tick = 0.0
             elif kind == "config":
                 self._apply(payload)
             elif kind == "error":
@@ -152,7 +159,8 @@ class Agent:
                 return
             if not data:
                 return
-            self._on_events(self.endpoint.receive(data))
+            # The read time is the token's receive time: never earlier than the host's send.
+            self._on_events(self.endpoint.receive(data, time.monotonic()))
 
     # -- timers
 
@@ -170,13 +178,18 @@ class Agent:
 
     def step(self, now: float) -> float:
         """Run what is due at ``now``; return seconds until something is due again."""
+        self._on_events([("expired", batch) for _, (batch, _, _)
+                         in self.endpoint.expire(now)])
         if now >= self._next_tick:
             running = self.endpoint.state is GuestState.RUNNING
-            ranges, wait = self.engine.tick(now, self.endpoint.can_report(),
-                                            self.endpoint.granule if running else 0)
+            paused = ""
+            if running and not self.endpoint.token_fresh(now):
+                paused = "waiting for a fresh lease token from the host"
+            ranges, wait = self.engine.tick(now, running, self.endpoint.granule
+                                            if running else 0, paused)
             if ranges:
-                if self.endpoint.can_report():
-                    self.engine.reported(self.endpoint.report(ranges))
+                if self.endpoint.can_report(now):
+                    self.engine.reported(self.endpoint.report(ranges, now))
                 else:
                     self.engine.abandon_unsent()
             self._next_tick = now + wait
@@ -197,6 +210,9 @@ class Agent:
         self.port.queue(self.endpoint.take_outbox())
         self.port.flush()
         due = [self._next_tick]
+        expiry = self.endpoint.next_expiry()
+        if expiry is not None:
+            due.append(expiry)
         if self.endpoint.state is GuestState.RUNNING:
             due.append(self._next_stats)
         else:
@@ -205,17 +221,36 @@ class Agent:
             due.append(self._next_watchdog)
         return max(0.0, min(due) - now)
 
+    def settled(self, now: float) -> bool:
+        """Nothing is held that S2 forbids returning now: no batch in flight (each is acked
+        or its lease ran out, see ``step``) and no orphan still inside its bound."""
+        return not self.engine.inflight and not (
+            self.engine.orphans and now < self.engine.orphans_release_at)
+
     def run(self) -> None:
-        """The poll loop, until SIGTERM/SIGINT and in-flight batches are settled."""
+        """The poll loop, until SIGTERM/SIGINT and every held page may go back.
+
+        A stop (``systemctl stop``, shutdown, reboot, kexec) keeps the loop running until
+        each batch in flight is acked or its lease has run out, and orphans are past their
+        bound: then the agent exits holding nothing, and the guest can reuse every page,
+        because the host will discard none of them any more (agent/protocol.py, "Leases").
+        Only a stop that waits past ``STOP_LIMIT`` exits holding pages (for the next agent).
+        """
         poller = select.poll()
         stop_deadline = 0.0
         while True:
             now = time.monotonic()
             if self.stopping:
                 if not stop_deadline:
-                    stop_deadline = now + STOP_GRACE
+                    stop_deadline = now + STOP_LIMIT
                     self.engine.end_pass("stopping")
-                if not self.engine.inflight or now >= stop_deadline:
+                    self.engine.stopping = True
+                if self.settled(now):
+                    self.engine.end_pass("stopped")
+                    if self.engine.orphans:
+                        self.engine.on_session()  # past their bound: S2 allows it
+                    return
+                if now >= stop_deadline:
                     return
             timeout = self.step(now)
             if self.stopping:
@@ -273,7 +308,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.info("capability %s unavailable: %s", c.name, c.detail)
     kernel = ProcKernel()
     engine = Engine(kernel, arena, values, stats_only=stats_only_reason())
-    engine.orphans = orphans
+    engine.adopt_orphans(orphans, time.monotonic())
     agent = Agent(port, engine, arena, note, kernel, caps)
     log.info("aerate-agent %s on %s: %s%s", VERSION, args.port, note,
              "; arena weakness: %s" % arena.weakness if arena.weakness else "")

@@ -1,6 +1,6 @@
 """The demo: a guest frees memory and you watch the host get it back.
 
-    sudo ./deploy/demo [--mib 1024] [--backing memfd|hugetlbfs] [--keep]
+    ./deploy/demo [--mib 1024] [--backing memfd|hugetlbfs] [--keep]
 
 Builds (or reuses) the guest image, starts aerated from this checkout with its own run
 directory, boots a VM under libvirt, lets a process in the guest touch and free memory,

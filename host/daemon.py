@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import fcntl
@@ -32,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -56,7 +57,7 @@ from aerate.host.libvirt_conn import (
     channel_path,
 )
 from aerate.host.permit import PermitCache
-from aerate.host.punch import PunchRefused, punch
+from aerate.host.punch import Check, PunchRefused, punch
 from aerate.host.qemu_map import GuestMemoryMap, MapError, contains
 from aerate.host.refusal import (
     BALLOON,
@@ -68,7 +69,7 @@ from aerate.host.refusal import (
     decide,
     domain_facts,
 )
-from aerate.host.session import VmSession
+from aerate.host.session import DiscardJob, VmSession
 from aerate.host.vm_worker import CALL_TIMEOUT, CallTimeout, VmWorker, new_pool
 
 log = logging.getLogger("aerated")
@@ -191,7 +192,6 @@ class VmRunner:
         values = self.effective_settings()
         self.budget = DiscardBudget(values["discard_batch_mib"], values["discard_rate_mib_s"])
         self.input_budget = InputBudget(values["input_kib_s"], 4 * values["input_kib_s"])
-        self._discard_cpu = 0.0  # loop CPU seconds spent in discards (not input handling)
         self._stopped = False  # run() ended: its helper loops stop
         # Balloon reclaimer: the last target we asked libvirt for (None: we never moved
         # it, or it is back at full memory), what libvirt last said, and why.
@@ -204,6 +204,8 @@ class VmRunner:
         self._last_deflate = -math.inf
         self._settled_at: float | None = -math.inf  # balloon first seen at its target
         self._stats_seen: object = None
+        self._restart = ""   # non-empty: start a new session at the next loop turn
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # discards (S8)
         self._stats_at = -math.inf
 
     def _set_state(self, state: RunnerState, reason: str = "") -> None:
@@ -546,19 +548,16 @@ class VmRunner:
 
     # -- discards
 
-    def _discard(self, gpa: int, length: int) -> int:
-        """The session's discard: the VM's budget first (S5), then punch (S1 re-checked)."""
+    def _discard(self, gpa: int, length: int, checks: Sequence[Check]) -> int:
+        """The session's discard, on this VM's discard thread: the VM's budget first (S5),
+        then punch (S1 re-checked, the lease and revocation checks before each slice)."""
         assert self.gmap is not None and self.session is not None
         # The session counts a batch before discarding its ranges: this is its number.
         why = self.budget.check(self.session.counters.batches, length, time.monotonic())
         if why:
             raise PunchRefused(self.name, gpa, length, why)
-        t0 = time.thread_time()
-        try:
-            return self.daemon.punch(self.name, self.gmap, self.backings, gpa, length,
-                                     self.session.granule, self.permit)
-        finally:
-            self._discard_cpu += time.thread_time() - t0
+        return self.daemon.punch(self.name, self.gmap, self.backings, gpa, length,
+                                 self.session.granule, self.permit, checks)
 
     def _in_ram(self, gpa: int, length: int) -> bool:
         assert self.gmap is not None and self.session is not None
@@ -593,11 +592,13 @@ class VmRunner:
         self.reason = decision.reason
         granule = max([MIN_GRANULE] + [b.page_size for b in self.backings.values()])
         self.backing_before = self.backing_now or 0
+        lease_s = float(self.effective_settings()["lease_s"])
         if self.session is None:
             self.session = VmSession(self.name, granule, self._in_ram, self._discard,
-                                     self.permit, self.guest_settings())
+                                     self.permit, self.guest_settings(), lease_s=lease_s)
         else:
             self.session.granule = granule
+            self.session.endpoint.set_lease(lease_s)
             self.session.configure({"enabled": self.guest_settings()["enabled"]})
         log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
         return True
@@ -654,6 +655,8 @@ class VmRunner:
                 await asyncio.shield(
                     self.balloon_release(self.stop_reason or "aerated stopped serving it"))
             finally:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)   # idle: every job was awaited
                 os.close(lock)
 
     async def _run_locked(self, tasks: list[asyncio.Task[None]]) -> None:
@@ -696,21 +699,40 @@ class VmRunner:
                 if s.state is HostState.CLOSED:
                     self._set_state(RunnerState.CLOSED, s.last_error)
                     return  # reconnect: a new connection, a new session
-                timeout = SYNC_RETRY if s.state is HostState.SYNCING else None
+                if self._restart:
+                    log.info("%s: new session: %s", self.name, self._restart)
+                    self._restart = ""
+                    s.connected()
+                    continue
+                if s.state is HostState.SYNCING:
+                    timeout: float | None = SYNC_RETRY
+                else:
+                    timeout = max(0.0, s.endpoint.keepalive_due())
                 try:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except TimeoutError:
-                    s.connected()   # no answer: the agent may not run yet; sync again
+                    if s.state is HostState.SYNCING:
+                        s.connected()   # no answer: the agent may not run yet; sync again
+                    else:
+                        s.endpoint.keepalive()  # a fresh lease token for the guest
                     continue
                 if not data:
                     raise ConnectionResetError("QEMU closed the channel socket")
-                # Loop CPU of this read's handling, minus the discards' own (budgeted apart).
-                cpu0, disc0 = time.thread_time(), self._discard_cpu
-                s.receive(data)
-                spent = time.thread_time() - cpu0 - (self._discard_cpu - disc0)
+                # Loop CPU of this read's handling; the discards run on their own thread
+                # (and have their own budget), so only feed() and finish() count.
+                cpu0 = time.thread_time()
+                job = s.feed(data)
+                spent = time.thread_time() - cpu0
+                while job is not None:
+                    await self._discard_off_loop(job)
+                    cpu0 = time.thread_time()
+                    job = s.finish(job)
+                    spent += time.thread_time() - cpu0
                 flood = self.input_budget.take(len(data), time.monotonic(), max(0.0, spent))
                 if flood:
                     raise GuestFlood(f"{flood}; session ended")
+                if s.state is HostState.RUNNING and s.endpoint.keepalive_due() <= 0:
+                    s.endpoint.keepalive()
                 if s.state is HostState.RUNNING and self.state is not RunnerState.RUNNING:
                     self._set_state(RunnerState.RUNNING)
                 if s.stats is not self._stats_seen:
@@ -725,6 +747,35 @@ class VmRunner:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    async def _discard_off_loop(self, job: DiscardJob) -> None:
+        """Run one report's discard on this VM's own thread and wait for it (S8: a slow or
+        huge fallocate of one VM never holds up another VM's acks).
+
+        Cancelled meanwhile (the daemon stops serving the VM), it revokes the session so
+        the discard stops at its next slice, and still waits for it to end before the
+        cancellation goes on (S4: the VM's lock, and with it any new session, is released
+        only after its in-flight discard finished).
+        """
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"discard:{self.name}")
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, job.run)
+        cancelled = False
+        while not fut.done():
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                cancelled = True
+                if self.session is not None:
+                    self.session.revoke(self.stop_reason or "aerated stopped serving the VM")
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def restart_session(self, why: str) -> None:
+        """Begin a new session at the next turn of the serve loop (loop thread only: the
+        loop is not inside a discard when this runs, S4)."""
+        self._restart = why  # the serve loop wakes at least every keepalive period
 
     def _flush_log(self) -> None:
         if self.session is None:
@@ -741,6 +792,7 @@ class VmRunner:
         if table.guest_view(values) != values or not values:
             self.invalidate("settings changed; deciding again")
         if self.session is not None:
+            self.session.endpoint.set_lease(float(self.effective_settings()["lease_s"]))
             guest = table.guest_view(values)
             if "enabled" in guest:
                 guest["enabled"] = self.guest_settings()["enabled"]
@@ -814,7 +866,8 @@ class Daemon:
         self.host_worker = VmWorker("(host)", self.pool, CALL_TIMEOUT)
         self.conn = conn if conn is not None else LibvirtConnection(
             uri, on_connect=self._on_connect, on_disconnect=self._on_disconnect,
-            on_lifecycle=self._on_lifecycle, on_device=self._on_device, on_job=self._on_job)
+            on_lifecycle=self._on_lifecycle, on_device=self._on_device, on_job=self._on_job,
+            on_reset=self._on_reset)
         self.stopping = asyncio.Event()
         self._status_line = ""
         self._notify_error = ""
@@ -840,7 +893,27 @@ class Daemon:
         for fn, args in items:
             fn(*args)
 
-    # libvirt's thread calls these: they only hand over to the loop.
+    # libvirt's thread calls these: they only hand over to the loop, except that a guest
+    # reset or a stopped domain revokes the session right here (S4): the loop thread may be
+    # the one busy discarding for that VM, and the check before its next slice must see it.
+
+    def _revoke(self, name: str, why: str) -> None:
+        runner = self.runners.get(name)
+        session = runner.session if runner is not None else None
+        if session is not None:
+            session.revoke(why)
+
+    def _on_reset(self, name: str) -> None:
+        self._revoke(name, "the guest was reset")
+        self.loop.call_soon_threadsafe(self.on_reset, name)
+
+    def on_reset(self, name: str) -> None:
+        """A guest reset: its memory is no longer what its reports described. End the
+        session (a new one starts on a new connection) before anything more is read."""
+        r = self.runners.get(name)
+        if r is not None:
+            log.info("%s: guest reset; its session ends, a new one starts", name)
+            r.restart_session("the guest was reset")
 
     def _on_connect(self, conn: LibvirtConnection) -> None:
         self.loop.call_soon_threadsafe(self._start_resync)
@@ -854,6 +927,8 @@ class Daemon:
             "is back", why)
 
     def _on_lifecycle(self, ev: LifecycleEvent) -> None:
+        if ev.event in ("stopped", "crashed", "shutdown"):
+            self._revoke(ev.name, f"the domain {ev.event}")
         self.loop.call_soon_threadsafe(self.on_lifecycle, ev)
 
     def _on_device(self, name: str, alias: str, added: bool) -> None:

@@ -193,6 +193,8 @@ class LibvirtConnection:
 
     on_connect(conn) runs after every (re)connect, on_disconnect(reason) after the
     connection is lost, on_lifecycle(event) per lifecycle event, on_device(name, alias,
+    added) when a device (e.g. a DIMM) is added or removed, on_reset(name) when the guest
+    was reset (libvirt's REBOOT event: QEMU's RESET, a guest reboot or ``virsh reset``).
     added) when a device (e.g. a DIMM) is added or removed, on_job(name, what) when a
     migration iterates or a job completes (the owner re-checks its permit at once).
     """
@@ -205,6 +207,7 @@ class LibvirtConnection:
         on_disconnect: Callable[[str], None] | None = None,
         on_lifecycle: Callable[[LifecycleEvent], None] | None = None,
         on_device: Callable[[str, str, bool], None] | None = None,
+        on_reset: Callable[[str], None] | None = None,
         on_job: Callable[[str, str], None] | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
@@ -215,6 +218,7 @@ class LibvirtConnection:
         self._on_disconnect = on_disconnect
         self._on_lifecycle = on_lifecycle
         self._on_device = on_device
+        self._on_reset = on_reset
         self._on_job = on_job
         self._backoff = (backoff_initial, backoff_max)
         self._keepalive = keepalive
@@ -293,6 +297,9 @@ class LibvirtConnection:
             conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._device_removed_cb, None
             )
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._reboot_cb, None
+            )
             # Where libvirt has job events, they shorten the window in which a permit may
             # predate a job (host/permit.py); the periodic refresh covers the rest.
             conn.domainEventRegisterAny(
@@ -336,6 +343,10 @@ class LibvirtConnection:
         ev = LifecycleEvent(dom.name(), dom.UUIDString(),
                             LIFECYCLE_EVENTS.get(event, str(event)), detail)
         self._call(self._on_lifecycle, ev)
+
+    def _reboot_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
+                   opaque: object) -> None:
+        self._call(self._on_reset, dom.name())
 
     def _device_added_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str,
                          opaque: object) -> None:

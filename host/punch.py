@@ -7,6 +7,15 @@ Only then does it call fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) on 
 backing file at the mapped offset, the operation QEMU itself uses to discard shared RAM.
 Whether the range belongs to an un-acked report of the current session is the session's
 check, done before calling here.
+
+Slices and checks. A range is punched in slices of at most ``SLICE_BYTES``, and the
+caller's ``checks`` (host/session.py: the report's lease window is still open, the session
+was not revoked by a guest reset; host/pinning.py-style scans) run right before each slice:
+one that answers a reason stops the discard there. They run again right after each slice:
+a reason then means the slice's fallocate ended after the window closed (the daemon was
+stalled in the middle of it), which is reported as an *overrun* so it is logged and counted.
+A slice bounds how long one fallocate can run past its check (milliseconds on memfd and
+hugetlbfs), which is what the lease argument in agent/protocol.py needs.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from aerate.host.backing import Backing
 from aerate.host.qemu_map import GuestMemoryMap, RangeRejected, locate
@@ -28,17 +37,35 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+#: Most bytes one fallocate call punches; the checks run between slices.
+SLICE_BYTES = 64 << 20
+#: A check: "" when the discard may go on, else the reason it must stop.
+Check = Callable[[], str]
 
 
 class PunchRefused(RuntimeError):
-    """A check failed before any memory was touched."""
+    """A check failed; ``done`` bytes at the start of the range were discarded before it
+    (0: nothing was touched). ``overrun``: the check failed right *after* a slice, so that
+    slice ran past the lease window."""
 
-    def __init__(self, vm: str, gpa: int, length: int, reason: str) -> None:
-        super().__init__(f"VM {vm}: not discarding gpa {gpa:#x}+{length:#x}: {reason}")
+    def __init__(self, vm: str, gpa: int, length: int, reason: str, done: int = 0,
+                 overrun: bool = False) -> None:
+        what = f"stopped after {done:#x} bytes" if done else "not discarding"
+        super().__init__(f"VM {vm}: {what} of gpa {gpa:#x}+{length:#x}: {reason}")
         self.vm = vm
         self.gpa = gpa
         self.length = length
         self.reason = reason
+        self.done = done
+        self.overrun = overrun
+
+
+def _first_problem(checks: Sequence[Check]) -> str:
+    for check in checks:
+        why = check()
+        if why:
+            return why
+    return ""
 
 
 class PunchFailed(RuntimeError):
@@ -67,13 +94,19 @@ def punch(
     length: int,
     granule: int,
     permit: Callable[[], Decision],
+    checks: Sequence[Check] = (),
+    slice_bytes: int = SLICE_BYTES,
 ) -> int:
     """Discard guest range [gpa, gpa+length) of `vm` from its backing; return bytes punched.
 
     `gmap`/`backings` are this VM's map and resolved backings; `granule` is the reporting
-    granule told to the guest; `permit()` is asked now and must answer action "punch".
-    Raises PunchRefused (nothing touched) or PunchFailed (fallocate failed).
+    granule told to the guest; `permit()` is asked now and must answer action "punch";
+    every check runs right before and right after each slice (module docstring).
+    Raises PunchRefused (``done`` bytes discarded before it) or PunchFailed.
     """
+    why = _first_problem(checks)
+    if why:
+        raise PunchRefused(vm, gpa, length, why)
     decision = permit()
     if decision.action != "punch":
         raise PunchRefused(vm, gpa, length, f"reclaimer is {decision.action}: {decision.reason}")
@@ -112,20 +145,31 @@ def punch(
             raise PunchRefused(
                 vm, gpa, length, f"{backing.link} shrank below offset {offset + length:#x}"
             )
-        try:
-            fallocate_punch(fd, offset, length)
-        except OSError as exc:
-            hint = (
-                "the backing filesystem cannot punch holes; use memfd or tmpfs/hugetlbfs"
-                if exc.errno == errno.EOPNOTSUPP
-                else "check the kernel log and the backing file"
-            )
-            raise PunchFailed(
-                vm, gpa, length,
-                f"fallocate(PUNCH_HOLE) on {backing.link} at offset {offset:#x}: "
-                f"{exc.strerror}; {hint}",
-                exc.errno or 0,
-            ) from exc
+        step = max(granule, slice_bytes // granule * granule)
+        done = 0
+        while done < length:
+            n = min(step, length - done)
+            why = _first_problem(checks)   # right before the syscall, every slice
+            if why:
+                raise PunchRefused(vm, gpa, length, why, done)
+            try:
+                fallocate_punch(fd, offset + done, n)
+            except OSError as exc:
+                hint = (
+                    "the backing filesystem cannot punch holes; use memfd or tmpfs/hugetlbfs"
+                    if exc.errno == errno.EOPNOTSUPP
+                    else "check the kernel log and the backing file"
+                )
+                raise PunchFailed(
+                    vm, gpa, length,
+                    f"fallocate(PUNCH_HOLE) on {backing.link} at offset {offset + done:#x}: "
+                    f"{exc.strerror}; {hint}",
+                    exc.errno or 0,
+                ) from exc
+            done += n
+            why = _first_problem(checks)
+            if why:
+                raise PunchRefused(vm, gpa, length, why, done, overrun=True)
     finally:
         os.close(fd)
     return length

@@ -3,24 +3,34 @@
 No sockets and no libvirt here: the daemon feeds bytes in and writes ``take_outbox()`` out;
 the memory map and the discard function are handed in. That keeps the safety logic (S1, S4,
 S5) testable on its own and the daemon a thin loop.
+
+Leases (agent/protocol.py, "Leases"). A report is served only while the token it carries is
+inside the host's window, and the discard function gets checks that it runs right before
+each slice it punches (host/punch.py): the lease is still open, and the session was not
+revoked. Revocation is how a guest reset or a stopped domain reaches a discard already under
+way: libvirt's event thread calls ``revoke()``, which writes one attribute (atomic under the
+GIL) that the next check reads; it does not wait for the loop thread, which may be the one
+busy punching.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from aerate.agent import protocol
-from aerate.agent.protocol import HostEndpoint, HostState, Range
-from aerate.host.punch import PunchFailed, PunchRefused
+from aerate.agent.protocol import Clock, HostEndpoint, HostState, Report
+from aerate.host.punch import Check, PunchFailed, PunchRefused
 from aerate.host.refusal import PUNCH, Decision
 
-#: Discard ``length`` bytes at guest-physical ``gpa``; returns bytes discarded. Raises
-#: PunchRefused (nothing touched), PunchFailed or OSError (host/punch.py).
-Discard = Callable[[int, int], int]
+#: Discard ``length`` bytes at guest-physical ``gpa``, running every check right before each
+#: slice; returns bytes discarded. Raises PunchRefused (``done`` bytes were discarded before
+#: a check or the map said no), PunchFailed or OSError (host/punch.py).
+Discard = Callable[[int, int, Sequence[Check]], int]
 #: Is [gpa, gpa+length) wholly inside this VM's RAM? (S1, from the QEMU memory map)
 InRam = Callable[[int, int], bool]
 #: The reclaimer allowed for this VM *now* (a migration may have started meanwhile).
@@ -37,6 +47,66 @@ class Counters:
     batches: int = 0
     sessions: int = 0
     errors: int = 0
+    #: batches (and their bytes) refused because their lease token was stale or missing
+    lease_refused_batches: int = 0
+    lease_refused: int = 0
+    #: discards stopped part-way because the lease ran out or the session was revoked
+    cut_short: int = 0
+    #: slices whose fallocate ended after the lease window closed (the safety margin was
+    #: eaten: a stalled daemon); should stay 0
+    lease_overruns: int = 0
+
+
+@dataclass
+class DiscardJob:
+    """One report's discard, run by ``run()`` on whichever thread the caller picks.
+
+    It touches nothing of the session while it runs: what it did is kept here and applied
+    by ``VmSession.finish`` on the session's own thread, which then sends the ack. The
+    checks (lease window, revocation) go with it and run before every slice.
+    """
+
+    vm: str
+    session: int
+    batch: int
+    ranges: List[Tuple[int, int]]
+    total: int
+    discard: Discard
+    checks: Tuple[Check, ...]
+    done: int = 0
+    reason: str = ""
+    cut_short: int = 0
+    overruns: int = 0
+    notes: List[Tuple[str, str]] = field(default_factory=list)
+
+    def _note(self, level: str, msg: str) -> None:
+        self.notes.append((level, "%s: batch %d: %s" % (self.vm, self.batch, msg)))
+
+    def run(self) -> DiscardJob:
+        """Discard the ranges in order; the first refusal or failure ends the job (the rest
+        counts as refused, and the ack says why). Never raises for a discard problem."""
+        for gpa, length in self.ranges:
+            try:
+                self.done += self.discard(gpa, length, self.checks)
+            except PunchRefused as e:
+                self.done += e.done
+                self.reason = str(e)
+                if e.overrun:
+                    # The window closed while that slice ran: the margin of the lease
+                    # argument was eaten (a daemon stalled mid-discard). Should never be.
+                    self.overruns += 1
+                    self._note("error", "a discard slice ended after its window closed: %s"
+                               % self.reason)
+                else:
+                    self.cut_short += 1 if e.done else 0
+                    self._note("warning", self.reason)
+                break
+            except (PunchFailed, OSError) as e:
+                # Abandoned for good: the ack tells the guest nothing more will come.
+                self.reason = "discard failed at [%#x, +%#x): %s" % (gpa, length, e)
+                self._note("error", self.reason)
+                break
+        return self
 
 
 @dataclass
@@ -68,7 +138,8 @@ class VmSession:
 
     def __init__(self, vm: str, granule: int, in_ram: InRam, discard: Discard,
                  permit: Permit, settings: Optional[Dict[str, Any]] = None,
-                 reports_per_s: float = 50.0, burst: float = 100.0) -> None:
+                 reports_per_s: float = 50.0, burst: float = 100.0,
+                 lease_s: float = 2.0, clock: Optional[Clock] = None) -> None:
         self.vm = vm
         self.granule = granule
         self.in_ram = in_ram
@@ -76,7 +147,15 @@ class VmSession:
         self.permit = permit
         self.decision = Decision("refuse", "no batch seen yet")
         self.settings = dict(settings or {})
-        self.endpoint = HostEndpoint()
+        self.endpoint = HostEndpoint(clock=clock, lease_s=lease_s)
+        #: (session id, why) once the guest was reset or the domain stopped: no discard of
+        #: that session may start any more (set from libvirt's event thread)
+        self.revoked: Tuple[int, str] = (0, "")
+        self.last_refusal = ""
+        #: events received and not acted on yet (behind a discard in progress)
+        self._events: Deque[Tuple[str, Any]] = collections.deque()
+        #: the discard in progress, if any: nothing else of this session happens meanwhile
+        self.job: Optional[DiscardJob] = None
         self.counters = Counters()
         self.bucket = TokenBucket(rate=reports_per_s, burst=burst, tokens=burst)
         # Statistics come every few seconds; a guest sending them much faster is flooding.
@@ -94,12 +173,31 @@ class VmSession:
     def _note(self, level: str, msg: str) -> None:
         self.log.append((level, "%s: %s" % (self.vm, msg)))
 
+    def revoke(self, why: str) -> None:
+        """End the current session for discards at once (any thread: one attribute write).
+
+        Called from libvirt's event thread on a guest reset (REBOOT) or a domain that stops:
+        the guest's memory is no longer what its reports described. The loop thread still
+        has to close the connection and start a new session; until then every check of the
+        revoked session fails and its reports are refused.
+        """
+        self.revoked = (self.endpoint.session, why)
+
+    def revocation(self, session: int) -> str:
+        """Why ``session`` was revoked, or ""."""
+        sid, why = self.revoked
+        return why if sid == session and why else ""
+
     def connected(self) -> None:
         """A fresh connection to the guest's port: start a new session with a new nonce.
 
-        Safe by construction (S4): discards run synchronously inside ``receive``, so when
-        this is called no discard of the previous session can still be under way.
+        S4: the guest may give back every batch of an older session once it sees the new
+        sync, so no discard of this session may still be under way. The session refuses
+        here while a job is out (``feed``/``finish``): its caller must wait for it.
         """
+        if self.job is not None:
+            raise RuntimeError("%s: a new session while batch %d is being discarded (S4)"
+                               % (self.vm, self.job.batch))
         session = secrets.randbits(62) + 1
         self.endpoint.start(nonce=secrets.randbits(62), session=session,
                             granule=self.granule, settings=self.settings)
@@ -115,20 +213,59 @@ class VmSession:
         return bytes(self.endpoint.take_outbox())
 
     def receive(self, data: bytes) -> None:
-        """Act on bytes from the guest: reports are checked, discarded, acked here."""
-        for kind, payload in self.endpoint.receive(data):
+        """Act on bytes from the guest, running each discard inline (tests, simple callers).
+
+        The daemon uses ``feed``/``finish`` instead, so that discards run off its loop."""
+        job = self.feed(data)
+        while job is not None:
+            job.run()
+            job = self.finish(job)
+
+    def feed(self, data: bytes) -> Optional[DiscardJob]:
+        """Take bytes from the guest; act on what they say up to the first report that needs
+        a discard, which is returned for the caller to ``run()`` (on any thread) and hand
+        back to ``finish``. Until then the session takes nothing more (S4: the session cannot
+        change, re-sync or close while its discard runs): the caller stops feeding.
+        """
+        if self.job is not None:
+            raise RuntimeError("%s: feed() while batch %d is being discarded"
+                               % (self.vm, self.job.batch))
+        self._events.extend(self.endpoint.receive(data))
+        return self._pump()
+
+    def finish(self, job: DiscardJob) -> Optional[DiscardJob]:
+        """Account for a finished discard and ack it; then go on with what was queued
+        behind it. Returns the next job, if any."""
+        if job is not self.job:
+            raise RuntimeError("%s: finish() of a job that is not this session's" % self.vm)
+        self.job = None
+        c = self.counters
+        c.cut_short += job.cut_short
+        c.lease_overruns += job.overruns
+        self.log.extend(job.notes)
+        c.discarded += job.done
+        c.refused += job.total - job.done
+        if job.reason:
+            self.last_refusal = job.reason
+        if self.endpoint.session == job.session and job.batch in self.endpoint.pending:
+            self.endpoint.ack(job.batch, discarded=job.done, refused=job.total - job.done,
+                              reason=job.reason)
+        return self._pump()
+
+    def _pump(self) -> Optional[DiscardJob]:
+        while self._events and self.job is None:
+            kind, payload = self._events.popleft()
             if kind == "hello":
                 self.hello = payload
                 self._note("info", "session up: agent %s, arena %s"
                            % (payload.get("agent", "?"), payload.get("arena", "?")))
             elif kind == "report":
-                batch, ranges = payload
-                self._report(batch, ranges)
+                self.job = self._report(payload)
             elif kind == "stats":
                 if not self.stats_bucket.take():
                     self._fail("statistics flood (more than %.0f messages/s)"
                                % self.stats_bucket.rate)
-                    return
+                    return None
                 # Kept as plain JSON of bounded depth and size: status, aeratectl and the
                 # metrics scrape read it for every VM, so one guest must not break them (S5).
                 self.stats = _plain(payload, STATS_DEPTH)
@@ -137,50 +274,70 @@ class VmSession:
                 self.connected()
             elif kind == "error":
                 self._fail("guest broke the protocol: %s" % payload)
+        return self.job
 
     def _fail(self, why: str) -> None:
         # S5: the session ends, nothing of it is discarded; the daemon drops the connection
         # and other VMs carry on.
         self.counters.errors += 1
         self.last_error = why
-        self.endpoint.state = HostState.CLOSED
-        self.endpoint.pending.clear()
+        self.endpoint.close()
+        self._events.clear()
         self._note("warning", why + "; session closed, nothing discarded")
 
-    def _report(self, batch: int, ranges: Sequence[Range]) -> None:
+    def _checks(self, session: int, token: int, deadline: float) -> Tuple[Check, ...]:
+        """What host/punch.py asks right before each slice of this report's discard. Both
+        read only values fixed now or written atomically, so a worker thread may ask."""
+        clock = self.endpoint.clock
+
+        def lease() -> str:
+            return protocol.deadline_problem(token, deadline, clock())
+
+        def alive() -> str:
+            why = self.revocation(session)
+            return "session ended: %s" % why if why else ""
+
+        return (alive, lease)
+
+    def _refuse(self, batch: int, total: int, reason: str) -> None:
+        self.counters.refused += total
+        self.last_refusal = reason
+        self.endpoint.ack(batch, discarded=0, refused=total, reason=reason)
+
+    def _report(self, report: Report) -> Optional[DiscardJob]:
+        batch, ranges = report.batch, report.ranges
         total = sum(n for _, n in ranges)
         if not self.bucket.take():
             self._fail("report flood (more than %.0f reports/s)" % self.bucket.rate)
-            return
+            return None
         for gpa, length in ranges:
             if not self.in_ram(gpa, length):
                 self._fail("batch %d: range [%#x, +%#x) is not inside this VM's RAM"
                            % (batch, gpa, length))
-                return
+                return None
         self.counters.reported += total
         self.counters.batches += 1
+        session = self.endpoint.session
+        revoked = self.revocation(session)
+        if revoked:
+            self._refuse(batch, total, "session ended: %s" % revoked)
+            return None
+        lease = self.endpoint.lease_problem(report.token)
+        deadline = self.endpoint.lease_deadline(report.token)
+        if lease or deadline is None or report.token is None:
+            # S1: the guest may have taken these pages back already; refused, not fatal: an
+            # honest guest whose report waited behind a slow daemon keeps its session.
+            self.counters.lease_refused_batches += 1
+            self.counters.lease_refused += total
+            self._note("warning", "batch %d refused: %s" % (batch, lease))
+            self._refuse(batch, total, lease)
+            return None
         decision = self.decision = self.permit()
         if decision.action != PUNCH:
-            self.counters.refused += total
-            self.endpoint.ack(batch, discarded=0, refused=total, reason=decision.reason)
-            return
-        done = 0
-        reason = ""
-        for gpa, length in ranges:
-            try:
-                done += self.discard(gpa, length)
-            except PunchRefused as e:
-                reason = str(e)
-                self._note("warning", "batch %d: %s" % (batch, reason))
-                break
-            except (PunchFailed, OSError) as e:
-                # Abandoned for good: the ack below tells the guest nothing more will come.
-                reason = "discard failed at [%#x, +%#x): %s" % (gpa, length, e)
-                self._note("error", "batch %d: %s" % (batch, reason))
-                break
-        self.counters.discarded += done
-        self.counters.refused += total - done
-        self.endpoint.ack(batch, discarded=done, refused=total - done, reason=reason)
+            self._refuse(batch, total, decision.reason)
+            return None
+        return DiscardJob(self.vm, session, batch, list(ranges), total, self.discard,
+                          self._checks(session, report.token, deadline))
 
     def status(self) -> Dict[str, Any]:
         """A JSON-able picture for aeratectl and metrics."""
@@ -190,6 +347,11 @@ class VmSession:
                 "reported_bytes": c.reported, "discarded_bytes": c.discarded,
                 "refused_bytes": c.refused, "batches": c.batches, "sessions": c.sessions,
                 "errors": c.errors, "last_error": self.last_error,
+                "last_refusal": self.last_refusal,
+                "lease": {"lease_s": self.endpoint.lease_s,
+                          "refused_batches": c.lease_refused_batches,
+                          "refused_bytes": c.lease_refused, "cut_short": c.cut_short,
+                          "overruns": c.lease_overruns},
                 "agent": self.hello.get("agent"), "arena": self.hello.get("arena"),
                 "capabilities": _capabilities(self.hello.get("capabilities")),
                 "guest": {k: v for k, v in self.stats.items()

@@ -17,13 +17,13 @@ import sys
 import time
 import tty
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 from supervisor import NotifyStandIn, spawn_with_listen_fds
 
 from aerate.agent import procfs
-from aerate.agent.protocol import HostEndpoint, HostState
+from aerate.agent.protocol import HostEndpoint, HostState, Report
 
 pytestmark = pytest.mark.host
 MiB = 1 << 20
@@ -52,7 +52,7 @@ class Host:
         tty.setraw(self.slave)
         self.path = os.ttyname(self.slave)
         self.ep = HostEndpoint()
-        self.reports: List[Tuple[int, List[Tuple[int, int]]]] = []
+        self.reports: List[Report] = []
         self.stats: Dict[str, Any] = {}
         self.need_sync = 0
         self.session = 0
@@ -67,15 +67,19 @@ class Host:
              until: Optional[Callable[[], bool]] = None) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end and not (until and until()):
-            r, _, _ = select.select([self.master], [], [], 0.2)
+            if self.ep.state is HostState.RUNNING and self.ep.keepalive_due() <= 0:
+                # What aerated does: a fresh lease token every quarter of the lease.
+                self.ep.keepalive()
+                os.write(self.master, self.ep.take_outbox())
+            r, _, _ = select.select([self.master], [], [], 0.1)
             if not r:
                 continue
             for kind, payload in self.ep.receive(os.read(self.master, 1 << 16)):
                 if kind == "report":
                     self.reports.append(payload)
                     if ack:
-                        batch, ranges = payload
-                        self.ep.ack(batch, discarded=sum(n for _, n in ranges))
+                        self.ep.ack(payload.batch,
+                                    discarded=sum(n for _, n in payload.ranges))
                 elif kind == "stats":
                     self.stats = payload
                 elif kind == "need-sync":
@@ -85,7 +89,7 @@ class Host:
                 os.write(self.master, out)
 
     def reported_bytes(self) -> int:
-        return sum(n for _, ranges in self.reports for _, n in ranges)
+        return sum(n for r in self.reports for _, n in r.ranges)
 
     def close(self) -> None:
         os.close(self.master)
@@ -159,10 +163,10 @@ def test_agent_aerates_real_free_memory_and_gives_it_back(host: Host,
         # (This machine also runs the kernel's own free page reporting, which isolates free
         # blocks for a moment: a block caught then counts as raw again, so passes repeat.)
         assert 128 * MiB <= total <= 1536 * MiB, total
-        for _, ranges in host.reports:
+        for ranges in (r.ranges for r in host.reports):
             assert all(g % (2 * MiB) == 0 and n % (2 * MiB) == 0 for g, n in ranges)
             assert all(a[0] + a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
-        assert max(g + n for _, rs in host.reports for g, n in rs) <= 1 << 40
+        assert max(g + n for r in host.reports for g, n in r.ranges) <= 1 << 40
         # The pass held what it reported (surplus hugepages) until it ended.
         assert peak[0] * 2 * MiB >= min(total, 64 * MiB)
         engine = host.stats["engine"]

@@ -12,6 +12,7 @@ from typing import List, Optional
 import pytest
 
 from aerate.agent.cycle import (
+    LEASE_MAX_S,
     REVALIDATE_EVERY,
     REVALIDATE_MAX_AGE,
     Block,
@@ -63,6 +64,7 @@ class ScriptedArena:
     def __init__(self, kernel: ScriptedKernel) -> None:
         self.k = kernel
         self.held: List[Block] = []
+        self.moved: set = set()   # head pfns the "kernel" migrated after the fill
 
     def fill(self, n: int) -> List[Block]:
         out = []
@@ -76,6 +78,9 @@ class ScriptedArena:
         for b in blocks:
             self.held.remove(b)
             self.k.free_list.append(b.pfn)
+
+    def verify(self, blocks: List[Block]) -> List[Block]:
+        return [b for b in blocks if b.pfn in self.moved]
 
 
 def run(engine: Engine, steps: int, ack: bool = True, discarded: bool = True) -> List[List]:
@@ -290,6 +295,74 @@ def test_orphans_from_a_crash_wait_for_a_new_session() -> None:
     e.tick(0.0, can_report=False)
     assert all(b in a.held for b in recovered)
     assert e.on_session() == recovered and a.held == []
+
+
+def test_orphans_go_back_raw_once_no_lease_can_still_cover_them() -> None:
+    """S2 with leases: a dead agent's tokens were all received before this agent started,
+    so its orphans may go back LEASE_MAX_S after the start even with no host at all; not
+    a moment earlier, and not counted as aerated (nobody knows if they were discarded)."""
+    k = ScriptedKernel(free_blocks=8)
+    a = ScriptedArena(k)
+    e = Engine(k, a, settings())
+    recovered = a.fill(3)
+    e.adopt_orphans(recovered, started=10.0)
+    e.tick(10.0 + LEASE_MAX_S - 0.01, can_report=False)
+    assert all(b in a.held for b in recovered)
+    e.tick(10.0 + LEASE_MAX_S, can_report=False)
+    assert a.held == [] and e.orphans == [] and e.aerated == {}
+    assert e.counters["orphans_returned"] == 3
+
+
+def test_an_expired_batch_goes_back_raw_and_is_counted() -> None:
+    k = ScriptedKernel(free_blocks=16)
+    a = ScriptedArena(k)
+    e = Engine(k, a, settings())
+    ranges, _ = e.tick(0.0, can_report=True)
+    assert ranges
+    e.reported(1)
+    held = list(e.inflight[1])
+    e.on_expired(1)
+    assert not any(b in a.held for b in held) and e.aerated == {}
+    assert e.counters["expired_batches"] == 1 and e.counters["refused_bytes"] == 0
+    e.on_expired(1)   # a second expiry (or a late ack) of the same batch changes nothing
+    assert e.counters["expired_batches"] == 1
+
+
+def test_a_stale_token_pauses_the_pass_without_ending_it() -> None:
+    k = ScriptedKernel(free_blocks=32)
+    a = ScriptedArena(k)
+    e = Engine(k, a, settings(capacity=2))
+    run(e, 2)
+    acked = list(e.held_acked)
+    assert acked
+    ranges, _ = e.tick(5.0, can_report=True, paused="waiting for a fresh lease token")
+    assert ranges is None and e.held_acked == acked
+    assert e.last_reason == "waiting for a fresh lease token"
+    k.psi = 50.0   # pressure is still acted on while paused
+    e.tick(6.0, can_report=True, paused="waiting for a fresh lease token")
+    assert e.held_acked == [] and e.phase is Phase.BACKOFF
+
+
+def test_a_stopping_engine_starts_nothing_new() -> None:
+    k = ScriptedKernel(free_blocks=32)
+    a = ScriptedArena(k)
+    e = Engine(k, a, settings())
+    e.stopping = True
+    assert e.tick(0.0, can_report=True)[0] is None and a.held == []
+
+
+def test_a_block_that_moved_before_its_report_is_not_reported() -> None:
+    """The PFN re-check right before a report: a held page migrated since the fill is an
+    incident, counted, and its old frame is never reported."""
+    k = ScriptedKernel(free_blocks=16)
+    a = ScriptedArena(k)
+    e = Engine(k, a, settings(capacity=16))   # the first batch takes 4 blocks
+    first = k.free_list[-1]   # the fill takes the top of the LIFO list first
+    a.moved.add(first)
+    ranges, _ = e.tick(0.0, can_report=True)
+    assert ranges and all(not (g <= first * 4096 < g + n) for g, n in ranges)
+    assert e.counters["moved_blocks"] == 1
+    assert any(b.pfn == first for b in e.unreported)
 
 
 def test_stats_only_and_disabled_never_fill() -> None:

@@ -45,7 +45,7 @@ def test_report_ack_release_roundtrip() -> None:
     host, guest = connect()
     batch = guest.report([(4 * MiB2, MiB2), (5 * MiB2, MiB2), (9 * MiB2, MiB2)])
     events = host.receive(guest.take_outbox())
-    assert events == [("report", (batch, [(4 * MiB2, 2 * MiB2), (9 * MiB2, MiB2)]))]
+    assert events == [("report", (batch, [(4 * MiB2, 2 * MiB2), (9 * MiB2, MiB2)], 1))]
     host.ack(batch, discarded=3 * MiB2)
     assert guest.receive(host.take_outbox()) == [("release", (batch, 3 * MiB2, 0))]
     assert guest.inflight == {}
@@ -112,7 +112,7 @@ def test_host_discards_stale_output_until_its_nonce() -> None:
 def test_hostile_reports_end_the_session(ranges: Any, why: str) -> None:
     """S5: a malformed report closes the session; nothing reaches the reclaimer."""
     host, _ = connect()
-    line = json.dumps({"proto": 1, "type": "report", "session": 7, "batch": 1,
+    line = json.dumps({"proto": p.PROTO, "type": "report", "session": 7, "batch": 1,
                        "ranges": ranges}).encode() + b"\n"
     events = host.receive(line)
     assert len(events) == 1 and events[0][0] == "error" and why in events[0][1]
@@ -121,13 +121,13 @@ def test_hostile_reports_end_the_session(ranges: Any, why: str) -> None:
 
 def test_replayed_batch_and_window_overflow_are_refused() -> None:
     host, _ = connect()
-    rep = b'{"proto":1,"type":"report","session":7,"batch":3,"ranges":[[0,2097152]]}\n'
+    rep = b'{"proto":2,"type":"report","session":7,"batch":3,"ranges":[[0,2097152]]}\n'
     assert host.receive(rep)[0][0] == "report"
     events = host.receive(rep)
     assert events[0][0] == "error" and "replayed" in events[0][1]
     host, _ = connect()
     for b in range(1, p.MAX_INFLIGHT + 2):
-        line = json.dumps({"proto": 1, "type": "report", "session": 7, "batch": b,
+        line = json.dumps({"proto": p.PROTO, "type": "report", "session": 7, "batch": b,
                            "ranges": [[b * MiB2, MiB2]]}).encode() + b"\n"
         events = host.receive(line)
     assert events[0][0] == "error" and "in flight" in events[0][1]
@@ -138,8 +138,8 @@ def test_giant_line_and_wrong_proto_close_the_host_session() -> None:
     events = host.receive(b"{" + b" " * (p.LINE_MAX + 10) + b"}\n")
     assert events[0][0] == "error" and host.state is p.HostState.CLOSED
     host, _ = connect()
-    events = host.receive(b'{"proto":2,"type":"stats","session":7}\n')
-    assert events[0][0] == "error" and "protocol 2" in events[0][1]
+    events = host.receive(b'{"proto":1,"type":"stats","session":7}\n')
+    assert events[0][0] == "error" and "protocol 1" in events[0][1]
 
 
 def test_guest_survives_host_garbage_and_resyncs() -> None:
@@ -158,7 +158,7 @@ def test_config_is_delivered_and_unknown_fields_ignored() -> None:
     host, guest = connect()
     host.configure({"hwm": 16})
     assert guest.receive(host.take_outbox()) == [("config", {"hwm": 16})]
-    line = b'{"proto":1,"type":"stats","session":7,"future_field":[1,2]}\n'
+    line = b'{"proto":2,"type":"stats","session":7,"future_field":[1,2]}\n'
     assert host.receive(line)[0][0] == "stats"
 
 
@@ -193,7 +193,7 @@ def test_property_arbitrary_bytes_never_release_or_report_outside_a_session(
     for piece in _stream_pieces(garbage, cuts):
         for kind, payload in host.receive(piece):
             if kind == "report":
-                _, ranges = payload
+                ranges = payload.ranges
                 assert all(g % MiB2 == 0 and n % MiB2 == 0 and n > 0 for g, n in ranges)
 
 
@@ -223,7 +223,7 @@ def test_property_split_duplicated_and_stale_streams(cuts: list[int], dup: bool,
     for piece in _stream_pieces(stream, cuts):
         for kind, payload in host.receive(piece):
             if kind == "report":
-                batch, ranges = payload
+                batch, ranges = payload.batch, payload.ranges
                 assert (64 * MiB2, MiB2) not in ranges  # the old session's batch
                 seen.append(batch)
     assert len(seen) == len(set(seen))

@@ -7,13 +7,14 @@ these tests (what would be discarded); real punching is tested in tests/host/.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
 from aerate.agent.protocol import GuestEndpoint, GuestState, HostState
 from aerate.host.ctl import format_status
-from aerate.host.punch import PunchFailed
+from aerate.host.punch import Check, PunchFailed, PunchRefused
 from aerate.host.refusal import Decision
 from aerate.host.session import VmSession
 
@@ -26,7 +27,11 @@ def make(decision: str = "punch", hello: Optional[Dict[str, Any]] = None
          ) -> Tuple[VmSession, GuestEndpoint, List[Tuple[int, int]]]:
     calls: List[Tuple[int, int]] = []
 
-    def discard(gpa: int, length: int) -> int:
+    def discard(gpa: int, length: int, checks: Sequence[Check]) -> int:
+        for check in checks:   # what host/punch.py does before each slice
+            why = check()
+            if why:
+                raise PunchRefused("vm1", gpa, length, why)
         calls.append((gpa, length))
         return length
 
@@ -88,7 +93,7 @@ def test_decision_change_applies_to_the_next_batch() -> None:
 def test_failed_discard_is_abandoned_and_acked_with_reason() -> None:
     s, g, _ = make()
 
-    def broken(gpa: int, length: int) -> int:
+    def broken(gpa: int, length: int, checks: Sequence[Check]) -> int:
         raise PunchFailed("vm1", gpa, length, "fallocate: Input/output error", 5)
 
     s.discard = broken
@@ -102,8 +107,10 @@ def test_flood_is_cut_off() -> None:
     s, g, calls = make()
     s.bucket.rate, s.bucket.tokens, s.bucket.burst = 0.0, 3.0, 3.0
     for i in range(5):
-        line = json.dumps({"proto": 1, "type": "report", "session": s.endpoint.session,
-                           "batch": i + 1, "ranges": [[i * MiB2, MiB2]]}).encode() + b"\n"
+        assert g.token is not None
+        line = json.dumps({"proto": 2, "type": "report", "session": s.endpoint.session,
+                           "batch": i + 1, "token": g.token.token,
+                           "ranges": [[i * MiB2, MiB2]]}).encode() + b"\n"
         s.receive(line)
         g.receive(s.take_outbox())
     assert len(calls) == 3 and s.state is HostState.CLOSED and "flood" in s.last_error
@@ -180,3 +187,28 @@ def test_hostile_stats_cannot_break_status_for_anyone() -> None:
     assert guest["engine"]["counters"] == {"passes": 3}
     assert len(guest["free_by_order"]) == 64 and len(text) < 200_000
     assert guest["arena"].isprintable()
+
+
+def test_a_discard_off_the_loop_freezes_the_session_until_it_is_finished() -> None:
+    """S4 with discards on a worker thread: while a job is out, nothing else of the session
+    happens -- no new input is taken, no new session can start -- and what arrived behind
+    the report is acted on only after its ack."""
+    s, g, calls = make()
+    b1 = g.report([(0, MiB2)])
+    fresh = GuestEndpoint({"agent": "restarted"})
+    fresh.request_sync()     # a need-sync queued right behind the report
+    job = s.feed(g.take_outbox() + fresh.take_outbox())
+    assert job is not None and job.batch == b1 and calls == []
+    with pytest.raises(RuntimeError, match="being discarded"):
+        s.feed(b"")
+    with pytest.raises(RuntimeError, match="S4"):
+        s.connected()
+    session = s.endpoint.session
+    job.run()                          # what the worker thread does
+    assert calls == [(0, MiB2)] and s.endpoint.session == session
+    assert s.finish(job) is None
+    # The ack went out for the old session, then the need-sync started a new one.
+    out = s.take_outbox()
+    assert b'"type":"ack"' in out and b'"type":"sync"' in out
+    assert out.index(b'"type":"ack"') < out.index(b'"type":"sync"')
+    assert s.endpoint.session != session and s.status()["discarded_bytes"] == MiB2

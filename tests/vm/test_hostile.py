@@ -59,7 +59,7 @@ def establish(timeout=90):
     sync = None
     while time.time() < end:
         if sync is None:
-            os.write(port, b"\xff" + json.dumps({"proto": 1, "type": "need-sync"}).encode()
+            os.write(port, b"\xff" + json.dumps({"proto": 2, "type": "need-sync"}).encode()
                      + b"\n")
         got = next_sync(3 if sync is not None else 8)
         if got is None:
@@ -67,7 +67,7 @@ def establish(timeout=90):
                 return sync
             continue
         sync = got
-        send({"proto": 1, "type": "hello", "nonce": sync["nonce"], "session": sync["session"],
+        send({"proto": 2, "type": "hello", "nonce": sync["nonce"], "session": sync["session"],
               "agent": "hostile"}, sync=True)
     raise SystemExit("no session from the host")
 
@@ -79,7 +79,9 @@ def send(obj, sync=False):
     write_all((b"\xff" if sync else b"") + json.dumps(obj).encode() + b"\n")
 
 def report(s, batch, ranges):
-    send({"proto": 1, "type": "report", "session": s, "batch": batch, "ranges": ranges})
+    # The lease token of the session's sync: fresh for the attacks, stale for "stale_token".
+    send({"proto": 2, "type": "report", "session": s, "batch": batch, "token": token[0],
+          "ranges": ranges})
 
 G = 2 << 20
 # The well-formed reports name memory this program owns (two hugetlb pages, isolated the way
@@ -96,10 +98,13 @@ attacks = {
     "misaligned": lambda s: report(s, 1, [[G + 4096, G]]),
     "replay": lambda s: (report(s, 5, [[own[0], G]]), time.sleep(1), report(s, 5, [[own[1], G]])),
     "flood": lambda s: [report(s, b, [[own[0], G]]) for b in range(1, 400)],
+    "stale_token": lambda s: (time.sleep(3), report(s, 1, [[own[0], G]])),
 }
+token = [0]
 done = {}
 for name in sys.argv[1:]:
-    s = establish()["session"]
+    sync = establish()
+    s, token[0] = sync["session"], sync["token"]
     attacks[name](s)
     done[name] = s
     time.sleep(1)
@@ -109,6 +114,9 @@ print(json.dumps(done))
 '''
 
 ATTACKS = ["malformed", "giant_line", "outside_ram", "misaligned", "replay", "flood"]
+#: Not an attack that ends a session: a report under a stale lease token is refused (the
+#: honest guest whose report waited behind a slow daemon keeps its session), not punched.
+REFUSED = ["stale_token"]
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +140,10 @@ def test_hostile_guest_is_cut_off_and_nothing_is_discarded(
     before = d.vm(bad.name)
     good_before = d.vm(good.name)
     bad.check("systemctl stop aerate-agent")
-    rc, out, err = bad.run(["python3", "-c", HOSTILE, *ATTACKS], timeout=600)
+    rc, out, err = bad.run(["python3", "-c", HOSTILE, *ATTACKS, *REFUSED], timeout=600)
     assert rc == 0, err
     sessions = json.loads(out.strip().splitlines()[-1])
-    assert sorted(sessions) == sorted(ATTACKS)
+    assert sorted(sessions) == sorted(ATTACKS + REFUSED)
     wait_for(
         lambda: (v := d.vm(bad.name)).get("errors", 0) >= before.get("errors", 0) + len(ATTACKS)
         and v, 120, "the daemon to close every hostile session")
@@ -144,7 +152,8 @@ def test_hostile_guest_is_cut_off_and_nothing_is_discarded(
     # reclaimer, as the log says.
     log = d.log_text()
     for needles in (("malformed line",), ("longer than",), ("not inside this VM's RAM",),
-                    ("aligned",), ("replayed",), ("flood", "batches in flight")):
+                    ("aligned",), ("replayed",), ("flood", "batches in flight"),
+                    ("refused: lease token",)):
         assert any(n in log for n in needles), f"daemon log lacks {needles!r}"
     assert d.proc.poll() is None, "aerated died"
     good_after = d.vm(good.name)
