@@ -699,6 +699,10 @@ class VmRunner:
                 if s.state is HostState.CLOSED:
                     self._set_state(RunnerState.CLOSED, s.last_error)
                     return  # reconnect: a new connection, a new session
+                if self.stop_reason:
+                    # Stopped: asyncio.wait_for of Python 3.11 can swallow the cancel when
+                    # data arrives in the same turn, so the flag ends the loop too (S4).
+                    raise asyncio.CancelledError
                 if self._restart:
                     log.info("%s: new session: %s", self.name, self._restart)
                     self._restart = ""
