@@ -507,18 +507,20 @@ class VmRunner:
         try:
             rec = self._balloon_record
             if rec is not None:
-                size = rec.target_bytes
+                size, maximum = rec.target_bytes, rec.max_bytes
             else:
                 _, size = await self.worker.call(
                     "balloon_info", self.daemon.conn.balloon_info, self.name)
+                maximum = size
             await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                    self.name, size)
             self.balloon_target = None
             actual, _ = await self.worker.call(
                 "balloon_info", self.daemon.conn.balloon_info, self.name)
             await self._forget_record_if_back(actual, RESTORE_SLACK)
-            log.info("%s: balloon deflated to %d MiB: %s, so no controller watches it any "
-                     "more", self.name, size >> 20, why)
+            what = "full memory" if size >= maximum else "its size before aerate squeezed it"
+            log.info("%s: balloon deflated to %s (%d MiB): %s, so no controller watches it "
+                     "any more", self.name, what, size >> 20, why)
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
             log.warning("%s: balloon left squeezed: %s (%s); the record in %s restores it "
                         "at the next start, or use virsh setmem", self.name, e, why,
