@@ -72,6 +72,15 @@ def format_status(answer: dict[str, Any]) -> str:
         if lacking:
             lines.append(f"  {vm['vm']}: guest kernel lacks {', '.join(lacking)} "
                          f"(aeratectl status --json says why)")
+    for vm in answer.get("vms", []):
+        budget = vm.get("budget") or {}
+        if isinstance(budget, dict) and budget.get("bites"):
+            lines.append(f"  {vm['vm']}: {budget.get('reason')} ({budget.get('bites')} "
+                         f"batches cut, {_mib(budget.get('refused_bytes'))} MiB refused)")
+        calls = vm.get("libvirt_calls") or {}
+        if isinstance(calls, dict) and calls.get("hung"):
+            lines.append(f"  {vm['vm']}: libvirt call {calls['hung']} hung; refused until "
+                         "libvirt answers")
     if len(lines) == 1:
         lines.append("(no running VMs)")
     if not answer.get("libvirt", True):

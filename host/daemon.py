@@ -31,8 +31,9 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -173,7 +174,9 @@ class VmRunner:
         self.stop_reason = ""
         self.worker = VmWorker(name, daemon.pool, daemon.call_timeout)
         self.cache = PermitCache(daemon.permit_max_age)
-        self._wake_refresh = asyncio.Event()
+        self._refresh_timer: asyncio.TimerHandle | None = None
+        self._inflight: tuple[int, float, bool] | None = None  # (gen, issued, timed out)
+        self._gen = 0
         self._wake_balloon = asyncio.Event()
         self.xml = ""  # the live domain XML the facts were taken from
         self._xml_at = -math.inf
@@ -245,53 +248,132 @@ class VmRunner:
             self._facts_of = (xml, cached)
         return cached
 
-    async def refresh_permit(self) -> Decision:
-        """Ask libvirt (off the loop, timed) what the VM is doing and decide again.
+    def _decide(self, xml: str, job: JobInfo, backings: Mapping[str, Backing],
+                mode: str) -> Decision:
+        """The decision from the facts (pure; runs on the loop or in a refresh thread)."""
+        # The balloon reclaimer is built; decide() still refuses a domain without a
+        # virtio memballoon or with locked RAM, with that reason.
+        facts = VmFacts(self._domain_facts(xml), job, backings or None,
+                        mode=mode, balloon_available=True)
+        return decide(facts)
 
-        The decision is stamped with the time the request was issued (host/permit.py); any
-        failure or timeout refuses at once, with the reason.
-        """
-        issued = time.monotonic()
+    def _due(self, now: float) -> tuple[bool, bool]:
+        """Whether this refresh must re-read (the domain XML, the backing figure)."""
+        return not self.xml or now - self._xml_at > XML_REFRESH, \
+            now - self._backing_at > BACKING_REFRESH
+
+    def _learn(self, issued: float, new_xml: str | None, backing: int | None,
+               need_backing: bool) -> None:
+        if new_xml is not None:
+            self.xml, self._xml_at = new_xml, issued
+            self.limits = balloon_limits(new_xml)
+        if need_backing:
+            self.backing_now, self._backing_at = backing, issued
+
+    def _apply_decision(self, decision: Decision, issued: float, error: str = "") -> bool:
         before = self.cache.last().action
+        stored = self.cache.set(decision, issued, error=error)
+        if stored and (before == BALLOON) != (decision.action == BALLOON):
+            self._wake_balloon.set()  # the controller starts (or stops) watching
+            if self.session is not None:
+                # Balloon VMs keep their agent stats-only: tell the guest when that flips.
+                self.session.configure({"enabled": self.guest_settings()["enabled"]})
+        return stored
+
+    async def refresh_permit(self) -> Decision:
+        """Ask libvirt (through the worker: ordered, off the loop, timed) what the VM is
+        doing and decide again; used by ``prepare``. The decision is stamped with the time
+        the request was issued (host/permit.py); a failure or timeout refuses at once."""
+        issued = time.monotonic()
+        need_xml, need_backing = self._due(issued)
         try:
-            need_xml = not self.xml or issued - self._xml_at > XML_REFRESH
-            need_backing = issued - self._backing_at > BACKING_REFRESH
             new_xml, job, backing = await self.worker.call(
                 "job_info", self._fetch, need_xml, need_backing)
-            if new_xml is not None:
-                self.xml, self._xml_at = new_xml, issued
-                self.limits = balloon_limits(new_xml)
-            if need_backing:
-                self.backing_now, self._backing_at = backing, issued
-            xml = self.xml
-            # The balloon reclaimer is built; decide() still refuses a domain without a
-            # virtio memballoon or with locked RAM, with that reason.
-            facts = VmFacts(self._domain_facts(xml), job, self.backings or None,
-                            mode=self.effective_settings()["mode"], balloon_available=True)
-            decision = decide(facts)
-            self.cache.set(decision, issued)
+            self._learn(issued, new_xml, backing, need_backing)
+            decision = self._decide(self.xml, job, self.backings,
+                                    self.effective_settings()["mode"])
+            self._apply_decision(decision, issued)
         except (LibvirtUnavailable, DomainError, CallTimeout, ValueError) as e:
             decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {e}")
-            self.cache.set(decision, issued, error=str(e))
-        if self.session is not None and (before == BALLOON) != (decision.action == BALLOON):
-            # Balloon VMs keep their agent stats-only: tell the guest when that flips.
-            self.session.configure({"enabled": self.guest_settings()["enabled"]})
+            self._apply_decision(decision, issued, str(e))
         return decision
 
-    def invalidate(self, why: str) -> None:
-        """An event says the facts changed: refuse now, decide again soon."""
-        self.cache.invalidate(why, time.monotonic())
-        self._wake_refresh.set()
+    # -- the background refresh, every permit_refresh s. No task, future or lock per
+    # round: a loop timer submits one job to the pool, the thread fetches and decides, and
+    # posts the result back (Daemon.post batches those wake-ups). At 1,000 VMs the
+    # worker-call version of this cost ~20 % of a core. It is read-only, so it needs no
+    # order with the VM's worker calls; at most one is in flight per VM, so a hung VM
+    # pins at most two pool threads (this and one worker call).
 
-    async def _refresh_loop(self) -> None:
-        # The flag, not only the cancel, ends it: asyncio.wait_for of Python 3.11 can
-        # swallow a cancel that races with the call's own answer.
-        while not self._stopped:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_refresh.wait(), self.daemon.permit_refresh)
-            self._wake_refresh.clear()
-            if not self._stopped:
-                await self.refresh_permit()
+    def _start_refresh(self, now: float) -> None:
+        need_xml, need_backing = self._due(now)
+        self._gen += 1
+        self._inflight = (self._gen, now, False)
+        self.daemon.pool.submit(self._refresh_in_thread, self._gen, now, need_xml,
+                                need_backing, self.xml, self.backings,
+                                self.effective_settings()["mode"])
+
+    def _refresh_in_thread(self, gen: int, issued: float, need_xml: bool,
+                           need_backing: bool, xml: str, backings: Mapping[str, Backing],
+                           mode: str) -> None:
+        try:
+            new_xml, job, backing = self._fetch(need_xml, need_backing)
+            decision = self._decide(new_xml or xml, job, backings, mode)
+            outcome: tuple[str | None, int | None, Decision] | Exception = \
+                (new_xml, backing, decision)
+        except (LibvirtUnavailable, DomainError, ValueError, OSError, RuntimeError) as e:
+            outcome = e
+        # Anything else escapes into the pool's future: the tick then refuses the VM as
+        # timed out, which is the safe side.
+        self.daemon.post(self._refresh_done, gen, issued, need_backing, outcome)
+
+    def _refresh_done(self, gen: int, issued: float, need_backing: bool,
+                      outcome: tuple[str | None, int | None, Decision] | Exception) -> None:
+        if self._inflight is None or self._inflight[0] != gen or self._stopped:
+            return
+        self._inflight = None
+        if isinstance(outcome, Exception):
+            why = str(outcome)
+            self._apply_decision(Decision(
+                REFUSE, f"cannot ask libvirt whether discard is safe now: {why}"), issued, why)
+            return
+        new_xml, backing, decision = outcome
+        try:
+            self._learn(issued, new_xml, backing, need_backing)
+        except DomainError as e:
+            decision = Decision(REFUSE, f"cannot read the domain XML: {e}")
+        if not self._apply_decision(decision, issued) and issued < self.cache.fence:
+            self._start_refresh(time.monotonic())  # asked before an event: ask again now
+
+    def _refresh_tick(self) -> None:
+        """Every permit_refresh s: start a refresh, or, when the one in flight is older
+        than the call timeout, refuse the VM with the reason (its late answer is dropped:
+        it was issued before this refusal)."""
+        if self._stopped:
+            return
+        now = time.monotonic()
+        if self._inflight is None:
+            self._start_refresh(now)
+        else:
+            gen, started, reported = self._inflight
+            limit = self.daemon.call_timeout
+            if now - started > limit and not reported:
+                self._inflight = (gen, started, True)
+                why = f"libvirt call job_info timed out after {limit:g} s"
+                self.worker.timeouts += 1
+                self.worker.last_timeout = why
+                log.warning("VM %s: %s; refusing it until libvirt answers", self.name, why)
+                self._apply_decision(Decision(
+                    REFUSE, f"cannot ask libvirt whether discard is safe now: {why}"), now, why)
+        self._refresh_timer = asyncio.get_running_loop().call_later(
+            self.daemon.permit_refresh, self._refresh_tick)
+
+    def invalidate(self, why: str) -> None:
+        """An event says the facts changed: refuse now, decide again at once."""
+        now = time.monotonic()
+        self.cache.invalidate(why, now)
+        if self._inflight is None and self._refresh_timer is not None and not self._stopped:
+            self._start_refresh(now)
 
     def guest_settings(self) -> dict[str, Any]:
         """The settings the agent gets: a ballooned VM's agent stays stats-only, because
@@ -307,10 +389,7 @@ class VmRunner:
     async def balloon_tick(self) -> None:
         """Run the balloon controller once and apply its target (never raises: a libvirt
         failure is logged once and retried at the next tick)."""
-        private = any(b.kind is BackingKind.ANON_PRIVATE for b in self.backings.values())
-        last = self.cache.last()
-        if last.action != BALLOON and self.balloon_target is None and not private \
-                and self._balloon_record is None:
+        if not self._balloon_candidate():
             return  # not a balloon VM and we never moved its balloon: no libvirt calls
         now = time.monotonic()
         decision = self.permit()
@@ -428,27 +507,43 @@ class VmRunner:
         try:
             rec = self._balloon_record
             if rec is not None:
-                size = rec.target_bytes
+                size, maximum = rec.target_bytes, rec.max_bytes
             else:
                 _, size = await self.worker.call(
                     "balloon_info", self.daemon.conn.balloon_info, self.name)
+                maximum = size
             await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                    self.name, size)
             self.balloon_target = None
             actual, _ = await self.worker.call(
                 "balloon_info", self.daemon.conn.balloon_info, self.name)
             await self._forget_record_if_back(actual, RESTORE_SLACK)
-            log.info("%s: balloon deflated to %d MiB: %s, so no controller watches it any "
-                     "more", self.name, size >> 20, why)
+            what = "full memory" if size >= maximum else "its size before aerate squeezed it"
+            log.info("%s: balloon deflated to %s (%d MiB): %s, so no controller watches it "
+                     "any more", self.name, what, size >> 20, why)
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
             log.warning("%s: balloon left squeezed: %s (%s); the record in %s restores it "
                         "at the next start, or use virsh setmem", self.name, e, why,
                         self.daemon.balloons.dir)
 
+    def _balloon_candidate(self) -> bool:
+        """Whether the balloon controller has anything to watch on this VM."""
+        return (self.cache.last().action == BALLOON or self.balloon_target is not None
+                or self._balloon_record is not None
+                or any(b.kind is BackingKind.ANON_PRIVATE for b in self.backings.values()))
+
     async def _balloon_loop(self) -> None:
-        while not self._stopped:  # see _refresh_loop
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_balloon.wait(), BALLOON_TICK)
+        loop = asyncio.get_running_loop()
+        while not self._stopped:  # the flag: wait_for may swallow a cancel (3.11)
+            # Ticks every BALLOON_TICK only where there is a balloon to watch; elsewhere
+            # it sleeps until a statistics message or a new decision wakes it.
+            timer = loop.call_later(BALLOON_TICK, self._wake_balloon.set) \
+                if self._balloon_candidate() else None
+            try:
+                await self._wake_balloon.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
             self._wake_balloon.clear()
             if not self._stopped:
                 await self.balloon_tick()
@@ -551,6 +646,8 @@ class VmRunner:
             await self._run_locked(tasks)
         finally:
             self._stopped = True
+            if self._refresh_timer is not None:
+                self._refresh_timer.cancel()
             for t in tasks:
                 t.cancel()
             await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
@@ -571,9 +668,9 @@ class VmRunner:
             try:
                 if not await self.prepare():
                     return
-                if not any(t.get_name().startswith("permit:") for t in tasks):
-                    tasks.append(loop.create_task(self._refresh_loop(),
-                                                  name=f"permit:{self.name}"))
+                if self._refresh_timer is None:
+                    self._refresh_timer = loop.call_later(self.daemon.permit_refresh,
+                                                          self._refresh_tick)
                 await self._serve()
                 delay = 1.0
             except asyncio.CancelledError:
@@ -604,6 +701,10 @@ class VmRunner:
                 if s.state is HostState.CLOSED:
                     self._set_state(RunnerState.CLOSED, s.last_error)
                     return  # reconnect: a new connection, a new session
+                if self.stop_reason:
+                    # Stopped: asyncio.wait_for of Python 3.11 can swallow the cancel when
+                    # data arrives in the same turn, so the flag ends the loop too (S4).
+                    raise asyncio.CancelledError
                 if self._restart:
                     log.info("%s: new session: %s", self.name, self._restart)
                     self._restart = ""
@@ -772,6 +873,8 @@ class Daemon:
         self.permit_max_age = PERMIT_MAX_AGE
         self.punch = punch
         self.balloons = BalloonStore(run_dir)
+        # Calls about no VM in particular (the domain list) keep their own order.
+        self.host_worker = VmWorker("(host)", self.pool, CALL_TIMEOUT)
         self.conn = conn if conn is not None else LibvirtConnection(
             uri, on_connect=self._on_connect, on_disconnect=self._on_disconnect,
             on_lifecycle=self._on_lifecycle, on_device=self._on_device, on_job=self._on_job,
@@ -780,6 +883,26 @@ class Daemon:
         self._status_line = ""
         self._notify_error = ""
         self._restoring: set[str] = set()
+        self._posted: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._post_lock = threading.Lock()
+        self._post_pending = False
+
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop soon; callable from any thread. Posts made while
+        one wake-up is pending share it (one self-pipe write for a burst of results)."""
+        with self._post_lock:
+            self._posted.append((fn, args))
+            if self._post_pending:
+                return
+            self._post_pending = True
+        self.loop.call_soon_threadsafe(self._run_posted)
+
+    def _run_posted(self) -> None:
+        with self._post_lock:
+            items, self._posted = self._posted, []
+            self._post_pending = False
+        for fn, args in items:
+            fn(*args)
 
     # libvirt's thread calls these: they only hand over to the loop, except that a guest
     # reset or a stopped domain revokes the session right here (S4): the loop thread may be
@@ -804,7 +927,10 @@ class Daemon:
             r.restart_session("the guest was reset")
 
     def _on_connect(self, conn: LibvirtConnection) -> None:
-        self.loop.call_soon_threadsafe(self.resync)
+        self.loop.call_soon_threadsafe(self._start_resync)
+
+    def _start_resync(self) -> None:
+        self.loop.create_task(self.resync(), name="resync")
 
     def _on_disconnect(self, why: str) -> None:
         self.loop.call_soon_threadsafe(
@@ -835,13 +961,15 @@ class Daemon:
             self.stop_runner(name, f"device {alias} {'added' if added else 'removed'}")
             self.start_runner(name)
 
-    def resync(self) -> None:
+    async def resync(self) -> None:
         """After (re)connecting to libvirt: start runners for running VMs, drop the rest,
-        and give back every balloon squeeze a record remembers (served VM or not)."""
+        and give back every balloon squeeze a record remembers (served VM or not). The
+        domain list comes through the host-wide worker: off the loop, timed."""
         try:
-            running = {d.name for d in self.conn.running_domains()}
-        except LibvirtUnavailable as e:
-            log.warning("%s", e)
+            refs = await self.host_worker.call("running_domains", self.conn.running_domains)
+            running = {d.name for d in refs}
+        except (LibvirtUnavailable, CallTimeout) as e:
+            log.warning("%s; VMs are started again at the next libvirt (re)connect", e)
             return
         for name in running - set(self.runners):
             self.start_runner(name)

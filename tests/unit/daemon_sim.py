@@ -319,5 +319,8 @@ async def stop_daemon(daemon: Any, conn: FakeLibvirt) -> None:
     tasks = [r.task for r in daemon.runners.values() if r.task is not None]
     for name in list(daemon.runners):
         daemon.stop_runner(name, "test over")
-    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    t0 = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
+    if time.monotonic() - t0 > 5:
+        print(f"(stopping {len(tasks)} runners took {time.monotonic() - t0:.1f} s)")
     daemon.pool.shutdown(wait=False, cancel_futures=True)

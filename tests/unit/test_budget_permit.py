@@ -179,3 +179,16 @@ def test_watchdog_period_comes_from_systemd_and_only_for_this_pid() -> None:
     assert watchdog_seconds({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": me}) == 30.0
     assert watchdog_seconds({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_seconds({}) is None and watchdog_seconds({"WATCHDOG_USEC": "x"}) is None
+
+
+def test_aeratectl_status_shows_a_biting_budget_and_a_hung_call() -> None:
+    from aerate.host.ctl import format_status
+    vm = {"vm": "web01", "state": "running", "reason": "",
+          "budget": {"bites": 3, "reason": "discard budget: batch over 8 MiB "
+                     "(setting discard_batch_mib)", "refused_bytes": 12 << 20},
+          "libvirt_calls": {"hung": "job_info", "timeouts": 1}}
+    text = format_status({"vms": [vm]})
+    assert "web01: discard budget: batch over 8 MiB" in text and "12 MiB refused" in text
+    assert "libvirt call job_info hung" in text
+    quiet = format_status({"vms": [dict(vm, budget={"bites": 0}, libvirt_calls={})]})
+    assert "budget" not in quiet and "hung" not in quiet

@@ -226,7 +226,7 @@ def test_a_record_of_a_vm_this_daemon_does_not_serve_is_restored_too(tmp_path: P
         daemon.balloons.save("P", 4096 << 20, 4096 << 20)
         daemon.balloons.save("gone", 1 << 30, 1 << 30)  # a VM that no longer runs
         daemon.only = ("other-*",)
-        daemon.resync()
+        await daemon.resync()
         await until(lambda: conn.balloon["P"][0] == 4096 << 20, 5, "the restore")
         await until(lambda: daemon.balloons.all()[0] == [], 5, "both records removed")
         assert "P" not in daemon.runners
