@@ -36,6 +36,7 @@ from aerate.agent.protocol import HostState
 from aerate.host import balloon as balloon_mod
 from aerate.host import config as config_mod
 from aerate.host import metrics as metrics_mod
+from aerate.host import pinning
 from aerate.host.backing import Backing, BackingKind, allocated_bytes
 from aerate.host.backing import resolve as resolve_backings
 from aerate.host.libvirt_conn import (
@@ -47,7 +48,15 @@ from aerate.host.libvirt_conn import (
 )
 from aerate.host.punch import punch
 from aerate.host.qemu_map import GuestMemoryMap, MapError, build_map, contains, gather
-from aerate.host.refusal import BALLOON, REFUSE, Decision, VmFacts, decide, domain_facts
+from aerate.host.refusal import (
+    BALLOON,
+    REFUSE,
+    Decision,
+    VmFacts,
+    decide,
+    domain_facts,
+    poison_from_hello,
+)
 from aerate.host.session import VmSession
 
 log = logging.getLogger("aerated")
@@ -58,6 +67,8 @@ VM_LOCK_DIR = "/run/aerate/vms"
 SYNC_RETRY = 5.0
 PERMIT_TTL = 0.25
 MIN_GRANULE = 2 << 20
+#: Host page size from which the agent cannot assemble a reportable granule (agent/cycle.py).
+GIANT_GRANULE = 1 << 30
 #: How often the balloon controller looks again without a new statistics message (it
 #: notices a silent guest this way).
 BALLOON_TICK = 1.0
@@ -102,6 +113,7 @@ class VmRunner:
         self.gmap: GuestMemoryMap | None = None
         self.backings: dict[str, Backing] = {}
         self.channel: str | None = None
+        self.qemu_pid: int | None = None
         self.state = "starting"
         self.reason = ""
         self.task: asyncio.Task[None] | None = None
@@ -122,6 +134,15 @@ class VmRunner:
         self._settled_at: float | None = -math.inf  # balloon first seen at its target
         self._stats_seen: object = None
         self._stats_at = -math.inf
+        # -- refusal facts (issue 9) that are not in the domain XML
+        #: S6: why the VM's stored settings cannot be used ("" = they are fine)
+        self.settings_error = ""
+        #: S7: a pinning device fd once seen in QEMU; latched until the VM restarts
+        self.pinning_fd = ""
+        #: the hello the cached permit was decided with (a new hello re-decides at once)
+        self._permit_hello: object = None
+        #: why nothing can be reported with these settings ("" = nothing known against it)
+        self.idle_note = ""
 
     # -- facts and policy
 
@@ -133,21 +154,49 @@ class VmRunner:
     def permit(self) -> Decision:
         """The reclaimer allowed now; job state is re-read at most every PERMIT_TTL s."""
         now = time.monotonic()
-        if now - self._permit[0] < PERMIT_TTL:
+        hello = self.session.hello if self.session is not None else None
+        if now - self._permit[0] < PERMIT_TTL and hello is self._permit_hello:
             return self._permit[1]
         conn = self.daemon.conn
         try:
             xml = conn.domain_xml(self.name)
             job = conn.job_info(self.name)
+            values = self.effective_settings()
             # The balloon reclaimer is built; decide() still refuses a domain without a
-            # virtio memballoon or with locked RAM, with that reason.
+            # virtio memballoon or with locked RAM, with that reason. The poisoning fact is
+            # the current session's hello (none yet: refuse punching).
             facts = VmFacts(domain_facts(xml), job, self.backings or None,
-                            mode=self.effective_settings()["mode"], balloon_available=True)
+                            poison=poison_from_hello(hello), mode=values["mode"],
+                            balloon_available=True, settings_error=self.settings_error,
+                            pinning_fd=self.pinning_fd,
+                            vhost_user_trusted=bool(values["vhost_user_trusted"]))
             decision = decide(facts)
         except (LibvirtUnavailable, DomainError) as e:
             decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {e}")
+        except (ValueError, KeyError) as e:
+            # A domain XML we cannot read is an unknown fact: refuse, never guess.
+            decision = Decision(REFUSE, f"cannot read the domain XML of {self.name}: {e}")
         self._permit = (now, decision)
+        self._permit_hello = hello
         return decision
+
+    def pinning_check(self) -> str:
+        """punch()'s check (S7): "" while QEMU holds no pinning device fd, else the refusal.
+
+        Runs right before and right after each fallocate. A hit is latched in
+        ``pinning_fd``, so permit() refuses the VM from then on (a VFIO hot-plug pins RAM
+        before the live XML shows the device, and the permit is cached); only a restart of
+        the VM's QEMU (a new runner) clears it. A /proc that cannot be read refuses too.
+        """
+        if self.pinning_fd:
+            return f"QEMU holds {self.pinning_fd}"
+        found = pinning.scan(self.qemu_pid)
+        if found:
+            self.pinning_fd = found
+            self._permit = (0.0, Decision(REFUSE, f"QEMU holds {found}"))
+            log.error("%s: QEMU holds %s, which can pin guest RAM for DMA; refusing every "
+                      "discard of this VM until it restarts", self.name, found)
+        return found
 
     def guest_settings(self) -> dict[str, Any]:
         """The settings the agent gets: a ballooned VM's agent stays stats-only, because
@@ -254,7 +303,7 @@ class VmRunner:
     def _discard(self, gpa: int, length: int) -> int:
         assert self.gmap is not None and self.session is not None
         return punch(self.name, self.gmap, self.backings, gpa, length,
-                     self.session.granule, self.permit)
+                     self.session.granule, self.permit, checks=(self.pinning_check,))
 
     def _in_ram(self, gpa: int, length: int) -> bool:
         assert self.gmap is not None and self.session is not None
@@ -270,19 +319,17 @@ class VmRunner:
                 "the domain has no virtio-serial channel org.aerate.agent.0 "
                 "(see deploy/domain.py for the XML to add)")
             return False
-        try:
-            self.metadata = config_mod.metadata_from_xml(
-                self.daemon.conn.metadata(self.name, config_mod.METADATA_NS), self.name)
-        except config_mod.ConfigError as e:
-            log.warning("%s; ignoring the stored settings", e)
-            self.metadata = {}
+        self.load_metadata()
         self.gmap = build_map(gather(conn.qmp_function(self.name)))
-        pid = conn.qemu_pid(self.name)
+        pid = self.qemu_pid = conn.qemu_pid(self.name)
         self.backings = resolve_backings(pid, self.gmap, conn.hmp_function(self.name))
         self._permit = (0.0, self._permit[1])
         decision = self.permit()
         self.reason = decision.reason
         granule = max([MIN_GRANULE] + [b.page_size for b in self.backings.values()])
+        self.idle_note = giant_granule_note(granule, self.effective_settings())
+        if self.idle_note:
+            log.warning("%s: %s", self.name, self.idle_note)
         with contextlib.suppress(OSError, RuntimeError):
             self.backing_before = self.backing_allocated()
         if self.session is None:
@@ -293,6 +340,22 @@ class VmRunner:
             self.session.configure({"enabled": self.guest_settings()["enabled"]})
         log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
         return True
+
+    def load_metadata(self) -> None:
+        """Read the VM's stored settings. S6 fails closed: a layer that does not validate
+        is not applied and refuses the VM with the reason (settings_error) until it is
+        fixed; what is stored stays stored (``set`` merges into the stored entries)."""
+        try:
+            self.metadata = config_mod.metadata_from_xml(
+                self.daemon.conn.metadata(self.name, config_mod.METADATA_NS), self.name)
+            if self.settings_error:
+                log.info("%s: stored settings valid again", self.name)
+            self.settings_error = ""
+        except config_mod.ConfigError as e:
+            if str(e) != self.settings_error:
+                log.error("%s", e)
+            self.metadata, self.settings_error = {}, str(e)
+        self._permit = (0.0, self._permit[1])
 
     def backing_allocated(self) -> int:
         """Host memory allocated to this VM's RAM right now, bytes (from the kernel)."""
@@ -406,6 +469,10 @@ class VmRunner:
         if self.session is not None:
             out.update(self.session.status())
             out["state"] = self.state
+            if self.session.counters.batches == 0 and self._permit[1].action == REFUSE:
+                out["reclaimer"], out["reason"] = self._permit[1]
+        if self.idle_note:
+            out["idle_note"] = self.idle_note
         if self._permit[1].action == BALLOON or self.balloon_target is not None:
             # No batches flow on a ballooned VM, so the session has no decision to show.
             out["reclaimer"], out["reason"] = self._permit[1]
@@ -535,13 +602,32 @@ class Daemon:
             if r is None:
                 return {"ok": False, "error": f"VM {vm} is not running or not known to aerated"}
             values = table.validate(req.get("settings", {}), origin=f"aeratectl set {vm}")
-            persisted = dict(r.metadata, **values)
+            host_keys = sorted(k for k in values if table.BY_NAME[k].scope == "host")
+            if host_keys:
+                return {"ok": False, "error": (
+                    f"VM {vm}: {', '.join(host_keys)} can only be set in the host config file "
+                    f"([vm.{vm}] in {self.config.path}, then 'aeratectl reload'): the VM's "
+                    "metadata travels with its XML and is not trusted for it")}
+            try:
+                # S6: merge into what is stored now, bad entries included, so nothing the
+                # operator stored is lost; the result is validated as a whole below.
+                stored = config_mod.metadata_entries(
+                    self.conn.metadata(vm, config_mod.METADATA_NS), vm)
+            except config_mod.ConfigError:
+                stored = {}  # not XML at all: nothing in it can be kept entry by entry
+            except (LibvirtUnavailable, DomainError) as e:
+                return {"ok": False, "error": f"VM {vm}: cannot read the stored settings, so "
+                        f"nothing saved or applied: {e}"}
+            persisted: dict[str, Any] = dict(stored, **values)
             try:
                 self.conn.set_metadata(vm, config_mod.metadata_to_xml(persisted),
                                        config_mod.METADATA_KEY, config_mod.METADATA_NS)
-                r.metadata = persisted
             except (LibvirtUnavailable, DomainError) as e:
                 return {"ok": False, "error": f"VM {vm}: not saved, so not applied: {e}"}
+            r.load_metadata()
+            if r.settings_error:
+                return {"ok": False, "error": f"saved, but the stored settings are still "
+                        f"invalid, so the VM stays refused: {r.settings_error}"}
             r.apply_live(values)
             return {"ok": True, "vm": vm, "settings": r.effective_settings()}
         if cmd == "reload":
@@ -550,6 +636,8 @@ class Daemon:
             except config_mod.ConfigError as e:
                 return {"ok": False, "error": f"{e}; the old configuration stays in force"}
             for r in self.runners.values():
+                with contextlib.suppress(LibvirtUnavailable, DomainError):
+                    r.load_metadata()  # a layer fixed with virsh metadata counts again
                 r.apply_live({})
                 if r.session is not None:
                     r.session.configure(r.guest_settings())
@@ -630,3 +718,24 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def giant_granule_note(granule: int, values: dict[str, Any]) -> str:
+    """Why a VM backed by 1 GiB host pages never gets anything reported, or "".
+
+    The host can only discard whole, aligned host pages. The agent reports only whole,
+    aligned granules formed by the blocks of one fill (agent/cycle.py ``granule_ranges``);
+    a fill takes at most the current batch capacity, which starts at capacity/4 and only
+    grows after acked batches. A 1 GiB page needs 512 adjacent, aligned 2 MiB blocks in one
+    fill; capacity is capped at 1024, so no setting makes the first batch big enough.
+    """
+    if granule < GIANT_GRANULE:
+        return ""
+    need = granule // MIN_GRANULE
+    first = max(1, int(values["capacity"]) // 4)
+    return (f"guest RAM is backed by {granule >> 30} GiB host pages: a discard needs {need} "
+            f"adjacent, aligned 2 MiB guest blocks in one batch, and the agent's first batch "
+            f"takes at most capacity/4 = {first} blocks (capacity={values['capacity']}, at "
+            f"most {table.BY_NAME['capacity'].hi:.0f}), so nothing is ever reported; back the "
+            "VM with 2 MiB pages (<hugepages><page size='2' unit='M'/></hugepages>) or plain "
+            "memfd to reclaim it (1 GiB reporting is not built yet)")

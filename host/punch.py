@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from aerate.host.backing import Backing
 from aerate.host.qemu_map import GuestMemoryMap, RangeRejected, locate
@@ -22,6 +23,8 @@ from aerate.host.refusal import Decision
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+
+log = logging.getLogger("aerated")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # os.posix_fallocate only allocates; punching needs the Linux fallocate(2) with flags.
@@ -67,12 +70,17 @@ def punch(
     length: int,
     granule: int,
     permit: Callable[[], Decision],
+    checks: Sequence[Callable[[], str]] = (),
 ) -> int:
     """Discard guest range [gpa, gpa+length) of `vm` from its backing; return bytes punched.
 
     `gmap`/`backings` are this VM's map and resolved backings; `granule` is the reporting
     granule told to the guest; `permit()` is asked now and must answer action "punch".
     Raises PunchRefused (nothing touched) or PunchFailed (fallocate failed).
+
+    `checks` run right before the fallocate (a non-empty answer refuses: PunchRefused with
+    it, nothing touched) and once right after it (a non-empty answer is an incident: logged
+    at error; the check itself must make the VM refused from then on, e.g. by latching).
     """
     decision = permit()
     if decision.action != "punch":
@@ -112,6 +120,10 @@ def punch(
             raise PunchRefused(
                 vm, gpa, length, f"{backing.link} shrank below offset {offset + length:#x}"
             )
+        for check in checks:
+            why = check()
+            if why:
+                raise PunchRefused(vm, gpa, length, why)
         try:
             fallocate_punch(fd, offset, length)
         except OSError as exc:
@@ -128,4 +140,9 @@ def punch(
             ) from exc
     finally:
         os.close(fd)
+    for check in checks:
+        why = check()
+        if why:
+            log.error("VM %s: after discarding gpa %#x+%#x: %s; the VM is refused from now on",
+                      vm, gpa, length, why)
     return length

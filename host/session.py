@@ -101,6 +101,9 @@ class VmSession:
         this is called no discard of the previous session can still be under way.
         """
         session = secrets.randbits(62) + 1
+        # The old hello's facts (page poisoning: host/refusal.py) must not outlive their
+        # session: until the new hello arrives, nothing the guest said counts.
+        self.hello = {}
         self.endpoint.start(nonce=secrets.randbits(62), session=session,
                             granule=self.granule, settings=self.settings)
         self.counters.sessions += 1
@@ -118,9 +121,10 @@ class VmSession:
         """Act on bytes from the guest: reports are checked, discarded, acked here."""
         for kind, payload in self.endpoint.receive(data):
             if kind == "hello":
-                self.hello = payload
+                # Bounded like stats (S5): status, the journal and permit() read it.
+                self.hello = _plain(payload, HELLO_DEPTH)
                 self._note("info", "session up: agent %s, arena %s"
-                           % (payload.get("agent", "?"), payload.get("arena", "?")))
+                           % (_word(self.hello.get("agent")), _word(self.hello.get("arena"))))
             elif kind == "report":
                 batch, ranges = payload
                 self._report(batch, ranges)
@@ -190,7 +194,8 @@ class VmSession:
                 "reported_bytes": c.reported, "discarded_bytes": c.discarded,
                 "refused_bytes": c.refused, "batches": c.batches, "sessions": c.sessions,
                 "errors": c.errors, "last_error": self.last_error,
-                "agent": self.hello.get("agent"), "arena": self.hello.get("arena"),
+                "agent": _word(self.hello.get("agent")),
+                "arena": _word(self.hello.get("arena")),
                 "capabilities": _capabilities(self.hello.get("capabilities")),
                 "guest": {k: v for k, v in self.stats.items()
                           if k not in ("type", "proto", "session")},
@@ -200,6 +205,13 @@ class VmSession:
 _CAP_NAME = re.compile(r"[a-z0-9_]{1,32}")
 #: Nesting kept of a guest's stats message: stats -> engine -> counters -> value.
 STATS_DEPTH = 4
+#: Nesting kept of a hello: hello -> capabilities -> name -> detail.
+HELLO_DEPTH = 3
+
+
+def _word(value: Any) -> Optional[str]:
+    """A hello field shown as one short printable string (None when not a string)."""
+    return _text(value, 64) if isinstance(value, str) else None
 
 
 def _text(value: str, limit: int = 300) -> str:
