@@ -270,3 +270,36 @@ def test_job_info_from_libvirt_answers() -> None:
     assert not job_from_stats({"type": 3, "operation": 5}, running).active
     paused_postcopy = (3, 12)
     assert job_from_stats({"type": 0}, paused_postcopy).paused_reason == "postcopy"
+
+
+_VHOST_USER = {
+    "nic": ("<interface type='vhostuser'><source type='unix' path='/run/v.sock' "
+            "mode='client'/><model type='virtio'/><alias name='net1'/></interface>",
+            "network interface type='vhostuser' (net1)"),
+    "disk": ("<disk type='vhostuser' device='disk'><driver name='qemu' type='raw'/>"
+             "<source type='unix' path='/run/spdk.sock'/><target dev='vdb' bus='virtio'/>"
+             "</disk>", "disk type='vhostuser' (vdb)"),
+    "virtiofs": ("<filesystem type='mount' accessmode='passthrough'><driver type='virtiofs'/>"
+                 "<source dir='/srv'/><target dir='share'/></filesystem>",
+                 "virtiofs filesystem (vhost-user-fs) (share)"),
+    "gpu": ("<video><model type='virtio'/><driver name='vhostuser'/></video>",
+            "video with a vhost-user backend"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_VHOST_USER))
+def test_vhost_user_backends_refuse_unless_trusted(case: str) -> None:
+    xml, words = _VHOST_USER[case]
+    live = (XML / "memfd-shared.live.xml").read_text().replace("</devices>", xml + "</devices>")
+    d = domain_facts(live)
+    assert d.vhost_user_devices == (words,) and d.pinning_devices == ()
+    dec = decide(VmFacts(d, IDLE, {"pc.ram": backing(BackingKind.MEMFD_SHARED)}, poison=SAFE))
+    assert dec.action == REFUSE and words in dec.reason and "vhost_user_trusted" in dec.reason
+    dec = decide(VmFacts(d, IDLE, {"pc.ram": backing(BackingKind.MEMFD_SHARED)}, poison=SAFE,
+                         vhost_user_trusted=True))
+    assert dec.action == PUNCH
+
+
+def test_plain_domains_have_no_vhost_user_devices() -> None:
+    for path in XML.glob("*.xml"):
+        assert domain_facts(path.read_text()).vhost_user_devices == (), path.name

@@ -1,0 +1,249 @@
+"""Refusal facts driven through the daemon's own path: ``VmRunner.permit`` feeding a real
+``VmSession`` that talks to a real ``GuestEndpoint``, and ``Daemon.handle`` for settings.
+
+Not driven through ``decide()`` alone: each test would stay green if the fact were never
+wired from its source (hello, stored metadata, domain XML, QEMU's fds) into the decision.
+
+MOCK: :class:`FakeLibvirt` stands in for libvirtd (the unit tier runs without it): it
+answers the domain XML (a real libvirtd 9.0 capture, tests/data/qemu/libvirt), the job
+state and the metadata, and records metadata writes. The discard is a recording function,
+not a punch (real punching is tested in tests/host/).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aerate.agent.protocol import GuestEndpoint, HostState
+from aerate.host import config as config_mod
+from aerate.host import pinning
+from aerate.host.backing import Backing, BackingKind
+from aerate.host.ctl import format_status
+from aerate.host.daemon import Daemon, VmRunner, giant_granule_note
+from aerate.host.refusal import JobInfo
+from aerate.host.session import VmSession
+
+pytestmark = pytest.mark.unit
+MiB2 = 2 << 20
+XML = (Path(__file__).resolve().parent.parent / "data" / "qemu" / "libvirt"
+       / "memfd-shared.live.xml").read_text()
+VHOST_USER_NIC = ("<interface type='vhostuser'><source type='unix' path='/run/vhu0.sock' "
+                  "mode='client'/><model type='virtio'/><alias name='net1'/></interface>")
+SAFE_CAPS = {"poison_safe": {"available": True, "detail": "no page poisoning"}}
+POISONED_CAPS = {"poison_safe": {"available": False,
+                                 "detail": "page_poison=1: freed pages are filled with 0xaa"}}
+
+
+class FakeLibvirt:
+    """MOCK of the daemon's libvirt connection (see the module docstring)."""
+
+    def __init__(self, xml: str = XML, metadata: str | None = None) -> None:
+        self.xml = xml
+        self.stored = metadata
+        self.connected = True
+
+    def domain_xml(self, name: str, inactive: bool = False) -> str:
+        """The captured live XML."""
+        return self.xml
+
+    def job_info(self, name: str) -> JobInfo:
+        """No job: the VM just runs."""
+        return JobInfo(active=False, operation="none")
+
+    def metadata(self, name: str, namespace: str) -> str | None:
+        """What is stored in aerate's namespace."""
+        assert namespace == config_mod.METADATA_NS
+        return self.stored
+
+    def set_metadata(self, name: str, xml: str, key: str, namespace: str) -> None:
+        """Store, as libvirt would."""
+        self.stored = xml
+
+
+def daemon(conn: FakeLibvirt, config: str = "") -> Daemon:
+    """A Daemon without its loop, socket or libvirt thread: only what handle() uses."""
+    d = object.__new__(Daemon)
+    d.conn = conn  # type: ignore[assignment]
+    d.config = config_mod.parse(config, "/etc/aerate/aerated.toml")
+    d.config_path = "/nonexistent/aerated.toml"
+    d.runners = {}
+    return d
+
+
+def runner(conn: FakeLibvirt, config: str = "") -> tuple[VmRunner, list[tuple[int, int]]]:
+    """A runner for VM vm1 with shared memfd RAM (as prepare() would leave it) and a
+    session whose discard records what would be punched."""
+    d = daemon(conn, config)
+    r = VmRunner(d, "vm1")
+    d.runners["vm1"] = r
+    r.backings = {"pc.ram": Backing(vm_pid=1, block_name="pc.ram",
+                                    kind=BackingKind.MEMFD_SHARED, reason="test",
+                                    page_size=4096, path="/proc/1/fd/8")}
+    r.load_metadata()
+    calls: list[tuple[int, int]] = []
+
+    def discard(gpa: int, length: int) -> int:
+        calls.append((gpa, length))
+        return length
+
+    r.session = VmSession("vm1", MiB2, lambda gpa, n: gpa + n <= 1 << 30, discard, r.permit,
+                          r.guest_settings())
+    return r, calls
+
+
+def one_batch(r: VmRunner, hello: dict[str, Any]) -> GuestEndpoint:
+    """Connect the runner's session to a guest saying ``hello`` and send one report."""
+    s = r.session
+    assert s is not None
+    g = GuestEndpoint(hello)
+    s.connected()
+    g.receive(s.take_outbox())
+    s.receive(g.take_outbox())
+    assert s.state is HostState.RUNNING
+    g.report([(64 * MiB2, MiB2)])
+    s.receive(g.take_outbox())
+    return g
+
+
+def test_a_guest_that_poisons_free_pages_is_refused_through_the_session() -> None:
+    r, calls = runner(FakeLibvirt())
+    assert r.permit().action == "refuse"  # before any hello: never punch on a guess
+    one_batch(r, {"agent": "t", "capabilities": POISONED_CAPS})
+    assert calls == []
+    st = r.status()
+    assert st["reclaimer"] == "refuse" and "poisons freed pages" in st["reason"]
+    assert "page_poison=1" in st["reason"] and st["refused_bytes"] == MiB2
+    assert "poisons freed pages" in format_status({"vms": [st]})
+
+
+@pytest.mark.parametrize("hello", [{"agent": "old"}, {"agent": "t", "capabilities": {
+    "poison_safe": {"available": "yes"}}}, {"agent": "t", "capabilities": []}])
+def test_a_hello_without_a_well_formed_poisoning_fact_is_refused(hello: dict[str, Any]
+                                                                  ) -> None:
+    r, calls = runner(FakeLibvirt())
+    one_batch(r, hello)
+    assert calls == [] and "cannot tell whether the guest poisons" in r.status()["reason"]
+
+
+def test_a_safe_guest_is_punched_and_a_new_session_forgets_the_old_hello() -> None:
+    r, calls = runner(FakeLibvirt())
+    r.permit()  # cached before the hello: the hello must re-decide at once
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert calls == [(64 * MiB2, MiB2)] and r.status()["reclaimer"] == "punch"
+    # The guest rebooted with page_poison=1: its new hello counts from the first batch on.
+    one_batch(r, {"agent": "t", "capabilities": POISONED_CAPS})
+    assert calls == [(64 * MiB2, MiB2)] and "poisons freed pages" in r.status()["reason"]
+
+
+def test_a_hostile_hello_cannot_break_status() -> None:
+    r, _ = runner(FakeLibvirt())
+    deep: Any = "x"
+    for _ in range(900):
+        deep = [deep]
+    one_batch(r, {"agent": {"nested": deep}, "arena": "\x1b]0;pwned\x07" * 100,
+                  "capabilities": SAFE_CAPS, "junk": deep})
+    st = r.status()
+    assert st["agent"] is None and st["arena"].isprintable() and len(st["arena"]) <= 64
+    import json
+    json.dumps(st)
+    format_status({"vms": [st]})
+
+
+def test_vhost_user_device_refuses_unless_the_host_file_trusts_it() -> None:
+    xml = XML.replace("</devices>", VHOST_USER_NIC + "</devices>")
+    r, calls = runner(FakeLibvirt(xml))
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    st = r.status()
+    assert calls == [] and "vhost-user" in st["reason"] and "vhostuser" in st["reason"]
+    assert "vhost_user_trusted = true under [vm.aerate-capture-live]" in st["reason"]
+    r, calls = runner(FakeLibvirt(xml), "[vm.vm1]\nvhost_user_trusted = true\n")
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert calls == [(64 * MiB2, MiB2)]
+
+
+def test_vhost_user_trust_is_never_read_from_domain_metadata() -> None:
+    xml = XML.replace("</devices>", VHOST_USER_NIC + "</devices>")
+    stored = "<settings><setting name='vhost_user_trusted'>true</setting></settings>"
+    r, calls = runner(FakeLibvirt(xml, stored))
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert calls == []
+    assert "host-scope setting" in r.status()["reason"]
+    answer = r.daemon.handle({"cmd": "set", "vm": "vm1",
+                              "settings": {"vhost_user_trusted": True}})
+    assert not answer["ok"] and "host config file" in answer["error"]
+
+
+BAD_LAYER = ("<settings><setting name='mode'>off</setting><setting name='hwm'>8</setting>"
+             "<setting name='hwmm'>3</setting></settings>")
+
+
+def test_an_invalid_stored_layer_refuses_the_vm_and_is_kept() -> None:
+    conn = FakeLibvirt(metadata=BAD_LAYER)
+    r, calls = runner(conn)
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    st = r.status()
+    # Refused with the VM, the key and the fix, not punched with the layer dropped.
+    assert calls == [] and st["reclaimer"] == "refuse"
+    assert "VM vm1 metadata: unknown setting 'hwmm'" in st["reason"]
+    assert "virsh metadata vm1 urn:x-aerate:settings:1 --key aerate --edit" in st["reason"]
+    # The next set keeps every stored entry (mode=off included) and the VM stays refused.
+    answer = r.daemon.handle({"cmd": "set", "vm": "vm1", "settings": {"hwm": 16}})
+    assert not answer["ok"] and "still invalid" in answer["error"]
+    kept = config_mod.metadata_entries(conn.stored, "vm1")
+    assert kept == {"mode": "off", "hwm": "16", "hwmm": "3"}
+    assert r.permit().action == "refuse"
+    # Fixed outside (virsh metadata --edit), then reload: valid again, mode=off applies.
+    conn.stored = "<settings><setting name='mode'>off</setting></settings>"
+    assert r.daemon.handle({"cmd": "reload"})["ok"]
+    assert r.settings_error == "" and "mode=off" in r.permit().reason
+
+
+@pytest.mark.parametrize(("stored", "words"), [
+    ("<settings><setting name='hwm'>lots</setting></settings>", "hwm='lots' is not a valid"),
+    ("<settings><setting name='capacity'>0</setting></settings>", "capacity=0 is outside"),
+    ("<settings", "not XML"),
+])
+def test_bad_values_refuse_with_vm_key_value_and_fix(stored: str, words: str) -> None:
+    r, _ = runner(FakeLibvirt(metadata=stored))
+    reason = r.permit().reason
+    assert "vm1" in reason and words in reason and "aeratectl set vm1" in reason
+
+
+def test_no_message_names_a_command_that_does_not_exist() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for path in [*root.glob("host/*.py"), *root.glob("agent/*.py"), root / "README.md"]:
+        assert "aeratectl reset" not in path.read_text(), path
+
+
+def test_a_pinning_fd_opened_by_qemu_refuses_and_stays_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stand-in: this test process plays QEMU, a tmp file plays /dev/vfio/N.
+    standin = tmp_path / "standin-vfio-42"
+    monkeypatch.setattr(pinning, "EXTRA_PATTERNS", [str(tmp_path / "standin-vfio-*")])
+    r, _ = runner(FakeLibvirt())
+    r.qemu_pid = os.getpid()
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert r.pinning_check() == "" and r.permit().action == "punch"
+    with open(standin, "w"):
+        found = r.pinning_check()
+        assert str(standin) in found
+    # Closed again: the VM stays refused (the pages may have been pinned meanwhile).
+    assert r.pinning_check() and "QEMU holds" in r.permit().reason
+    assert r.permit().action == "refuse"
+
+
+def test_unknown_qemu_pid_refuses() -> None:
+    r, _ = runner(FakeLibvirt())
+    assert "unknown QEMU" in r.pinning_check()
+
+
+def test_one_gib_backing_says_why_nothing_is_reported() -> None:
+    values = {"capacity": 32}
+    assert giant_granule_note(2 << 20, values) == ""
+    note = giant_granule_note(1 << 30, values)
+    assert "512 adjacent" in note and "capacity/4 = 8" in note and "2 MiB pages" in note
+    assert "capacity/4 = 256" in giant_granule_note(1 << 30, {"capacity": 1024})
