@@ -32,7 +32,13 @@ from typing import Any
 
 import libvirt
 
-from aerate.deploy.domain import DomainSpec, detect_domain_type, domain_xml, hugepages_needed
+from aerate.deploy.domain import (
+    DEFAULT_CMDLINE,
+    DomainSpec,
+    detect_domain_type,
+    domain_xml,
+    hugepages_needed,
+)
 from aerate.deploy.image import GuestImage, output_tail
 from aerate.deploy.qga import QgaClient, QgaError
 from aerate.host.libvirt_conn import ensure_event_loop

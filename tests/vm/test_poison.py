@@ -61,8 +61,7 @@ def test_poisoning_guest_is_refused_and_never_punched(guest: Guest, tmp_path: Pa
         ctl = subprocess.run([sys.executable, "-m", "aerate.host.ctl", "--run-dir",
                               str(d.run_dir), "status"],
                              capture_output=True, text=True, timeout=30, check=True)
-        metrics = ""
-        return {"vm": vm, "ctl": ctl.stdout, "log": d.log_text(), "metrics": metrics}
+        return {"vm": vm, "ctl": ctl.stdout, "log": d.log_text()}
 
     seen = with_daemon(tmp_path / "aerated", name, hostdev=False, body=watch)
     vm, log = seen["vm"], seen["log"]
