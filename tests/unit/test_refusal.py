@@ -303,3 +303,15 @@ def test_vhost_user_backends_refuse_unless_trusted(case: str) -> None:
 def test_plain_domains_have_no_vhost_user_devices() -> None:
     for path in XML.glob("*.xml"):
         assert domain_facts(path.read_text()).vhost_user_devices == (), path.name
+
+
+def test_confidential_guests_and_kernel_reporting_are_read_from_the_xml() -> None:
+    live = (XML / "memfd-shared.live.xml").read_text()
+    sev = domain_facts(live.replace("</domain>", "<launchSecurity type='sev'><cbitpos>47"
+                                    "</cbitpos></launchSecurity></domain>"))
+    assert sev.launch_security == "sev"
+    d = decide(VmFacts(sev, IDLE, {"pc.ram": backing(BackingKind.MEMFD_SHARED)}, poison=SAFE))
+    assert d.action == REFUSE and "confidential guest (sev)" in d.reason
+    fpr = domain_facts(live.replace("<memballoon model='virtio'",
+                                    "<memballoon model='virtio' freePageReporting='on'"))
+    assert fpr.free_page_reporting and not domain_facts(live).free_page_reporting

@@ -247,3 +247,24 @@ def test_one_gib_backing_says_why_nothing_is_reported() -> None:
     note = giant_granule_note(1 << 30, values)
     assert "512 adjacent" in note and "capacity/4 = 8" in note and "2 MiB pages" in note
     assert "capacity/4 = 256" in giant_granule_note(1 << 30, {"capacity": 1024})
+
+
+class MigratingLibvirt(FakeLibvirt):
+    """MOCK (as FakeLibvirt) of a domain with an outgoing migration job."""
+
+    def job_info(self, name: str) -> JobInfo:
+        """A migration is running."""
+        return JobInfo(active=True, operation="migration-out")
+
+
+def test_a_running_migration_is_refused_through_the_session() -> None:
+    r, calls = runner(MigratingLibvirt())
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert calls == [] and "migration-out job is running" in r.status()["reason"]
+
+
+def test_unproven_backing_is_refused_through_the_session() -> None:
+    r, calls = runner(FakeLibvirt())
+    r.backings = {}  # prepare() could not prove it (yet)
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert calls == [] and "not been proven" in r.status()["reason"]
