@@ -47,7 +47,7 @@ from aerate.host.libvirt_conn import (
     channel_path,
 )
 from aerate.host.punch import punch
-from aerate.host.qemu_map import GuestMemoryMap, MapError, build_map, contains, gather
+from aerate.host.qemu_map import GuestMemoryMap, MapError, build_map, gather, may_report
 from aerate.host.refusal import (
     BALLOON,
     REFUSE,
@@ -307,7 +307,7 @@ class VmRunner:
 
     def _in_ram(self, gpa: int, length: int) -> bool:
         assert self.gmap is not None and self.session is not None
-        return contains(self.gmap, gpa, length, self.session.granule)
+        return may_report(self.gmap, gpa, length, self.session.granule)
 
     def prepare(self) -> bool:
         """Learn the VM's channel, memory map, backing and settings. False: nothing to do."""
