@@ -55,6 +55,7 @@ from aerate.host.refusal import (
     VmFacts,
     decide,
     domain_facts,
+    hugetlb_reservations,
     poison_from_hello,
 )
 from aerate.host.session import VmSession
@@ -169,7 +170,8 @@ class VmRunner:
                             poison=poison_from_hello(hello), mode=values["mode"],
                             balloon_available=True, settings_error=self.settings_error,
                             pinning_fd=self.pinning_fd,
-                            vhost_user_trusted=bool(values["vhost_user_trusted"]))
+                            vhost_user_trusted=bool(values["vhost_user_trusted"]),
+                            reservations=hugetlb_reservations(self.gmap, self.backings))
             decision = decide(facts)
         except (LibvirtUnavailable, DomainError) as e:
             decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {e}")

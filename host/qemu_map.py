@@ -87,6 +87,9 @@ class Memdev:
     prealloc: bool
     policy: str
     qom_type: str | None  # e.g. "memory-backend-memfd"; None when QEMU did not say
+    #: hugetlb pages reserved at mmap (QEMU's reserve=on, its default; None: QEMU < 6.1
+    #: did not say, which counts as reserved)
+    reserve: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -294,6 +297,7 @@ def parse_memdevs(
             prealloc=bool(md.get("prealloc", False)),
             policy=str(md.get("policy", "default")),
             qom_type=types.get(ident),
+            reserve=md["reserve"] if isinstance(md.get("reserve"), bool) else None,
         )
     return out
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from aerate.host.backing import PUNCHABLE, Backing, BackingKind
+from aerate.host.qemu_map import GuestMemoryMap
 
 PUNCH = "punch"
 BALLOON = "balloon"
@@ -135,6 +136,8 @@ class VmFacts:
     pinning_fd: str = ""
     #: The host file says this VM's vhost-user backends do not pin guest RAM.
     vhost_user_trusted: bool = False
+    #: hugetlb blocks whose pages are reserved or preallocated (see hugetlb_reservations)
+    reservations: tuple[str, ...] = ()
 
 
 def _describe_hostdev(dev: ET.Element) -> str:
@@ -242,6 +245,36 @@ _SHARED_HINT = (
 )
 
 
+def hugetlb_reservations(gmap: GuestMemoryMap | None,
+                         backings: Mapping[str, Backing]) -> tuple[str, ...]:
+    """hugetlb RAM blocks whose backend holds a reservation that a punch would drop.
+
+    A shared hugetlb mapping (memfd MFD_HUGETLB or hugetlbfs) reserves its huge pages at
+    mmap time (QEMU's ``reserve=on``, the default) and ``prealloc=on`` allocates them all;
+    that is how an operator makes sure the VM never meets an empty pool. Punching a hole
+    removes the pages *and* their reservation (hugetlbfs_punch_hole ->
+    hugetlb_unreserve_pages), so the next guest touch needs a free page from the pool
+    without one: once the pool runs dry, QEMU dies with SIGBUS. aerate cannot put the
+    reservation back without allocating the page again (which undoes the punch), so it
+    refuses these blocks instead. A block whose backend did not say (QEMU < 6.1) counts
+    as reserved.
+    """
+    if gmap is None:
+        return ()
+    out: list[str] = []
+    for name, b in sorted(backings.items()):
+        if b.page_size <= 4096 and b.kind is not BackingKind.MEMFD_HUGETLB:
+            continue
+        memdev = gmap.memdevs.get(gmap.block_memdev.get(name, ""))
+        if memdev is None:
+            out.append(f"RAM block {name} (hugetlb, its memory backend unknown)")
+        elif memdev.prealloc:
+            out.append(f"RAM block {name} (hugetlb, backend {memdev.id} prealloc=on)")
+        elif memdev.reserve is not False:
+            out.append(f"RAM block {name} (hugetlb, backend {memdev.id} reserve=on)")
+    return tuple(out)
+
+
 def _balloon_or_refuse(facts: VmFacts, why: str) -> Decision:
     dom = facts.domain
     if not facts.balloon_available:
@@ -320,6 +353,14 @@ def decide(facts: VmFacts) -> Decision:
         what = f"guest RAM is {', '.join(kinds)}"
         if facts.mode == "balloon":
             return _balloon_or_refuse(facts, f"{what} but mode=balloon")
+        if facts.reservations:
+            return Decision(
+                REFUSE,
+                f"guest RAM holds reserved huge pages: {', '.join(facts.reservations)}; "
+                "punching would drop the reservation and the VM could die of SIGBUS when "
+                "the host pool runs dry; start the memory backend with reserve=off and "
+                "without prealloc to let aerate reclaim it",
+            )
         # Only punching needs the guest's word on poisoning (see the module docstring).
         if facts.poison.safe is None:
             return Decision(

@@ -12,6 +12,7 @@ not a punch (real punching is tested in tests/host/).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,6 @@ def test_a_hostile_hello_cannot_break_status() -> None:
                   "capabilities": SAFE_CAPS, "junk": deep})
     st = r.status()
     assert st["agent"] is None and st["arena"].isprintable() and len(st["arena"]) <= 64
-    import json
     json.dumps(st)
     format_status({"vms": [st]})
 
@@ -268,3 +268,38 @@ def test_unproven_backing_is_refused_through_the_session() -> None:
     r.backings = {}  # prepare() could not prove it (yet)
     one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
     assert calls == [] and "not been proven" in r.status()["reason"]
+
+
+QEMU_DATA = Path(__file__).resolve().parent.parent / "data" / "qemu"
+
+
+def _captured_map(case: str, reserve: bool | None) -> Any:
+    from aerate.host import qemu_map as qm
+    d = QEMU_DATA / case
+    memdev = json.loads((d / "query-memdev.json").read_text())
+    for md in memdev:
+        if reserve is None:
+            md.pop("reserve", None)
+        else:
+            md["reserve"] = reserve
+    return qm.build_map(qm.QemuMemoryFacts(
+        memdev, json.loads((d / "qom-objects.json").read_text()),
+        json.loads((d / "query-memory-devices.json").read_text()),
+        (d / "mtree-f.txt").read_text(), (d / "mtree.txt").read_text(),
+        (d / "ramblock.txt").read_text(), json.loads((d / "smm.json").read_text())))
+
+
+@pytest.mark.parametrize(("reserve", "refused"), [(True, True), (None, True), (False, False)])
+def test_reserved_hugetlb_backing_is_refused_through_the_session(
+        reserve: bool | None, refused: bool) -> None:
+    r, calls = runner(FakeLibvirt())
+    r.gmap = _captured_map("q35-1g-memfd-hugetlb2m", reserve)  # QEMU 7.2: reserve=true
+    r.backings = {"pc.ram": Backing(vm_pid=1, block_name="pc.ram",
+                                    kind=BackingKind.MEMFD_HUGETLB, reason="test",
+                                    page_size=2 << 20, path="/proc/1/fd/8")}
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    reason = r.status()["reason"]
+    if refused:
+        assert calls == [] and "reserve=on" in reason and "SIGBUS" in reason, reason
+    else:
+        assert calls == [(64 * MiB2, MiB2)], reason
