@@ -56,6 +56,7 @@ from aerate.host.refusal import (
     decide,
     domain_facts,
     hugetlb_reservations,
+    migration_from_qmp,
     poison_from_hello,
 )
 from aerate.host.session import VmSession
@@ -142,6 +143,8 @@ class VmRunner:
         self.pinning_fd = ""
         #: the hello the cached permit was decided with (a new hello re-decides at once)
         self._permit_hello: object = None
+        #: why the map could not be rebuilt after the last hello ("" = it was)
+        self.map_error = ""
         #: why nothing can be reported with these settings ("" = nothing known against it)
         self.idle_note = ""
 
@@ -159,9 +162,12 @@ class VmRunner:
         if now - self._permit[0] < PERMIT_TTL and hello is self._permit_hello:
             return self._permit[1]
         conn = self.daemon.conn
+        if hello and hello is not self._permit_hello:
+            self.refresh_map()
         try:
             xml = conn.domain_xml(self.name)
             job = conn.job_info(self.name)
+            migration = migration_from_qmp(conn.qmp(self.name, "query-migrate", None))
             values = self.effective_settings()
             # The balloon reclaimer is built; decide() still refuses a domain without a
             # virtio memballoon or with locked RAM, with that reason. The poisoning fact is
@@ -171,7 +177,8 @@ class VmRunner:
                             balloon_available=True, settings_error=self.settings_error,
                             pinning_fd=self.pinning_fd,
                             vhost_user_trusted=bool(values["vhost_user_trusted"]),
-                            reservations=hugetlb_reservations(self.gmap, self.backings))
+                            reservations=hugetlb_reservations(self.gmap, self.backings),
+                            qemu_migration=migration, map_error=self.map_error)
             decision = decide(facts)
         except (LibvirtUnavailable, DomainError) as e:
             decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {e}")
@@ -181,6 +188,18 @@ class VmRunner:
         self._permit = (now, decision)
         self._permit_hello = hello
         return decision
+
+    def refresh_map(self) -> None:
+        """Rebuild the memory map from QEMU now (S1): after a hello, the guest's firmware
+        has run (OVMF sets up SMM, PAM and TSEG after the map of domain start), so a
+        report whose range the current flat view no longer shows as RAM is refused at
+        the discard. A map that cannot be rebuilt refuses the VM until one can."""
+        try:
+            self.gmap = build_map(gather(self.daemon.conn.qmp_function(self.name)))
+            self.map_error = ""
+        except (MapError, LibvirtUnavailable, DomainError) as e:
+            self.map_error = f"the memory map could not be rebuilt after the hello: {e}"
+            log.warning("%s: %s", self.name, self.map_error)
 
     def pinning_check(self) -> str:
         """punch()'s check (S7): "" while QEMU holds no pinning device fd, else the refusal.

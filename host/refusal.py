@@ -138,6 +138,10 @@ class VmFacts:
     vhost_user_trusted: bool = False
     #: hugetlb blocks whose pages are reserved or preallocated (see hugetlb_reservations)
     reservations: tuple[str, ...] = ()
+    #: QEMU's own migration state (QMP query-migrate "status"); None: unknown, refuses
+    qemu_migration: str | None = "none"
+    #: why the memory map could not be rebuilt after the hello ("" when it was)
+    map_error: str = ""
 
 
 def _describe_hostdev(dev: ET.Element) -> str:
@@ -245,6 +249,28 @@ _SHARED_HINT = (
 )
 
 
+#: query-migrate states in which no migration, postcopy or background snapshot reads or
+#: writes guest RAM. Everything else ("setup", "active", "postcopy-active",
+#: "postcopy-paused", "pre-switchover", "device", "wait-unplug", "colo", a state a newer
+#: QEMU adds) refuses.
+_QEMU_MIGRATION_IDLE = frozenset({"none", "completed", "failed", "cancelled"})
+
+
+def migration_from_qmp(answer: Any) -> str | None:
+    """The ``status`` of a QMP ``query-migrate`` answer; None when it is not one.
+
+    QEMU answers ``{}`` before any migration was ever started (its "none"). An incoming
+    migration shows here too on the destination (postcopy pages arrive while the guest
+    runs), and a background snapshot (``snapshot-save``, migration capability
+    ``background-snapshot``) is a migration to a file: libvirt's job info does not cover
+    every one of these, QEMU's own answer does.
+    """
+    if not isinstance(answer, dict):
+        return None
+    status = answer.get("status", "none")
+    return status if isinstance(status, str) and status.isprintable() else None
+
+
 def hugetlb_reservations(gmap: GuestMemoryMap | None,
                          backings: Mapping[str, Backing]) -> tuple[str, ...]:
     """hugetlb RAM blocks whose backend holds a reservation that a punch would drop.
@@ -325,6 +351,17 @@ def decide(facts: VmFacts) -> Decision:
         )
     if facts.job is None:
         return Decision(REFUSE, "cannot tell whether a migration or save is running")
+    if facts.qemu_migration is None:
+        return Decision(REFUSE, "cannot tell from QEMU (query-migrate) whether a migration, "
+                        "postcopy or background snapshot is running")
+    if facts.qemu_migration not in _QEMU_MIGRATION_IDLE:
+        return Decision(
+            REFUSE,
+            f"QEMU reports migration state {facts.qemu_migration[:40]!r} (migration, "
+            "postcopy or background snapshot); reclaim resumes after it ends",
+        )
+    if facts.map_error:
+        return Decision(REFUSE, facts.map_error)
     # Migration, save, restore, snapshot and dump read or write guest RAM wholesale; only
     # a disk backup is known to leave it alone. An unnamed job refuses too.
     if facts.job.active and facts.job.operation != "backup":

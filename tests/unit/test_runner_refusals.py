@@ -6,8 +6,9 @@ wired from its source (hello, stored metadata, domain XML, QEMU's fds) into the 
 
 MOCK: :class:`FakeLibvirt` stands in for libvirtd (the unit tier runs without it): it
 answers the domain XML (a real libvirtd 9.0 capture, tests/data/qemu/libvirt), the job
-state and the metadata, and records metadata writes. The discard is a recording function,
-not a punch (real punching is tested in tests/host/).
+state, the metadata (and records writes), QMP query-migrate, and the monitor questions
+of the memory map from a real QEMU 7.2 capture (tests/data/qemu/q35-1g-memfd). The
+discard is a recording function, not a punch (real punching is tested in tests/host/).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from aerate.host import pinning
 from aerate.host.backing import Backing, BackingKind
 from aerate.host.ctl import format_status
 from aerate.host.daemon import Daemon, VmRunner, giant_granule_note
+from aerate.host.libvirt_conn import DomainError
 from aerate.host.refusal import JobInfo
 from aerate.host.session import VmSession
 
 pytestmark = pytest.mark.unit
 MiB2 = 2 << 20
-XML = (Path(__file__).resolve().parent.parent / "data" / "qemu" / "libvirt"
-       / "memfd-shared.live.xml").read_text()
+MAP_DATA = Path(__file__).resolve().parent.parent / "data" / "qemu"
+XML = (MAP_DATA / "libvirt" / "memfd-shared.live.xml").read_text()
 VHOST_USER_NIC = ("<interface type='vhostuser'><source type='unix' path='/run/vhu0.sock' "
                   "mode='client'/><model type='virtio'/><alias name='net1'/></interface>")
 SAFE_CAPS = {"poison_safe": {"available": True, "detail": "no page poisoning"}}
@@ -42,10 +44,44 @@ POISONED_CAPS = {"poison_safe": {"available": False,
 class FakeLibvirt:
     """MOCK of the daemon's libvirt connection (see the module docstring)."""
 
-    def __init__(self, xml: str = XML, metadata: str | None = None) -> None:
+    def __init__(self, xml: str = XML, metadata: str | None = None,
+                 migrate: Any = None) -> None:
         self.xml = xml
         self.stored = metadata
         self.connected = True
+        self.migrate: Any = {} if migrate is None else migrate
+        self.map_case: str | None = "q35-1g-memfd"
+        #: replaces query-memdev's "reserve" (None: drop it, as QEMU < 6.1); "" keeps it
+        self.reserve: bool | str | None = ""
+
+    def qmp(self, name: str, command: str, arguments: Any = None) -> Any:
+        """QMP through libvirt: query-migrate, and the map's questions from a capture."""
+        if command == "query-migrate":
+            return self.migrate
+        if self.map_case is None:
+            raise DomainError(f"VM {name}: QMP {command}: the monitor is not available")
+        d = MAP_DATA / self.map_case
+        if command == "qom-get":
+            key = arguments["property"]
+            return json.loads((d / "smm.json").read_text())[key]
+        if command == "human-monitor-command":
+            line = arguments["command-line"]
+            files = {"info mtree -f": "mtree-f.txt", "info mtree": "mtree.txt",
+                     "info ramblock": "ramblock.txt"}
+            return (d / files[line]).read_text()
+        files = {"query-memdev": "query-memdev.json", "qom-list": "qom-objects.json",
+                 "query-memory-devices": "query-memory-devices.json"}
+        out = json.loads((d / files[command]).read_text())
+        if command == "query-memdev" and self.reserve != "":
+            for md in out:
+                md.pop("reserve", None)
+                if self.reserve is not None:
+                    md["reserve"] = self.reserve
+        return out
+
+    def qmp_function(self, name: str) -> Any:
+        """qmp bound to the VM, as gather() wants it."""
+        return lambda command, arguments: self.qmp(name, command, arguments)
 
     def domain_xml(self, name: str, inactive: bool = False) -> str:
         """The captured live XML."""
@@ -270,30 +306,12 @@ def test_unproven_backing_is_refused_through_the_session() -> None:
     assert calls == [] and "not been proven" in r.status()["reason"]
 
 
-QEMU_DATA = Path(__file__).resolve().parent.parent / "data" / "qemu"
-
-
-def _captured_map(case: str, reserve: bool | None) -> Any:
-    from aerate.host import qemu_map as qm
-    d = QEMU_DATA / case
-    memdev = json.loads((d / "query-memdev.json").read_text())
-    for md in memdev:
-        if reserve is None:
-            md.pop("reserve", None)
-        else:
-            md["reserve"] = reserve
-    return qm.build_map(qm.QemuMemoryFacts(
-        memdev, json.loads((d / "qom-objects.json").read_text()),
-        json.loads((d / "query-memory-devices.json").read_text()),
-        (d / "mtree-f.txt").read_text(), (d / "mtree.txt").read_text(),
-        (d / "ramblock.txt").read_text(), json.loads((d / "smm.json").read_text())))
-
-
 @pytest.mark.parametrize(("reserve", "refused"), [(True, True), (None, True), (False, False)])
 def test_reserved_hugetlb_backing_is_refused_through_the_session(
         reserve: bool | None, refused: bool) -> None:
-    r, calls = runner(FakeLibvirt())
-    r.gmap = _captured_map("q35-1g-memfd-hugetlb2m", reserve)  # QEMU 7.2: reserve=true
+    conn = FakeLibvirt()
+    conn.map_case, conn.reserve = "q35-1g-memfd-hugetlb2m", reserve  # QEMU 7.2: true
+    r, calls = runner(conn)
     r.backings = {"pc.ram": Backing(vm_pid=1, block_name="pc.ram",
                                     kind=BackingKind.MEMFD_HUGETLB, reason="test",
                                     page_size=2 << 20, path="/proc/1/fd/8")}
@@ -303,3 +321,40 @@ def test_reserved_hugetlb_backing_is_refused_through_the_session(
         assert calls == [] and "reserve=on" in reason and "SIGBUS" in reason, reason
     else:
         assert calls == [(64 * MiB2, MiB2)], reason
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    ({"status": "postcopy-active"}, "migration state 'postcopy-active'"),
+    ({"status": "active"}, "migration state 'active'"),
+    ({"status": "setup"}, "migration state 'setup'"),
+    ({"status": "something-new"}, "migration state 'something-new'"),
+    ("garbage", "cannot tell from QEMU (query-migrate)"),
+    ({"status": 3}, "cannot tell from QEMU (query-migrate)"),
+])
+def test_qemu_migration_state_refuses_through_the_session(answer: Any, words: str) -> None:
+    r, calls = runner(FakeLibvirt(migrate=answer))
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert calls == [] and words in r.status()["reason"], r.status()["reason"]
+
+
+@pytest.mark.parametrize("answer", [{}, {"status": "completed"}, {"status": "cancelled"}])
+def test_finished_or_no_migration_punches(answer: Any) -> None:
+    r, calls = runner(FakeLibvirt(migrate=answer))
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert calls == [(64 * MiB2, MiB2)]
+
+
+def test_the_map_is_rebuilt_after_the_hello() -> None:
+    r, calls = runner(FakeLibvirt())
+    assert r.gmap is None
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert r.gmap is not None and r.gmap.never_punch == ((1008 << 20, 1 << 30),)
+    assert calls == [(64 * MiB2, MiB2)]
+
+
+def test_a_map_that_cannot_be_rebuilt_after_the_hello_refuses() -> None:
+    conn = FakeLibvirt()
+    conn.map_case = None
+    r, calls = runner(conn)
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert calls == [] and "could not be rebuilt after the hello" in r.status()["reason"]
