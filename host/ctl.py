@@ -72,6 +72,8 @@ def format_status(answer: dict[str, Any]) -> str:
         if lacking:
             lines.append(f"  {vm['vm']}: guest kernel lacks {', '.join(lacking)} "
                          f"(aeratectl status --json says why)")
+        if vm.get("idle_note"):
+            lines.append(f"  {vm['vm']}: {vm['idle_note']}")
     if len(lines) == 1:
         lines.append("(no running VMs)")
     if not answer.get("libvirt", True):

@@ -358,3 +358,10 @@ def test_a_map_that_cannot_be_rebuilt_after_the_hello_refuses() -> None:
     r, calls = runner(conn)
     one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
     assert calls == [] and "could not be rebuilt after the hello" in r.status()["reason"]
+
+
+def test_a_one_gib_backed_vm_says_why_in_status() -> None:
+    r, _ = runner(FakeLibvirt())
+    r.idle_note = giant_granule_note(1 << 30, r.effective_settings())
+    table = format_status({"vms": [r.status()]})
+    assert "vm1: guest RAM is backed by 1 GiB host pages" in table
