@@ -180,3 +180,20 @@ def test_hostile_stats_cannot_break_status_for_anyone() -> None:
     assert guest["engine"]["counters"] == {"passes": 3}
     assert len(guest["free_by_order"]) == 64 and len(text) < 200_000
     assert guest["arena"].isprintable()
+
+
+def test_hostile_hello_is_bounded_like_stats() -> None:
+    """S5: the hello's agent/arena strings reach the journal and status; nested or
+    escape-laden values are cut, and the old hello does not outlive its session."""
+    s, g, _ = make(hello={"agent": "\x1b]0;pwned\x07" + "v" * 500, "arena": _nested(950),
+                          "capabilities": {"poison_safe": {"available": True,
+                                                           "detail": _nested(900)}},
+                          "extra": {"k%d" % i: _nested(50) for i in range(200)}})
+    st = s.status()
+    assert st["agent"].isprintable() and len(st["agent"]) <= 64 and st["arena"] is None
+    assert all(msg.isprintable() and len(msg) < 300 for _, msg in s.log)
+    assert len(s.hello["extra"]) == 64
+    json.dumps(st)
+    format_status({"vms": [st]})
+    s.connected()
+    assert s.hello == {}
