@@ -185,7 +185,7 @@ def test_hostile_stats_cannot_break_status_for_anyone() -> None:
 def test_hostile_hello_is_bounded_like_stats() -> None:
     """S5: the hello's agent/arena strings reach the journal and status; nested or
     escape-laden values are cut, and the old hello does not outlive its session."""
-    s, g, _ = make(hello={"agent": "\x1b]0;pwned\x07" + "v" * 500, "arena": _nested(950),
+    s, _, _ = make(hello={"agent": "\x1b]0;pwned\x07" + "v" * 500, "arena": _nested(950),
                           "capabilities": {"poison_safe": {"available": True,
                                                            "detail": _nested(900)}},
                           "extra": {"k%d" % i: _nested(50) for i in range(200)}})
