@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+import xml.etree.ElementTree as ET
 from typing import Any
 
 import libvirt
@@ -74,6 +75,27 @@ GIANT_GRANULE = 1 << 30
 #: How often the balloon controller looks again without a new statistics message (it
 #: notices a silent guest this way).
 BALLOON_TICK = 1.0
+
+
+def giant_granule_note(granule: int, values: dict[str, Any]) -> str:
+    """Why a VM backed by 1 GiB host pages never gets anything reported, or "".
+
+    The host can only discard whole, aligned host pages. The agent reports only whole,
+    aligned granules formed by the blocks of one fill (agent/cycle.py ``granule_ranges``);
+    a fill takes at most the current batch capacity, which starts at capacity/4 and only
+    grows after acked batches. A 1 GiB page needs 512 adjacent, aligned 2 MiB blocks in one
+    fill; capacity is capped at 1024, so no setting makes the first batch big enough.
+    """
+    if granule < GIANT_GRANULE:
+        return ""
+    need = granule // MIN_GRANULE
+    first = max(1, int(values["capacity"]) // 4)
+    return (f"guest RAM is backed by {granule >> 30} GiB host pages: a discard needs {need} "
+            f"adjacent, aligned 2 MiB guest blocks in one batch, and the agent's first batch "
+            f"takes at most capacity/4 = {first} blocks (capacity={values['capacity']}, at "
+            f"most {table.BY_NAME['capacity'].hi:.0f}), so nothing is ever reported; back the "
+            "VM with 2 MiB pages (<hugepages><page size='2' unit='M'/></hugepages>) or plain "
+            "memfd to reclaim it (1 GiB reporting is not built yet)")
 
 
 class DaemonError(RuntimeError):
@@ -182,9 +204,10 @@ class VmRunner:
             decision = decide(facts)
         except (LibvirtUnavailable, DomainError) as e:
             decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {e}")
-        except (ValueError, KeyError) as e:
-            # A domain XML we cannot read is an unknown fact: refuse, never guess.
-            decision = Decision(REFUSE, f"cannot read the domain XML of {self.name}: {e}")
+        except (ValueError, KeyError, ET.ParseError) as e:
+            # A domain XML (or an answer) we cannot read is an unknown fact: refuse.
+            decision = Decision(REFUSE, f"cannot weigh the refusal facts of {self.name}: "
+                                f"{type(e).__name__}: {e}")
         self._permit = (now, decision)
         self._permit_hello = hello
         return decision
@@ -740,23 +763,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def giant_granule_note(granule: int, values: dict[str, Any]) -> str:
-    """Why a VM backed by 1 GiB host pages never gets anything reported, or "".
-
-    The host can only discard whole, aligned host pages. The agent reports only whole,
-    aligned granules formed by the blocks of one fill (agent/cycle.py ``granule_ranges``);
-    a fill takes at most the current batch capacity, which starts at capacity/4 and only
-    grows after acked batches. A 1 GiB page needs 512 adjacent, aligned 2 MiB blocks in one
-    fill; capacity is capped at 1024, so no setting makes the first batch big enough.
-    """
-    if granule < GIANT_GRANULE:
-        return ""
-    need = granule // MIN_GRANULE
-    first = max(1, int(values["capacity"]) // 4)
-    return (f"guest RAM is backed by {granule >> 30} GiB host pages: a discard needs {need} "
-            f"adjacent, aligned 2 MiB guest blocks in one batch, and the agent's first batch "
-            f"takes at most capacity/4 = {first} blocks (capacity={values['capacity']}, at "
-            f"most {table.BY_NAME['capacity'].hi:.0f}), so nothing is ever reported; back the "
-            "VM with 2 MiB pages (<hugepages><page size='2' unit='M'/></hugepages>) or plain "
-            "memfd to reclaim it (1 GiB reporting is not built yet)")

@@ -365,3 +365,10 @@ def test_a_one_gib_backed_vm_says_why_in_status() -> None:
     r.idle_note = giant_granule_note(1 << 30, r.effective_settings())
     table = format_status({"vms": [r.status()]})
     assert "vm1: guest RAM is backed by 1 GiB host pages" in table
+
+
+@pytest.mark.parametrize("xml", ["<domain><name>vm1", "<notadomain/>"])
+def test_an_unreadable_domain_xml_refuses(xml: str) -> None:
+    r, calls = runner(FakeLibvirt(xml))
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    assert calls == [] and "cannot weigh the refusal facts of vm1" in r.status()["reason"]
