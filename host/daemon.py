@@ -208,6 +208,10 @@ class VmRunner:
             # A domain XML (or an answer) we cannot read is an unknown fact: refuse.
             decision = Decision(REFUSE, f"cannot weigh the refusal facts of {self.name}: "
                                 f"{type(e).__name__}: {e}")
+        if decision != self._permit[1]:
+            # Journal every change of mind, once (the first hello often turns a refusal
+            # for want of the guest's word into punch).
+            log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
         self._permit = (now, decision)
         self._permit_hello = hello
         return decision
@@ -382,7 +386,6 @@ class VmRunner:
         else:
             self.session.granule = granule
             self.session.configure({"enabled": self.guest_settings()["enabled"]})
-        log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
         return True
 
     def load_metadata(self) -> None:
