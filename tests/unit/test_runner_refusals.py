@@ -372,3 +372,17 @@ def test_an_unreadable_domain_xml_refuses(xml: str) -> None:
     r, calls = runner(FakeLibvirt(xml))
     one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
     assert calls == [] and "cannot weigh the refusal facts of vm1" in r.status()["reason"]
+
+
+def test_the_journal_names_each_change_of_reclaimer_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="aerated")
+    r, _ = runner(FakeLibvirt())
+    r.permit()
+    one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+    r._permit = (0.0, r._permit[1])
+    r.permit()  # same decision again: no new line
+    lines = [m for m in caplog.messages if m.startswith("vm1: reclaimer")]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("vm1: reclaimer refuse: cannot tell whether the guest poisons")
+    assert lines[1].startswith("vm1: reclaimer punch: guest RAM is memfd-shared")
