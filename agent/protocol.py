@@ -42,13 +42,15 @@ Leases (S1, S2: no report outlives its pages)
     returns pages no earlier than ``R(t) + lease >= S(t) + lease`` and the host starts its
     last slice before ``S(t) + lease/2``: a slice would have to take longer than half the
     lease (1 s by default; one slice is at most host/punch.py's SLICE_BYTES, milliseconds)
-    for the two to meet. Clocks: both ends measure only durations on CLOCK_MONOTONIC. A
-    guest clock that stops (paused VM, TCG, guest suspend) makes the guest wait *longer* in
-    real time: the safe side. A guest clock that runs fast (NTP slew, at most 500 ppm)
-    eats 0.05 % of the lease. The residual risk: the daemon process stopped for more than
-    half the lease between its deadline check and the end of that one fallocate call, a
-    window of microseconds; host/punch.py re-checks after every slice and counts an overrun
-    as an incident.
+    for the two to meet. Clocks: both ends measure only durations, the guest on
+    CLOCK_MONOTONIC, the host on CLOCK_BOOTTIME. A guest clock that stops (paused VM, TCG,
+    guest suspend) makes the guest wait *longer* in real time: the safe side. A guest clock
+    that runs fast (NTP slew, at most 500 ppm) eats 0.05 % of the lease. A host suspend
+    stops the host's CLOCK_MONOTONIC while a KVM guest's clock jumps forward on resume;
+    CLOCK_BOOTTIME counts the suspend (``boottime``). The residual risk: the daemon process
+    stopped for more than half the lease between its deadline check and the end of that one
+    fallocate call, a window of microseconds; host/punch.py re-checks after every slice and
+    counts an overrun as an incident.
     Un-acked pages are therefore held at most ``lease`` after their last token, even when
     the host is gone for good; a report the host reads later is refused by its token age.
 
@@ -458,6 +460,11 @@ class GuestEndpoint:
             del self.inflight[batch]
             discarded = _int(msg, "discarded")
             refused = _int(msg, "refused")
+            if msg.get("stale") is True and not discarded:
+                # Refused only because the report's token was too old when the host read
+                # it: not the host's policy, so no back-off; the next report asks for a
+                # fresh token.
+                refused = 0
             events.append(("release", (batch, discarded, refused)))
         elif t == "keepalive":
             pass
@@ -488,6 +495,17 @@ class Report(NamedTuple):
     batch: int
     ranges: List[Range]
     token: Optional[int]
+
+
+def boottime() -> float:
+    """The host's lease clock: CLOCK_BOOTTIME, which goes on while the host is suspended.
+
+    CLOCK_MONOTONIC stops during a host suspend while a KVM guest's kvm-clock (derived from
+    the host's boot-based time) jumps forward on resume: a host window measured on the
+    monotonic clock would still be open when the guest's lease, rightly, has run out.
+    Boot time never advances more slowly than the monotonic clock, so it can only close the
+    host's window earlier: the safe side."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def deadline_problem(token: int, deadline: float, now: float) -> str:
@@ -521,7 +539,7 @@ class HostEndpoint:
         self.nonce = 0
         self.granule = 2 * 1024 * 1024
         self.max_ranges = max_ranges
-        self.clock: Clock = clock or time.monotonic
+        self.clock: Clock = clock or boottime
         self.lease_s = lease_s
         self._reader = LineReader()
         self._seen_marker = False
@@ -627,8 +645,10 @@ class HostEndpoint:
             msg["settings"] = settings
         self.outbox += encode(self._stamp(msg), sync=True)
 
-    def ack(self, batch: int, discarded: int, refused: int = 0, reason: str = "") -> None:
-        """Queue the ack of a batch; the guest may then return its pages.
+    def ack(self, batch: int, discarded: int, refused: int = 0, reason: str = "",
+            stale: bool = False) -> None:
+        """Queue the ack of a batch; the guest may then return its pages. ``stale``: it was
+        refused for its lease token alone (the guest asks for a fresh one, no back-off).
 
         Call only after every discard of the batch finished or was abandoned for good (S4).
         """
@@ -639,6 +659,8 @@ class HostEndpoint:
                                "discarded": discarded, "refused": refused}
         if reason:
             msg["reason"] = reason[:512]
+        if stale:
+            msg["stale"] = True
         self.outbox += encode(self._stamp(msg))
 
     def configure(self, settings: Dict[str, Any]) -> None:

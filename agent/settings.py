@@ -23,7 +23,10 @@ class Setting(NamedTuple):
     lo: Optional[float] = None
     hi: Optional[float] = None
     choices: Tuple[str, ...] = ()
-    scope: str = "guest"  # "guest": sent to the agent; "host": the daemon's own
+    # "guest": sent to the agent; "vm": the daemon's own, per VM (host file or the VM's
+    # metadata, aeratectl set); "host": the daemon's own and trusted, so only from the host
+    # config file, never from the domain's metadata, which travels with its XML.
+    scope: str = "guest"
     help: str = ""
 
 
@@ -35,7 +38,7 @@ TABLE: Tuple[Setting, ...] = (
     Setting("allow_weak_arena", bool, False, scope="guest",
             help="report from the THP fallback arena too, whose held pages can move or die "
                  "with the agent (S2/S3 do not hold there)"),
-    Setting("mode", str, "auto", choices=("auto", "punch", "balloon", "off"), scope="host",
+    Setting("mode", str, "auto", choices=("auto", "punch", "balloon", "off"), scope="vm",
             help="reclaimer: auto picks punch for shared backing, balloon for private RAM"),
     Setting("min_order", int, 9, 9, 18, scope="guest",
             help="smallest free block (buddy order) worth reporting; 9 = 2 MiB"),
@@ -55,7 +58,7 @@ TABLE: Tuple[Setting, ...] = (
             help="back off when memory PSI 'some' avg10 (%%) exceeds this"),
     Setting("stats_interval_s", int, 5, 1, 3600, scope="guest",
             help="how often the agent sends its statistics"),
-    Setting("floor", float, 0.5, 0.05, 1.0, scope="host",
+    Setting("floor", float, 0.5, 0.05, 1.0, scope="vm",
             help="balloon: never shrink the guest below this fraction of its memory"),
     Setting("host_low_mib", int, 0, 0, 1 << 30, scope="host",
             help="host MemAvailable below which reclaim works harder (0 = ignore)"),
@@ -73,7 +76,12 @@ TABLE: Tuple[Setting, ...] = (
     Setting("input_kib_s", int, 1024, 64, 1 << 20, scope="host",
             help="most KiB/s read from a VM's channel (bursts of 4 s); a flood beyond it "
                  "ends the session"),
+    Setting("vhost_user_trusted", bool, False, scope="host",
+            help="this VM's vhost-user backends never pin guest RAM for DMA (virtiofsd, a "
+                 "DPDK without VFIO): punch it anyway; host config file only"),
 )
+
+SCOPES = ("guest", "vm", "host")
 
 BY_NAME: Dict[str, Setting] = {s.name: s for s in TABLE}
 

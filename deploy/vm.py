@@ -32,7 +32,13 @@ from typing import Any
 
 import libvirt
 
-from aerate.deploy.domain import DomainSpec, detect_domain_type, domain_xml, hugepages_needed
+from aerate.deploy.domain import (
+    DEFAULT_CMDLINE,
+    DomainSpec,
+    detect_domain_type,
+    domain_xml,
+    hugepages_needed,
+)
 from aerate.deploy.image import GuestImage, output_tail
 from aerate.deploy.qga import QgaClient, QgaError
 from aerate.host.libvirt_conn import ensure_event_loop
@@ -432,12 +438,14 @@ def booted(image: GuestImage, *, backing: str = "memfd", memory_mib: int = 1024,
            extra_devices: Sequence[str] = (), extra_domain: Sequence[str] = (),
            ready_unit: str | None = READY_UNIT, timeout: float = DEFAULT_BOOT_TIMEOUT,
            name_prefix: str = "aerate-test", persistent: bool = False,
-           domain_type: str | None = None, on_reboot: str = "destroy") -> Iterator[Guest]:
+           domain_type: str | None = None, on_reboot: str = "destroy",
+           extra_cmdline: str = "") -> Iterator[Guest]:
     """Boot a guest from ``image`` and yield it once ``ready_unit`` is active.
 
     Always destroys (and, if ``persistent``, undefines) the domain and removes its overlay
     and sockets, whatever happens. ``Guest.timings`` holds ``boot_to_agent`` and
-    ``boot_to_ready`` in seconds.
+    ``boot_to_ready`` in seconds. ``extra_cmdline`` is appended to the guest kernel's
+    command line (e.g. ``page_poison=1``).
     """
     image.check()
     name = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
@@ -461,6 +469,7 @@ def booted(image: GuestImage, *, backing: str = "memfd", memory_mib: int = 1024,
             backing=backing, memory_mib=memory_mib, vcpus=vcpus, domain_type=kind,
             free_page_reporting=free_page_reporting, extra_devices=tuple(extra_devices),
             extra_domain=tuple(extra_domain), on_reboot=on_reboot,
+            cmdline=f"{DEFAULT_CMDLINE} {extra_cmdline}".strip(),
         )
         xml = domain_xml(spec)
         stack.enter_context(reserved_hugepages(hugepages_needed(spec)))

@@ -102,22 +102,46 @@ def metadata_to_xml(values: dict[str, Any]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def metadata_from_xml(xml: str | None, vm: str) -> dict[str, Any]:
-    """Parse (and validate) a VM's stored settings; None or empty means none."""
+def _fix_hint(vm: str) -> str:
+    return (f"fix it with 'aeratectl set {vm} KEY=VALUE' (a valid value replaces it) or edit "
+            f"it with 'virsh metadata {vm} {METADATA_NS} --key {METADATA_KEY} --edit'; until "
+            "then aerate refuses to discard this VM's memory")
+
+
+def metadata_entries(xml: str | None, vm: str) -> dict[str, str]:
+    """The stored settings as text, unvalidated (name -> text), so that an update can keep
+    every stored entry, a bad one included, instead of rebuilding the layer from nothing."""
     if not xml:
         return {}
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
-        raise ConfigError(f"VM {vm}: aerate metadata is not XML ({e}); "
-                          "fix it with 'virsh metadata' or 'aeratectl reset'") from e
+        raise ConfigError(f"VM {vm}: aerate metadata is not XML ({e}); {_fix_hint(vm)}") from e
+    return {el.get("name", ""): el.text or "" for el in root.iter()
+            if el.tag.rsplit("}", 1)[-1] == "setting"}
+
+
+def metadata_from_xml(xml: str | None, vm: str) -> dict[str, Any]:
+    """Parse (and validate) a VM's stored settings; None or empty means none.
+
+    S6 fails closed: any bad entry (not XML, unknown key, bad value, a host-scope key) makes
+    the whole layer unusable with a ConfigError naming the VM, key, value and the fix; the
+    caller refuses the VM rather than dropping the layer (which could drop mode=off).
+    Host-scope keys are the daemon's trusted ones (vhost_user_trusted, ...): they come only
+    from the host file, as the metadata travels with the domain's XML to wherever it runs.
+    """
     out: dict[str, Any] = {}
-    for el in root.iter():
-        if el.tag.rsplit("}", 1)[-1] != "setting":
-            continue
-        name = el.get("name", "")
+    for name, text in metadata_entries(xml, vm).items():
+        row = table.BY_NAME.get(name)
+        if row is not None and row.scope == "host":
+            raise ConfigError(
+                f"VM {vm} metadata: {name}={text!r} is a host-scope setting, read only from "
+                f"the host config file ([vm.{vm}] in {DEFAULT_PATH}), never from the domain's "
+                f"metadata, which travels with its XML; remove it with 'virsh metadata {vm} "
+                f"{METADATA_NS} --key {METADATA_KEY} --edit'; until then aerate refuses to "
+                "discard this VM's memory")
         try:
-            out[name] = table.coerce(name, el.text or "", origin=f"VM {vm} metadata")
+            out[name] = table.coerce(name, text, origin=f"VM {vm} metadata")
         except table.SettingError as e:
-            raise ConfigError(str(e)) from e
+            raise ConfigError(f"{e}; {_fix_hint(vm)}") from e
     return out

@@ -72,6 +72,8 @@ def format_status(answer: dict[str, Any]) -> str:
         if lacking:
             lines.append(f"  {vm['vm']}: guest kernel lacks {', '.join(lacking)} "
                          f"(aeratectl status --json says why)")
+        if vm.get("idle_note"):
+            lines.append(f"  {vm['vm']}: {vm['idle_note']}")
     for vm in answer.get("vms", []):
         budget = vm.get("budget") or {}
         if isinstance(budget, dict) and budget.get("bites"):

@@ -33,8 +33,9 @@ import signal
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import start_http_server
 
@@ -44,6 +45,7 @@ from aerate.agent.protocol import HostState
 from aerate.host import balloon as balloon_mod
 from aerate.host import config as config_mod
 from aerate.host import metrics as metrics_mod
+from aerate.host import pinning
 from aerate.host.backing import Backing, BackingKind, allocated_bytes
 from aerate.host.balloon_store import BalloonStore, Saved, StoreError
 from aerate.host.budget import DiscardBudget, InputBudget
@@ -58,7 +60,11 @@ from aerate.host.libvirt_conn import (
 )
 from aerate.host.permit import PermitCache
 from aerate.host.punch import Check, PunchRefused, punch
-from aerate.host.qemu_map import GuestMemoryMap, MapError, contains
+from aerate.host.qemu_map import (
+    GuestMemoryMap,
+    MapError,
+    may_report,
+)
 from aerate.host.refusal import (
     BALLOON,
     REFUSE,
@@ -68,6 +74,9 @@ from aerate.host.refusal import (
     VmFacts,
     decide,
     domain_facts,
+    hugetlb_reservations,
+    migration_from_qmp,
+    poison_from_hello,
 )
 from aerate.host.session import DiscardJob, VmSession
 from aerate.host.vm_worker import CALL_TIMEOUT, CallTimeout, VmWorker, new_pool
@@ -93,6 +102,8 @@ MAP_TIMEOUT = 15.0
 #: O(chunk^2) on a run of 0xFF markers (agent/protocol.py LineReader), so small turns
 #: keep one VM's worst chunk to about a millisecond of loop time.
 READ_CHUNK = 4096
+#: Host page size from which the agent cannot assemble a reportable granule (agent/cycle.py).
+GIANT_GRANULE = 1 << 30
 #: How often the balloon controller looks again without a new statistics message (it
 #: notices a silent guest this way).
 BALLOON_TICK = 1.0
@@ -100,6 +111,38 @@ BALLOON_TICK = 1.0
 #: counts as arrived (the settle margin of host/balloon.py).
 RESTORE_CHECKS = 10
 RESTORE_SLACK = 16 << 20
+
+
+def giant_granule_note(granule: int, values: dict[str, Any]) -> str:
+    """Why a VM backed by 1 GiB host pages never gets anything reported, or "".
+
+    The host can only discard whole, aligned host pages. The agent reports only whole,
+    aligned granules formed by the blocks of one fill (agent/cycle.py ``granule_ranges``);
+    a fill takes at most the current batch capacity, which starts at capacity/4 and only
+    grows after acked batches. A 1 GiB page needs 512 adjacent, aligned 2 MiB blocks in one
+    fill; capacity is capped at 1024, so no setting makes the first batch big enough.
+    """
+    if granule < GIANT_GRANULE:
+        return ""
+    need = granule // MIN_GRANULE
+    first = max(1, int(values["capacity"]) // 4)
+    return (f"guest RAM is backed by {granule >> 30} GiB host pages: a discard needs {need} "
+            f"adjacent, aligned 2 MiB guest blocks in one batch, and the agent's first batch "
+            f"takes at most capacity/4 = {first} blocks (capacity={values['capacity']}, at "
+            f"most {table.BY_NAME['capacity'].hi:.0f}), so nothing is ever reported; back the "
+            "VM with 2 MiB pages (<hugepages><page size='2' unit='M'/></hugepages>) or plain "
+            "memfd to reclaim it (1 GiB reporting is not built yet)")
+
+
+class Fetched(NamedTuple):
+    """What one permit refresh learnt from libvirt and QEMU (host/daemon.py _fetch)."""
+
+    xml: str | None
+    job: JobInfo
+    backing: int | None
+    migration: str | None
+    gmap: GuestMemoryMap | None
+    map_error: str
 
 
 class DaemonError(RuntimeError):
@@ -168,6 +211,7 @@ class VmRunner:
         self.gmap: GuestMemoryMap | None = None
         self.backings: dict[str, Backing] = {}
         self.channel: str | None = None
+        self.qemu_pid: int | None = None
         self.state = RunnerState.STARTING
         self.reason = ""
         self.task: asyncio.Task[None] | None = None
@@ -207,6 +251,20 @@ class VmRunner:
         self._restart = ""   # non-empty: start a new session at the next loop turn
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # discards (S8)
         self._stats_at = -math.inf
+        # -- refusal facts (issue 9) that are not in the domain XML
+        #: S6: why the VM's stored settings cannot be used ("" = they are fine)
+        self.settings_error = ""
+        #: S7: a pinning device fd once seen in QEMU; latched until the VM restarts
+        self.pinning_fd = ""
+        #: the hello generation (VmSession.hello_gen) the cached permit was decided with,
+        #: and the one the map was last rebuilt for (a new hello re-decides at once)
+        self._permit_gen = -1
+        self._map_gen = 0
+        self._asked_gen = 0
+        #: why the map could not be rebuilt after the last hello ("" = it was)
+        self.map_error = ""
+        #: why nothing can be reported with these settings ("" = nothing known against it)
+        self.idle_note = ""
 
     def _set_state(self, state: RunnerState, reason: str = "") -> None:
         """The one place a runner changes state; every change is logged with its reason."""
@@ -225,20 +283,44 @@ class VmRunner:
     def permit(self) -> Decision:
         """The reclaimer allowed now. Never blocks: it reads the decision the background
         refresh and libvirt's events keep fresh; a PUNCH/BALLOON older than
-        ``permit_max_age`` is REFUSE (host/permit.py argues the bound)."""
+        ``permit_max_age`` is REFUSE (host/permit.py argues the bound). Safe from any
+        thread (the discard thread asks it before each range).
+
+        Two facts are read here, not from the cache, because they must act at once: a
+        pinning device fd seen in QEMU (latched by ``pinning_check``), and a hello the
+        cached decision was not made with (a new session: its page poisoning and the map
+        after its firmware ran are not weighed yet)."""
+        if self.pinning_fd:
+            return Decision(REFUSE, f"QEMU holds {self.pinning_fd}, which can pin guest RAM "
+                                    "for DMA; refused until the VM restarts")
+        session = self.session
+        if session is not None and session.hello_gen != self._permit_gen:
+            return Decision(REFUSE, "a new hello from the guest: deciding again with it")
         return self.cache.get(time.monotonic())
 
-    def _fetch(self, need_xml: bool, need_backing: bool
-               ) -> tuple[str | None, JobInfo, int | None]:
-        """Blocking, in the worker: the job state, and the XML / backing figure when due."""
+    def _fetch(self, need_xml: bool, need_backing: bool, need_map: bool) -> Fetched:
+        """Blocking, in the worker or a refresh thread: the job state, QEMU's migration
+        state, and the XML / backing figure / a rebuilt map (after a hello) when due."""
         conn = self.daemon.conn
         xml = conn.domain_xml(self.name) if need_xml else None
         job = conn.job_info(self.name)
+        migration = migration_from_qmp(conn.qmp(self.name, "query-migrate", None))
         backing = None
         if need_backing:
             with contextlib.suppress(OSError, RuntimeError):
                 backing = self.backing_allocated()
-        return xml, job, backing
+        gmap: GuestMemoryMap | None = None
+        map_error = ""
+        if need_map:
+            # S1: after a hello the guest's firmware has run (OVMF sets up SMM, PAM and
+            # TSEG after the map of domain start): a report whose range the current flat
+            # view no longer shows as RAM is refused at the discard. A map that cannot be
+            # rebuilt refuses the VM until one can.
+            try:
+                gmap = conn.guest_map(self.name)
+            except (MapError, LibvirtUnavailable, DomainError, OSError) as e:
+                map_error = f"the memory map could not be rebuilt after the hello: {e}"
+        return Fetched(xml, job, backing, migration, gmap, map_error)
 
     def _domain_facts(self, xml: str) -> DomainFacts:
         # Parsed once per XML text: at 1,000 VMs a parse a second each would cost a core.
@@ -248,14 +330,31 @@ class VmRunner:
             self._facts_of = (xml, cached)
         return cached
 
-    def _decide(self, xml: str, job: JobInfo, backings: Mapping[str, Backing],
-                mode: str) -> Decision:
-        """The decision from the facts (pure; runs on the loop or in a refresh thread)."""
-        # The balloon reclaimer is built; decide() still refuses a domain without a
-        # virtio memballoon or with locked RAM, with that reason.
-        facts = VmFacts(self._domain_facts(xml), job, backings or None,
-                        mode=mode, balloon_available=True)
-        return decide(facts)
+    def _decide(self, xml: str, got: Fetched, backings: Mapping[str, Backing],
+                gmap: GuestMemoryMap | None, values: Mapping[str, Any],
+                hello: Mapping[str, Any] | None) -> Decision:
+        """The decision from the facts (pure; runs on the loop or in a refresh thread).
+
+        Every refusal fact reaches decide() from its source: the domain XML, libvirt's job,
+        QEMU's migration state, the backing, the hello (page poisoning; none yet: refuse
+        punching), the stored settings (fail closed), a latched pinning fd, vhost-user
+        trust from the host file, hugetlb reservations and the map rebuilt after the hello.
+        An answer that cannot be read is an unknown fact: refuse."""
+        try:
+            # The balloon reclaimer is built; decide() still refuses a domain without a
+            # virtio memballoon or with locked RAM, with that reason.
+            facts = VmFacts(self._domain_facts(xml), got.job, backings or None,
+                            poison=poison_from_hello(hello), mode=values["mode"],
+                            balloon_available=True, settings_error=self.settings_error,
+                            pinning_fd=self.pinning_fd,
+                            vhost_user_trusted=bool(values["vhost_user_trusted"]),
+                            reservations=hugetlb_reservations(gmap, backings),
+                            qemu_migration=got.migration,
+                            map_error=got.map_error or self.map_error)
+            return decide(facts)
+        except (ValueError, KeyError, ET.ParseError) as e:
+            return Decision(REFUSE, f"cannot weigh the refusal facts of {self.name}: "
+                                    f"{type(e).__name__}: {e}")
 
     def _due(self, now: float) -> tuple[bool, bool]:
         """Whether this refresh must re-read (the domain XML, the backing figure)."""
@@ -270,10 +369,17 @@ class VmRunner:
         if need_backing:
             self.backing_now, self._backing_at = backing, issued
 
-    def _apply_decision(self, decision: Decision, issued: float, error: str = "") -> bool:
-        before = self.cache.last().action
+    def _apply_decision(self, decision: Decision, issued: float, error: str = "",
+                        hello_gen: int | None = None) -> bool:
+        before = self.cache.last()
         stored = self.cache.set(decision, issued, error=error)
-        if stored and (before == BALLOON) != (decision.action == BALLOON):
+        if stored and hello_gen is not None:
+            self._permit_gen = hello_gen
+        if stored and decision != before:
+            # Journal every change of mind, once (the first hello often turns a refusal
+            # for want of the guest's word into punch).
+            log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
+        if stored and (before.action == BALLOON) != (decision.action == BALLOON):
             self._wake_balloon.set()  # the controller starts (or stops) watching
             if self.session is not None:
                 # Balloon VMs keep their agent stats-only: tell the guest when that flips.
@@ -286,13 +392,15 @@ class VmRunner:
         the request was issued (host/permit.py); a failure or timeout refuses at once."""
         issued = time.monotonic()
         need_xml, need_backing = self._due(issued)
+        hello, gen = self._hello_now()
         try:
-            new_xml, job, backing = await self.worker.call(
-                "job_info", self._fetch, need_xml, need_backing)
-            self._learn(issued, new_xml, backing, need_backing)
-            decision = self._decide(self.xml, job, self.backings,
-                                    self.effective_settings()["mode"])
-            self._apply_decision(decision, issued)
+            got = await self.worker.call(
+                "job_info", self._fetch, need_xml, need_backing, self._map_gen != gen)
+            self._learn(issued, got.xml, got.backing, need_backing)
+            self._learn_map(got, gen)
+            decision = self._decide(self.xml, got, self.backings, self.gmap,
+                                    self.effective_settings(), hello)
+            self._apply_decision(decision, issued, hello_gen=gen)
         except (LibvirtUnavailable, DomainError, CallTimeout, ValueError) as e:
             decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {e}")
             self._apply_decision(decision, issued, str(e))
@@ -305,30 +413,48 @@ class VmRunner:
     # order with the VM's worker calls; at most one is in flight per VM, so a hung VM
     # pins at most two pool threads (this and one worker call).
 
+    def _hello_now(self) -> tuple[dict[str, Any] | None, int]:
+        """The current session's hello and its generation (read on the loop)."""
+        s = self.session
+        return (s.hello, s.hello_gen) if s is not None else (None, 0)
+
+    def _learn_map(self, got: Fetched, hello_gen: int) -> None:
+        if got.gmap is not None or got.map_error:
+            if got.gmap is not None:
+                self.gmap = got.gmap   # one attribute write: the discard thread reads it
+            self.map_error = got.map_error
+            if got.map_error:
+                log.warning("%s: %s", self.name, got.map_error)
+            self._map_gen = hello_gen
+
     def _start_refresh(self, now: float) -> None:
         need_xml, need_backing = self._due(now)
+        hello, hello_gen = self._hello_now()
         self._gen += 1
         self._inflight = (self._gen, now, False)
         self.daemon.pool.submit(self._refresh_in_thread, self._gen, now, need_xml,
-                                need_backing, self.xml, self.backings,
-                                self.effective_settings()["mode"])
+                                need_backing, self._map_gen != hello_gen, self.xml,
+                                self.backings, self.gmap, self.effective_settings(), hello,
+                                hello_gen)
 
     def _refresh_in_thread(self, gen: int, issued: float, need_xml: bool,
-                           need_backing: bool, xml: str, backings: Mapping[str, Backing],
-                           mode: str) -> None:
+                           need_backing: bool, need_map: bool, xml: str,
+                           backings: Mapping[str, Backing], gmap: GuestMemoryMap | None,
+                           values: Mapping[str, Any], hello: Mapping[str, Any] | None,
+                           hello_gen: int) -> None:
         try:
-            new_xml, job, backing = self._fetch(need_xml, need_backing)
-            decision = self._decide(new_xml or xml, job, backings, mode)
-            outcome: tuple[str | None, int | None, Decision] | Exception = \
-                (new_xml, backing, decision)
+            got = self._fetch(need_xml, need_backing, need_map)
+            decision = self._decide(got.xml or xml, got, backings, got.gmap or gmap, values,
+                                    hello)
+            outcome: tuple[Fetched, Decision] | Exception = (got, decision)
         except (LibvirtUnavailable, DomainError, ValueError, OSError, RuntimeError) as e:
             outcome = e
         # Anything else escapes into the pool's future: the tick then refuses the VM as
         # timed out, which is the safe side.
-        self.daemon.post(self._refresh_done, gen, issued, need_backing, outcome)
+        self.daemon.post(self._refresh_done, gen, issued, need_backing, hello_gen, outcome)
 
-    def _refresh_done(self, gen: int, issued: float, need_backing: bool,
-                      outcome: tuple[str | None, int | None, Decision] | Exception) -> None:
+    def _refresh_done(self, gen: int, issued: float, need_backing: bool, hello_gen: int,
+                      outcome: tuple[Fetched, Decision] | Exception) -> None:
         if self._inflight is None or self._inflight[0] != gen or self._stopped:
             return
         self._inflight = None
@@ -337,12 +463,14 @@ class VmRunner:
             self._apply_decision(Decision(
                 REFUSE, f"cannot ask libvirt whether discard is safe now: {why}"), issued, why)
             return
-        new_xml, backing, decision = outcome
+        got, decision = outcome
         try:
-            self._learn(issued, new_xml, backing, need_backing)
+            self._learn(issued, got.xml, got.backing, need_backing)
+            self._learn_map(got, hello_gen)
         except DomainError as e:
             decision = Decision(REFUSE, f"cannot read the domain XML: {e}")
-        if not self._apply_decision(decision, issued) and issued < self.cache.fence:
+        if not self._apply_decision(decision, issued, hello_gen=hello_gen) and \
+                issued < self.cache.fence:
             self._start_refresh(time.monotonic())  # asked before an event: ask again now
 
     def _refresh_tick(self) -> None:
@@ -374,6 +502,25 @@ class VmRunner:
         self.cache.invalidate(why, now)
         if self._inflight is None and self._refresh_timer is not None and not self._stopped:
             self._start_refresh(now)
+
+    def pinning_check(self) -> str:
+        """punch()'s check (S7), on the discard thread: "" while QEMU holds no pinning
+        device fd, else the refusal.
+
+        Runs right before and right after each slice. A hit is latched in ``pinning_fd``
+        (one attribute write), which permit() reads before its cache, so the VM is refused
+        from then on (a VFIO hot-plug pins RAM before the live XML shows the device); only
+        a restart of the VM's QEMU (a new runner) clears it. A /proc that cannot be read
+        refuses too.
+        """
+        if self.pinning_fd:
+            return f"QEMU holds {self.pinning_fd}"
+        found = pinning.scan(self.qemu_pid)
+        if found:
+            self.pinning_fd = found
+            log.error("%s: QEMU holds %s, which can pin guest RAM for DMA; refusing every "
+                      "discard of this VM until it restarts", self.name, found)
+        return found
 
     def guest_settings(self) -> dict[str, Any]:
         """The settings the agent gets: a ballooned VM's agent stays stats-only, because
@@ -559,11 +706,12 @@ class VmRunner:
         if why:
             raise PunchRefused(self.name, gpa, length, why)
         return self.daemon.punch(self.name, self.gmap, self.backings, gpa, length,
-                                 self.session.granule, self.permit, checks)
+                                 self.session.granule, self.permit,
+                                 (self.pinning_check, *checks))
 
     def _in_ram(self, gpa: int, length: int) -> bool:
         assert self.gmap is not None and self.session is not None
-        return contains(self.gmap, gpa, length, self.session.granule)
+        return may_report(self.gmap, gpa, length, self.session.granule)
 
     async def prepare(self) -> bool:
         """Learn the VM's channel, memory map, backing and settings (all off the loop,
@@ -579,20 +727,18 @@ class VmRunner:
             return False
         self.xml, self._xml_at = xml, time.monotonic()
         self.limits = balloon_limits(xml)
-        try:
-            self.metadata = config_mod.metadata_from_xml(
-                await self.worker.call("metadata", conn.metadata, self.name,
-                                       config_mod.METADATA_NS), self.name)
-        except config_mod.ConfigError as e:
-            log.warning("%s; ignoring the stored settings", e)
-            self.metadata = {}
+        await self.load_metadata()
         self.gmap, self.backings = await self.worker.call(
             "memory_map", conn.memory_map, self.name, timeout=self.daemon.map_timeout)
+        self.qemu_pid = await self.worker.call("qemu_pid", conn.qemu_pid, self.name)
         self._apply_budget()
         self._backing_at = -math.inf  # the refresh below takes a backing snapshot
         decision = await self.refresh_permit()
         self.reason = decision.reason
         granule = max([MIN_GRANULE] + [b.page_size for b in self.backings.values()])
+        self.idle_note = giant_granule_note(granule, self.effective_settings())
+        if self.idle_note:
+            log.warning("%s: %s", self.name, self.idle_note)
         self.backing_before = self.backing_now or 0
         lease_s = float(self.effective_settings()["lease_s"])
         if self.session is None:
@@ -602,7 +748,6 @@ class VmRunner:
             self.session.granule = granule
             self.session.endpoint.set_lease(lease_s)
             self.session.configure({"enabled": self.guest_settings()["enabled"]})
-        log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
         return True
 
     def _apply_budget(self) -> None:
@@ -611,6 +756,24 @@ class VmRunner:
         kib = v["input_kib_s"]
         self.input_budget.bucket.rate, self.input_budget.bucket.burst = kib * 1024, \
             4 * kib * 1024
+
+    async def load_metadata(self) -> None:
+        """Read the VM's stored settings (through the worker). S6 fails closed: a layer
+        that does not validate is not applied and refuses the VM with the reason
+        (settings_error) until it is fixed; what is stored stays stored (``set`` merges
+        into the stored entries)."""
+        try:
+            self.metadata = config_mod.metadata_from_xml(
+                await self.worker.call("metadata", self.daemon.conn.metadata, self.name,
+                                       config_mod.METADATA_NS), self.name)
+            if self.settings_error:
+                log.info("%s: stored settings valid again", self.name)
+            self.settings_error = ""
+        except config_mod.ConfigError as e:
+            if str(e) != self.settings_error:
+                log.error("%s", e)
+            self.metadata, self.settings_error = {}, str(e)
+        self.invalidate("stored settings read again; deciding again")
 
     def backing_allocated(self) -> int:
         """Host memory allocated to this VM's RAM right now, bytes (from the kernel).
@@ -744,6 +907,11 @@ class VmRunner:
                 due = s.endpoint.keepalive_due()
                 if due is not None and due <= 0:
                     s.endpoint.keepalive()
+                if s.hello_gen != self._asked_gen:
+                    # A new hello (or session): permit() refuses until a decision is made
+                    # with it (its page poisoning, the map after its firmware ran).
+                    self._asked_gen = s.hello_gen
+                    self.invalidate("the guest said hello; deciding again with what it says")
                 if s.state is HostState.RUNNING and self.state is not RunnerState.RUNNING:
                     self._set_state(RunnerState.RUNNING)
                 if s.stats is not self._stats_seen:
@@ -824,6 +992,8 @@ class VmRunner:
                          if math.isfinite(self.cache.issued_at) else None}
         if current.action == REFUSE and self.session is not None:
             out["reason"] = current.reason  # why the next batch would be refused
+        if self.idle_note:
+            out["idle_note"] = self.idle_note
         last = self.cache.last()
         if last.action == BALLOON or self.balloon_target is not None:
             # No batches flow on a ballooned VM, so the session has no decision to show.
@@ -933,9 +1103,15 @@ class Daemon:
         self.loop.create_task(self.resync(), name="resync")
 
     def _on_disconnect(self, why: str) -> None:
+        # A guest reset while libvirt is away sends no event we will ever see: every session
+        # of now is revoked (no discard of it any more, even one under way), and each VM
+        # gets a new session when libvirt is back (resync).
+        for name in list(self.runners):
+            self._revoke(name, "the libvirt connection was lost: a guest reset could go "
+                               "unseen")
         self.loop.call_soon_threadsafe(
-            log.warning, "libvirt: %s; VM sessions carry on, discards are refused until it "
-            "is back", why)
+            log.warning, "libvirt: %s; VM sessions are revoked (nothing is discarded) and "
+            "start anew once it is back", why)
 
     def _on_lifecycle(self, ev: LifecycleEvent) -> None:
         if ev.event in ("stopped", "crashed", "shutdown"):
@@ -975,6 +1151,11 @@ class Daemon:
             self.start_runner(name)
         for name in set(self.runners) - running:
             self.stop_runner(name, "no longer running")
+        for r in self.runners.values():
+            if r.session is not None and r.session.revocation(r.session.endpoint.session):
+                # Revoked while libvirt was away (or by a reset): a new session, so that
+                # no report from before can be served.
+                r.restart_session("libvirt is back; reports from before are void")
         records, errors = self.balloons.all()
         for err in errors:
             log.error("%s", err)
@@ -1092,14 +1273,34 @@ class Daemon:
             if r is None:
                 return {"ok": False, "error": f"VM {vm} is not running or not known to aerated"}
             values = table.validate(req.get("settings", {}), origin=f"aeratectl set {vm}")
-            persisted = dict(r.metadata, **values)
+            host_keys = sorted(k for k in values if table.BY_NAME[k].scope == "host")
+            if host_keys:
+                return {"ok": False, "error": (
+                    f"VM {vm}: {', '.join(host_keys)} can only be set in the host config file "
+                    f"([vm.{vm}] in {self.config.path}, then 'aeratectl reload'): the VM's "
+                    "metadata travels with its XML and is not trusted for it")}
+            try:
+                # S6: merge into what is stored now, bad entries included, so nothing the
+                # operator stored is lost; the result is validated as a whole below.
+                stored = config_mod.metadata_entries(
+                    await r.worker.call("metadata", self.conn.metadata, vm,
+                                        config_mod.METADATA_NS), vm)
+            except config_mod.ConfigError:
+                stored = {}  # not XML at all: nothing in it can be kept entry by entry
+            except (LibvirtUnavailable, DomainError, CallTimeout) as e:
+                return {"ok": False, "error": f"VM {vm}: cannot read the stored settings, so "
+                        f"nothing saved or applied: {e}"}
+            persisted: dict[str, Any] = dict(stored, **values)
             try:
                 await r.worker.call("set_metadata", self.conn.set_metadata, vm,
                                     config_mod.metadata_to_xml(persisted),
                                     config_mod.METADATA_KEY, config_mod.METADATA_NS)
-                r.metadata = persisted
             except (LibvirtUnavailable, DomainError, CallTimeout) as e:
                 return {"ok": False, "error": f"VM {vm}: not saved, so not applied: {e}"}
+            await r.load_metadata()
+            if r.settings_error:
+                return {"ok": False, "error": f"saved, but the stored settings are still "
+                        f"invalid, so the VM stays refused: {r.settings_error}"}
             r.apply_live(values)
             return {"ok": True, "vm": vm, "settings": r.effective_settings()}
         if cmd == "reload":
@@ -1108,6 +1309,8 @@ class Daemon:
             except config_mod.ConfigError as e:
                 return {"ok": False, "error": f"{e}; the old configuration stays in force"}
             for r in self.runners.values():
+                with contextlib.suppress(LibvirtUnavailable, DomainError, CallTimeout):
+                    await r.load_metadata()  # a layer fixed with virsh metadata counts again
                 r.apply_live({})
                 if r.session is not None:
                     r.session.configure(r.guest_settings())
@@ -1207,3 +1410,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -145,7 +145,10 @@ _UNITS = {"b": 1, "bytes": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 <
 def balloon_limits(domain_xml: str) -> BalloonLimits:
     """Parse the memballoon's autodeflate and <memtune><min_guarantee> (libvirt units,
     KiB by default) from a domain XML; raises DomainError on an unreadable value."""
-    root = ET.fromstring(domain_xml)
+    try:
+        root = ET.fromstring(domain_xml)
+    except ET.ParseError as e:
+        raise DomainError(f"the domain XML libvirt gave cannot be parsed: {e}") from e
     name = root.findtext("name", "?")
     bal = root.find("devices/memballoon")
     present = bal is not None and bal.get("model") == "virtio"
@@ -481,6 +484,11 @@ class LibvirtConnection:
             return job_from_stats(dom.jobStats(), (int(state[0]), int(state[1])))
         except libvirt.libvirtError as exc:
             raise DomainError(f"VM {name}: reading its job state failed: {exc}") from exc
+
+    def guest_map(self, name: str) -> GuestMemoryMap:
+        """The VM's guest-physical map alone, as QEMU shows it now (a rebuild after the
+        guest's firmware ran). Blocking: the daemon runs it off the loop."""
+        return build_map(gather(self.qmp_function(name)))
 
     def memory_map(self, name: str) -> tuple[GuestMemoryMap, dict[str, Backing]]:
         """The VM's guest-physical map (QMP/HMP through libvirt) and the proven backing of

@@ -49,12 +49,18 @@ class AerateCollector(Collector):
         aerated = GaugeMetricFamily("aerate_guest_aerated_bytes",
                                     "Agent's estimate of free and discarded guest memory",
                                     labels=["vm"])
+        # The reason as a label (an "info" gauge, always 1): a refusal is visible in the
+        # metrics with its words, not only as refused bytes. Cut to keep series sane.
+        refused = GaugeMetricFamily("aerate_refused", "1 while the VM is refused, with why",
+                                    labels=["vm", "reason"])
         for vm in vms:
             name = vm["vm"]
             if isinstance(vm.get("backing_allocated_bytes"), int):
                 backing.add_metric([name], vm["backing_allocated_bytes"])
             up.add_metric([name, str(vm.get("reclaimer", "-"))],
                           1 if vm.get("state") == "running" else 0)
+            if vm.get("reclaimer") == "refuse":
+                refused.add_metric([name, str(vm.get("reason", ""))[:200]], 1)
             guest = vm.get("guest")
             engine = guest.get("engine") if isinstance(guest, dict) else None
             engine = engine if isinstance(engine, dict) else {}
@@ -62,7 +68,7 @@ class AerateCollector(Collector):
                 held.add_metric([name], engine["held_bytes"])
             if isinstance(engine.get("aerated_bytes"), int):
                 aerated.add_metric([name], engine["aerated_bytes"])
-        yield from (backing, up, held, aerated)
+        yield from (backing, up, held, aerated, refused)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

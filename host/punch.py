@@ -32,6 +32,7 @@ from aerate.host.refusal import Decision
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
+
 _libc = ctypes.CDLL(None, use_errno=True)
 # os.posix_fallocate only allocates; punching needs the Linux fallocate(2) with flags.
 _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
@@ -101,8 +102,10 @@ def punch(
 
     `gmap`/`backings` are this VM's map and resolved backings; `granule` is the reporting
     granule told to the guest; `permit()` is asked now and must answer action "punch";
-    every check runs right before and right after each slice (module docstring).
-    Raises PunchRefused (``done`` bytes discarded before it) or PunchFailed.
+    every check runs right before and right after each slice (module docstring): a reason
+    before refuses (PunchRefused with it, ``done`` bytes discarded before), a reason after
+    is an incident (PunchRefused with ``overrun``; a check that must refuse the VM from then
+    on latches itself, e.g. host/pinning.py). Raises PunchRefused or PunchFailed.
     """
     why = _first_problem(checks)
     if why:

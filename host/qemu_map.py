@@ -15,6 +15,8 @@ Where the map comes from, and why each source is needed:
 - `query-memory-devices`: DIMM / virtio-mem windows (hot-pluggable RAM).
 - `query-memdev`: the memory backends (the only RAM aerate may discard).
 - `info ramblock`: the RAM block of each backend and its host page size (the granule).
+- `qom-get` of the machine type, its `smm` property and, on q35, the MCH's
+  `extended-tseg-mbytes`: where SMRAM (TSEG) can appear (see `tseg_window`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ RAM_WINDOW_ALIASES = ("ram-below-4g", "ram-above-4g")
 # switch it between RAM, ROM and device memory at run time, so a map taken at one moment
 # could be stale the next; aerate never treats it as guest RAM.
 LEGACY_HOLE = (0xA0000, 0x100000)
+#: TSEG sizes the q35 MCH offers through ESMRAMC (MiB), besides the extended size.
+TSEG_SIZES_MIB = (1, 2, 8)
 
 
 class MapError(ValueError):
@@ -83,6 +87,9 @@ class Memdev:
     prealloc: bool
     policy: str
     qom_type: str | None  # e.g. "memory-backend-memfd"; None when QEMU did not say
+    #: hugetlb pages reserved at mmap (QEMU's reserve=on, its default; None: QEMU < 6.1
+    #: did not say, which counts as reserved)
+    reserve: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,9 @@ class QemuMemoryFacts:
     mtree_flat: str
     mtree: str
     ramblock: str
+    #: qom-get answers: {"type": machine type, "smm": "on"|"off"|"auto",
+    #: "extended-tseg-mbytes": int (q35 only)}; None: not asked, which refuses.
+    machine: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,9 @@ class GuestMemoryMap:
     blocks: Mapping[str, RamBlockInfo]  # by RAM block name
     memdevs: Mapping[str, Memdev]  # by memory backend id
     block_memdev: Mapping[str, str] = field(default_factory=dict)  # block -> backend id
+    #: [start, end) windows that may be the guest's RAM (so an honest guest may report
+    #: them) but are never discarded: q35's TSEG (see `tseg_window`)
+    never_punch: tuple[tuple[int, int], ...] = ()
 
     @property
     def ram_size(self) -> int:
@@ -284,6 +297,7 @@ def parse_memdevs(
             prealloc=bool(md.get("prealloc", False)),
             policy=str(md.get("policy", "default")),
             qom_type=types.get(ident),
+            reserve=md["reserve"] if isinstance(md.get("reserve"), bool) else None,
         )
     return out
 
@@ -334,13 +348,64 @@ def block_of_memdev(memdev: str, blocks: Mapping[str, RamBlockInfo]) -> str:
     return found[0]
 
 
+def tseg_window(machine: Mapping[str, Any] | None,
+                ram_windows: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    """The guest-physical range q35's TSEG may take, whatever the moment's flat view says.
+
+    On q35 with SMM, the firmware (OVMF) asks the MCH to turn the top of RAM below 4 GiB
+    into SMRAM (TSEG): 1, 2 or 8 MiB, or ``extended-tseg-mbytes`` MiB. That happens after
+    the map is built at domain start, and a later flat view shows it only as a
+    "tseg-blackhole" for non-SMM accesses; a punch there would zero SMRAM, which only SMM
+    code may change. So the largest TSEG the machine allows is never guest RAM, from the
+    first map on. i440fx ("pc") has no TSEG: its SMRAM is the legacy window (LEGACY_HOLE).
+    Unknown answers raise MapError: refuse rather than guess.
+    """
+    if machine is None:
+        raise MapError("the machine type and SMM state were not asked; cannot tell where "
+                       "SMRAM (TSEG) may be")
+    mtype = machine.get("type")
+    if not isinstance(mtype, str) or not mtype:
+        raise MapError(f"qom-get /machine type: unexpected answer {mtype!r}")
+    if "q35" not in mtype:
+        return None
+    smm = machine.get("smm")
+    if smm == "off":
+        return None
+    if smm not in ("on", "auto"):
+        raise MapError(f"qom-get /machine smm: unexpected answer {smm!r}")
+    ext = machine.get("extended-tseg-mbytes")
+    if isinstance(ext, bool) or not isinstance(ext, int) or ext < 0:
+        raise MapError(f"qom-get /machine/q35/mch extended-tseg-mbytes: unexpected answer "
+                       f"{ext!r}")
+    size = max(max(TSEG_SIZES_MIB), ext) << 20
+    below = [end for start, end in ram_windows if start == 0]
+    if len(below) != 1:
+        raise MapError("q35 with SMM: no single RAM window at 0 (ram-below-4g) to place "
+                       "TSEG below")
+    end = below[0]
+    return (max(0, end - size), end)
+
+
+def _without(windows: Iterable[tuple[int, int]], hole: tuple[int, int] | None
+             ) -> list[tuple[int, int]]:
+    if hole is None:
+        return sorted(windows)
+    lo, hi = hole
+    out: list[tuple[int, int]] = []
+    for start, end in windows:
+        out += [(a, b) for a, b in ((start, min(end, lo)), (max(start, hi), end)) if a < b]
+    return sorted(out)
+
+
 def build_map(facts: QemuMemoryFacts) -> GuestMemoryMap:
     """Build the proven RAM map from QEMU's answers, or raise MapError."""
     flat = parse_flat_view(facts.mtree_flat)
     blocks = parse_ramblocks(facts.ramblock)
     memdevs = parse_memdevs(facts.query_memdev, facts.qom_objects)
     dev_windows, excluded = device_windows(facts.memory_devices)
-    windows = _without_legacy_hole(parse_ram_windows(facts.mtree) + dev_windows)
+    ram_windows = parse_ram_windows(facts.mtree)
+    tseg = tseg_window(facts.machine, ram_windows)
+    windows = _without(_without_legacy_hole(ram_windows + dev_windows), tseg)
     if not memdevs:
         raise MapError("query-memdev: the VM has no memory backend objects")
 
@@ -390,6 +455,7 @@ def build_map(facts: QemuMemoryFacts) -> GuestMemoryMap:
         blocks={n: b for n, b in blocks.items() if n in used_blocks},
         memdevs={m: memdevs[m] for m in block_memdev.values()},
         block_memdev=block_memdev,
+        never_punch=(tseg,) if tseg is not None else (),
     )
 
 
@@ -405,7 +471,14 @@ def gather(qmp: QmpFunction) -> QemuMemoryFacts:
             raise MapError(f"HMP {line!r}: expected text, got {type(out).__name__}")
         return out
 
+    def qom(path: str, prop: str) -> Any:
+        return qmp("qom-get", {"path": path, "property": prop})
+
+    machine: dict[str, Any] = {"type": qom("/machine", "type"), "smm": qom("/machine", "smm")}
+    if "q35" in str(machine["type"]):
+        machine["extended-tseg-mbytes"] = qom("/machine/q35/mch", "extended-tseg-mbytes")
     return QemuMemoryFacts(
+        machine=machine,
         query_memdev=qmp("query-memdev", None),
         qom_objects=qmp("qom-list", {"path": "/objects"}),
         memory_devices=qmp("query-memory-devices", None),
@@ -434,6 +507,10 @@ def locate(gmap: GuestMemoryMap, gpa: int, length: int, granule: int) -> Placeme
         raise RangeRejected(gpa, length, f"granule {granule:#x} is not a power of two")
     if gpa % granule or length % granule:
         raise RangeRejected(gpa, length, f"not aligned to the granule {granule:#x}")
+    for lo, hi in gmap.never_punch:
+        if gpa < hi and lo < gpa + length:
+            raise RangeRejected(gpa, length, f"overlaps q35's TSEG window {lo:#x}-{hi - 1:#x} "
+                                "(SMRAM once the firmware locks it): never discarded")
     starts = [r.gpa_start for r in gmap.ranges]
     i = bisect.bisect_right(starts, gpa) - 1
     if i < 0 or gpa >= gmap.ranges[i].gpa_end:
@@ -462,3 +539,13 @@ def contains(gmap: GuestMemoryMap, gpa: int, length: int, granule: int) -> bool:
     except RangeRejected:
         return False
     return True
+
+
+def may_report(gmap: GuestMemoryMap, gpa: int, length: int, granule: int) -> bool:
+    """True when an honest guest may report the range: `locate` accepts it, or it lies in
+    a `never_punch` window (q35's TSEG is plain RAM to a guest whose firmware never set
+    SMM up, e.g. SeaBIOS). Such a report is refused at the discard, not treated as
+    hostile; anything else is outside the VM's RAM and ends the session (S5)."""
+    if contains(gmap, gpa, length, granule):
+        return True
+    return length > 0 and any(lo <= gpa and gpa + length <= hi for lo, hi in gmap.never_punch)

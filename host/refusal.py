@@ -1,8 +1,23 @@
 """Pick the reclaimer for one VM from facts, and say why in words an operator understands.
 
 Pure: the facts (libvirt domain XML, the current job, the proven backing of each RAM
-block, what the guest reported about page poisoning, the operator's mode) come in; a
-Decision ("punch" | "balloon" | "refuse", reason) goes out. Every unclear fact refuses.
+block, what the guest's hello says about page poisoning, the operator's mode, a settings
+layer that failed to validate, a pinning fd seen in QEMU) come in; a Decision ("punch" |
+"balloon" | "refuse", reason) goes out. Every unclear fact refuses.
+
+Page poisoning and discard (S7): with ``page_poison=1`` the guest kernel fills every page
+it frees with 0xaa and checks that pattern when it hands the page out again; a punched
+page reads back as zeroes, so the check fails (a "corrupted page" splat, or worse with
+``panic_on_warn``). The kernel's own free page reporting is disabled in that case unless
+the poison value is 0 (mm/page_reporting.c, virtio_balloon's PAGE_POISON feature), and
+aerate follows it. ``init_on_free=1`` zero-fills freed pages and checks nothing at
+allocation, and a punched page reads back as zeroes too: discard keeps the guest's view
+exactly (zero-filled free page), so it is harmless and stays allowed. The agent decides
+which case it is in (agent/procfs.py ``parse_page_poisoning``: every doubt is "unsafe") and
+says so as capability ``poison_safe`` in its hello; a hello without that capability, or with
+it malformed, refuses punching: never punch on a guess. The balloon reclaimer is not
+affected: the guest's balloon driver gives pages up on purpose and re-poisons them when it
+takes them back.
 """
 
 from __future__ import annotations
@@ -10,9 +25,10 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aerate.host.backing import PUNCHABLE, Backing, BackingKind
+from aerate.host.qemu_map import GuestMemoryMap
 
 PUNCH = "punch"
 BALLOON = "balloon"
@@ -63,6 +79,45 @@ class DomainFacts:
     memballoon: str  # "virtio", "none", or "" when absent
     free_page_reporting: bool
     launch_security: str  # "" or e.g. "sev"
+    #: vhost-user backends (other processes that map guest RAM; may pin it for DMA)
+    vhost_user_devices: tuple[str, ...] = ()
+
+
+class PoisonFact(NamedTuple):
+    """What the guest agent said about page poisoning: ``safe`` None = it did not say."""
+
+    safe: bool | None
+    detail: str
+
+
+#: No hello seen: the default of VmFacts.poison (refuses punching).
+NOT_TOLD = PoisonFact(None, "not asked")
+#: The capability of the hello that carries the poisoning fact (agent/capabilities.py).
+POISON_CAPABILITY = "poison_safe"
+
+
+def poison_from_hello(hello: Mapping[str, Any] | None) -> PoisonFact:
+    """The page poisoning fact from a guest's hello (``None``/``{}``: no hello yet).
+
+    The hello is guest input (S5): anything but ``capabilities.poison_safe.available`` being
+    exactly true or false is "not said", which refuses punching. The detail is cut to one
+    short printable line, as it reaches logs and ``aeratectl status``.
+    """
+    if not hello:
+        return PoisonFact(None, "no hello from the guest agent yet")
+    caps = hello.get("capabilities")
+    cap = caps.get(POISON_CAPABILITY) if isinstance(caps, dict) else None
+    if not isinstance(cap, dict):
+        return PoisonFact(None, f"the guest agent's hello has no {POISON_CAPABILITY} "
+                          "capability (agent too old, or its detection failed)")
+    raw = cap.get("detail")
+    detail = "".join(c if c.isprintable() else "?" for c in raw[:200]) \
+        if isinstance(raw, str) else ""
+    available = cap.get("available")
+    if available is True or available is False:
+        return PoisonFact(available, detail)
+    return PoisonFact(None, f"the guest agent's hello has a malformed {POISON_CAPABILITY} "
+                      f"capability (available={str(available)[:40]!r})")
 
 
 @dataclass(frozen=True)
@@ -72,9 +127,21 @@ class VmFacts:
     domain: DomainFacts
     job: JobInfo | None
     backings: Mapping[str, Backing] | None
-    page_poison: int | None = None  # value the guest fills freed pages with, if reported
+    poison: PoisonFact = NOT_TOLD  # from the hello: poison_from_hello
     mode: str = "auto"
     balloon_available: bool = False  # the balloon reclaimer exists and is enabled
+    #: Why the VM's stored settings are unusable ("" when they are fine): S6 fails closed.
+    settings_error: str = ""
+    #: A device fd seen in QEMU that pins guest RAM ("" when none was ever seen).
+    pinning_fd: str = ""
+    #: The host file says this VM's vhost-user backends do not pin guest RAM.
+    vhost_user_trusted: bool = False
+    #: hugetlb blocks whose pages are reserved or preallocated (see hugetlb_reservations)
+    reservations: tuple[str, ...] = ()
+    #: QEMU's own migration state (QMP query-migrate "status"); None: unknown, refuses
+    qemu_migration: str | None = "none"
+    #: why the memory map could not be rebuilt after the hello ("" when it was)
+    map_error: str = ""
 
 
 def _describe_hostdev(dev: ET.Element) -> str:
@@ -110,6 +177,7 @@ def domain_facts(xml: str) -> DomainFacts:
     for disk in root.findall("devices/disk"):
         if disk.get("type") == "vhostvdpa":
             pinning.append("disk type='vhostvdpa'")
+    vhost_user = _vhost_user_devices(root)
 
     mb = root.find("memoryBacking")
     source = access = ""
@@ -138,13 +206,99 @@ def domain_facts(xml: str) -> DomainFacts:
         memballoon=balloon.get("model", "") if balloon is not None else "",
         free_page_reporting=balloon is not None and balloon.get("freePageReporting") == "on",
         launch_security=ls.get("type", "unknown") if ls is not None else "",
+        vhost_user_devices=vhost_user,
     )
+
+
+def _vhost_user_devices(root: ET.Element) -> tuple[str, ...]:
+    """Devices whose backend is another process speaking vhost-user (libvirt's forms).
+
+    Such a backend gets the guest's memory table (the memfd itself) and may map it into its
+    own VFIO container for DMA (SPDK, DPDK), which pins every page; nothing in the domain
+    XML or in QEMU tells whether it does, so the operator has to say (vhost_user_trusted).
+    """
+    found: list[str] = []
+    for iface in root.findall("devices/interface"):
+        if iface.get("type") == "vhostuser":
+            found.append(f"network interface type='vhostuser'{_alias(iface)}")
+    for disk in root.findall("devices/disk"):
+        if disk.get("type") == "vhostuser":
+            found.append(f"disk type='vhostuser'{_alias(disk)}")
+    for fs in root.findall("devices/filesystem"):
+        if fs.find("driver[@type='virtiofs']") is not None:
+            found.append(f"virtiofs filesystem (vhost-user-fs){_alias(fs)}")
+    for dev in root.findall("devices/*"):
+        if dev.tag in ("interface", "disk", "filesystem"):
+            continue
+        if dev.find("driver[@name='vhostuser']") is not None or dev.get("type") == "vhostuser":
+            found.append(f"{dev.tag} with a vhost-user backend{_alias(dev)}")
+    return tuple(found)
+
+
+def _alias(dev: ET.Element) -> str:
+    target = dev.find("target")
+    name = dev.find("alias")
+    label = (name.get("name") if name is not None else None) or \
+        (target.get("dir") or target.get("dev") if target is not None else None)
+    return f" ({label})" if label else ""
 
 
 _SHARED_HINT = (
     "to use the punch reclaimer give the domain <memoryBacking><source type='memfd'/>"
     "<access mode='shared'/></memoryBacking>"
 )
+
+
+#: query-migrate states in which no migration, postcopy or background snapshot reads or
+#: writes guest RAM. Everything else ("setup", "active", "postcopy-active",
+#: "postcopy-paused", "pre-switchover", "device", "wait-unplug", "colo", a state a newer
+#: QEMU adds) refuses.
+_QEMU_MIGRATION_IDLE = frozenset({"none", "completed", "failed", "cancelled"})
+
+
+def migration_from_qmp(answer: Any) -> str | None:
+    """The ``status`` of a QMP ``query-migrate`` answer; None when it is not one.
+
+    QEMU answers ``{}`` before any migration was ever started (its "none"). An incoming
+    migration shows here too on the destination (postcopy pages arrive while the guest
+    runs), and a background snapshot (``snapshot-save``, migration capability
+    ``background-snapshot``) is a migration to a file: libvirt's job info does not cover
+    every one of these, QEMU's own answer does.
+    """
+    if not isinstance(answer, dict):
+        return None
+    status = answer.get("status", "none")
+    return status if isinstance(status, str) and status.isprintable() else None
+
+
+def hugetlb_reservations(gmap: GuestMemoryMap | None,
+                         backings: Mapping[str, Backing]) -> tuple[str, ...]:
+    """hugetlb RAM blocks whose backend holds a reservation that a punch would drop.
+
+    A shared hugetlb mapping (memfd MFD_HUGETLB or hugetlbfs) reserves its huge pages at
+    mmap time (QEMU's ``reserve=on``, the default) and ``prealloc=on`` allocates them all;
+    that is how an operator makes sure the VM never meets an empty pool. Punching a hole
+    removes the pages *and* their reservation (hugetlbfs_punch_hole ->
+    hugetlb_unreserve_pages), so the next guest touch needs a free page from the pool
+    without one: once the pool runs dry, QEMU dies with SIGBUS. aerate cannot put the
+    reservation back without allocating the page again (which undoes the punch), so it
+    refuses these blocks instead. A block whose backend did not say (QEMU < 6.1) counts
+    as reserved.
+    """
+    if gmap is None:
+        return ()
+    out: list[str] = []
+    for name, b in sorted(backings.items()):
+        if b.page_size <= 4096 and b.kind is not BackingKind.MEMFD_HUGETLB:
+            continue
+        memdev = gmap.memdevs.get(gmap.block_memdev.get(name, ""))
+        if memdev is None:
+            out.append(f"RAM block {name} (hugetlb, its memory backend unknown)")
+        elif memdev.prealloc:
+            out.append(f"RAM block {name} (hugetlb, backend {memdev.id} prealloc=on)")
+        elif memdev.reserve is not False:
+            out.append(f"RAM block {name} (hugetlb, backend {memdev.id} reserve=on)")
+    return tuple(out)
 
 
 def _balloon_or_refuse(facts: VmFacts, why: str) -> Decision:
@@ -167,6 +321,8 @@ def decide(facts: VmFacts) -> Decision:
     dom = facts.domain
     if facts.mode not in MODES:
         return Decision(REFUSE, f"unknown mode {facts.mode!r} (expected one of {MODES})")
+    if facts.settings_error:
+        return Decision(REFUSE, facts.settings_error)
     if facts.mode == "off":
         return Decision(REFUSE, "reclaim is turned off for this VM (mode=off)")
     if dom.pinning_devices:
@@ -175,12 +331,37 @@ def decide(facts: VmFacts) -> Decision:
             f"guest RAM is pinned for device DMA by {', '.join(dom.pinning_devices)}; "
             "discarding it would break the device and leak memory",
         )
+    if facts.pinning_fd:
+        return Decision(
+            REFUSE,
+            f"QEMU holds {facts.pinning_fd}, a device that can pin guest RAM for DMA; "
+            "refused until the VM restarts without it",
+        )
+    if dom.vhost_user_devices and not facts.vhost_user_trusted:
+        return Decision(
+            REFUSE,
+            f"guest RAM is shared with vhost-user backends ({', '.join(dom.vhost_user_devices)})"
+            " that may pin it for DMA; if none of them does (e.g. virtiofsd, a DPDK without "
+            f"VFIO), set vhost_user_trusted = true under [vm.{dom.name}] in the host config "
+            "file and run 'aeratectl reload'",
+        )
     if dom.launch_security:
         return Decision(
             REFUSE, f"confidential guest ({dom.launch_security}): its RAM is pinned and encrypted"
         )
     if facts.job is None:
         return Decision(REFUSE, "cannot tell whether a migration or save is running")
+    if facts.qemu_migration is None:
+        return Decision(REFUSE, "cannot tell from QEMU (query-migrate) whether a migration, "
+                        "postcopy or background snapshot is running")
+    if facts.qemu_migration not in _QEMU_MIGRATION_IDLE:
+        return Decision(
+            REFUSE,
+            f"QEMU reports migration state {facts.qemu_migration[:40]!r} (migration, "
+            "postcopy or background snapshot); reclaim resumes after it ends",
+        )
+    if facts.map_error:
+        return Decision(REFUSE, facts.map_error)
     # Migration, save, restore, snapshot and dump read or write guest RAM wholesale; only
     # a disk backup is known to leave it alone. An unnamed job refuses too.
     if facts.job.active and facts.job.operation != "backup":
@@ -191,12 +372,6 @@ def decide(facts: VmFacts) -> Decision:
         return Decision(
             REFUSE,
             f"domain is paused for {facts.job.paused_reason}; reclaim resumes after it ends",
-        )
-    if facts.page_poison:
-        return Decision(
-            REFUSE,
-            f"the guest poisons free pages with {facts.page_poison:#x}; a discarded page "
-            "would read back as zeroes and fail its poison check",
         )
     if not facts.backings:
         return Decision(REFUSE, "the backing of guest RAM has not been proven yet")
@@ -215,6 +390,28 @@ def decide(facts: VmFacts) -> Decision:
         what = f"guest RAM is {', '.join(kinds)}"
         if facts.mode == "balloon":
             return _balloon_or_refuse(facts, f"{what} but mode=balloon")
+        if facts.reservations:
+            return Decision(
+                REFUSE,
+                f"guest RAM holds reserved huge pages: {', '.join(facts.reservations)}; "
+                "punching would drop the reservation and the VM could die of SIGBUS when "
+                "the host pool runs dry; start the memory backend with reserve=off and "
+                "without prealloc to let aerate reclaim it",
+            )
+        # Only punching needs the guest's word on poisoning (see the module docstring).
+        if facts.poison.safe is None:
+            return Decision(
+                REFUSE,
+                f"cannot tell whether the guest poisons freed pages: {facts.poison.detail}; "
+                "never punching on a guess (run an aerate-agent that reports poison_safe)",
+            )
+        if not facts.poison.safe:
+            return Decision(
+                REFUSE,
+                f"the guest poisons freed pages ({facts.poison.detail}); a discarded page "
+                "would read back as zeroes and fail its poison check; boot the guest without "
+                "page_poison to reclaim it",
+            )
         return Decision(PUNCH, f"{what}; discarding with fallocate(PUNCH_HOLE) on the backing")
     what = "guest RAM is private anonymous memory (libvirt's default)"
     if facts.mode == "punch":

@@ -161,6 +161,8 @@ class VmSession:
         # Statistics come every few seconds; a guest sending them much faster is flooding.
         self.stats_bucket = TokenBucket(rate=5.0, burst=20.0, tokens=20.0)
         self.hello: Dict[str, Any] = {}
+        #: counts hellos and session starts: what a decision made with "the hello" means
+        self.hello_gen = 0
         self.stats: Dict[str, Any] = {}
         self.last_error = ""
         self.log: List[Tuple[str, str]] = []   # (level, message) for the daemon to emit
@@ -199,6 +201,10 @@ class VmSession:
             raise RuntimeError("%s: a new session while batch %d is being discarded (S4)"
                                % (self.vm, self.job.batch))
         session = secrets.randbits(62) + 1
+        # The old hello's facts (page poisoning: host/refusal.py) must not outlive their
+        # session: until the new hello arrives, nothing the guest said counts.
+        self.hello = {}
+        self.hello_gen += 1
         self.endpoint.start(nonce=secrets.randbits(62), session=session,
                             granule=self.granule, settings=self.settings)
         self.counters.sessions += 1
@@ -256,9 +262,11 @@ class VmSession:
         while self._events and self.job is None:
             kind, payload = self._events.popleft()
             if kind == "hello":
-                self.hello = payload
+                # Bounded like stats (S5): status, the journal and permit() read it.
+                self.hello = _plain(payload, HELLO_DEPTH)
+                self.hello_gen += 1
                 self._note("info", "session up: agent %s, arena %s"
-                           % (payload.get("agent", "?"), payload.get("arena", "?")))
+                           % (_word(self.hello.get("agent")), _word(self.hello.get("arena"))))
             elif kind == "report":
                 self.job = self._report(payload)
             elif kind == "stats":
@@ -272,6 +280,9 @@ class VmSession:
             elif kind == "need-sync":
                 self._note("info", "guest agent asked for a new session (it restarted)")
                 self.connected()
+                # Everything queued behind it was parsed under the old session (its
+                # reports, pending batches and tokens are void now): drop it.
+                self._events.clear()
             elif kind == "error":
                 self._fail("guest broke the protocol: %s" % payload)
         return self.job
@@ -299,10 +310,10 @@ class VmSession:
 
         return (alive, lease)
 
-    def _refuse(self, batch: int, total: int, reason: str) -> None:
+    def _refuse(self, batch: int, total: int, reason: str, stale: bool = False) -> None:
         self.counters.refused += total
         self.last_refusal = reason
-        self.endpoint.ack(batch, discarded=0, refused=total, reason=reason)
+        self.endpoint.ack(batch, discarded=0, refused=total, reason=reason, stale=stale)
 
     def _report(self, report: Report) -> Optional[DiscardJob]:
         batch, ranges = report.batch, report.ranges
@@ -329,8 +340,10 @@ class VmSession:
             # honest guest whose report waited behind a slow daemon keeps its session.
             self.counters.lease_refused_batches += 1
             self.counters.lease_refused += total
-            self._note("warning", "batch %d refused: %s" % (batch, lease))
-            self._refuse(batch, total, lease)
+            self._note("warning", "batch %d refused: %s (if this repeats on an honest "
+                       "guest, its channel is slower than the window: raise lease_s)"
+                       % (batch, lease))
+            self._refuse(batch, total, lease, stale=True)
             return None
         decision = self.decision = self.permit()
         if decision.action != PUNCH:
@@ -352,7 +365,8 @@ class VmSession:
                           "refused_batches": c.lease_refused_batches,
                           "refused_bytes": c.lease_refused, "cut_short": c.cut_short,
                           "overruns": c.lease_overruns},
-                "agent": self.hello.get("agent"), "arena": self.hello.get("arena"),
+                "agent": _word(self.hello.get("agent")),
+                "arena": _word(self.hello.get("arena")),
                 "capabilities": _capabilities(self.hello.get("capabilities")),
                 "guest": {k: v for k, v in self.stats.items()
                           if k not in ("type", "proto", "session")},
@@ -362,6 +376,13 @@ class VmSession:
 _CAP_NAME = re.compile(r"[a-z0-9_]{1,32}")
 #: Nesting kept of a guest's stats message: stats -> engine -> counters -> value.
 STATS_DEPTH = 4
+#: Nesting kept of a hello: hello -> capabilities -> name -> detail.
+HELLO_DEPTH = 3
+
+
+def _word(value: Any) -> Optional[str]:
+    """A hello field shown as one short printable string (None when not a string)."""
+    return _text(value, 64) if isinstance(value, str) else None
 
 
 def _text(value: str, limit: int = 300) -> str:

@@ -24,7 +24,7 @@ from aerate.deploy.qemu import QEMU_BINARY, BareQemu
 from aerate.host import backing as bk
 from aerate.host import qemu_map as qm
 from aerate.host.punch import PunchRefused, punch
-from aerate.host.refusal import Decision, DomainFacts, JobInfo, VmFacts, decide
+from aerate.host.refusal import Decision, DomainFacts, JobInfo, PoisonFact, VmFacts, decide
 
 pytestmark = [pytest.mark.host, pytest.mark.timeout(120)]
 
@@ -39,6 +39,12 @@ def _require_root_and_qemu() -> None:
         pytest.skip("host tier needs root (opens /proc/<pid>/fd of QEMU, hugepage pools)")
     if QEMU is None:
         pytest.skip("qemu-system-x86_64 is not installed")
+
+
+#: These QEMUs run no guest kernel (or a stopped one): nothing poisons freed pages.
+NO_GUEST = PoisonFact(True, "bare QEMU without a guest kernel")
+#: q35 with SMM (QEMU's default): the largest TSEG is never in the map (host/qemu_map.py).
+TSEG = 16 * MIB
 
 
 @dataclass
@@ -86,7 +92,7 @@ class Vm:
 
     def permit(self) -> Decision:
         dom = DomainFacts(self.name, (), "memfd", "shared", False, False, "", False, "")
-        return decide(VmFacts(dom, JobInfo(False, "none"), self.backings))
+        return decide(VmFacts(dom, JobInfo(False, "none"), self.backings, poison=NO_GUEST))
 
 
 @pytest.fixture
@@ -212,7 +218,8 @@ def test_backing_is_proven_from_the_kernel(shared_vm: Vm) -> None:
         fs_type = "tmpfs"
     assert b.fs_type == fs_type
     assert b.file_size == 512 * MIB
-    assert shared_vm.gmap.ram_size == 512 * MIB - 0x60000  # minus the legacy 0xa0000-0xfffff
+    # minus the legacy 0xa0000-0xfffff and q35's TSEG at the top
+    assert shared_vm.gmap.ram_size == 512 * MIB - 0x60000 - TSEG
     assert shared_vm.permit().action == "punch"
 
 
@@ -245,7 +252,8 @@ def test_punch_frees_exactly_the_range_and_keeps_neighbours(shared_vm: Vm) -> No
     ("gpa", "length", "granule", "why"),
     [
         (1 * GIB, 2 * MIB, 2 * MIB, "not guest RAM"),
-        (510 * MIB, 4 * MIB, 2 * MIB, "crosses the end"),
+        (494 * MIB, 4 * MIB, 2 * MIB, "TSEG"),
+        (510 * MIB, 2 * MIB, 2 * MIB, "TSEG"),
         (0, 2 * MIB, 2 * MIB, "crosses the end"),  # 0..2M straddles the ROM/BIOS hole
         (0xC0000, 0x1000, 0x1000, "not guest RAM"),  # inside the hole
         (64 * MIB + 4096, 2 * MIB, 2 * MIB, "not aligned"),
@@ -257,14 +265,14 @@ def test_bad_ranges_are_refused_without_touching_memory(
     shared_vm: Vm, gpa: int, length: int, granule: int, why: str
 ) -> None:
     g = 2 * MIB
-    for off in (0x100000, 64 * MIB, 508 * MIB, 510 * MIB):
+    for off in (0x100000, 64 * MIB, 492 * MIB, 494 * MIB):
         shared_vm.write(off, pattern(0x5A, g))
     before = shared_vm.allocated()
     with pytest.raises(PunchRefused, match=why):
         punch(shared_vm.name, shared_vm.gmap, shared_vm.backings, gpa, length, granule,
               shared_vm.permit)
     assert shared_vm.allocated() == before
-    for off in (0x100000, 64 * MIB, 508 * MIB, 510 * MIB):
+    for off in (0x100000, 64 * MIB, 492 * MIB, 494 * MIB):
         assert shared_vm.read(off, g) == pattern(0x5A, g)
 
 
@@ -292,7 +300,8 @@ def test_refused_decision_blocks_the_punch(scratch: str) -> None:
 
         def migrating() -> Decision:
             dom = DomainFacts(vm.name, (), "memfd", "shared", False, False, "", False, "")
-            return decide(VmFacts(dom, JobInfo(True, "migration-out"), vm.backings))
+            return decide(VmFacts(dom, JobInfo(True, "migration-out"), vm.backings,
+                                  poison=NO_GUEST))
 
         with pytest.raises(PunchRefused, match="migration-out job is running"):
             punch(vm.name, vm.gmap, vm.backings, 64 * MIB, 2 * MIB, 2 * MIB, migrating)
@@ -476,7 +485,7 @@ def test_libvirt_domain_is_mapped_and_punched(lv: Any, lv_domain: str) -> None:
     assert lv.job_info(name) == JobInfo(False, "none", "")
 
     gmap = qm.build_map(qm.gather(lv.qmp_function(name)))
-    assert sum(r.length for r in gmap.ranges if r.gpa_start >= MIB) == 255 * MIB
+    assert sum(r.length for r in gmap.ranges if r.gpa_start >= MIB) == 255 * MIB - TSEG
     backings = bk.resolve(pid, gmap, lv.hmp_function(name))
     (b,) = backings.values()
     assert b.kind == bk.BackingKind.MEMFD_SHARED, b.reason
@@ -485,7 +494,8 @@ def test_libvirt_domain_is_mapped_and_punched(lv: Any, lv_domain: str) -> None:
     from aerate.host.refusal import domain_facts
 
     def permit() -> Decision:
-        return decide(VmFacts(domain_facts(lv.domain_xml(name)), lv.job_info(name), backings))
+        return decide(VmFacts(domain_facts(lv.domain_xml(name)), lv.job_info(name), backings,
+                              poison=NO_GUEST))
 
     assert permit().action == "punch", permit().reason
     assert "memfd" in xml

@@ -18,7 +18,9 @@ Used by tests/unit/test_isolation.py and tests/perf/bench_daemon.py:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -76,6 +78,19 @@ def new_vm(name: str, sock_dir: str) -> SimVm:
                           blocks={"pc.ram": RamBlockInfo("pc.ram", 4096, 0, RAM, RAM)},
                           memdevs={})
     return SimVm(name, os.path.join(sock_dir, f"{name}.sock"), fd, backing, gmap)
+
+
+_STAND_IN: List[subprocess.Popen[bytes]] = []
+
+
+def _stand_in_qemu() -> int:
+    """The pid of one idle child process (started on first use, killed at exit)."""
+    if not _STAND_IN:
+        proc = subprocess.Popen(["sleep", "86400"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _STAND_IN.append(proc)
+        atexit.register(proc.kill)
+    return _STAND_IN[0].pid
 
 
 class FakeLibvirt:
@@ -155,6 +170,25 @@ class FakeLibvirt:
                 length=RAM)}
         return vm.gmap, {"pc.ram": vm.backing}
 
+    def guest_map(self, name: str) -> GuestMemoryMap:
+        """The simulated VM's map (rebuilt after each hello by the daemon)."""
+        return self._enter(name, "guest_map").gmap
+
+    def qemu_pid(self, name: str) -> int:
+        """A ``sleep`` child stands in for the QEMU whose fds the pinning scan reads before
+        and after every slice: a process with a handful of fds, like a QEMU (this test
+        process, with a socket and a memfd per simulated VM, would make each scan cost
+        what a thousand QEMUs' would)."""
+        self._enter(name, "qemu_pid")
+        return _stand_in_qemu()
+
+    def qmp(self, name: str, command: str, arguments: Any = None) -> Any:
+        """Only ``query-migrate``: no migration ever started (QEMU answers {})."""
+        self._enter(name, "qmp")
+        if command != "query-migrate":
+            raise DomainError(f"VM {name}: the fake libvirt has no QMP {command!r}")
+        return {}
+
     def balloon_info(self, name: str) -> Tuple[int, int]:
         """(actual, maximum) as last set."""
         self._enter(name, "balloon_info")
@@ -210,7 +244,10 @@ class SimGuest:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ep = GuestEndpoint({"agent": "sim", "arena": "memfd", "page_size": 4096,
-                            "capabilities": {}})
+                            # What the real agent says in a guest without page
+                            # poisoning (without it the daemon never punches).
+                            "capabilities": {"poison_safe": {
+                                "available": True, "detail": "simulated: no poisoning"}}})
         self.ep, self.writer = ep, writer
         self._writers.append(writer)
         ticker = asyncio.get_running_loop().create_task(self._tick(ep, writer))

@@ -53,3 +53,18 @@ def test_corrupt_metadata_names_the_vm() -> None:
         c.metadata_from_xml("<settings><setting name='hwm'>lots</setting></settings>", "vm7")
     with pytest.raises(c.ConfigError, match="VM vm7: aerate metadata is not XML"):
         c.metadata_from_xml("<settings", "vm7")
+
+
+def test_host_scope_keys_never_come_from_metadata() -> None:
+    xml = '<settings><setting name="vhost_user_trusted">true</setting></settings>'
+    with pytest.raises(c.ConfigError, match="host-scope setting, read only from the host"):
+        c.metadata_from_xml(xml, "web01")
+    # In the host file they are fine.
+    cfg = c.parse("[vm.web01]\nvhost_user_trusted = true\n")
+    assert cfg.layers_for("web01")[1] == {"vhost_user_trusted": True}
+
+
+def test_stored_entries_are_kept_as_text_whatever_they_say() -> None:
+    xml = '<settings><setting name="hwmm">3</setting><setting name="hwm">x</setting></settings>'
+    assert c.metadata_entries(xml, "vm") == {"hwmm": "3", "hwm": "x"}
+    assert c.metadata_entries(None, "vm") == {}

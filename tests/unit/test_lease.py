@@ -85,7 +85,8 @@ def test_report_under_a_stale_token_is_refused_and_the_session_stays() -> None:
     assert st_["lease"]["refused_batches"] == 1 and st_["lease"]["refused_bytes"] == MiB2
     assert "lease token 1 expired" in st_["last_refusal"]
     assert any("refused: lease token 1 expired" in m for _, m in s.log)
-    assert g.receive(s.take_outbox()) == [("release", (b, 0, MiB2))]
+    # Acked as stale: the guest returns the pages without counting a policy refusal.
+    assert g.receive(s.take_outbox()) == [("release", (b, 0, 0))]
 
 
 @pytest.mark.parametrize("token, why", [(None, "carries no lease token"),
@@ -333,3 +334,48 @@ def test_window_is_checked_before_every_slice_not_only_on_arrival() -> None:
     assert done == [0, 4 * MiB2]
     assert g.receive(s.take_outbox()) == [("release", (b, 2 * MiB2, MiB2))]
     assert "lease token 1 expired" in s.status()["last_refusal"]
+
+
+def test_the_host_measures_leases_on_a_clock_that_counts_a_host_suspend() -> None:
+    """Review finding: CLOCK_MONOTONIC stops while the host is suspended, a KVM guest's
+    clock jumps forward on resume, so a monotonic host window would still be open when the
+    guest's lease has run out. The host's default lease clock is CLOCK_BOOTTIME."""
+    import time as _time
+    host = p.HostEndpoint()
+    assert host.clock is p.boottime
+    assert abs(p.boottime() - _time.clock_gettime(_time.CLOCK_BOOTTIME)) < 0.5
+    # The scenario on simulated clocks: a suspend of 30 s; the guest's clock jumped, and the
+    # host's boot-time clock counted it too, so the report is refused.
+    s, g, hc, gc, calls = pair()
+    g.report([(0, MiB2)])
+    gc.t += 30.0
+    assert [k for k, _ in g.expire()] == ["release"]   # the guest took its pages back
+    hc.t += 30.0                                        # CLOCK_BOOTTIME counted the suspend
+    s.receive(g.take_outbox())
+    assert calls == []
+
+
+def test_a_need_sync_voids_the_reports_queued_behind_it() -> None:
+    """Review finding: reports parsed under the old session in the same read as a
+    need-sync must not reach the new session (they were served under a predictable token,
+    or crashed the runner on the ack of a batch the new session did not know)."""
+    s, g, _, _, calls = pair()
+    fresh = p.GuestEndpoint({"agent": "restarted"})
+    fresh.request_sync()
+    assert g.token is not None
+    predicted = g.token.token + 1   # what the new sync's token will be
+    line = p.encode({"type": "report", "session": s.endpoint.session, "batch": 1,
+                     "token": predicted, "ranges": [[0, MiB2]]})
+    s.receive(fresh.take_outbox() + line)
+    assert calls == [] and s.endpoint.pending == {}
+    assert s.state is p.HostState.SYNCING
+
+
+def test_a_lease_refusal_does_not_make_the_guest_back_off() -> None:
+    """Review finding: a report that lost the race against its window is refused as
+    stale: the guest returns the pages without counting a policy refusal."""
+    s, g, hc, _, _ = pair()
+    b = g.report([(0, MiB2)])
+    hc.t += 1.5
+    s.receive(g.take_outbox())
+    assert g.receive(s.take_outbox()) == [("release", (b, 0, 0))]

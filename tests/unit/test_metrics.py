@@ -22,6 +22,15 @@ def test_exposition_carries_per_vm_figures() -> None:
     assert 'aerate_session_running{reclaimer="punch",vm="web01"} 1.0' in text
     assert 'aerate_session_running{reclaimer="-",vm="db"} 0.0' in text
     assert 'aerate_guest_aerated_bytes{vm="web01"} 6.291456e+06' in text
+    assert "aerate_refused{" not in text
+
+
+def test_a_refused_vm_shows_its_reason() -> None:
+    status = [{"vm": "web01", "state": "running", "reclaimer": "refuse",
+               "reason": "the guest poisons freed pages (page_poison=1)"}]
+    text = generate_latest(registry(lambda: status)).decode()
+    assert ('aerate_refused{reason="the guest poisons freed pages (page_poison=1)",'
+            'vm="web01"} 1.0') in text
 
 
 @pytest.mark.parametrize("text", ["0.0.0.0:9848", "10.1.2.3:80", "9848"])

@@ -5,6 +5,7 @@ Captures live in tests/data/qemu/<case>/ and are re-made by tests/data/qemu/capt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,8 @@ pytestmark = pytest.mark.unit
 DATA = Path(__file__).resolve().parent.parent / "data" / "qemu"
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 CASES = sorted(p.name for p in DATA.iterdir() if (p / "mtree-f.txt").exists())
+#: q35 with SMM (QEMU 7.2's default, smm=auto): the largest TSEG, extended-tseg-mbytes=16.
+TSEG = 16 * MIB
 PROC_CASES = sorted(c for c in CASES if (DATA / c / "smaps-large.txt").exists())
 
 
@@ -33,6 +36,7 @@ def facts(case: str) -> qm.QemuMemoryFacts:
         mtree_flat=(d / "mtree-f.txt").read_text(),
         mtree=(d / "mtree.txt").read_text(),
         ramblock=(d / "ramblock.txt").read_text(),
+        machine=json.loads((d / "smm.json").read_text()),
     )
 
 
@@ -73,8 +77,9 @@ def test_ranges_are_sorted_disjoint_and_inside_their_blocks(case: str) -> None:
 def test_ram_sums_to_machine_ram_minus_the_legacy_window(case: str) -> None:
     m = gmap(case)
     # 0xa0000-0xfffff (VGA, option ROMs, BIOS; remapped by the guest's chipset at run
-    # time) is never counted; everything else QEMU calls machine RAM is.
-    assert m.ram_size == machine_ram(case) - 0x60000
+    # time) is never counted, nor q35's TSEG; everything else QEMU calls machine RAM is.
+    tseg = TSEG if "q35" in case else 0
+    assert m.ram_size == machine_ram(case) - 0x60000 - tseg
     assert m.ranges[0] == qm.RamRange(0, 0xA0000, m.ranges[0].block_name, 0)
     assert m.ranges[1].gpa_start == MIB and m.ranges[1].block_offset == MIB
     assert not any(r.gpa_start < MIB <= r.gpa_end and r.gpa_start != 0 for r in m.ranges)
@@ -97,14 +102,16 @@ def test_ram_above_4g_continues_the_block_at_below_4g(case: str, below_4g: int,
     assert hi.block_offset == below_4g
     assert hi.length == 5 * GIB - below_4g
     below = [r for r in m.ranges if r.gpa_start < 4 * GIB]
-    assert below[-1].gpa_end == below_4g
-    # The PCI hole between them is not RAM.
+    top = below_4g - (TSEG if "q35" in case else 0)
+    assert below[-1].gpa_end == top
+    # The PCI hole between them is not RAM, nor q35's TSEG below it.
     assert not qm.contains(m, below_4g, 2 * MIB, 2 * MIB)
-    assert not qm.contains(m, below_4g - 2 * MIB, 4 * MIB, 2 * MIB)
+    assert not qm.contains(m, top - 2 * MIB, 4 * MIB, 2 * MIB)
+    assert not qm.contains(m, top, 2 * MIB, 2 * MIB)
     p = qm.locate(m, 4 * GIB, 2 * MIB, 2 * MIB)
     assert (p.block_name, p.block_offset) == (block, below_4g)
-    p = qm.locate(m, below_4g - 2 * MIB, 2 * MIB, 2 * MIB)
-    assert (p.block_name, p.block_offset) == (block, below_4g - 2 * MIB)
+    p = qm.locate(m, top - 2 * MIB, 2 * MIB, 2 * MIB)
+    assert (p.block_name, p.block_offset) == (block, top - 2 * MIB)
 
 
 def test_numa_node_straddling_low_memory_end_is_split() -> None:
@@ -113,7 +120,7 @@ def test_numa_node_straddling_low_memory_end_is_split() -> None:
               for r in m.ranges if r.gpa_start >= MIB]
     assert pieces == [
         ("0x100000", "0x3ff00000", "ram-node0", "0x100000"),
-        ("0x40000000", "0x40000000", "ram-node1", "0x0"),
+        ("0x40000000", "0x3f000000", "ram-node1", "0x0"),  # TSEG: the top 16 MiB
         ("0x100000000", "0x40000000", "ram-node1", "0x40000000"),
     ]
     # Adjacent in GPA but two blocks: a range across the node boundary is refused.
@@ -158,10 +165,16 @@ def test_backend_types_come_from_qom() -> None:
 
 def test_one_gib_pages_refuse_smaller_ranges() -> None:
     m = gmap("q35-2g-memfd-hugetlb1g")
-    p = qm.locate(m, GIB, GIB, 2 * MIB)
-    assert (p.block_offset, p.page_size) == (GIB, GIB)
+    # The second GiB holds q35's TSEG at its top: never a whole page either.
+    with pytest.raises(qm.RangeRejected, match="TSEG"):
+        qm.locate(m, GIB, GIB, 2 * MIB)
     with pytest.raises(qm.RangeRejected, match="0x40000000-byte pages"):
         qm.locate(m, GIB, 2 * MIB, 2 * MIB)
+    # Without SMM the same page is whole guest RAM.
+    f = facts("q35-2g-memfd-hugetlb1g")
+    no_smm = qm.build_map(dataclasses.replace(f, machine=dict(f.machine or {}, smm="off")))
+    p = qm.locate(no_smm, GIB, GIB, 2 * MIB)
+    assert (p.block_offset, p.page_size) == (GIB, GIB)
     # The first GiB holds the legacy hole: never a whole page.
     with pytest.raises(qm.RangeRejected, match="crosses the end"):
         qm.locate(m, 0, GIB, GIB)
@@ -205,7 +218,8 @@ def test_pam_shadowed_bios_is_never_ram() -> None:
         (64 * MIB, 3 * MIB, 3 * MIB, "not a power of two"),
         (64 * MIB, 2 * MIB, 0, "not a power of two"),
         (GIB, 2 * MIB, 2 * MIB, "not guest RAM"),
-        (GIB - 2 * MIB, 4 * MIB, 2 * MIB, "crosses the end"),
+        (GIB - TSEG - 2 * MIB, 4 * MIB, 2 * MIB, "TSEG"),
+        (GIB - 2 * MIB, 2 * MIB, 2 * MIB, "TSEG window 0x3f000000-0x3fffffff"),
         (0, 2 * MIB, 2 * MIB, "crosses the end"),
         (0xFEE00000, 4096, 4096, "not guest RAM"),
     ],
@@ -220,7 +234,8 @@ def test_libvirt_started_guest_maps_like_plain_qemu() -> None:
     m = gmap("libvirt-q35-256m-memfd-running")
     p = qm.locate(m, 128 * MIB, 2 * MIB, 2 * MIB)
     assert (p.block_name, p.block_offset, p.page_size) == ("pc.ram", 128 * MIB, 4 * KIB)
-    assert qm.contains(m, 254 * MIB, 2 * MIB, 2 * MIB)
+    assert qm.contains(m, 256 * MIB - TSEG - 2 * MIB, 2 * MIB, 2 * MIB)
+    assert not qm.contains(m, 254 * MIB, 2 * MIB, 2 * MIB)  # TSEG
     assert not qm.contains(m, 256 * MIB, 2 * MIB, 2 * MIB)
 
 
@@ -271,12 +286,12 @@ def test_missing_pieces_of_evidence_raise_map_error() -> None:
     no_alias = f.mtree.replace("alias ram-below-4g", "alias something-else")
     with pytest.raises(qm.MapError, match="ram-below-4g"):
         qm.build_map(qm.QemuMemoryFacts(f.query_memdev, f.qom_objects, f.memory_devices,
-                                        f.mtree_flat, no_alias, f.ramblock))
+                                        f.mtree_flat, no_alias, f.ramblock, f.machine))
     with pytest.raises(qm.MapError, match="no RAM blocks"):
         qm.parse_ramblocks("")
     with pytest.raises(qm.MapError, match="no memory backend"):
         qm.build_map(qm.QemuMemoryFacts([], f.qom_objects, f.memory_devices, f.mtree_flat,
-                                        f.mtree, f.ramblock))
+                                        f.mtree, f.ramblock, f.machine))
 
 
 def test_memdev_of_a_non_ram_device_is_excluded() -> None:
@@ -284,7 +299,7 @@ def test_memdev_of_a_non_ram_device_is_excluded() -> None:
     f = facts("q35-1g-dimm-memfd")
     devices = [dict(d, type="nvdimm") for d in f.memory_devices]
     m = qm.build_map(qm.QemuMemoryFacts(f.query_memdev, f.qom_objects, devices, f.mtree_flat,
-                                        f.mtree, f.ramblock))
+                                        f.mtree, f.ramblock, f.machine))
     assert "dimm0" not in m.blocks
     assert not qm.contains(m, 4 * GIB, 2 * MIB, 2 * MIB)
 
@@ -299,11 +314,17 @@ def test_gather_asks_qemu_the_right_questions() -> None:
         ("human-monitor-command", "info mtree"): f.mtree,
         ("human-monitor-command", "info ramblock"): f.ramblock,
     }
+    assert f.machine is not None
+    for prop, value in f.machine.items():
+        path = "/machine/q35/mch" if prop == "extended-tseg-mbytes" else "/machine"
+        answers[("qom-get", f"{path}:{prop}")] = value
 
     def qmp(cmd: str, args: object) -> object:
         key = None
         if isinstance(args, dict):
             key = args.get("command-line", args.get("path"))
+            if "property" in args:
+                key = f"{key}:{args['property']}"
         return answers[(cmd, key)]
 
     assert qm.gather(qmp) == f
@@ -385,3 +406,43 @@ def test_mountinfo_maps_devices_to_filesystem_types() -> None:
 def test_gpa2hva_errors_are_not_guessed() -> None:
     with pytest.raises(bk.BackingError, match="unexpected answer"):
         bk.parse_gpa2hva("No memory is mapped at address 0x100000000")
+
+
+@pytest.mark.parametrize(("machine", "words"), [
+    (None, "not asked"),
+    ({"type": ""}, "unexpected answer"),
+    ({"type": "pc-q35-7.2-machine", "smm": "maybe"}, "smm: unexpected"),
+    ({"type": "pc-q35-7.2-machine", "smm": "on"}, "extended-tseg-mbytes"),
+    ({"type": "pc-q35-7.2-machine", "smm": "on", "extended-tseg-mbytes": "16"},
+     "extended-tseg-mbytes"),
+])
+def test_unknown_smm_facts_refuse_the_map(machine: dict[str, object] | None,
+                                          words: str) -> None:
+    f = facts("q35-1g-memfd")
+    with pytest.raises(qm.MapError, match=words):
+        qm.build_map(dataclasses.replace(f, machine=machine))
+
+
+def test_tseg_is_excluded_before_the_firmware_sets_it_up() -> None:
+    """The stopped capture (no firmware ran: no tseg-blackhole in the flat view) still
+    leaves out the largest TSEG the MCH allows: max(8 MiB, extended-tseg-mbytes)."""
+    f = facts("q35-1g-memfd")
+    assert "tseg" not in f.mtree_flat
+    m = qm.build_map(f)
+    assert not qm.contains(m, GIB - TSEG, 2 * MIB, 2 * MIB)
+    assert qm.contains(m, GIB - TSEG - 2 * MIB, 2 * MIB, 2 * MIB)
+    # A guest may report it (SeaBIOS never made it SMRAM): refused, not hostile.
+    assert qm.may_report(m, GIB - TSEG, TSEG, 2 * MIB)
+    assert not qm.may_report(m, GIB, 2 * MIB, 2 * MIB)
+    assert not qm.may_report(m, GIB - 2 * MIB, 4 * MIB, 2 * MIB)
+    big = qm.build_map(dataclasses.replace(f, machine=dict(f.machine or {},
+                                                           **{"extended-tseg-mbytes": 48})))
+    assert not qm.contains(big, GIB - 48 * MIB, 2 * MIB, 2 * MIB)
+    assert qm.contains(big, GIB - 50 * MIB, 2 * MIB, 2 * MIB)
+    small = qm.build_map(dataclasses.replace(f, machine=dict(f.machine or {},
+                                                             **{"extended-tseg-mbytes": 0})))
+    assert not qm.contains(small, GIB - 8 * MIB, 2 * MIB, 2 * MIB)
+    assert qm.contains(small, GIB - 10 * MIB, 2 * MIB, 2 * MIB)
+    # pc (i440fx) has no TSEG: its SMRAM is the legacy window, left out anyway.
+    pc = gmap("pc-1g-ram-shared")
+    assert qm.contains(pc, GIB - 2 * MIB, 2 * MIB, 2 * MIB)

@@ -19,15 +19,19 @@ from aerate.host.refusal import (
     Decision,
     DomainFacts,
     JobInfo,
+    PoisonFact,
     VmFacts,
     decide,
     domain_facts,
+    poison_from_hello,
 )
 
 pytestmark = pytest.mark.unit
 
 XML = Path(__file__).resolve().parent.parent / "data" / "qemu" / "libvirt"
 IDLE = JobInfo(active=False, operation="none")
+#: What agent/capabilities.py tells for a guest that does not poison freed pages.
+SAFE = PoisonFact(True, "no page poisoning and no init_on_free: freed pages keep old data")
 
 
 def dom(case: str) -> DomainFacts:
@@ -47,6 +51,7 @@ def backing(kind: BackingKind, block: str = "pc.ram") -> Backing:
 def facts(case: str, kind: BackingKind = BackingKind.MEMFD_SHARED, **kw: object) -> VmFacts:
     base: dict[str, object] = {
         "domain": dom(case), "job": IDLE, "backings": {"pc.ram": backing(kind)},
+        "poison": SAFE,
     }
     base.update(kw)
     return VmFacts(**base)  # type: ignore[arg-type]
@@ -164,7 +169,12 @@ def test_disk_backup_and_user_pause_do_not_refuse() -> None:
         ({"backings": {}}, "not been proven"),
         ({"mode": "off"}, "mode=off"),
         ({"mode": "fast"}, "unknown mode"),
-        ({"page_poison": 0xAA}, "poisons free pages with 0xaa"),
+        ({"poison": PoisonFact(False, "page_poison=1: freed pages are filled with 0xaa")},
+         "poisons freed pages (page_poison=1: freed pages are filled with 0xaa)"),
+        ({"poison": PoisonFact(None, "no hello from the guest agent yet")},
+         "cannot tell whether the guest poisons freed pages: no hello"),
+        ({"settings_error": "VM x metadata: unknown setting 'hwmm'"}, "unknown setting 'hwmm'"),
+        ({"pinning_fd": "/dev/vfio/12 (fd 40 of pid 7)"}, "QEMU holds /dev/vfio/12"),
     ],
 )
 def test_missing_or_blocking_facts_refuse(kw: dict[str, object], words: str) -> None:
@@ -172,8 +182,46 @@ def test_missing_or_blocking_facts_refuse(kw: dict[str, object], words: str) -> 
     assert d.action == REFUSE and words in d.reason
 
 
-def test_zero_poison_is_harmless() -> None:
-    assert decide(facts("memfd-shared.live", page_poison=0)).action == PUNCH
+def test_zero_filling_on_free_is_harmless() -> None:
+    zero = PoisonFact(True, "init_on_free=1: freed pages are zero-filled")
+    assert decide(facts("memfd-shared.live", poison=zero)).action == PUNCH
+
+
+def test_poisoning_does_not_stop_the_balloon() -> None:
+    # The balloon driver gives pages up on purpose and re-poisons them when it takes them
+    # back; only an outside discard of a page the guest still counts as free breaks it.
+    poisoned = PoisonFact(False, "page_poison=1")
+    d = decide(facts("private.inactive", BackingKind.ANON_PRIVATE, poison=poisoned,
+                     balloon_available=True))
+    assert d.action == BALLOON
+
+
+def _hello(cap: object) -> dict[str, object]:
+    return {"agent": "0.1", "capabilities": {"poison_safe": cap}}
+
+
+@pytest.mark.parametrize(
+    ("hello", "safe", "words"),
+    [
+        (None, None, "no hello"),
+        ({}, None, "no hello"),
+        ({"agent": "0.0"}, None, "no poison_safe capability"),
+        ({"agent": "0.1", "capabilities": "all"}, None, "no poison_safe capability"),
+        (_hello("yes"), None, "no poison_safe capability"),
+        (_hello({"available": "true"}), None, "malformed poison_safe"),
+        (_hello({"available": 1}), None, "malformed poison_safe"),
+        (_hello({}), None, "malformed poison_safe"),
+        (_hello({"available": False, "detail": "page_poison=1\x1b[2J"}), False,
+         "page_poison=1?[2J"),
+        (_hello({"available": True, "detail": ["x"]}), True, ""),
+    ],
+)
+def test_poisoning_fact_from_a_hello(hello: dict[str, object] | None, safe: bool | None,
+                                     words: str) -> None:
+    fact = poison_from_hello(hello)
+    assert fact.safe is safe and words in fact.detail and fact.detail.isprintable()
+    expect = PUNCH if safe else REFUSE
+    assert decide(facts("memfd-shared.live", poison=fact)).action == expect
 
 
 def test_one_unproven_block_refuses_the_vm() -> None:
@@ -222,3 +270,48 @@ def test_job_info_from_libvirt_answers() -> None:
     assert not job_from_stats({"type": 3, "operation": 5}, running).active
     paused_postcopy = (3, 12)
     assert job_from_stats({"type": 0}, paused_postcopy).paused_reason == "postcopy"
+
+
+_VHOST_USER = {
+    "nic": ("<interface type='vhostuser'><source type='unix' path='/run/v.sock' "
+            "mode='client'/><model type='virtio'/><alias name='net1'/></interface>",
+            "network interface type='vhostuser' (net1)"),
+    "disk": ("<disk type='vhostuser' device='disk'><driver name='qemu' type='raw'/>"
+             "<source type='unix' path='/run/spdk.sock'/><target dev='vdb' bus='virtio'/>"
+             "</disk>", "disk type='vhostuser' (vdb)"),
+    "virtiofs": ("<filesystem type='mount' accessmode='passthrough'><driver type='virtiofs'/>"
+                 "<source dir='/srv'/><target dir='share'/></filesystem>",
+                 "virtiofs filesystem (vhost-user-fs) (share)"),
+    "gpu": ("<video><model type='virtio'/><driver name='vhostuser'/></video>",
+            "video with a vhost-user backend"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_VHOST_USER))
+def test_vhost_user_backends_refuse_unless_trusted(case: str) -> None:
+    xml, words = _VHOST_USER[case]
+    live = (XML / "memfd-shared.live.xml").read_text().replace("</devices>", xml + "</devices>")
+    d = domain_facts(live)
+    assert d.vhost_user_devices == (words,) and d.pinning_devices == ()
+    dec = decide(VmFacts(d, IDLE, {"pc.ram": backing(BackingKind.MEMFD_SHARED)}, poison=SAFE))
+    assert dec.action == REFUSE and words in dec.reason and "vhost_user_trusted" in dec.reason
+    dec = decide(VmFacts(d, IDLE, {"pc.ram": backing(BackingKind.MEMFD_SHARED)}, poison=SAFE,
+                         vhost_user_trusted=True))
+    assert dec.action == PUNCH
+
+
+def test_plain_domains_have_no_vhost_user_devices() -> None:
+    for path in XML.glob("*.xml"):
+        assert domain_facts(path.read_text()).vhost_user_devices == (), path.name
+
+
+def test_confidential_guests_and_kernel_reporting_are_read_from_the_xml() -> None:
+    live = (XML / "memfd-shared.live.xml").read_text()
+    sev = domain_facts(live.replace("</domain>", "<launchSecurity type='sev'><cbitpos>47"
+                                    "</cbitpos></launchSecurity></domain>"))
+    assert sev.launch_security == "sev"
+    d = decide(VmFacts(sev, IDLE, {"pc.ram": backing(BackingKind.MEMFD_SHARED)}, poison=SAFE))
+    assert d.action == REFUSE and "confidential guest (sev)" in d.reason
+    fpr = domain_facts(live.replace("<memballoon model='virtio'",
+                                    "<memballoon model='virtio' freePageReporting='on'"))
+    assert fpr.free_page_reporting and not domain_facts(live).free_page_reporting

@@ -212,3 +212,20 @@ def test_a_discard_off_the_loop_freezes_the_session_until_it_is_finished() -> No
     assert b'"type":"ack"' in out and b'"type":"sync"' in out
     assert out.index(b'"type":"ack"') < out.index(b'"type":"sync"')
     assert s.endpoint.session != session and s.status()["discarded_bytes"] == MiB2
+
+
+def test_hostile_hello_is_bounded_like_stats() -> None:
+    """S5: the hello's agent/arena strings reach the journal and status; nested or
+    escape-laden values are cut, and the old hello does not outlive its session."""
+    s, _, _ = make(hello={"agent": "\x1b]0;pwned\x07" + "v" * 500, "arena": _nested(950),
+                          "capabilities": {"poison_safe": {"available": True,
+                                                           "detail": _nested(900)}},
+                          "extra": {"k%d" % i: _nested(50) for i in range(200)}})
+    st = s.status()
+    assert st["agent"].isprintable() and len(st["agent"]) <= 64 and st["arena"] is None
+    assert all(msg.isprintable() and len(msg) < 300 for _, msg in s.log)
+    assert len(s.hello["extra"]) == 64
+    json.dumps(st)
+    format_status({"vms": [st]})
+    s.connected()
+    assert s.hello == {}

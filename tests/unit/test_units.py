@@ -63,3 +63,15 @@ def test_the_daemon_unit_has_a_watchdog() -> None:
     # The loop's pings are tested in tests/unit/test_isolation.py (notify socket).
     m = re.search(r"^WatchdogSec=(\d+)s$", (UNITS / "aerated.service").read_text(), re.M)
     assert m and 10 <= int(m.group(1)) <= 120, "aerated.service needs WatchdogSec="
+
+
+def test_the_agent_is_given_time_to_wait_out_its_leases_on_stop() -> None:
+    """S2 on stop: systemd must not SIGKILL the agent while a lease still runs (with the
+    memfd fallback on systemd < 254 that would free pages a report may still name)."""
+    from aerate.agent.cycle import LEASE_MAX_S
+    from aerate.agent.service import STOP_LIMIT
+
+    text = (UNITS / "aerate-agent.service").read_text()
+    m = re.search(r"^TimeoutStopSec=(\d+)s$", text, re.M)
+    assert m, "aerate-agent.service sets no TimeoutStopSec="
+    assert int(m.group(1)) > STOP_LIMIT > LEASE_MAX_S

@@ -84,16 +84,17 @@ class HostdevXmlConnection(LibvirtConnection):
 
 
 def with_daemon(run_dir: Path, vm: str, hostdev: bool,
-                body: Callable[[DaemonView], T]) -> T:
+                body: Callable[[DaemonView], T], config: str = CONFIG) -> T:
     """Run the real ``Daemon`` (serving only ``vm``) while ``body`` runs in a thread.
 
     The daemon's loop runs in the main thread, as in ``aerated``: ``Daemon.serve`` installs
     signal handlers, which only the main thread may do. With ``hostdev`` the daemon's
     libvirt connection is a :class:`HostdevXmlConnection`; without it, the real class.
+    ``config`` is the host config file's text.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = run_dir / "aerated.toml"
-    config.write_text(CONFIG)
+    config_file = run_dir / "aerated.toml"
+    config_file.write_text(config)
     handle = DaemonView(run_dir, run_dir / "aerated.log")
     handler = logging.FileHandler(handle.log)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -108,7 +109,7 @@ def with_daemon(run_dir: Path, vm: str, hostdev: bool,
             if hostdev:
                 mp.setattr(daemon_mod, "LibvirtConnection",
                            functools.partial(HostdevXmlConnection, vm=vm))
-            daemon = daemon_mod.Daemon(URI, str(config), str(run_dir), None, (vm,))
+            daemon = daemon_mod.Daemon(URI, str(config_file), str(run_dir), None, (vm,))
         assert isinstance(daemon.conn, HostdevXmlConnection) == hostdev
         serving = asyncio.create_task(daemon.serve())
         try:

@@ -34,7 +34,9 @@ def settled(d: Aerated, name: str) -> dict[str, Any]:
     return {}
 
 
-@pytest.fixture(scope="module", params=["memfd", "hugetlbfs"])
+# hugetlbfs is not here: libvirt preallocates hugepage RAM (and QEMU reserves it), so aerated
+# refuses it since issue 9 (a punch would drop the reservation): tests/vm/test_reserved_hugetlb.py.
+@pytest.fixture(scope="module", params=["memfd"])
 def setup(request: pytest.FixtureRequest, guest_image: GuestImage,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Aerated, Guest]]:
     run = tmp_path_factory.mktemp(f"aerated-{request.param}")

@@ -153,6 +153,15 @@ def large_smaps(pid: int, floor: int = 16 * MIB) -> str:
     return "".join(keep)
 
 
+def smm_facts(qmp: Any) -> dict[str, Any]:
+    """What host/qemu_map.py gather asks about SMM/TSEG (machine type, smm, MCH TSEG)."""
+    out = {p: qmp("qom-get", {"path": "/machine", "property": p}) for p in ("type", "smm")}
+    if "q35" in str(out["type"]):
+        out["extended-tseg-mbytes"] = qmp("qom-get", {"path": "/machine/q35/mch",
+                                                      "property": "extended-tseg-mbytes"})
+    return out
+
+
 def capture(case: str) -> None:
     scratch = tempfile.mkdtemp(prefix="aerate-capture-")
     args, hp, run = case_args(case, scratch)
@@ -195,6 +204,7 @@ def capture(case: str) -> None:
             except RuntimeError as exc:
                 machine[prop] = {"error": str(exc)}
         dump("machine.json", machine)
+        dump("smm.json", smm_facts(qmp))
         dump("query-memory-devices.json", qmp("query-memory-devices"))
         dump("query-memory-size-summary.json", qmp("query-memory-size-summary"))
         (out / "mtree-f.txt").write_text(qmp.hmp("info mtree -f"))
@@ -351,6 +361,7 @@ def capture_libvirt() -> None:
         dump("qom-objects.json", qmp("qom-list", {"path": "/objects"}))
         dump("query-memory-devices.json", qmp("query-memory-devices"))
         dump("query-memory-size-summary.json", qmp("query-memory-size-summary"))
+        dump("smm.json", smm_facts(qmp))
         for fname, line in (("mtree-f.txt", "info mtree -f"), ("mtree.txt", "info mtree"),
                             ("ramblock.txt", "info ramblock")):
             (live / fname).write_text(virsh("qemu-monitor-command", "--hmp", name, line))
