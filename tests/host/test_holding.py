@@ -83,7 +83,7 @@ def agent_env(tmp_path: Path) -> Iterator[Dict[str, Any]]:
 
 
 def reported_pfns(host: Host) -> List[int]:
-    return [gpa // 4096 + i * 512 for _, ranges in host.reports for gpa, n in ranges
+    return [gpa // 4096 + i * 512 for r in host.reports for gpa, n in r.ranges
             for i in range(n // (2 << 20))]
 
 
