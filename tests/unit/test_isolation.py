@@ -288,3 +288,19 @@ def test_watchdog_pings_and_status_lines_come_from_the_loop(
             sock.close()
 
     run(tmp_path, body, names=("A",))
+
+
+def test_status_reads_a_fresh_backing_figure_off_the_loop(tmp_path: Path) -> None:
+    """status answers with the backing as it is now (read in the VM's worker), not with the
+    last periodic snapshot: memory the guest just touched shows at once."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.start_runner("A")
+        runner = daemon.runners["A"]
+        await until(lambda: runner.state.value == "running", 5, "A running")
+        before = (await daemon.handle({"cmd": "status"}))["vms"][0]["backing_allocated_bytes"]
+        os.pwrite(conn.vms["A"].fd, b"x" * (8 << 20), 0)  # the guest touches 8 MiB
+        after = (await daemon.handle({"cmd": "status"}))["vms"][0]
+        assert after["backing_allocated_bytes"] - before == 8 << 20, after
+        assert after["backing_allocated_age_s"] < 0.5
+
+    run(tmp_path, body, names=("A",))
