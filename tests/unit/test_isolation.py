@@ -116,7 +116,9 @@ def test_a_hung_job_query_refuses_the_next_batch_and_status_says_why(tmp_path: P
         await report_and_wait(daemon, guests["A"], 2)
         _, discarded, refused, _ = guests["A"].acks[-1]
         assert discarded == 0 and refused > 0
-        assert "timed out" in runner.session.decision.reason, runner.session.decision
+        # (The batch itself may also be refused by its lease on a loaded machine; what
+        # matters is that nothing was discarded and the permit says why.)
+        assert "timed out" in runner.permit().reason, runner.permit()
         status = await daemon.handle({"cmd": "status"})
         assert "timed out" in status["vms"][0]["permit"]["reason"]
 
