@@ -96,6 +96,8 @@ PERMIT_MAX_AGE = 2.5
 XML_REFRESH = 30.0
 #: How often the backing_allocated figure of status/metrics is re-read (off the loop).
 BACKING_REFRESH = 2.0
+#: How long a status request waits for each VM's fresh backing figure.
+STATUS_READ_TIMEOUT = 1.0
 #: A map build is a dozen QMP/HMP round trips and QEMU's smaps: a longer timeout.
 MAP_TIMEOUT = 15.0
 #: Bytes read from a channel per turn. The protocol's line reader costs up to
@@ -774,6 +776,20 @@ class VmRunner:
                 log.error("%s", e)
             self.metadata, self.settings_error = {}, str(e)
         self.invalidate("stored settings read again; deciding again")
+    async def refresh_backing(self, timeout: float) -> None:
+        """Re-read the backing figure now, off the loop and timed, for a status request
+        (its reader wants the figure of this moment: a test's "peak", an operator's look).
+        On a timeout or error the snapshot stays, with its age in status."""
+        if not self.backings:
+            return
+        asked = time.monotonic()
+        try:
+            value = await self.worker.call("backing_allocated", self.backing_allocated,
+                                           timeout=timeout)
+        except (OSError, RuntimeError):  # CallTimeout, BackingError: keep the snapshot
+            return
+        if asked >= self._backing_at:
+            self.backing_now, self._backing_at = value, asked
 
     def backing_allocated(self) -> int:
         """Host memory allocated to this VM's RAM right now, bytes (from the kernel).
@@ -1006,6 +1022,7 @@ class VmRunner:
                               if self._balloon_record is not None else None}
         if self.backing_now is not None:
             out["backing_allocated_bytes"] = self.backing_now
+            out["backing_allocated_age_s"] = round(now - self._backing_at, 3)
         out["backing_allocated_at_start"] = self.backing_before
         out["backings"] = {n: {"kind": b.kind.value, "page_size": b.page_size,
                                "reason": b.reason} for n, b in self.backings.items()}
@@ -1264,7 +1281,11 @@ class Daemon:
         """Serve one control request (libvirt only through the VM's worker)."""
         cmd = req.get("cmd")
         if cmd == "status":
-            vms = [r.status() for r in sorted(self.runners.values(), key=lambda r: r.name)]
+            runners = sorted(self.runners.values(), key=lambda r: r.name)
+            # Fresh backing figures, each read in its VM's worker: a hung VM delays this
+            # answer by STATUS_READ_TIMEOUT at most and keeps its older snapshot.
+            await asyncio.gather(*(r.refresh_backing(STATUS_READ_TIMEOUT) for r in runners))
+            vms = [r.status() for r in runners]
             return {"ok": True, "libvirt": self.conn.connected, "vms": vms,
                     "config": self.config.path}
         if cmd == "set":
