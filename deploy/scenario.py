@@ -187,3 +187,31 @@ def checker_result(guest: Guest, timeout: float = 600) -> dict[str, Any]:
     except (ValueError, IndexError) as e:
         raise ScenarioError(f"aerate-checker printed no summary: {out!r}") from e
     return result
+
+
+def agent_status(guest: Guest) -> str:
+    """The agent's STATUS= line as systemd shows it ("waiting: ...", "filling: ...")."""
+    return guest.check("systemctl show -p StatusText --value aerate-agent").strip()
+
+
+def stall_with_a_report_in_flight(guest: Guest, daemon: Aerated, mib: int = 768,
+                                  just_before: Callable[[], Any] | None = None) -> Any:
+    """Free ``mib`` MiB in the guest, SIGSTOP the daemon in the middle of the pass that
+    follows, and wait until a report of that pass waits for its ack.
+
+    Mid-pass the guest holds a fresh lease token (each ack carries one), so its next report
+    goes out while the daemon is stopped. An idle guest would first ask for a token, which
+    a stopped daemon never answers, and report nothing: right, but not a report in flight.
+    The daemon's lease (``lease_s``) must outlast what the caller does next: the guest
+    returns the batch one lease after the token. ``just_before`` runs right before the
+    SIGSTOP (a status read, say); its result is returned."""
+    hog = Hog(guest, mib, hold_s=0.5)
+    hog.start()
+    hog.join()
+    wait_for(lambda: agent_status(guest).startswith(("filling", "waiting")), 120,
+             "the agent's pass to start")
+    result = just_before() if just_before is not None else None
+    daemon.proc.send_signal(signal.SIGSTOP)
+    wait_for(lambda: agent_status(guest).startswith("waiting"), 60,
+             "the agent to report a batch and wait for its ack")
+    return result

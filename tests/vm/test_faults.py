@@ -23,7 +23,16 @@ from typing import Any
 import pytest
 
 from aerate.deploy.image import GuestImage
-from aerate.deploy.scenario import Aerated, Hog, aerated, checker_result, start_checker, wait_for
+from aerate.deploy.scenario import (
+    Aerated,
+    Hog,
+    aerated,
+    agent_status,
+    checker_result,
+    stall_with_a_report_in_flight,
+    start_checker,
+    wait_for,
+)
 from aerate.deploy.vm import DAEMONS, Guest, booted, ensure_daemons
 
 pytestmark = [pytest.mark.vm, pytest.mark.fault]
@@ -83,9 +92,6 @@ def test_libvirtd_restart_refuses_meanwhile_then_starts_a_new_session(
                  "a discard after libvirtd came back", 2)
 
 
-def agent_status(g: Guest) -> str:
-    return g.check("systemctl show -p StatusText --value aerate-agent").strip()
-
 
 def test_aerated_dies_with_a_batch_in_flight_then_a_new_daemon_takes_over(
         guest_and_run: tuple[Guest, Any]) -> None:
@@ -98,12 +104,8 @@ def test_aerated_dies_with_a_batch_in_flight_then_a_new_daemon_takes_over(
     with aerated(run / "b", CONFIG + "capacity = 2\nlease_s = 12\n", ("--vm", g.name)) as d:
         wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the session")
         try:
-            hog = Hog(g, 512, hold_s=1)
-            hog.start()
-            d.proc.send_signal(signal.SIGSTOP)   # the daemon reads nothing more, acks nothing
-            hog.join()
-            wait_for(lambda: agent_status(g).startswith("waiting"), 120,
-                     "the agent to report a batch and wait for its ack")
+            # The daemon reads nothing more, acks nothing, with a report in flight.
+            stall_with_a_report_in_flight(g, d)
             held = surplus(g)
             assert held > 0
         finally:

@@ -25,7 +25,15 @@ import pytest
 
 from aerate.deploy.domain import detect_domain_type
 from aerate.deploy.image import GuestImage
-from aerate.deploy.scenario import Aerated, Hog, aerated, checker_result, start_checker, wait_for
+from aerate.deploy.scenario import (
+    Aerated,
+    aerated,
+    agent_status,
+    checker_result,
+    stall_with_a_report_in_flight,
+    start_checker,
+    wait_for,
+)
 from aerate.deploy.vm import Guest, HarnessError, booted
 
 pytestmark = [pytest.mark.vm, pytest.mark.fault]
@@ -72,9 +80,6 @@ def resumed(vm: tuple[Guest, Aerated]) -> Iterator[None]:
         g.run("systemctl start aerate-agent", 60)
 
 
-def agent_status(g: Guest) -> str:
-    return g.check("systemctl show -p StatusText --value aerate-agent").strip()
-
 
 def boot_id(g: Guest) -> str:
     """The guest kernel's boot id, or "" while its harness agent does not answer."""
@@ -117,23 +122,11 @@ def verifiers_clean(g: Guest, timeout: float = 600) -> None:
 
 
 def report_in_flight(g: Guest, d: Aerated) -> dict[str, Any]:
-    """Free memory in the guest, stall the daemon in the middle of the pass that follows,
-    and wait until a report waits for its ack. Returns the daemon's figures from just
-    before the stall.
-
-    Mid-pass the guest always holds a fresh lease token (every ack carries one), so its
-    next report goes out under it while the daemon is stopped: the case under test. (An
-    idle guest would first ask for a token, which a stopped daemon never answers, and
-    report nothing: correct, and not what this test needs.)"""
-    hog = Hog(g, 768, hold_s=0.5)
-    hog.start()
-    hog.join()
-    wait_for(lambda: agent_status(g).startswith(("filling", "waiting")), 120,
-             "the agent's pass to start")
-    before = snapshot(d, g.name)
-    d.proc.send_signal(signal.SIGSTOP)
-    wait_for(lambda: agent_status(g).startswith("waiting"), 60,
-             "the agent to report a batch and wait for its ack")
+    """A report in flight with the daemon stopped (deploy/scenario.py); returns the
+    daemon's figures from just before the stall (read mid-pass: the lease counters do not
+    move in an honest pass)."""
+    before: dict[str, Any] = stall_with_a_report_in_flight(
+        g, d, just_before=lambda: snapshot(d, g.name))
     return before
 
 
