@@ -72,8 +72,34 @@ def establish(timeout=90):
     raise SystemExit("no session from the host")
 
 def write_all(data):
+    # Read what the host sends meanwhile (acks, keepalives), as an agent does: a port
+    # nobody reads stops the host's writes, and then its reads.
+    global buf
     while data:
-        data = data[os.write(port, data):]
+        r, w, _ = select.select([port], [port], [], 1)
+        if r:
+            buf += os.read(port, 65536)
+        if w:
+            data = data[os.write(port, data):]
+
+def fresh_token(session, wait=20):
+    """Ask for a fresh lease token (need-token) and return it, as the agent does."""
+    global buf
+    send({"proto": 2, "type": "need-token", "session": session})
+    end = time.time() + wait
+    while time.time() < end:
+        while b"\n" in buf:
+            line, _, buf = buf.partition(b"\n")
+            try:
+                msg = json.loads(line.rpartition(b"\xff")[2])
+            except ValueError:
+                continue
+            if msg.get("session") == session and isinstance(msg.get("token"), int):
+                return msg["token"]
+        r, _, _ = select.select([port], [], [], 1)
+        if r:
+            buf += os.read(port, 65536)
+    raise SystemExit("no lease token from the host")
 
 def send(obj, sync=False):
     write_all((b"\xff" if sync else b"") + json.dumps(obj).encode() + b"\n")
@@ -104,7 +130,9 @@ token = [0]
 done = {}
 for name in sys.argv[1:]:
     sync = establish()
-    s, token[0] = sync["session"], sync["token"]
+    s = sync["session"]
+    # A fresh token for the attacks; the sync's own is stale by now (the settle above).
+    token[0] = sync["token"] if name == "stale_token" else fresh_token(s)
     attacks[name](s)
     done[name] = s
     time.sleep(1)
