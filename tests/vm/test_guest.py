@@ -101,10 +101,14 @@ def test_agent_sandbox_allows_pagemap_kpageflags_and_hugetlb(guest: Guest) -> No
     rc, _, err = guest.run("cat > /run/systemd/system/aerate-sandbox-probe.service",
                            stdin=unit.encode())
     assert rc == 0, err
+    # The agent is stopped meanwhile: a session of the test above may have left it
+    # holding the guest's free 2 MiB blocks in its arena (until their lease runs out), and
+    # the probe must fault one hugetlb page. Its stop waits out those leases.
     rc, out, err = guest.run(
+        "systemctl stop aerate-agent; "
         "systemctl daemon-reload && systemctl start aerate-sandbox-probe.service; rc=$?; "
         "journalctl -b --no-pager -o cat -u aerate-sandbox-probe.service | grep '^{'; "
-        "exit $rc", timeout=120)
+        "systemctl start aerate-agent; exit $rc", timeout=180)
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     assert lines, f"probe printed nothing (rc {rc}): {out} {err}"
     results = json.loads(lines[-1])
