@@ -268,6 +268,10 @@ class VmSession:
                 self._note("info", "session up: agent %s, arena %s"
                            % (_word(self.hello.get("agent")), _word(self.hello.get("arena"))))
             elif kind == "report":
+                if self.endpoint.state is HostState.CLOSED:
+                    # A later line of the same read broke the protocol: the session is
+                    # over, and nothing of it is discarded (S5), not even what came before.
+                    continue
                 self.job = self._report(payload)
             elif kind == "stats":
                 if not self.stats_bucket.take():
@@ -313,7 +317,8 @@ class VmSession:
     def _refuse(self, batch: int, total: int, reason: str, stale: bool = False) -> None:
         self.counters.refused += total
         self.last_refusal = reason
-        self.endpoint.ack(batch, discarded=0, refused=total, reason=reason, stale=stale)
+        if batch in self.endpoint.pending:
+            self.endpoint.ack(batch, discarded=0, refused=total, reason=reason, stale=stale)
 
     def _report(self, report: Report) -> Optional[DiscardJob]:
         batch, ranges = report.batch, report.ranges

@@ -229,3 +229,17 @@ def test_hostile_hello_is_bounded_like_stats() -> None:
     format_status({"vms": [st]})
     s.connected()
     assert s.hello == {}
+
+
+def test_reports_before_a_protocol_error_in_the_same_read_are_not_served() -> None:
+    """S5: a read whose fifth report overflows the in-flight window ends the session; the
+    four before it are neither discarded nor acked, and the session does not crash."""
+    s, g, calls = make()
+    assert g.token is not None
+    lines = b"".join(json.dumps({"proto": 2, "type": "report", "session": s.endpoint.session,
+                                 "batch": b, "token": g.token.token,
+                                 "ranges": [[b * MiB2, MiB2]]}).encode() + b"\n"
+                     for b in range(1, 7))
+    s.receive(lines)
+    assert calls == [] and s.state is HostState.CLOSED and "in flight" in s.last_error
+    assert b'"type":"ack"' not in s.take_outbox()
