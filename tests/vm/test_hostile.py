@@ -193,6 +193,8 @@ def test_hostile_guest_is_cut_off_and_nothing_is_discarded(
 def test_the_real_agent_gets_its_session_back(two_guests: tuple[Aerated, Guest, Guest]) -> None:
     d, bad, _ = two_guests
     bad.check("systemctl start aerate-agent")
+    # The reclaimer is decided again with the real agent's hello (a moment after it).
     vm = wait_for(lambda: (v := d.vm(bad.name)).get("state") == "running"
-                  and v.get("agent") == "0.1.0" and v, 120, "the real agent's session")
+                  and v.get("agent") == "0.1.0" and v.get("reclaimer") == "punch" and v, 120,
+                  "the real agent's session, decided punch with its hello")
     assert vm["reclaimer"] == "punch"
