@@ -141,6 +141,8 @@ class Engine:
         self.last_raw_bytes = 0
         #: the agent is stopping: no new pass, no new fill
         self.stopping = False
+        #: the last tick had work but was paused for want of a fresh lease token
+        self.wants_token = False
 
     # ------------------------------------------------------------------ settings
 
@@ -316,6 +318,7 @@ class Engine:
         report may go now (its lease token is not fresh): the pass stays as it is, pressure
         is still acted on.
         """
+        self.wants_token = False
         if self.orphans and now >= self.orphans_release_at:
             self._return_orphans()
         idle = self.cfg["idle_poll_ms"] / 1000.0
@@ -360,9 +363,6 @@ class Engine:
             self.end_pass("no session")
             self.phase = Phase.IDLE
             return None, idle
-        if paused:
-            self.last_reason = paused
-            return None, max(delay, 0.05)
         raw = self.raw_units(now)
         in_pass = bool(self.held_acked or self.unreported)
         if raw < (1 if in_pass else self.cfg["hwm"]):
@@ -381,6 +381,12 @@ class Engine:
             self.end_pass("pass done: took what was free when it began")
             self.phase = Phase.IDLE
             return None, idle
+        if paused:
+            # Work is there but no report may go yet: the caller asks for a fresh token
+            # (only now, so an idle agent never asks) and the pass stays as it is.
+            self.wants_token = True
+            self.last_reason = paused
+            return None, max(delay, 0.05)
         units_per_block = max(1, (self.arena.granule_bytes // PAGE) >> self.cfg["min_order"])
         want = min(self._capacity_now, max(1, min(raw, self._pass_left) // units_per_block))
         if not self._rate_allows(now, want * self.arena.granule_bytes):

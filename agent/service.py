@@ -230,11 +230,12 @@ class Agent:
             paused = ""
             if running and not self.endpoint.token_fresh(now):
                 paused = "waiting for a fresh lease token from the host"
-                if now >= self._next_token_ask:
-                    self.endpoint.request_token()
-                    self._next_token_ask = now + NEED_TOKEN_EVERY
             ranges, wait = self.engine.tick(now, running, self.endpoint.granule
                                             if running else 0, paused)
+            if self.engine.wants_token and now >= self._next_token_ask:
+                # Only when there is something to report: an idle agent never asks.
+                self.endpoint.request_token()
+                self._next_token_ask = now + NEED_TOKEN_EVERY
             if ranges:
                 if self.endpoint.can_report(now):
                     self.engine.reported(self.endpoint.report(ranges, now))

@@ -335,12 +335,23 @@ def test_a_stale_token_pauses_the_pass_without_ending_it() -> None:
     run(e, 2)
     acked = list(e.held_acked)
     assert acked
+    k.free_list.extend(BLOCK_PAGES * (900 + i) for i in range(16))   # more work arrives
     ranges, _ = e.tick(5.0, can_report=True, paused="waiting for a fresh lease token")
-    assert ranges is None and e.held_acked == acked
+    assert ranges is None and e.held_acked == acked and e.wants_token
     assert e.last_reason == "waiting for a fresh lease token"
     k.psi = 50.0   # pressure is still acted on while paused
     e.tick(6.0, can_report=True, paused="waiting for a fresh lease token")
     assert e.held_acked == [] and e.phase is Phase.BACKOFF
+
+
+def test_an_idle_engine_never_wants_a_token() -> None:
+    """An idle agent must not ask the host for tokens (that would keep the host sending
+    keepalives to every idle guest)."""
+    k = ScriptedKernel(free_blocks=2)   # under hwm: nothing to report
+    a = ScriptedArena(k)
+    e = Engine(k, a, settings())
+    e.tick(0.0, can_report=True, paused="waiting for a fresh lease token")
+    assert not e.wants_token and a.held == []
 
 
 def test_a_stopping_engine_starts_nothing_new() -> None:
