@@ -925,9 +925,11 @@ class VmRunner:
                     s.endpoint.keepalive()
                 if s.hello_gen != self._asked_gen:
                     # A new hello (or session): permit() refuses until a decision is made
-                    # with it (its page poisoning, the map after its firmware ran).
+                    # with it (its page poisoning, the map after its firmware ran). Decide
+                    # now, through the VM's worker, before reading on: the guest's first
+                    # report then meets a decision instead of a refusal and its back-off.
                     self._asked_gen = s.hello_gen
-                    self.invalidate("the guest said hello; deciding again with what it says")
+                    await self.refresh_permit()
                 if s.state is HostState.RUNNING and self.state is not RunnerState.RUNNING:
                     self._set_state(RunnerState.RUNNING)
                 if s.stats is not self._stats_seen:
