@@ -48,9 +48,10 @@ Leases (S1, S2: no report outlives its pages)
     that runs fast (NTP slew, at most 500 ppm) eats 0.05 % of the lease. A host suspend
     stops the host's CLOCK_MONOTONIC while a KVM guest's clock jumps forward on resume;
     CLOCK_BOOTTIME counts the suspend (``boottime``). The residual risk: the daemon process
-    stopped for more than half the lease between its deadline check and the end of that one
-    fallocate call, a window of microseconds; host/punch.py re-checks after every slice and
-    counts an overrun as an incident.
+    stopped for more than half the lease between its deadline check and the entry of that
+    one fallocate call, a window of microseconds (a signal does not stop a punch half-way:
+    a stop that lands inside the syscall takes effect after it). host/punch.py re-checks
+    after every slice and counts an overrun, a stall around the syscall, as an incident.
     Un-acked pages are therefore held at most ``lease`` after their last token, even when
     the host is gone for good; a report the host reads later is refused by its token age.
 

@@ -1084,7 +1084,19 @@ class Daemon:
             if self._post_pending:
                 return
             self._post_pending = True
-        self.loop.call_soon_threadsafe(self._run_posted)
+        self._to_loop(self._run_posted)
+
+    def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """``call_soon_threadsafe`` for libvirt's and the workers' threads. Once the loop is
+        closed the daemon is exiting and every session is gone with it: an event that comes
+        in now has nothing left to change, and is dropped (logged at debug), not raised in
+        libvirt's event thread."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            if not self.loop.is_closed():
+                raise
+            log.debug("loop closed; dropped %r", fn)
 
     def _run_posted(self) -> None:
         with self._post_lock:
@@ -1105,7 +1117,7 @@ class Daemon:
 
     def _on_reset(self, name: str) -> None:
         self._revoke(name, "the guest was reset")
-        self.loop.call_soon_threadsafe(self.on_reset, name)
+        self._to_loop(self.on_reset, name)
 
     def on_reset(self, name: str) -> None:
         """A guest reset: its memory is no longer what its reports described. End the
@@ -1116,7 +1128,7 @@ class Daemon:
             r.restart_session("the guest was reset")
 
     def _on_connect(self, conn: LibvirtConnection) -> None:
-        self.loop.call_soon_threadsafe(self._start_resync)
+        self._to_loop(self._start_resync)
 
     def _start_resync(self) -> None:
         self.loop.create_task(self.resync(), name="resync")
@@ -1128,20 +1140,20 @@ class Daemon:
         for name in list(self.runners):
             self._revoke(name, "the libvirt connection was lost: a guest reset could go "
                                "unseen")
-        self.loop.call_soon_threadsafe(
+        self._to_loop(
             log.warning, "libvirt: %s; VM sessions are revoked (nothing is discarded) and "
             "start anew once it is back", why)
 
     def _on_lifecycle(self, ev: LifecycleEvent) -> None:
         if ev.event in ("stopped", "crashed", "shutdown"):
             self._revoke(ev.name, f"the domain {ev.event}")
-        self.loop.call_soon_threadsafe(self.on_lifecycle, ev)
+        self._to_loop(self.on_lifecycle, ev)
 
     def _on_device(self, name: str, alias: str, added: bool) -> None:
-        self.loop.call_soon_threadsafe(self.on_device, name, alias, added)
+        self._to_loop(self.on_device, name, alias, added)
 
     def _on_job(self, name: str, what: str) -> None:
-        self.loop.call_soon_threadsafe(self.on_job, name, what)
+        self._to_loop(self.on_job, name, what)
 
     def on_job(self, name: str, what: str) -> None:
         """A migration iterates or a job completed: refuse until re-decided."""

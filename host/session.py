@@ -92,11 +92,19 @@ class DiscardJob:
                 self.done += e.done
                 self.reason = str(e)
                 if e.overrun:
-                    # The window closed while that slice ran: the margin of the lease
-                    # argument was eaten (a daemon stalled mid-discard). Should never be.
+                    # The window was found closed right after a slice: the daemon was
+                    # stalled around that fallocate (SIGSTOP, a debugger, CPU starvation).
+                    # A stall that began inside the syscall or after it is harmless (the
+                    # kernel does not stop a punch half-way for a signal; the slice ran
+                    # while the guest still held the pages); one that began between the
+                    # check and the syscall's entry, microseconds, may have discarded pages
+                    # the guest had taken back. Nothing tells the two apart from here, so
+                    # every overrun is an incident (agent/protocol.py "Leases").
                     self.overruns += 1
-                    self._note("error", "a discard slice ended after its window closed: %s"
-                               % self.reason)
+                    self._note("error", "a discard slice ended after its lease window "
+                               "closed: the daemon was stalled around the syscall; if the "
+                               "stall began before it, the guest may have lost data (run "
+                               "its checkers): %s" % self.reason)
                 else:
                     self.cut_short += 1 if e.done else 0
                     self._note("warning", self.reason)

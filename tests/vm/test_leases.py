@@ -141,8 +141,13 @@ def resume_and_see_refusal(d: Aerated, name: str, before: dict[str, Any],
              "the resumed daemon to refuse the stale report or end the session")
     st = d.vm(name)
     lz = lease(d, name)
-    assert lz["overruns"] == 0 and lz["cut_short"] == before["cut_short"], (st,
-                                                                           d.log_text()[-6000:])
+    # SIGSTOP lands at a random point of the daemon: inside or right after the fallocate of
+    # the slice it was running (at most one: one discard thread per VM), the check after
+    # that slice finds the window closed and counts an overrun although the slice ran in
+    # time (host/session.py DiscardJob.run says why it cannot tell). More than that one, or
+    # any slice cut short by the lease, means a stale report was started.
+    assert lz["overruns"] - before["overruns"] <= 1, (st, d.log_text()[-6000:])
+    assert lz["cut_short"] == before["cut_short"], (st, d.log_text()[-6000:])
     if quiet_guest:
         assert lz["refused_batches"] > before["refused_batches"], (st, d.log_text()[-6000:])
         assert "lease token" in st.get("last_refusal", ""), st
@@ -160,7 +165,8 @@ def snapshot(d: Aerated, name: str) -> dict[str, Any]:
     st = d.vm(name)
     lz = lease(d, name)
     return {"refused_batches": lz.get("refused_batches", 0), "cut_short": lz.get("cut_short", 0),
-            "sessions": st.get("sessions", 0), "discarded_bytes": st.get("discarded_bytes", 0)}
+            "overruns": lz.get("overruns", 0), "sessions": st.get("sessions", 0),
+            "discarded_bytes": st.get("discarded_bytes", 0)}
 
 
 def test_agent_stop_with_a_report_in_flight_never_gets_it_punched(
