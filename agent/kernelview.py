@@ -80,7 +80,7 @@ class ProcKernel:
         self.kpageflags = kpageflags
         self._files = {rel: KernelFile(os.path.join(root, rel)) for rel in
                        ("proc/buddyinfo", "proc/zoneinfo", "proc/meminfo",
-                        "proc/pressure/memory")}
+                        "proc/pressure/memory", "proc/vmstat")}
         self._wm: Optional[Tuple[float, procfs.Watermarks]] = None
         self._buddy: Optional[Tuple[float, Tuple[procfs.BuddyZone, ...]]] = None
         self.psi_missing: Optional[str] = None
@@ -130,6 +130,10 @@ class ProcKernel:
         """Free pages in the zones the cycle uses (DMA left out)."""
         return procfs.summarize_free(self._buddyinfo(), 0).free_pages
 
+    def mem_free(self) -> int:
+        """MemFree in bytes (/proc/meminfo: one read of a file kept open)."""
+        return self._parse("proc/meminfo", procfs.parse_meminfo).free
+
     def _pressure(self) -> procfs.Pressure:
         return self._parse("proc/pressure/memory", procfs.parse_pressure)
 
@@ -170,10 +174,20 @@ class ProcKernel:
             out["watermark_low_bytes"] = self.low_pages() * PAGE
             out["watermark_high_bytes"] = self.reserve_pages() * PAGE
 
+        def balloon() -> None:
+            # Pages the guest's balloon driver holds now (mm/balloon_compaction.c counts
+            # every page it enqueues and dequeues): the host learns from it whether these
+            # figures were taken after its balloon reached the target (host/balloon.py).
+            vm = self._parse("proc/vmstat", procfs.parse_vmstat)
+            if "balloon_inflate" in vm and "balloon_deflate" in vm:
+                out["balloon_bytes"] = max(0, vm["balloon_inflate"] - vm["balloon_deflate"]
+                                           ) * PAGE
+
         attempt("proc/buddyinfo", buddy)
         attempt("proc/zoneinfo", watermarks)
         attempt("proc/meminfo", mem)
         attempt("proc/pressure/memory", psi)
+        attempt("proc/vmstat", balloon)
         out["missing"] = missing
         return out
 

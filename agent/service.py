@@ -21,7 +21,7 @@ from . import capabilities, carrier, fdstore, procfs
 from . import settings as settings_mod
 from .arena import BLOCK_BYTES, Arena, ArenaError, HugetlbArena, create_arena
 from .channel import DEFAULT_PATH, Port, PortError
-from .cycle import Engine
+from .cycle import Engine, Phase
 from .hugetlb import DEFAULT_RUN_DIR, BudgetError, SurplusBudget
 from .kernelview import ProcKernel
 from .protocol import GuestEndpoint, GuestState
@@ -32,6 +32,16 @@ VERSION = "0.1.0"
 NEED_SYNC_EVERY = 5.0
 #: While a session is up but the newest lease token is stale, ask for one this often.
 NEED_TOKEN_EVERY = 0.25
+#: Event-driven statistics (the balloon reclaimer's pace, host/balloon.py): an agent that
+#: reports nothing itself (stats-only or disabled, as on every ballooned VM) looks at
+#: MemFree this often, and sends statistics at once when it moved by STATS_MOVE_BYTES since
+#: the last ones sent, or moved by STATS_SETTLE_BYTES and then held still for one probe (the
+#: balloon arrived): the host's next step needs figures taken after the balloon stopped.
+#: At most one such message per STATS_GAP_S, whatever the guest's memory does.
+STATS_PROBE_S = 0.25
+STATS_MOVE_BYTES = 64 << 20
+STATS_SETTLE_BYTES = 8 << 20
+STATS_GAP_S = 0.5
 #: Longest a stop waits for acks, leases and orphans (below systemd's TimeoutStopSec=90s
 #: default); past it the agent exits holding pages, which the arena keeps for the next
 #: agent (S3).
@@ -131,6 +141,38 @@ def open_arena(capacity: int, run_dir: str,
     return arena, [], note
 
 
+class StatsTrigger:
+    """When statistics go out between their intervals: free memory moved (module constants).
+
+    Bounded by construction: ``due`` answers at most once per ``gap_s`` (a guest whose free
+    memory flaps sends no more than that), and only the figures, never a decision, go out:
+    the host's controller (host/balloon.py) treats them as hostile input anyway.
+    """
+
+    def __init__(self, move: int = STATS_MOVE_BYTES, settle: int = STATS_SETTLE_BYTES,
+                 gap_s: float = STATS_GAP_S) -> None:
+        self.move, self.settle, self.gap_s = move, settle, gap_s
+        self.sent_free: Optional[int] = None
+        self.sent_at = -1e18
+        self._probe: Optional[int] = None
+
+    def sent(self, free: Optional[int], now: float) -> None:
+        """Statistics with MemFree ``free`` (None: unknown) went out at ``now``."""
+        self.sent_free, self.sent_at, self._probe = free, now, free
+
+    def due(self, free: int, now: float) -> str:
+        """Why statistics should go now ("" if not), given MemFree ``free`` read at ``now``."""
+        last, self._probe = self._probe, free
+        if self.sent_free is None or now - self.sent_at < self.gap_s:
+            return ""
+        moved = abs(free - self.sent_free)
+        if moved >= self.move:
+            return "free memory moved by %d MiB" % (moved >> 20)
+        if moved >= self.settle and last is not None and abs(free - last) < self.settle:
+            return "free memory moved by %d MiB and settled" % (moved >> 20)
+        return ""
+
+
 class Agent:
     """The running agent: owns the port, endpoint, engine and timers."""
 
@@ -155,6 +197,9 @@ class Agent:
         self.stopping = False
         self._next_tick = 0.0
         self._next_stats = 0.0
+        self._next_probe = 0.0
+        self.trigger = StatsTrigger()
+        self.event_stats = 0  # statistics sent because free memory moved
         self._next_need_sync = 0.0
         self._next_token_ask = 0.0
         self._watchdog = float(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
@@ -215,6 +260,31 @@ class Agent:
         out.update(self.kernel.stats())
         return out
 
+    def _send_stats(self, now: float) -> None:
+        """Statistics every ``stats_interval_s``, and sooner when free memory moved on an
+        agent that reports nothing itself (StatsTrigger): a ballooned guest's figures then
+        follow its balloon, and a guest that allocates again is seen within a probe."""
+        why = ""
+        if now < self._next_stats:
+            if self.engine.phase is not Phase.DISABLED or now < self._next_probe:
+                return
+            self._next_probe = now + STATS_PROBE_S
+            try:
+                why = self.trigger.due(self.kernel.mem_free(), now)
+            except (OSError, procfs.ProcParseError):
+                return  # the interval's message says what is missing
+            if not why:
+                return
+            self.event_stats += 1
+        msg = self._stats()
+        free = msg.get("mem_free")
+        self.trigger.sent(free if isinstance(free, int) else None, now)
+        if why:
+            msg["trigger"] = why
+        self.endpoint.send(msg)
+        self._next_stats = now + self.engine.cfg["stats_interval_s"]
+        self._next_probe = now + STATS_PROBE_S
+
     def _status_line(self) -> str:
         st = self.engine.status()
         return ("%s: %s; held %d MiB, aerated ~%d MiB; %s" % (
@@ -242,9 +312,8 @@ class Agent:
                 else:
                     self.engine.abandon_unsent()
             self._next_tick = now + wait
-        if self.endpoint.state is GuestState.RUNNING and now >= self._next_stats:
-            self.endpoint.send(self._stats())
-            self._next_stats = now + self.engine.cfg["stats_interval_s"]
+        if self.endpoint.state is GuestState.RUNNING:
+            self._send_stats(now)
         if self.endpoint.state is not GuestState.RUNNING and now >= self._next_need_sync:
             if self.port.check_host():
                 self.endpoint.request_sync()
@@ -264,6 +333,8 @@ class Agent:
             due.append(expiry)
         if self.endpoint.state is GuestState.RUNNING:
             due.append(self._next_stats)
+            if self.engine.phase is Phase.DISABLED:
+                due.append(self._next_probe)
         else:
             due.append(self._next_need_sync)
         if self._watchdog:

@@ -8,7 +8,9 @@ every statistics message and on a timer.
 Policy (DESIGN "Reclaim on the host", balloon):
 - inflate (shrink the guest) only by free memory beyond the zone high watermarks +
   ``reserve``, at most ``step`` per decision, only once the last target was reached, on
-  statistics taken after that, and not soon after a deflate; never below the floor (the
+  statistics taken after that (the guest's own balloon count in them says so; without
+  it, statistics received after the host saw the balloon arrive), and not soon after a
+  deflate; never below the floor (the
   largest of ``floor`` x maximum, the domain's ``<memtune><min_guarantee>`` and the guest's
   used memory + watermarks + reserve);
 - deflate to full memory at once when free memory falls under ``reserve``/2, PSI exceeds
@@ -17,6 +19,14 @@ Policy (DESIGN "Reclaim on the host", balloon):
 - between those (free in [reserve/2, reserve + hysteresis]) hold: no oscillation.
 Whatever the guest says, the target stays within [max(floor x maximum, min_guarantee),
 maximum].
+
+Pace. The guest agent sends statistics when its free memory moves (agent/service.py
+StatsTrigger), so each step starts as soon as the guest's balloon driver finished the last
+one, and a guest that allocates again is deflated within one such message. Steps are sized
+by :func:`step_for` from how fast this guest's driver inflated last time: what it moves in
+``STEP_HORIZON_S``, at least ``MIN_STEP``. A large step is no bet on the future: it never
+takes more than the surplus the latest statistics show, and while the balloon moves the
+pressure checks still come first, so a guest that needs its memory back gets it at once.
 """
 
 from __future__ import annotations
@@ -28,6 +38,21 @@ from typing import Any
 
 MiB = 1 << 20
 STALE_INTERVALS = 3.0
+#: The first inflation step, and the least of any later one.
+MIN_STEP = 256 * MiB
+#: Later steps: what the guest's balloon driver moved in this many seconds last time.
+STEP_HORIZON_S = 4.0
+#: The largest step whatever the measured rate (a bound on a rate a hostile guest could
+#: fake by inflating fast once).
+MAX_STEP = 16 << 30
+
+
+def step_for(rate: float | None) -> int:
+    """The inflation step for a guest whose balloon driver last inflated at ``rate``
+    bytes/s (None: not measured yet), whole MiB."""
+    if rate is None or not math.isfinite(rate) or rate <= 0:
+        return MIN_STEP
+    return int(min(MAX_STEP, max(MIN_STEP, rate * STEP_HORIZON_S))) // MiB * MiB
 
 
 @dataclass(frozen=True)
@@ -64,6 +89,7 @@ class GuestStats:
     watermark_high: int
     psi_some_avg10: float | None  # None: the guest kernel has no PSI
     age_s: float
+    balloon: int | None = None  # bytes the guest's balloon held when taken (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -104,8 +130,13 @@ def parse_stats(raw: Any, age_s: float, maximum: int) -> tuple[GuestStats | None
                 or not 0.0 <= float(psi_raw) <= 100.0:
             return None, "guest statistics carry an invalid psi_some_avg10"
         psi = float(psi_raw)
+    balloon: int | None = None
+    if "balloon_bytes" in raw:
+        balloon = _byte_count(raw, "balloon_bytes", maximum)
+        if balloon is None:
+            return None, "guest statistics carry an invalid balloon_bytes"
     assert free is not None and high is not None
-    return GuestStats(free, high, psi, float(age_s)), ""
+    return GuestStats(free, high, psi, float(age_s), balloon), ""
 
 
 def floor_bytes(maximum: int, s: BalloonSettings) -> int:
@@ -130,8 +161,10 @@ def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: i
     the daemon asked for (None: never set); ``since_deflate_s``: seconds since the daemon
     last deflated; ``allowed``: reclaim is permitted for the VM now (else ``why_not``);
     ``settled_s``: seconds since the balloon was first seen at its last target (None: not
-    seen there yet). Inflation only trusts statistics taken after that moment: older ones
-    still count the pages the balloon took since as free.
+    seen there yet). Inflation only trusts statistics taken with the balloon at that
+    target: older ones still count the pages the balloon took since as free. Statistics
+    that carry the guest's balloon size say so themselves; others count when received
+    after the host saw the balloon arrive.
     """
     maximum = max(0, maximum)
     low = floor_bytes(maximum, s)
@@ -164,7 +197,11 @@ def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: i
                     f" > {s.psi_threshold:.1f}")
     if abs(actual - current) > s.settle:
         return hold(f"balloon moving: actual {_mib(actual)}, target {_mib(current)}")
-    if settled_s is None or stats.age_s >= settled_s:
+    if stats.balloon is not None:
+        fresh = abs(maximum - stats.balloon - current) <= s.settle
+    else:
+        fresh = settled_s is not None and stats.age_s < settled_s
+    if not fresh:
         return hold("waiting for guest statistics taken after the balloon reached "
                     f"{_mib(current)}")
     if since_deflate_s < s.cooldown_intervals * s.stats_interval_s:

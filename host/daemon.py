@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import enum
 import fcntl
 import fnmatch
@@ -75,6 +76,7 @@ from aerate.host.refusal import (
     decide,
     domain_facts,
     hugetlb_reservations,
+    kernel_reporting_from_hello,
     migration_from_qmp,
     poison_from_hello,
 )
@@ -249,6 +251,11 @@ class VmRunner:
         self._balloon_record: Saved | None = None  # pre-aerate size, saved on disk
         self._last_deflate = -math.inf
         self._settled_at: float | None = -math.inf  # balloon first seen at its target
+        # The inflation under way (time set, actual then, target) and the guest driver's
+        # measured inflation rate (bytes/s; None until one inflation was seen through),
+        # which sizes the next step (host/balloon.py step_for).
+        self._inflating: tuple[float, int, int] | None = None
+        self.balloon_rate: float | None = None
         self._stats_seen: object = None
         self._restart = ""   # non-empty: start a new session at the next loop turn
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # discards (S8)
@@ -352,7 +359,9 @@ class VmRunner:
                             vhost_user_trusted=bool(values["vhost_user_trusted"]),
                             reservations=hugetlb_reservations(gmap, backings),
                             qemu_migration=got.migration,
-                            map_error=got.map_error or self.map_error)
+                            map_error=got.map_error or self.map_error,
+                            kernel_reporting=kernel_reporting_from_hello(hello)
+                            and not values["override_kernel_reporting"])
             return decide(facts)
         except (ValueError, KeyError, ET.ParseError) as e:
             return Decision(REFUSE, f"cannot weigh the refusal facts of {self.name}: "
@@ -557,14 +566,20 @@ class VmRunner:
         try:
             actual, maximum = await self.worker.call(
                 "balloon_info", self.daemon.conn.balloon_info, self.name)
-            settings = balloon_mod.BalloonSettings.from_settings(values,
-                                                                 self.limits.min_guarantee)
+            settings = dataclasses.replace(
+                balloon_mod.BalloonSettings.from_settings(values, self.limits.min_guarantee),
+                step=balloon_mod.step_for(self.balloon_rate))
             raw = self.session.stats if self.session is not None else None
             stats, why = balloon_mod.parse_stats(raw if self._stats_seen is not None else None,
                                                  now - self._stats_at, maximum)
             current = self.balloon_target if self.balloon_target is not None else actual
             if self._settled_at is None and abs(actual - current) <= settings.settle:
                 self._settled_at = now
+                if self._inflating is not None:
+                    t0, a0, goal = self._inflating
+                    if now > t0 and a0 > goal:
+                        self.balloon_rate = (a0 - goal) / (now - t0)
+                    self._inflating = None
             step = balloon_mod.next_target(
                 stats, why, actual, self.balloon_target, maximum, settings,
                 now - self._last_deflate, allowed, why_not,
@@ -582,6 +597,7 @@ class VmRunner:
                          current >> 20, step.target >> 20, actual >> 20, step.reason)
                 await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                        self.name, step.target)
+                self._inflating = None if step.deflate else (now, actual, step.target)
                 if step.deflate:
                     self._last_deflate = now
                 self.balloon_target = step.target
@@ -674,6 +690,12 @@ class VmRunner:
             log.warning("%s: balloon left squeezed: %s (%s); the record in %s restores it "
                         "at the next start, or use virsh setmem", self.name, e, why,
                         self.daemon.balloons.dir)
+
+    def balloon_moved(self, actual: int) -> None:
+        """libvirt says the balloon is now ``actual`` bytes: wake the controller (it reads
+        the size itself, through the worker, as on every tick)."""
+        if self._balloon_candidate():
+            self._wake_balloon.set()
 
     def _balloon_candidate(self) -> bool:
         """Whether the balloon controller has anything to watch on this VM."""
@@ -1067,6 +1089,7 @@ class Daemon:
         self.conn = conn if conn is not None else LibvirtConnection(
             uri, on_connect=self._on_connect, on_disconnect=self._on_disconnect,
             on_lifecycle=self._on_lifecycle, on_device=self._on_device, on_job=self._on_job,
+            on_balloon=self._on_balloon,
             on_reset=self._on_reset)
         self.stopping = asyncio.Event()
         self._status_line = ""
@@ -1154,6 +1177,16 @@ class Daemon:
 
     def _on_job(self, name: str, what: str) -> None:
         self._to_loop(self.on_job, name, what)
+
+    def _on_balloon(self, name: str, actual: int) -> None:
+        self._to_loop(self.on_balloon, name, actual)
+
+    def on_balloon(self, name: str, actual: int) -> None:
+        """The balloon moved (libvirt's event): the controller looks now, not at its next
+        tick, so an arrival is seen (and the next step starts) at once."""
+        r = self.runners.get(name)
+        if r is not None:
+            r.balloon_moved(actual)
 
     def on_job(self, name: str, what: str) -> None:
         """A migration iterates or a job completed: refuse until re-decided."""

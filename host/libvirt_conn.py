@@ -197,9 +197,10 @@ class LibvirtConnection:
     on_connect(conn) runs after every (re)connect, on_disconnect(reason) after the
     connection is lost, on_lifecycle(event) per lifecycle event, on_device(name, alias,
     added) when a device (e.g. a DIMM) is added or removed, on_reset(name) when the guest
-    was reset (libvirt's REBOOT event: QEMU's RESET, a guest reboot or ``virsh reset``).
-    added) when a device (e.g. a DIMM) is added or removed, on_job(name, what) when a
-    migration iterates or a job completes (the owner re-checks its permit at once).
+    was reset (libvirt's REBOOT event: QEMU's RESET, a guest reboot or ``virsh reset``),
+    on_job(name, what) when a migration iterates or a job completes (the owner re-checks
+    its permit at once), on_balloon(name, actual_bytes) when the balloon's size changed
+    (QEMU's BALLOON_CHANGE, which QEMU rate-limits to one a second).
     """
 
     def __init__(
@@ -212,6 +213,7 @@ class LibvirtConnection:
         on_device: Callable[[str, str, bool], None] | None = None,
         on_reset: Callable[[str], None] | None = None,
         on_job: Callable[[str, str], None] | None = None,
+        on_balloon: Callable[[str, int], None] | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         keepalive: tuple[int, int] = (5, 3),
@@ -223,6 +225,7 @@ class LibvirtConnection:
         self._on_device = on_device
         self._on_reset = on_reset
         self._on_job = on_job
+        self._on_balloon = on_balloon
         self._backoff = (backoff_initial, backoff_max)
         self._keepalive = keepalive
         self._conn: libvirt.virConnect | None = None
@@ -312,6 +315,9 @@ class LibvirtConnection:
             conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._job_completed_cb, None
             )
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, self._balloon_cb, None
+            )
         except libvirt.libvirtError:
             conn.close()
             raise
@@ -366,6 +372,10 @@ class LibvirtConnection:
     def _job_completed_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
                           params: object, opaque: object) -> None:
         self._call(self._on_job, dom.name(), "job completed")
+
+    def _balloon_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain, actual_kib: int,
+                    opaque: object) -> None:
+        self._call(self._on_balloon, dom.name(), int(actual_kib) << 10)
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -33,6 +33,9 @@ from aerate.host.qemu_map import GuestMemoryMap
 PUNCH = "punch"
 BALLOON = "balloon"
 REFUSE = "refuse"
+#: The guest kernel's own free page reporting serves the VM: aerate discards nothing and
+#: moves no balloon (it would only take from the guest what the kernel already returns).
+KERNEL = "kernel"
 MODES = ("auto", "punch", "balloon", "off")
 
 # Host devices that do not DMA into guest RAM (emulated USB, SCSI generic, vhost-scsi):
@@ -120,6 +123,15 @@ def poison_from_hello(hello: Mapping[str, Any] | None) -> PoisonFact:
                       f"capability (available={str(available)[:40]!r})")
 
 
+def kernel_reporting_from_hello(hello: Mapping[str, Any] | None) -> bool:
+    """Whether the guest says its kernel's free page reporting is negotiated and running
+    (the hello's ``free_page_reporting`` capability, agent/capabilities.py). Guest input:
+    only exactly true counts; a guest that lies gets less reclaimed, never a discard."""
+    caps = hello.get("capabilities") if hello else None
+    cap = caps.get("free_page_reporting") if isinstance(caps, dict) else None
+    return isinstance(cap, dict) and cap.get("available") is True
+
+
 @dataclass(frozen=True)
 class VmFacts:
     """Everything `decide` weighs for one VM. None means "not known" and refuses."""
@@ -142,6 +154,9 @@ class VmFacts:
     qemu_migration: str | None = "none"
     #: why the memory map could not be rebuilt after the hello ("" when it was)
     map_error: str = ""
+    #: the guest kernel reports its own free pages (kernel_reporting_from_hello) and the
+    #: operator did not set override_kernel_reporting
+    kernel_reporting: bool = False
 
 
 def _describe_hostdev(dev: ET.Element) -> str:
@@ -317,7 +332,24 @@ def _balloon_or_refuse(facts: VmFacts, why: str) -> Decision:
 
 
 def decide(facts: VmFacts) -> Decision:
-    """Choose punch, balloon or refuse for one VM, with the reason."""
+    """Choose punch, balloon, kernel or refuse for one VM, with the reason.
+
+    Where aerate would punch or balloon but the guest kernel's own free page reporting
+    runs, the kernel serves the VM (KERNEL): the agent stays statistics-only then, and a
+    balloon would only take from the guest what the kernel already hands back. Every
+    refusal still comes first: it says what also stops the kernel's reporting (QEMU
+    inhibits balloon discards for the same pinning devices and migrations).
+    """
+    d = _reclaimer(facts)
+    if facts.kernel_reporting and d.action in (PUNCH, BALLOON):
+        return Decision(KERNEL, "the guest kernel's own free page reporting returns this VM's "
+                        "free memory (virtio-balloon free-page-reporting, negotiated); aerate "
+                        f"watches and would otherwise {d.action} ({d.reason}); set "
+                        "override_kernel_reporting=true for aerate to report instead")
+    return d
+
+
+def _reclaimer(facts: VmFacts) -> Decision:
     dom = facts.domain
     if facts.mode not in MODES:
         return Decision(REFUSE, f"unknown mode {facts.mode!r} (expected one of {MODES})")

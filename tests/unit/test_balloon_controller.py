@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from aerate.agent import settings as table
 from aerate.host.balloon import (
+    MIN_STEP,
+    STEP_HORIZON_S,
     BalloonSettings,
     GuestStats,
     MiB,
@@ -22,6 +24,7 @@ from aerate.host.balloon import (
     floor_bytes,
     next_target,
     parse_stats,
+    step_for,
 )
 
 pytestmark = pytest.mark.unit
@@ -160,6 +163,38 @@ def test_no_oscillation_over_a_steady_guest() -> None:
     assert targets == sorted(targets, reverse=True)  # only ever down, never back up
 
 
+def test_statistics_with_the_guests_balloon_size_say_themselves_when_they_were_taken(
+        ) -> None:
+    # The guest's own balloon count (its /proc/vmstat) in the statistics: figures taken
+    # with the balloon at the target count at once, whenever the host saw it arrive; ones
+    # taken while it still moved never inflate, however recent.
+    at = 1536 * MiB
+    fresh = replace(stats(1500, age=2.0), balloon=MAX - at)
+    r = step(fresh, actual=at, target=at, settled_s=None)
+    assert r.target == at - S.step and "inflating" in r.reason
+    moving = replace(stats(1500, age=0.1), balloon=MAX - at - 200 * MiB)
+    r = step(moving, actual=at, target=at, settled_s=10.0)
+    assert r.target == at and "taken after" in r.reason
+    got, why = parse_stats({"mem_free": 1 << 30, "watermark_high_bytes": WM,
+                            "balloon_bytes": 512 * MiB}, 0.5, MAX)
+    assert got is not None and got.balloon == 512 * MiB and why == ""
+
+
+def test_steps_follow_the_guest_drivers_measured_speed() -> None:
+    assert step_for(None) == MIN_STEP and step_for(0.0) == MIN_STEP
+    assert step_for(float("nan")) == MIN_STEP and step_for(-5.0) == MIN_STEP
+    assert step_for(10 * MiB) == MIN_STEP  # a slow driver: the least step
+    fast = step_for(300 * MiB)
+    assert fast == int(300 * STEP_HORIZON_S) * MiB and fast % MiB == 0
+    assert step_for(1e30) == 16 << 30  # whatever rate a guest fakes
+    # A fast driver gets the whole surplus in one step, never more than the surplus.
+    big = replace(S, step=step_for(400 * MiB))
+    surplus = 1500 * MiB - WM - S.reserve
+    assert big.step > surplus
+    r = next_target(stats(1500), "", MAX, None, MAX, big)
+    assert r.target == -(-(MAX - surplus) // MiB) * MiB
+
+
 def test_parse_stats_takes_a_real_message() -> None:
     raw = {"type": "stats", "mem_total": 2_071_000_000, "mem_free": 1_500_000_000,
            "watermark_low_bytes": 9_000_000, "watermark_high_bytes": 12_000_000,
@@ -183,6 +218,9 @@ def test_parse_stats_takes_a_real_message() -> None:
     {"mem_free": 1 << 30, "watermark_high_bytes": 1, "psi_some_avg10": float("nan")},
     {"mem_free": 1 << 30, "watermark_high_bytes": 1, "psi_some_avg10": -3},
     {"mem_free": 1 << 30, "watermark_high_bytes": 1, "psi_some_avg10": "high"},
+    {"mem_free": 1 << 30, "watermark_high_bytes": 1, "balloon_bytes": MAX + 1},
+    {"mem_free": 1 << 30, "watermark_high_bytes": 1, "balloon_bytes": -4096},
+    {"mem_free": 1 << 30, "watermark_high_bytes": 1, "balloon_bytes": "0"},
 ])
 def test_garbage_statistics_are_rejected_and_never_inflate(bad: Any) -> None:
     got, why = parse_stats(bad, 1.0, MAX)

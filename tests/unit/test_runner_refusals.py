@@ -218,6 +218,25 @@ def test_a_safe_guest_is_punched_and_a_new_session_forgets_the_old_hello() -> No
     assert calls == [(64 * MiB2, MiB2)] and "poisons freed pages" in r.status()["reason"]
 
 
+def test_a_guest_whose_kernel_reports_its_free_pages_is_left_to_the_kernel() -> None:
+    # The hello says the guest kernel negotiated free page reporting: the agent stays
+    # statistics-only and aerate neither punches nor balloons; the override gives it back.
+    fpr = dict(SAFE_CAPS, free_page_reporting={"available": True, "detail": "negotiated"})
+    r, calls = runner(FakeLibvirt())
+    one_batch(r, {"agent": "t", "capabilities": fpr})
+    st = r.status()
+    assert calls == [] and st["reclaimer"] == "kernel", st
+    assert "free page reporting" in st["reason"] and "override_kernel_reporting" in st["reason"]
+    for told in ({"available": "yes"}, {"available": False}, "on"):
+        r, calls = runner(FakeLibvirt())
+        one_batch(r, {"agent": "t", "capabilities": dict(SAFE_CAPS,
+                                                          free_page_reporting=told)})
+        assert calls == [(64 * MiB2, MiB2)] and r.status()["reclaimer"] == "punch"
+    r, calls = runner(FakeLibvirt(), "[defaults]\noverride_kernel_reporting = true\n")
+    one_batch(r, {"agent": "t", "capabilities": fpr})
+    assert calls == [(64 * MiB2, MiB2)] and r.status()["reclaimer"] == "punch"
+
+
 def test_a_hostile_hello_cannot_break_status() -> None:
     r, _ = runner(FakeLibvirt())
     deep: Any = "x"
