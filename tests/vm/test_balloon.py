@@ -14,17 +14,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from aerate.deploy.image import GuestImage
-from aerate.deploy.scenario import Aerated, Hog, aerated, wait_for
+from aerate.deploy.scenario import (
+    Aerated,
+    Hog,
+    aerated,
+    checker_result,
+    start_checker,
+    wait_for,
+)
 from aerate.deploy.vm import Guest, booted
 
 pytestmark = pytest.mark.vm
 MiB = 1 << 20
-GUEST_MIB = 1536
+GUEST_MIB = 2048
 HOG_MIB = 1024
+#: The second burst, all at once: three quarters of the guest, more than the squeezed
+#: guest has free, so the balloon must give memory back while it runs.
+BURST_MIB = 1536
 CONFIG = "[defaults]\nreserve_mib = 192\nstats_interval_s = 1\nfloor = 0.25\n"
 
 
@@ -72,41 +81,41 @@ def test_status_shows_the_balloon_reclaimer(setup: tuple[Aerated, Guest]) -> Non
 
 def test_freed_memory_returns_and_the_guest_gets_it_again(
         setup: tuple[Aerated, Guest]) -> None:
+    """1 GiB freed comes back (90 % of it), then 1.5 GiB at once: no OOM kill, and a
+    checker writing and verifying its pages all along finds nothing. How fast it comes back,
+    beside the kernel's reporting on the same shape, is tests/perf/bench_reclaim.py's job."""
     d, g = setup
     # The idle guest is squeezed first: its free memory beyond watermarks + reserve.
     wait_for(lambda: balloon(d, g.name).get("target_bytes", GUEST_MIB * MiB)
              < GUEST_MIB * MiB, 120, "the balloon to inflate on the idle guest")
+    start_checker(g, mib=64, duration=240, churn=2)
     hog = Hog(g, HOG_MIB, hold_s=8)
     t0 = time.monotonic()
     hog.start()   # 1 GiB more than the squeezed guest has free: the balloon must deflate
     print(f"touched {HOG_MIB} MiB in {time.monotonic() - t0:.1f} s; balloon {balloon(d, g.name)}")
     peak = qemu_anon(g.name)
-    rss_peak = psutil.Process(int(Path(f"/run/libvirt/qemu/{g.name}.pid").read_text())
-                              ).memory_info().rss
     freed_at = hog.join()
-    want = HOG_MIB * MiB * 6 // 10
-
-    wait_for(lambda: peak - qemu_anon(g.name) >= want, 120,
-             f"QEMU's private memory to fall by {want // MiB} MiB")
+    want = HOG_MIB * MiB * 9 // 10
+    wait_for(lambda: peak - qemu_anon(g.name) >= want, 180,
+             f"QEMU's private memory to fall by {want // MiB} MiB (90 % of the freed)")
     took = time.monotonic() - freed_at
-    time.sleep(5)  # let the controller finish its steps, for the figure printed
-    after = qemu_anon(g.name)
     b = balloon(d, g.name)
-    print(f"QEMU anon {peak / MiB:.0f} -> {after / MiB:.0f} MiB (rss at peak "
-          f"{rss_peak / MiB:.0f} MiB); 60% of the {HOG_MIB} MiB freed was back within "
-          f"{took:.1f} s of the hog's exit; balloon actual "
+    print(f"QEMU anon {peak / MiB:.0f} -> {qemu_anon(g.name) / MiB:.0f} MiB; 90% of the "
+          f"{HOG_MIB} MiB freed was back {took:.1f} s after the hog's exit; balloon actual "
           f"{b.get('actual_bytes', 0) / MiB:.0f} MiB: {b.get('reason')}")
     assert b["actual_bytes"] < GUEST_MIB * MiB
 
-    again = Hog(g, HOG_MIB, hold_s=2)
+    again = Hog(g, BURST_MIB, hold_s=2)
     t1 = time.monotonic()
     again.start()
-    print(f"second {HOG_MIB} MiB touched in {time.monotonic() - t1:.1f} s; "
+    print(f"second burst: {BURST_MIB} MiB touched in {time.monotonic() - t1:.1f} s; "
           f"balloon {balloon(d, g.name)}")
     again.join()   # raises if the hog failed (an OOM kill ends it with rc != 0)
     assert oom_kills(g) == "", oom_kills(g)
     assert d.vm(g.name).get("errors") == 0
     assert "deflating to full memory" in d.log_text()
+    result = checker_result(g, timeout=600)
+    assert result["corrupted"] == 0 and result["pages_checked"] > 0, result
 
 
 def test_daemon_stop_deflates_to_full_memory(setup: tuple[Aerated, Guest]) -> None:
