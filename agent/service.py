@@ -25,6 +25,7 @@ from .cycle import Engine, Phase
 from .hugetlb import DEFAULT_RUN_DIR, BudgetError, SurplusBudget
 from .kernelview import ProcKernel
 from .protocol import GuestEndpoint, GuestState
+from .reporting_order import ReportingOrder
 
 log = logging.getLogger("aerate-agent")
 VERSION = "0.1.0"
@@ -178,8 +179,12 @@ class Agent:
 
     def __init__(self, port: Port, engine: Engine, arena: Arena, note: str,
                  kernel: ProcKernel,
-                 caps: Tuple[capabilities.Capability, ...] = ()) -> None:
+                 caps: Tuple[capabilities.Capability, ...] = (),
+                 order: Optional[ReportingOrder] = None) -> None:
         self.port = port
+        # The kernel's own reporting, tuned where it runs (agent/reporting_order.py).
+        self.order = order if engine.stats_only and any(
+            c.name == capabilities.FREE_PAGE_REPORTING and c.available for c in caps) else None
         self.engine = engine
         self.kernel = kernel
         self.arena = arena
@@ -216,6 +221,16 @@ class Agent:
             log.info("settings applied: %s", known)
         except settings_mod.SettingError as e:
             log.warning("host sent invalid settings, keeping the old ones: %s", e)
+            return
+        self.tune_kernel_reporting()
+
+    def tune_kernel_reporting(self) -> None:
+        """Apply ``kernel_reporting_order`` where the kernel reports its own free pages."""
+        if self.order is not None:
+            before = self.order.note
+            note = self.order.apply(int(self.engine.cfg["kernel_reporting_order"]))
+            if note and note != before:
+                log.info("%s", note)
 
     def _on_events(self, events: List[Tuple[str, Any]]) -> None:
         for kind, payload in events:
@@ -258,6 +273,9 @@ class Agent:
         out: Dict[str, Any] = {"type": "stats", "engine": self.engine.status(),
                                "arena": self.arena.kind}
         out.update(self.kernel.stats())
+        out["event_stats"] = self.event_stats
+        if self.order is not None and self.order.note:
+            out["kernel_reporting"] = self.order.note
         return out
 
     def _send_stats(self, now: float) -> None:
@@ -429,7 +447,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     kernel = ProcKernel()
     engine = Engine(kernel, arena, values, stats_only=stats_only_reason())
     engine.adopt_orphans(orphans, time.monotonic())
-    agent = Agent(port, engine, arena, note, kernel, caps)
+    agent = Agent(port, engine, arena, note, kernel, caps,
+                  ReportingOrder(run_dir=args.run_dir))
+    agent.tune_kernel_reporting()
     log.info("aerate-agent %s on %s: %s%s", VERSION, args.port, note,
              "; arena weakness: %s" % arena.weakness if arena.weakness else "")
     if engine.stats_only:
@@ -445,6 +465,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         agent.run()
     finally:
         _notify("STOPPING=1")
+        if agent.order is not None:
+            agent.order.restore()
         held = engine.held_bytes()
         if held:
             log.warning("stopping with %d MiB still held (batches without an ack); they stay "

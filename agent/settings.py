@@ -35,6 +35,10 @@ TABLE: Tuple[Setting, ...] = (
             help="report free memory at all; off keeps the agent to stats only"),
     Setting("override_kernel_reporting", bool, False, scope="guest",
             help="aerate even where the guest kernel's own free page reporting is active"),
+    Setting("kernel_reporting_order", int, -1, -1, 10, scope="guest",
+            help="where the guest kernel reports its own free pages: the smallest buddy "
+                 "order it reports (page_reporting_order, Linux >= 5.14; 9 = 2 MiB); -1 "
+                 "keeps the kernel's own"),
     Setting("allow_weak_arena", bool, False, scope="guest",
             help="report from the THP fallback arena too, whose held pages can move or die "
                  "with the agent (S2/S3 do not hold there)"),
