@@ -13,7 +13,9 @@ Policy (DESIGN "Reclaim on the host", balloon):
   deflate; never below the floor (the
   largest of ``floor`` x maximum, the domain's ``<memtune><min_guarantee>`` and the guest's
   used memory + watermarks + reserve);
-- deflate to full memory at once when free memory falls under ``reserve``/2, PSI exceeds
+- deflate to full memory at once when free memory falls under ``reserve``/2, or falls so
+  fast (between the last two statistics) that it would pass under ``reserve`` within
+  ``LOOKAHEAD_S``, when PSI exceeds
   ``psi_threshold``, the statistics are missing, malformed or older than 3 intervals,
   or reclaim is not allowed now;
 - between those (free in [reserve/2, reserve + hysteresis]) hold: no oscillation.
@@ -38,6 +40,9 @@ from typing import Any
 
 MiB = 1 << 20
 STALE_INTERVALS = 3.0
+#: A guest whose free memory falls at a rate that would take it under the reserve within
+#: this many seconds gets its memory back now, before its allocations stall on the balloon.
+LOOKAHEAD_S = 2.0
 #: The first inflation step, and the least of any later one.
 MIN_STEP = 256 * MiB
 #: Later steps: what the guest's balloon driver moved in this many seconds last time.
@@ -154,14 +159,17 @@ def _mib(n: int) -> str:
 def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: int | None,
                 maximum: int, s: BalloonSettings, since_deflate_s: float = math.inf,
                 allowed: bool = True, why_not: str = "",
-                settled_s: float | None = math.inf) -> Step:
+                settled_s: float | None = math.inf, free_rate: float = 0.0) -> Step:
     """The balloon target for this moment (see the module docstring for the policy).
 
     ``actual``: the balloon's size now (guest memory, bytes); ``target``: the last target
     the daemon asked for (None: never set); ``since_deflate_s``: seconds since the daemon
     last deflated; ``allowed``: reclaim is permitted for the VM now (else ``why_not``);
     ``settled_s``: seconds since the balloon was first seen at its last target (None: not
-    seen there yet). Inflation only trusts statistics taken with the balloon at that
+    seen there yet); ``free_rate``: how fast the guest's free memory moved between its last
+    two statistics (bytes/s, negative when falling; only ever a reason to deflate, so a
+    guest that lies about it gets its own memory back, nothing more). Inflation only
+    trusts statistics taken with the balloon at that
     target: older ones still count the pages the balloon took since as free. Statistics
     that carry the guest's balloon size say so themselves; others count when received
     after the host saw the balloon arrive.
@@ -192,6 +200,10 @@ def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: i
     if stats.mem_free < s.reserve // 2:
         return full(f"guest short of memory: {_mib(stats.mem_free)} free < reserve/2 "
                     f"({_mib(s.reserve // 2)})")
+    if math.isfinite(free_rate) and free_rate < 0 \
+            and stats.mem_free + free_rate * LOOKAHEAD_S < s.reserve:
+        return full(f"guest free memory falling at {_mib(int(-free_rate))}/s: under the "
+                    f"reserve ({_mib(s.reserve)}) within {LOOKAHEAD_S:.0f} s")
     if stats.psi_some_avg10 is not None and stats.psi_some_avg10 > s.psi_threshold:
         return full(f"guest under memory pressure: PSI some avg10 {stats.psi_some_avg10:.1f}"
                     f" > {s.psi_threshold:.1f}")

@@ -117,6 +117,22 @@ RESTORE_CHECKS = 10
 RESTORE_SLACK = 16 << 20
 
 
+def free_rate(before: object, at: float, after: object, now: float) -> float:
+    """Bytes/s the guest's workload moved its free memory between two statistics messages
+    received at ``at`` and ``now``: MemFree plus what the balloon holds, so the balloon's
+    own inflation (which lowers MemFree by what it takes) counts as no demand. 0.0 when
+    either message lacks those figures or the two are too close together."""
+    if not isinstance(before, dict) or not isinstance(after, dict) or now - at < 0.1:
+        return 0.0
+    pair = []
+    for m in (before, after):
+        free, held = m.get("mem_free"), m.get("balloon_bytes")
+        if type(free) is not int or type(held) is not int:
+            return 0.0
+        pair.append(free + held)
+    return (pair[1] - pair[0]) / (now - at)
+
+
 def giant_granule_note(granule: int, values: dict[str, Any]) -> str:
     """Why a VM backed by 1 GiB host pages never gets anything reported, or "".
 
@@ -260,6 +276,7 @@ class VmRunner:
         self._restart = ""   # non-empty: start a new session at the next loop turn
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # discards (S8)
         self._stats_at = -math.inf
+        self._free_rate = 0.0  # bytes/s the guest's free memory moved (host/balloon.py)
         # -- refusal facts (issue 9) that are not in the domain XML
         #: S6: why the VM's stored settings cannot be used ("" = they are fine)
         self.settings_error = ""
@@ -583,7 +600,8 @@ class VmRunner:
             step = balloon_mod.next_target(
                 stats, why, actual, self.balloon_target, maximum, settings,
                 now - self._last_deflate, allowed, why_not,
-                None if self._settled_at is None else now - self._settled_at)
+                None if self._settled_at is None else now - self._settled_at,
+                self._free_rate)
             self.balloon_actual, self.balloon_max = actual, maximum
             self.balloon_reason = step.reason
             if step.target != current:
@@ -955,8 +973,12 @@ class VmRunner:
                 if s.state is HostState.RUNNING and self.state is not RunnerState.RUNNING:
                     self._set_state(RunnerState.RUNNING)
                 if s.stats is not self._stats_seen:
-                    # A new statistics message: the balloon controller acts on it now.
-                    self._stats_seen, self._stats_at = s.stats, time.monotonic()
+                    # A new statistics message: the balloon controller acts on it now,
+                    # with how fast the guest's free memory moved since the last one.
+                    now = time.monotonic()
+                    self._free_rate = free_rate(self._stats_seen, self._stats_at, s.stats,
+                                                now)
+                    self._stats_seen, self._stats_at = s.stats, now
                     self._wake_balloon.set()
                 if len(data) == READ_CHUNK:
                     # More may be buffered: let other VMs' tasks run between chunks.

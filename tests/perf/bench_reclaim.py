@@ -43,6 +43,11 @@ from aerate.deploy.vm import booted
 
 MiB = 1 << 20
 MARKS = (5, 10, 30, 60)
+#: aerated's settings in the private trials: a floor of a quarter of the guest (the default
+#: half would cap what the balloon may take below what the kernel's reporting returns on
+#: this shape), statistics at their default interval (the agent sends more when free
+#: memory moves).
+PRIVATE_CONFIG = "[defaults]\nreserve_mib = 128\nfloor = 0.25\n"
 BURST = r"""
 import mmap, sys, time
 t = time.monotonic()
@@ -85,10 +90,10 @@ def private_trial(image: Any, mode: str, hog_mib: int, window: float, memory_mib
             booted(image, backing="private", memory_mib=memory_mib,
                    free_page_reporting=kernel) as g, contextlib.ExitStack() as stack:
         if "aerate" in mode:
-            d = stack.enter_context(aerated(
-                Path(tmp), "[defaults]\nreserve_mib = 128\nstats_interval_s = 1\n",
-                ("--vm", g.name)))
+            d = stack.enter_context(aerated(Path(tmp), PRIVATE_CONFIG, ("--vm", g.name)))
             wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the session")
+        else:
+            d = None
         baseline = steady_of(lambda: rss_anon(g.name))
         hog = Hog(g, hog_mib, hold_s=3)
         hog.start()
@@ -101,12 +106,15 @@ def private_trial(image: Any, mode: str, hog_mib: int, window: float, memory_mib
             time.sleep(0.5)
         cpu1, q1 = guest_cpu_seconds(g), qemu_cpu(g.name)
         ooms = oom_kills(g)
+        seen = d.vm(g.name) if d is not None else {}
         rc, out, err = g.run(["python3", "-c", BURST, str(hog_mib)], timeout=600)
         burst = float(out.strip()) if rc == 0 else None
         return {"mode": mode, "guest": g.spec.domain_type, "baseline": baseline, "peak": peak,
                 "samples": samples, "guest_cpu": cpu1 - cpu0, "qemu_cpu": q1 - q0,
                 "burst_s": burst, "burst_error": "" if rc == 0 else (err or out)[-300:],
                 "oom_kills": oom_kills(g) - ooms,
+                "reclaimer": seen.get("reclaimer", "-"),
+                "balloon": seen.get("balloon"), "reason": seen.get("reason", ""),
                 "boot_to_ready": g.timings.get("boot_to_ready")}
 
 
@@ -141,8 +149,9 @@ def trial(image: Any, mode: str, hog_mib: int, window: float, memory_mib: int
             aerated(Path(tmp), "[defaults]\nreserve_mib = 128\nhwm = 8\nstats_interval_s = 1\n",
                     ("--vm", g.name)) as d:
         wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the aerate session")
-        engine_phase = lambda: ((d.vm(g.name).get("guest") or {}).get("engine")  # noqa: E731
-                                or {}).get("phase")
+        def engine_phase() -> Any:
+            return ((d.vm(g.name).get("guest") or {}).get("engine") or {}).get("phase")
+
         if kernel:
             wait_for(lambda: engine_phase() == "disabled", 60, "the agent to go stats-only")
         baseline = steady(d, g.name)
@@ -227,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfreed {args.hog_mib} MiB in a {args.memory_mib} MiB guest "
               f"({results[0]['guest']}, private RAM); QEMU's RssAnon read from the kernel")
         print(table(results, args.hog_mib))
+        print(f"aerated's settings: {PRIVATE_CONFIG!r}")
         for r in results:
+            if r.get("reclaimer", "-") != "-":
+                b = r.get("balloon") or {}
+                print(f"{r['mode']}: reclaimer {r['reclaimer']}; balloon "
+                      f"{(b.get('actual_bytes') or 0) >> 20} MiB: {b.get('reason', '')}")
             if r.get("burst_error"):
                 print(f"{r['mode']}: second burst failed: {r['burst_error']}")
     if args.json:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from aerate.agent import settings as table
 from aerate.host.balloon import (
+    LOOKAHEAD_S,
     MIN_STEP,
     STEP_HORIZON_S,
     BalloonSettings,
@@ -26,6 +27,7 @@ from aerate.host.balloon import (
     parse_stats,
     step_for,
 )
+from aerate.host.daemon import free_rate
 
 pytestmark = pytest.mark.unit
 
@@ -193,6 +195,34 @@ def test_steps_follow_the_guest_drivers_measured_speed() -> None:
     assert big.step > surplus
     r = next_target(stats(1500), "", MAX, None, MAX, big)
     assert r.target == -(-(MAX - surplus) // MiB) * MiB
+
+
+def test_a_guest_whose_free_memory_falls_fast_gets_it_back_before_it_runs_out() -> None:
+    at = 1024 * MiB
+    # 600 MiB free, well above reserve/2; falling at 300 MiB/s it passes under the reserve
+    # within LOOKAHEAD_S: deflate now, not when the allocations already stall.
+    rate = -300.0 * MiB
+    assert 600 * MiB + rate * LOOKAHEAD_S < S.reserve
+    r = step(stats(600), actual=at, target=at, free_rate=rate)
+    assert r.target == MAX and r.deflate and "falling" in r.reason
+    # A slow fall, a rise, or garbage is no reason.
+    for calm in (-10.0 * MiB, 50.0 * MiB, float("nan"), float("-inf")):
+        assert not step(stats(600), actual=at, target=at, free_rate=calm).deflate
+
+
+def test_the_demand_rate_discounts_what_the_balloon_itself_took() -> None:
+    before = {"mem_free": 1500 * MiB, "balloon_bytes": 0}
+    # The balloon inflated by 500 MiB in a second: MemFree fell by as much, no demand.
+    assert free_rate(before, 0.0, {"mem_free": 1000 * MiB, "balloon_bytes": 500 * MiB},
+                     1.0) == 0.0
+    # The workload took 400 MiB in half a second.
+    assert free_rate(before, 0.0, {"mem_free": 1100 * MiB, "balloon_bytes": 0}, 0.5) \
+        == -800.0 * MiB
+    # Without the balloon's size, or too close together, or garbage: no rate at all.
+    assert free_rate({"mem_free": 1}, 0.0, {"mem_free": 0}, 1.0) == 0.0
+    assert free_rate(before, 0.0, dict(before, mem_free=0), 0.05) == 0.0
+    assert free_rate(None, 0.0, before, 1.0) == 0.0
+    assert free_rate(before, 0.0, dict(before, mem_free=True), 1.0) == 0.0
 
 
 def test_parse_stats_takes_a_real_message() -> None:
