@@ -33,8 +33,8 @@ VERSION = "0.1.0"
 NEED_SYNC_EVERY = 5.0
 #: While a session is up but the newest lease token is stale, ask for one this often.
 NEED_TOKEN_EVERY = 0.25
-#: Event-driven statistics (the balloon reclaimer's pace, host/balloon.py): an agent that
-#: reports nothing itself (stats-only or disabled, as on every ballooned VM) looks at
+#: Event-driven statistics (the balloon reclaimer's pace, host/balloon.py): an agent the
+#: host turned off (``enabled`` false, as on every ballooned VM) looks at
 #: MemFree this often, and sends statistics at once when it moved by STATS_MOVE_BYTES since
 #: the last ones sent, or moved by STATS_SETTLE_BYTES and then held still for one probe (the
 #: balloon arrived): the host's next step needs figures taken after the balloon stopped.
@@ -278,13 +278,20 @@ class Agent:
             out["kernel_reporting"] = self.order.note
         return out
 
+    def _probing(self) -> bool:
+        """Whether free memory is watched between statistics: only where the host turned
+        reporting off (what it does for every ballooned VM, host/daemon.py guest_settings),
+        so an agent that reports itself, or a guest left to its kernel's own reporting,
+        spends nothing on it."""
+        return self.engine.phase is Phase.DISABLED and not self.engine.cfg["enabled"]
+
     def _send_stats(self, now: float) -> None:
         """Statistics every ``stats_interval_s``, and sooner when free memory moved on an
         agent that reports nothing itself (StatsTrigger): a ballooned guest's figures then
         follow its balloon, and a guest that allocates again is seen within a probe."""
         why = ""
         if now < self._next_stats:
-            if self.engine.phase is not Phase.DISABLED or now < self._next_probe:
+            if not self._probing() or now < self._next_probe:
                 return
             self._next_probe = now + STATS_PROBE_S
             try:
@@ -351,7 +358,7 @@ class Agent:
             due.append(expiry)
         if self.endpoint.state is GuestState.RUNNING:
             due.append(self._next_stats)
-            if self.engine.phase is Phase.DISABLED:
+            if self._probing():
                 due.append(self._next_probe)
         else:
             due.append(self._next_need_sync)
