@@ -68,6 +68,7 @@ from aerate.host.qemu_map import (
 )
 from aerate.host.refusal import (
     BALLOON,
+    KERNEL,
     REFUSE,
     Decision,
     DomainFacts,
@@ -1057,6 +1058,9 @@ class VmRunner:
         if self.idle_note:
             out["idle_note"] = self.idle_note
         last = self.cache.last()
+        if last.action == KERNEL:
+            # No batches flow on a VM left to its kernel: the session has no decision.
+            out["reclaimer"], out["reason"] = last
         if last.action == BALLOON or self.balloon_target is not None:
             # No batches flow on a ballooned VM, so the session has no decision to show.
             out["reclaimer"], out["reason"] = last

@@ -223,6 +223,15 @@ def test_a_guest_whose_kernel_reports_its_free_pages_is_left_to_the_kernel() -> 
     # statistics-only and aerate neither punches nor balloons; the override gives it back.
     fpr = dict(SAFE_CAPS, free_page_reporting={"available": True, "detail": "negotiated"})
     r, calls = runner(FakeLibvirt())
+    # The hello alone (no batch ever flows on such a VM) already shows the kernel's path.
+    s = r.session
+    assert s is not None
+    g = GuestEndpoint({"agent": "t", "capabilities": fpr})
+    s.connected()
+    g.receive(s.take_outbox())
+    s.receive(g.take_outbox())
+    assert decide(r).action == "kernel" and r.status()["reclaimer"] == "kernel"
+    r, calls = runner(FakeLibvirt())
     one_batch(r, {"agent": "t", "capabilities": fpr})
     st = r.status()
     assert calls == [] and st["reclaimer"] == "kernel", st
