@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from aerate import __version__ as VERSION
+
 from . import capabilities, carrier, fdstore, procfs
 from . import settings as settings_mod
 from .arena import BLOCK_BYTES, Arena, ArenaError, HugetlbArena, create_arena
@@ -28,7 +30,6 @@ from .protocol import GuestEndpoint, GuestState
 from .reporting_order import ReportingOrder
 
 log = logging.getLogger("aerate-agent")
-VERSION = "0.1.0"
 #: While no session exists, ask the host for one this often.
 NEED_SYNC_EVERY = 5.0
 #: While a session is up but the newest lease token is stale, ask for one this often.
@@ -415,6 +416,7 @@ class Agent:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``aerate-agent``."""
     ap = argparse.ArgumentParser(prog="aerate-agent", description=__doc__)
+    ap.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     ap.add_argument("--port", default=DEFAULT_PATH, help="virtio-serial port device")
     ap.add_argument("--run-dir", default=DEFAULT_RUN_DIR,
                     help="state kept across agent restarts (hugetlb budget record)")

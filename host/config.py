@@ -21,9 +21,9 @@ leaves the old one running).
 
 from __future__ import annotations
 
-import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 from aerate.agent import settings as table
@@ -37,6 +37,26 @@ METADATA_KEY = "aerate"
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the file, key and fix."""
+
+
+def toml_module() -> ModuleType:
+    """The TOML parser: the standard library's tomllib (Python >= 3.11), else tomli (its
+    origin, same API; Debian 11 and 12 package it as python3-tomli), else a ConfigError
+    saying what to install. Looked up when a file is parsed, so the rest of the daemon
+    imports on any Python >= 3.9."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        pass
+    else:
+        return tomllib
+    try:
+        import tomli
+    except ModuleNotFoundError:
+        raise ConfigError(
+            "reading the host config file needs a TOML parser: Python >= 3.11 has tomllib; "
+            "on older Pythons install tomli (Debian: apt install python3-tomli)") from None
+    return tomli
 
 
 @dataclass
@@ -54,9 +74,10 @@ class HostConfig:
 
 def parse(text: str, path: str = DEFAULT_PATH) -> HostConfig:
     """Parse and validate the host config file's text."""
+    toml = toml_module()
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        doc = toml.loads(text)
+    except toml.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     unknown = set(doc) - {"defaults", "vm"}
     if unknown:

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from aerate import __version__
 from aerate.agent import settings as table
 from aerate.host.config import RUN_DIR
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``aeratectl``."""
     ap = argparse.ArgumentParser(prog="aeratectl", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version="%(prog)s " + __version__)
     ap.add_argument("--run-dir", default=RUN_DIR)
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("status", help="every VM's state")

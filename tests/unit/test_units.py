@@ -24,9 +24,22 @@ UNITS = Path(__file__).resolve().parents[2] / "systemd"
 NEWER_KEYS = {"aerate-agent.service": ["FileDescriptorStorePreserve"]}
 
 
+def exec_paths(text: str) -> list[str]:
+    """The programs a unit's Exec*= lines run (prefixes like '-' or '@' removed)."""
+    return [m.group(1) for m in re.finditer(r"^Exec\w+=[-@:+!]*(\S+)", text, re.M)]
+
+
 @pytest.mark.parametrize("unit", ["aerated.service", "aerate-agent.service"])
-def test_unit_verifies(unit: str) -> None:
-    r = subprocess.run(["systemd-analyze", "verify", str(UNITS / unit)],
+def test_unit_verifies(unit: str, tmp_path: Path) -> None:
+    """The unit as shipped, except that the programs the packages install (absent from this
+    machine: tests/host/test_packages.py checks they are in the packages, with the man
+    pages that Documentation= names) are swapped for /bin/true."""
+    text = (UNITS / unit).read_text()
+    for path in exec_paths(text):
+        if not Path(path).exists():
+            text = text.replace(path, "/bin/true")
+    (tmp_path / unit).write_text(text)
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / unit)],
                        capture_output=True, text=True, timeout=60)
     newer = NEWER_KEYS.get(unit, [])
     left = [line for line in r.stderr.splitlines() if line.strip()
