@@ -55,6 +55,27 @@ Leases (S1, S2: no report outlives its pages)
     Un-acked pages are therefore held at most ``lease`` after their last token, even when
     the host is gone for good; a report the host reads later is refused by its token age.
 
+Versions
+    Each end speaks a range of protocol versions, ``PROTO_MIN`` to ``PROTO``, so host and
+    guests need not upgrade in lock-step. The host's sync carries its range (``protos``
+    [oldest, newest], ``proto`` its newest); the guest takes the newest version both speak
+    and names it in its hello's ``proto`` (with its own ``protos``); the host accepts a
+    hello only in a version of its range, and every later message of the session carries
+    that version: a message of any other version ends the session. A peer of the
+    single-version era (aerate 0.1.0) sends no ``protos``: its range is its ``proto``.
+    No common version: the guest answers no hello and reports both ranges; the host ends
+    a session whose hello names a version outside its range.
+
+    Which versions are safe to accept: only those whose rules carry the lease argument
+    above, on both ends. Protocol 1 has no leases (no tokens, no host window, no guest
+    hold): a lease-keeping agent under a protocol-1 host would return pages the host may
+    still punch, so ``LEASES_SINCE`` (2) bounds every range from below and no endpoint can
+    be built to accept less. A new version N may only add to the rules of N-1 (message
+    types or fields sent only in sessions of version >= N; unknown fields are ignored);
+    a version that drops or weakens a check of an older one (a window, a hold, a field's
+    meaning) raises ``PROTO_MIN`` to N on both ends, so an older peer is refused, never
+    misread.
+
 Messages (``type``)
     host -> guest: ``sync`` {nonce, session, granule, settings, token, lease_ms}, ``ack``
     {batch, discarded, refused, reason, token, lease_ms}, ``config`` {settings, token,
@@ -78,6 +99,9 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 #: Protocol 2 added leases. A protocol-1 host never checks a token, so a lease-keeping
 #: agent must not talk to it (it would return pages the old host may still punch).
+LEASES_SINCE = 2
+#: The versions this build speaks, oldest and newest ("Versions" in the module docstring).
+PROTO_MIN = LEASES_SINCE
 PROTO = 2
 #: The virtio-serial port name both ends use.
 PORT_NAME = "org.aerate.agent.0"
@@ -165,10 +189,11 @@ class LineReader:
         self._skipping = False
 
 
-def encode(msg: Dict[str, Any], sync: bool = False) -> bytes:
-    """Encode one message as a line (prefixed with 0xFF when ``sync``)."""
+def encode(msg: Dict[str, Any], sync: bool = False, proto: int = PROTO) -> bytes:
+    """Encode one message of protocol version ``proto`` as a line (0xFF first when
+    ``sync``)."""
     body = dict(msg)
-    body.setdefault("proto", PROTO)
+    body.setdefault("proto", proto)
     line = json.dumps(body, separators=(",", ":"), sort_keys=True).encode() + b"\n"
     if len(line) > LINE_MAX:
         raise ValueError("message of type %r is %d bytes, over the %d-byte line cap"
@@ -176,8 +201,9 @@ def encode(msg: Dict[str, Any], sync: bool = False) -> bytes:
     return SYNC_BYTE + line if sync else line
 
 
-def decode(line: bytes) -> Dict[str, Any]:
-    """Decode one line into a message dict with a known ``type`` and a compatible ``proto``."""
+def decode(line: bytes, proto: Optional[int] = PROTO) -> Dict[str, Any]:
+    """Decode one line into a message dict with a string ``type`` and version ``proto``
+    (None: any integer version, for the messages that negotiate one)."""
     try:
         msg = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -187,10 +213,48 @@ def decode(line: bytes) -> Dict[str, Any]:
     t = msg.get("type")
     if not isinstance(t, str):
         raise ProtocolError("message without a string 'type'")
-    proto = msg.get("proto")
-    if proto != PROTO:
-        raise ProtocolError("peer speaks protocol %r, this side speaks %d" % (proto, PROTO))
+    got = msg.get("proto")
+    if proto is None:
+        if not isinstance(got, int) or isinstance(got, bool) or got < 1:
+            raise ProtocolError("%s message: 'proto' must be a positive integer, got %r"
+                                % (t, got))
+    elif got != proto:
+        raise ProtocolError("peer speaks protocol %r, this session speaks %d" % (got, proto))
     return msg
+
+
+Versions = Tuple[int, int]
+
+
+def check_range(protos: Versions) -> Versions:
+    """``protos`` as an endpoint's own range; ValueError below ``LEASES_SINCE``."""
+    lo, hi = protos
+    if not LEASES_SINCE <= lo <= hi:
+        raise ValueError("protocol range %d..%d: an endpoint speaks versions >= %d only "
+                         "(protocol 1 has no leases)" % (lo, hi, LEASES_SINCE))
+    return lo, hi
+
+
+def peer_range(msg: Dict[str, Any]) -> Versions:
+    """The range a sync, hello or need-sync announces (``protos``, else its ``proto``)."""
+    raw = msg.get("protos")
+    if raw is None:
+        return msg["proto"], msg["proto"]
+    if (not isinstance(raw, list) or len(raw) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw)
+            or not 1 <= raw[0] <= raw[1]):
+        raise ProtocolError("%s message: 'protos' must be [oldest, newest] versions, got %r"
+                            % (msg.get("type"), raw))
+    return raw[0], raw[1]
+
+
+def choose_version(ours: Versions, theirs: Versions) -> int:
+    """The newest version in both ranges; ProtocolError naming both when there is none."""
+    lo, hi = max(ours[0], theirs[0]), min(ours[1], theirs[1])
+    if lo > hi:
+        raise ProtocolError("no protocol version in common: the peer speaks %d..%d, this "
+                            "side %d..%d" % (theirs + ours))
+    return hi
 
 
 def _int(msg: Dict[str, Any], key: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
@@ -305,8 +369,12 @@ class GuestEndpoint:
     Outgoing bytes accumulate in ``outbox``; the caller writes them to the port.
     """
 
-    def __init__(self, hello: Dict[str, Any], clock: Optional[Clock] = None) -> None:
+    def __init__(self, hello: Dict[str, Any], clock: Optional[Clock] = None,
+                 protos: Versions = (PROTO_MIN, PROTO)) -> None:
         self.state = GuestState.IDLE
+        self.protos = check_range(protos)
+        #: the version of the current session (the newest this side speaks before one)
+        self.proto = self.protos[1]
         self.session: Optional[int] = None
         self.granule = 2 * 1024 * 1024
         self.clock: Clock = clock or time.monotonic
@@ -346,7 +414,7 @@ class GuestEndpoint:
         t = self.token
         self.outbox += encode({"type": "report", "session": self.session, "batch": batch,
                                "token": t.token,
-                               "ranges": [list(r) for r in coalesce(ranges)]})
+                               "ranges": [list(r) for r in coalesce(ranges)]}, proto=self.proto)
         self.inflight[batch] = InFlight(self.session, t.token, t.received, t.lease_s)
         return batch
 
@@ -367,18 +435,20 @@ class GuestEndpoint:
     def request_token(self) -> None:
         """Ask the host for a fresh lease token (the newest one is too old to report)."""
         if self.state is GuestState.RUNNING:
-            self.outbox += encode({"type": "need-token", "session": self.session})
+            self.outbox += encode({"type": "need-token", "session": self.session},
+                                  proto=self.proto)
 
     def request_sync(self) -> None:
         """Ask the host for a session (sent while IDLE; harmless if nobody listens)."""
-        self.outbox += encode(dict(self._hello, type="need-sync"), sync=True)
+        self.outbox += encode(dict(self._hello, type="need-sync", protos=list(self.protos)),
+                              sync=True, proto=self.protos[1])
 
     def send(self, msg: Dict[str, Any]) -> None:
         """Queue a session-scoped message (stats); dropped when no session is up."""
         if self.state is GuestState.RUNNING:
             body = dict(msg)
             body["session"] = self.session
-            self.outbox += encode(body)
+            self.outbox += encode(body, proto=self.proto)
 
     def take_outbox(self) -> bytes:
         """Return and clear the bytes waiting to be written."""
@@ -411,7 +481,7 @@ class GuestEndpoint:
                 if isinstance(item, ProtocolError):
                     raise item
                 if item.strip():
-                    self._handle(decode(item), events, now)
+                    self._handle(decode(item, None), events, now)
             except ProtocolError as e:
                 self.state = GuestState.IDLE
                 self._after_marker = False
@@ -426,6 +496,7 @@ class GuestEndpoint:
     def _handle(self, msg: Dict[str, Any], events: List[Tuple[str, Any]], now: float) -> None:
         t = msg["type"]
         if t == "sync":
+            proto = choose_version(self.protos, peer_range(msg))
             session = _int(msg, "session", 1)
             nonce = _int(msg, "nonce")
             granule = _int(msg, "granule", PAGE_SIZE, 1 << 40)
@@ -439,10 +510,12 @@ class GuestEndpoint:
                     events.append(("release", (batch, 0, 0)))
             self.state = GuestState.RUNNING
             self.session = session
+            self.proto = proto
             self.granule = granule
             self.token = Token(token, now, lease_s)
-            hello = dict(self._hello, type="hello", nonce=nonce, session=session)
-            self.outbox += encode(hello, sync=True)
+            hello = dict(self._hello, type="hello", nonce=nonce, session=session,
+                         protos=list(self.protos))
+            self.outbox += encode(hello, sync=True, proto=proto)
             events.append(("session", msg))
             settings = msg.get("settings")
             if isinstance(settings, dict):
@@ -450,6 +523,9 @@ class GuestEndpoint:
             return
         if self.state is not GuestState.RUNNING or msg.get("session") != self.session:
             return  # stale: an older session's message, or one before our sync answer
+        if msg["proto"] != self.proto:
+            raise ProtocolError("host sent protocol %r in a session of protocol %d"
+                                % (msg["proto"], self.proto))
         self._take_token(msg, now)
         if t == "ack":
             batch = _int(msg, "batch", 1)
@@ -534,8 +610,11 @@ class HostEndpoint:
     """
 
     def __init__(self, max_ranges: int = MAX_RANGES, clock: Optional[Clock] = None,
-                 lease_s: float = 2.0) -> None:
+                 lease_s: float = 2.0, protos: Versions = (PROTO_MIN, PROTO)) -> None:
         self.state = HostState.IDLE
+        self.protos = check_range(protos)
+        #: the version of the current session (set by the guest's hello)
+        self.proto = self.protos[1]
         self.session = 0
         self.nonce = 0
         self.granule = 2 * 1024 * 1024
@@ -622,7 +701,8 @@ class HostEndpoint:
     def keepalive(self) -> None:
         """Queue a keepalive: a fresh token, so the guest can keep reporting."""
         if self.state is HostState.RUNNING:
-            self.outbox += encode(self._stamp({"type": "keepalive", "session": self.session}))
+            self.outbox += encode(self._stamp({"type": "keepalive", "session": self.session}),
+                                  proto=self.proto)
 
     # -- session
 
@@ -640,11 +720,12 @@ class HostEndpoint:
         self._tokens = {}
         self.busy_until = float("-inf")
         self.pending.clear()
+        self.proto = self.protos[1]
         msg: Dict[str, Any] = {"type": "sync", "nonce": nonce, "session": session,
-                               "granule": granule}
+                               "granule": granule, "protos": list(self.protos)}
         if settings:
             msg["settings"] = settings
-        self.outbox += encode(self._stamp(msg), sync=True)
+        self.outbox += encode(self._stamp(msg), sync=True, proto=self.proto)
 
     def ack(self, batch: int, discarded: int, refused: int = 0, reason: str = "",
             stale: bool = False) -> None:
@@ -662,13 +743,13 @@ class HostEndpoint:
             msg["reason"] = reason[:512]
         if stale:
             msg["stale"] = True
-        self.outbox += encode(self._stamp(msg))
+        self.outbox += encode(self._stamp(msg), proto=self.proto)
 
     def configure(self, settings: Dict[str, Any]) -> None:
         """Queue a live settings change for the guest."""
         if self.state is HostState.RUNNING:
             self.outbox += encode(self._stamp({"type": "config", "session": self.session,
-                                               "settings": settings}))
+                                               "settings": settings}), proto=self.proto)
 
     def take_outbox(self) -> bytes:
         """Return and clear the bytes waiting to be written."""
@@ -698,17 +779,25 @@ class HostEndpoint:
                     if (msg is not None and msg["type"] == "hello"
                             and msg.get("nonce") == self.nonce
                             and msg.get("session") == self.session):
+                        if not self.protos[0] <= msg["proto"] <= self.protos[1]:
+                            raise ProtocolError(
+                                "the guest's hello speaks protocol %d, this host %d..%d"
+                                % (msg["proto"], self.protos[0], self.protos[1]))
+                        self.proto = msg["proto"]
                         self.state = HostState.RUNNING
                         events.append(("hello", msg))
                     continue
                 if not item.strip():
                     continue
-                msg = decode(item)
+                msg = decode(item, None)
                 if msg["type"] == "need-sync":
                     events.append(("need-sync", msg))
                     continue
                 if msg.get("session") != self.session:
                     continue  # an older session's line, still in the pipe
+                if msg["proto"] != self.proto:
+                    raise ProtocolError("guest sent protocol %r in a session of protocol %d"
+                                        % (msg["proto"], self.proto))
                 self._handle(msg, events)
             except ProtocolError as e:
                 self.close()
@@ -719,7 +808,7 @@ class HostEndpoint:
     def _try_decode(line: bytes) -> Optional[Dict[str, Any]]:
         # While syncing, junk is expected (an old session's tail); it is skipped, not fatal.
         try:
-            return decode(line)
+            return decode(line, None)
         except ProtocolError:
             return None
 

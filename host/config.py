@@ -56,7 +56,8 @@ def toml_module() -> ModuleType:
         raise ConfigError(
             "reading the host config file needs a TOML parser: Python >= 3.11 has tomllib; "
             "on older Pythons install tomli (Debian: apt install python3-tomli)") from None
-    return tomli
+    found: ModuleType = tomli
+    return found
 
 
 @dataclass

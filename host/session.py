@@ -379,6 +379,7 @@ class VmSession:
                           "refused_bytes": c.lease_refused, "cut_short": c.cut_short,
                           "overruns": c.lease_overruns},
                 "agent": _word(self.hello.get("agent")),
+                "proto": self.endpoint.proto,
                 "arena": _word(self.hello.get("arena")),
                 "capabilities": _capabilities(self.hello.get("capabilities")),
                 "guest": {k: v for k, v in self.stats.items()

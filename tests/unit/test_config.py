@@ -68,3 +68,18 @@ def test_stored_entries_are_kept_as_text_whatever_they_say() -> None:
     xml = '<settings><setting name="hwmm">3</setting><setting name="hwm">x</setting></settings>'
     assert c.metadata_entries(xml, "vm") == {"hwmm": "3", "hwm": "x"}
     assert c.metadata_entries(None, "vm") == {}
+
+
+def test_below_python_3_11_tomli_parses_and_without_it_the_error_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts on Python 3.9/3.10 (Debian 11, Ubuntu 22.04, RHEL 9) have no tomllib."""
+    import sys
+    import tomllib
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # what Python < 3.11 has: no tomllib
+    # MOCK: the stdlib module stands in for tomli, the package tomllib was taken from (same
+    # API); tomli itself is not installed in the test venv.
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    assert c.parse("[defaults]\nhwm = 8\n").defaults == {"hwm": 8}
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(c.ConfigError, match="python3-tomli"):
+        c.parse("[defaults]\nhwm = 8\n")

@@ -244,3 +244,89 @@ def test_restarted_guest_asks_for_a_session_and_gets_one() -> None:
     # While syncing, a need-sync is not acted on: the sync is already on its way.
     host.start(nonce=78, session=7, granule=MiB2)
     assert host.receive(fresh.take_outbox() + p.encode({"type": "need-sync"}, sync=True)) == []
+
+
+def negotiate(host_protos: tuple[int, int], guest_protos: tuple[int, int]
+              ) -> tuple[p.HostEndpoint, p.GuestEndpoint, list[Any], list[Any]]:
+    """A sync and its answer between endpoints speaking the given version ranges."""
+    host = p.HostEndpoint(protos=host_protos)
+    guest = p.GuestEndpoint({"agent": "test"}, protos=guest_protos)
+    host.start(nonce=3, session=5, granule=MiB2)
+    gev = guest.receive(host.take_outbox())
+    hev = host.receive(guest.take_outbox())
+    return host, guest, gev, hev
+
+
+@pytest.mark.parametrize("host_protos, guest_protos, version", [
+    ((2, 3), (2, 2), 2),   # a newer host serves an older agent
+    ((2, 2), (2, 3), 2),   # a newer agent talks to an older host
+    ((2, 4), (3, 5), 4),   # the newest both speak
+])
+def test_versions_negotiate_to_the_newest_common_one(
+        host_protos: tuple[int, int], guest_protos: tuple[int, int], version: int) -> None:
+    host, guest, gev, hev = negotiate(host_protos, guest_protos)
+    assert [k for k, _ in gev] == ["session"] and [k for k, _ in hev] == ["hello"]
+    assert host.proto == guest.proto == version
+    # Every later message carries the session's version, both ways.
+    b = guest.report([(0, MiB2)])
+    (kind, rep), = host.receive(guest.take_outbox())
+    assert kind == "report" and rep.batch == b
+    host.ack(b, discarded=MiB2)
+    assert json.loads(host.outbox)["proto"] == version
+    assert guest.receive(host.take_outbox()) == [("release", (b, MiB2, 0))]
+
+
+def test_no_common_version_is_refused_by_both_ends_with_both_ranges() -> None:
+    _, guest, gev, hev = negotiate((3, 4), (2, 2))
+    assert gev == [("error", "no protocol version in common: the peer speaks 3..4, this side "
+                             "2..2")]
+    assert guest.state is p.GuestState.IDLE and hev == []
+    # A guest that answers in a version the host does not speak ends the session.
+    host = p.HostEndpoint(protos=(2, 2))
+    host.start(nonce=1, session=2, granule=MiB2)
+    hello = {"type": "hello", "nonce": 1, "session": 2, "agent": "x"}
+    events = host.receive(p.encode(hello, sync=True, proto=3))
+    assert events == [("error", "the guest's hello speaks protocol 3, this host 2..2")]
+    assert host.state is p.HostState.CLOSED
+
+
+def test_protocol_1_has_no_leases_and_stays_refused() -> None:
+    """A protocol-1 host never checks a token: an agent that holds pages one lease would
+    return pages it may still punch. Neither end talks protocol 1, and neither can be
+    built to."""
+    guest = p.GuestEndpoint({"agent": "test"})
+    old_sync = {"type": "sync", "nonce": 1, "session": 1, "granule": MiB2, "token": 1,
+                "lease_ms": 2000}
+    events = guest.receive(p.encode(old_sync, sync=True, proto=1))
+    assert events[0][0] == "error" and "peer speaks 1..1" in events[0][1]
+    assert guest.state is p.GuestState.IDLE and guest.take_outbox() == b""
+    host = p.HostEndpoint()
+    host.start(nonce=1, session=2, granule=MiB2)
+    events = host.receive(p.encode({"type": "hello", "nonce": 1, "session": 2}, sync=True,
+                                   proto=1))
+    assert events[0][0] == "error" and host.state is p.HostState.CLOSED
+    assert p.PROTO_MIN >= p.LEASES_SINCE == 2
+    with pytest.raises(ValueError, match="no leases"):
+        p.GuestEndpoint({}, protos=(1, 2))
+    with pytest.raises(ValueError, match="no leases"):
+        p.HostEndpoint(protos=(1, 2))
+
+
+def test_a_0_1_0_peer_without_a_range_still_talks() -> None:
+    """aerate 0.1.0 sent only ``proto`` (2): its range is that one version."""
+    guest = p.GuestEndpoint({"agent": "test"}, protos=(2, 3))
+    old_sync = {"type": "sync", "nonce": 1, "session": 1, "granule": MiB2, "token": 1,
+                "lease_ms": 2000}
+    assert [k for k, _ in guest.receive(p.encode(old_sync, sync=True, proto=2))] == ["session"]
+    assert guest.proto == 2
+    assert json.loads(guest.take_outbox()[1:])["proto"] == 2
+
+
+def test_a_message_of_another_version_mid_session_ends_it() -> None:
+    host, guest = connect()
+    events = guest.receive(p.encode({"type": "keepalive", "session": 7, "token": 9,
+                                     "lease_ms": 2000}, proto=3))
+    assert events[0][0] == "error" and guest.state is p.GuestState.IDLE
+    host, _ = connect()
+    events = host.receive(p.encode({"type": "stats", "session": 7}, proto=3))
+    assert events[0][0] == "error" and host.state is p.HostState.CLOSED
