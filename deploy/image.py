@@ -5,9 +5,12 @@ Two cached stages under ``$AERATE_CACHE`` (default ``/var/cache/aerate``):
 1. *base* — ``debootstrap --variant=minbase`` + the packages in ``deploy/guest/packages``,
    configured by ``deploy/guest/configure-base``. Keyed by a hash of the recipe files; slow
    (minutes), rebuilt only when the recipe changes.
-2. *image* — the base tree plus the aerate wheel built from the working tree, its systemd unit
-   and udev rule, and the checker workload, packed into an ext4 file system image with
-   ``mkfs.ext4 -d`` (no loop mounts). Keyed by base hash + wheel content hash; fast.
+2. *image* — the base tree plus the Debian packages python3-aerate and aerate-agent built
+   from the working tree (``dpkg-buildpackage``, deploy/packaging.py) and installed with
+   ``dpkg -i`` as an operator would (their maintainer scripts enable the unit; the udev
+   rule and unit come from the package), the checker workload and the harness agent, packed
+   into an ext4 file system image with ``mkfs.ext4 -d`` (no loop mounts). Keyed by base
+   hash + the packages' content hash; fast.
 
 The kernel and initramfs are installed *inside* the guest (``/lib/modules`` matches) and copied
 out next to the image for direct kernel boot.
@@ -17,23 +20,25 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from aerate.deploy import packaging
+
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
-SYSTEMD_DIR = REPO / "systemd"
 
 SUITE = "bookworm"
 VARIANT = "minbase"
@@ -98,12 +103,18 @@ def recipe_hash(files: Sequence[Path], extra: str = "") -> str:
     return h.hexdigest()
 
 
-def wheel_content_hash(wheel: Path) -> str:
-    """Hash of a wheel's members (names + bytes), independent of zip timestamps."""
+def deb_content_hash(deb: Path) -> str:
+    """Hash of a .deb's control and data members (names, modes, bytes), independent of the
+    build's timestamps."""
     h = hashlib.sha256()
-    with zipfile.ZipFile(wheel) as zf:
-        for name in sorted(zf.namelist()):
-            h.update(name.encode() + b"\0" + zf.read(name) + b"\0")
+    for part in ("--ctrl-tarfile", "--fsys-tarfile"):
+        data = subprocess.run(["dpkg-deb", part, str(deb)], capture_output=True,
+                              check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            for m in sorted(tf.getmembers(), key=lambda m: m.name):
+                h.update(f"{m.name}\0{m.mode:o}\0{m.linkname}\0".encode())
+                f = tf.extractfile(m) if m.isfile() else None
+                h.update((f.read() if f else b"") + b"\0")
     return h.hexdigest()
 
 
@@ -145,31 +156,6 @@ def parse_apt_mirror(sources: dict[str, str], suite: str = SUITE) -> str | None:
 def output_tail(text: str, lines: int = OUTPUT_TAIL_LINES) -> str:
     """The last ``lines`` lines of a command's output, for error messages."""
     return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def console_script(module: str, func: str) -> str:
-    """Text of a console-script launcher for ``module:func`` run by the guest's python3."""
-    return (
-        "#!/usr/bin/python3\n"
-        "import sys\n"
-        f"from {module} import {func}\n"
-        "if __name__ == '__main__':\n"
-        f"    sys.exit({func}())\n"
-    )
-
-
-def parse_entry_points(text: str) -> dict[str, str]:
-    """``[console_scripts]`` of a wheel's entry_points.txt: script name -> ``module:func``."""
-    scripts: dict[str, str] = {}
-    section = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("["):
-            section = line.strip("[]").strip()
-        elif "=" in line and section == "console_scripts":
-            name, _, target = line.partition("=")
-            scripts[name.strip()] = target.strip().split()[0]
-    return scripts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,13 +272,20 @@ def base_recipe_files() -> list[Path]:
 
 
 def image_recipe_files() -> list[Path]:
-    """Files installed into the image next to the wheel (they key the image stage).
+    """Harness files installed into the image next to the packages (they key the image
+    stage, with the packages' content).
 
-    In order: the agent's unit and udev rule, the checker, the harness agent's unit and rule.
+    In order: the checker, the harness agent's unit and rule.
     """
-    return [SYSTEMD_DIR / "aerate-agent.service", SYSTEMD_DIR / "99-aerate-agent.rules",
-            GUEST_DIR / "aerate-checker", GUEST_DIR / "aerate-harness-ga.service",
+    return [GUEST_DIR / "aerate-checker", GUEST_DIR / "aerate-harness-ga.service",
             GUEST_DIR / "99-aerate-harness.rules"]
+
+
+#: The packages a guest installs (the third one, aerated, is the host's).
+GUEST_PACKAGES = ("python3-aerate", "aerate-agent")
+#: Where the agent's package enables its unit (deb-systemd-helper, from the unit's WantedBy).
+AGENT_WANTS = ("etc/systemd/system/dev-virtio\\x2dports-org.aerate.agent.0.device.wants/"
+               "aerate-agent.service")
 
 
 def base_key() -> str:
@@ -370,89 +363,35 @@ def ensure_base(cache: Path | None = None) -> tuple[Path, str]:
     return final, key
 
 
-def source_snapshot(src: Path, dest: Path) -> None:
-    """Copy the working tree (not .git, venvs, caches, build leftovers) for a clean wheel."""
-    ignore = shutil.ignore_patterns(
-        ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
-        ".hypothesis", "*.pyc",
-    )
-    shutil.copytree(src, dest, ignore=ignore, symlinks=True)
-
-
-def build_wheel(src: Path, out: Path) -> Path:
-    """Build the aerate wheel of ``src`` (a copy of it, so stale build/ never leaks in)."""
-    with tempfile.TemporaryDirectory(prefix="aerate-wheel-") as tmpdir:
-        tree = Path(tmpdir) / "src"
-        source_snapshot(src, tree)
-        run_step("build wheel",
-                 [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
-                  "--wheel-dir", str(out), str(tree)],
-                 timeout=600)
-    wheels = sorted(out.glob("aerate-*.whl"))
-    if len(wheels) != 1:
-        raise ImageError(f"pip wheel of {src} produced {len(wheels)} aerate wheels in {out}")
-    return wheels[0]
-
-
-def guest_site_packages(rootfs: Path) -> Path:
-    """/usr/local/lib/python3.X/dist-packages of the guest's python3 (what `pip` would use)."""
-    versions = sorted(
-        (p.name for p in (rootfs / "usr/lib").glob("python3.*") if re.fullmatch(
-            r"python3\.\d+", p.name)),
-        key=lambda n: int(n.split(".")[1]),
-    )
-    if not versions:
-        raise ImageError(f"no python3 in guest rootfs {rootfs}/usr/lib: add python3 to packages")
-    return rootfs / "usr/local/lib" / versions[-1] / "dist-packages"
-
-
-def install_wheel(wheel: Path, rootfs: Path) -> list[str]:
-    """Unpack ``wheel`` into the guest's dist-packages and write its console scripts.
-
-    Returns the script names. This is what ``pip install --no-deps`` does for a pure wheel.
-    """
-    site = guest_site_packages(rootfs)
-    site.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as zf:
-        zf.extractall(site)
-        dist_info = next(n.split("/")[0] for n in zf.namelist()
-                     if n.split("/")[0].endswith(".dist-info"))
-    (site / dist_info / "INSTALLER").write_text("aerate-image\n")
-    ep = site / dist_info / "entry_points.txt"
-    scripts = parse_entry_points(ep.read_text()) if ep.is_file() else {}
-    bindir = rootfs / "usr/local/bin"
-    bindir.mkdir(parents=True, exist_ok=True)
-    for name, target in scripts.items():
-        module, _, func = target.partition(":")
-        path = bindir / name
-        path.write_text(console_script(module, func))
-        path.chmod(0o755)
-    return sorted(scripts)
-
-
-def install_agent(rootfs: Path, wheel: Path) -> None:
-    """Install the agent wheel, its unit, udev rule, the checker and the harness agent."""
-    install_wheel(wheel, rootfs)
+def install_agent(rootfs: Path, debs: dict[str, Path]) -> None:
+    """Install the guest packages as an operator would (``dpkg -i``: their maintainer
+    scripts run and enable the unit), then the checker and the harness agent."""
     files = image_recipe_files()
     for path in files:
         if not path.is_file():
             raise ImageError(f"missing recipe file {path}")
-    unit, rules, checker, harness_unit, harness_rules = files
+    checker, harness_unit, harness_rules = files
+    incoming = rootfs / "tmp/aerate-debs"
+    incoming.mkdir(parents=True)
+    names = []
+    for pkg in GUEST_PACKAGES:
+        shutil.copy2(debs[pkg], incoming / debs[pkg].name)
+        names.append(f"/tmp/aerate-debs/{debs[pkg].name}")
+    # dpkg's postinst byte-compiles with the guest's own python (py3compile): that proves
+    # the agent's syntax fits it and saves the first start from compiling under TCG.
+    run_step("dpkg -i aerate-agent", in_chroot(rootfs, ["dpkg", "-i", *names]),
+             env={**os.environ, **_guest_env()})
+    shutil.rmtree(incoming)
+    if not (rootfs / AGENT_WANTS).is_symlink():
+        raise ImageError(f"the aerate-agent package did not enable its unit: no {AGENT_WANTS}")
     units = rootfs / "etc/systemd/system"
-    shutil.copy2(unit, units / unit.name)
     shutil.copy2(harness_unit, units / harness_unit.name)
-    shutil.copy2(rules, rootfs / "etc/udev/rules.d" / rules.name)
     shutil.copy2(harness_rules, rootfs / "etc/udev/rules.d" / harness_rules.name)
+    (rootfs / "usr/local/bin").mkdir(parents=True, exist_ok=True)
     shutil.copy2(checker, rootfs / "usr/local/bin/aerate-checker")
     (rootfs / "usr/local/bin/aerate-checker").chmod(0o755)
-    run_step("enable aerate-agent",
-             in_chroot(rootfs, ["systemctl", "enable", unit.name, harness_unit.name]),
-             env={**os.environ, **_guest_env()})
-    # Byte-compile with the guest's own python: proves the agent's syntax fits it, and saves
-    # the first start from compiling under TCG.
-    run_step("compile agent with guest python",
-             in_chroot(rootfs, ["python3", "-m", "compileall", "-q",
-                                "/" + str(guest_site_packages(rootfs).relative_to(rootfs))]),
+    run_step("enable the harness agent",
+             in_chroot(rootfs, ["systemctl", "enable", harness_unit.name]),
              env={**os.environ, **_guest_env()})
 
 
@@ -493,9 +432,13 @@ def ensure_image(src: Path = REPO, cache: Path | None = None) -> GuestImage:
     base, bkey = ensure_base(cache)
     with tempfile.TemporaryDirectory(prefix="aerate-image-", dir=cache) as tmpdir:
         tmp = Path(tmpdir)
-        wheel = build_wheel(src, tmp / "wheel")
-        # The unit, udev rule and checker are installed beside the wheel: they key it too.
-        extras = recipe_hash(image_recipe_files(), wheel_content_hash(wheel))
+        try:
+            debs = packaging.build_packages(src, tmp / "debs")
+        except packaging.PackagingError as exc:
+            raise ImageError(f"building the Debian packages: {exc}") from exc
+        # The checker and the harness agent are installed beside the packages: they key it too.
+        extras = recipe_hash(image_recipe_files(),
+                             "".join(deb_content_hash(debs[p]) for p in GUEST_PACKAGES))
         key = f"{bkey}-{extras[:16]}"
         final = cache / f"image-{key}"
         with _locked(cache / f".image-{key}.lock"):
@@ -506,12 +449,13 @@ def ensure_image(src: Path = REPO, cache: Path | None = None) -> GuestImage:
                 rootfs = stage / "rootfs"
                 run_step("copy base rootfs",
                          ["cp", "-a", "--reflink=auto", str(base / "rootfs"), str(rootfs)])
-                install_agent(rootfs, wheel)
+                install_agent(rootfs, debs)
                 make_ext4(rootfs, stage / "root.img", key)
                 shutil.rmtree(rootfs)
                 shutil.copy2(base / "vmlinuz", stage / "vmlinuz")
                 shutil.copy2(base / "initrd.img", stage / "initrd.img")
-                shutil.copy2(wheel, stage / wheel.name)
+                for pkg in GUEST_PACKAGES:
+                    shutil.copy2(debs[pkg], stage / debs[pkg].name)
                 (stage / "done").write_text(json.dumps({"key": key, "base": bkey}))
                 if final.exists():
                     shutil.rmtree(final)

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -149,37 +148,27 @@ def test_recipe_hash_follows_content(tmp_path: Path) -> None:
     assert img.recipe_hash([a]) != h1
 
 
-def test_wheel_hash_ignores_zip_timestamps(tmp_path: Path) -> None:
-    def make(path: Path, when: tuple[int, int, int, int, int, int]) -> Path:
-        with zipfile.ZipFile(path, "w") as zf:
-            zf.writestr(zipfile.ZipInfo("aerate/x.py", when), b"print(1)\n")
-        return path
-    one = make(tmp_path / "a.whl", (2020, 1, 1, 0, 0, 0))
-    two = make(tmp_path / "b.whl", (2024, 6, 6, 6, 6, 6))
-    assert img.wheel_content_hash(one) == img.wheel_content_hash(two)
+def test_deb_hash_ignores_build_timestamps(tmp_path: Path) -> None:
+    def make(name: str, when: int, body: bytes = b"print(1)\n") -> Path:
+        tree = tmp_path / name
+        (tree / "DEBIAN").mkdir(parents=True)
+        (tree / "DEBIAN/control").write_text("Package: demo\nVersion: 1\nArchitecture: all\n"
+                                             "Maintainer: x <x@example.org>\nDescription: d\n")
+        (tree / "usr/lib").mkdir(parents=True)
+        (tree / "usr/lib/x.py").write_bytes(body)
+        for p in tree.rglob("*"):
+            os.utime(p, (when, when))
+        subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(tree) + ".deb"],
+                       check=True, capture_output=True)
+        return Path(str(tree) + ".deb")
+    one, two = make("a", 1_600_000_000), make("b", 1_700_000_000)
+    assert img.deb_content_hash(one) == img.deb_content_hash(two)
+    assert img.deb_content_hash(make("c", 1_600_000_000, b"print(2)\n")) != \
+        img.deb_content_hash(one)
 
 
-def test_package_list_and_entry_points_parse() -> None:
+def test_package_list_parses() -> None:
     assert img.read_package_list("# c\nsystemd  # pid 1\n\nudev\n") == ["systemd", "udev"]
-    eps = "[console_scripts]\naerate-agent = aerate.agent.service:main\n[other]\nx = y:z\n"
-    assert img.parse_entry_points(eps) == {"aerate-agent": "aerate.agent.service:main"}
-
-
-def test_install_wheel_writes_package_and_launcher(tmp_path: Path) -> None:
-    root = tmp_path / "rootfs"
-    (root / "usr/lib/python3.11").mkdir(parents=True)
-    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr("demo/__init__.py", "def main():\n    return 7\n")
-        zf.writestr("demo-1.0.dist-info/entry_points.txt", "[console_scripts]\ndemo = demo:main\n")
-    assert img.install_wheel(wheel, root) == ["demo"]
-    site = root / "usr/local/lib/python3.11/dist-packages"
-    assert (site / "demo/__init__.py").is_file()
-    launcher = root / "usr/local/bin/demo"
-    assert launcher.read_text().startswith("#!/usr/bin/python3\n")
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    rc = subprocess.run([sys.executable, str(launcher)], env=env, check=False).returncode
-    assert rc == 7
 
 
 # --- bad setups fail clearly ---------------------------------------------------------------

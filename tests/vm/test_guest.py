@@ -30,8 +30,21 @@ def test_agent_is_an_active_systemd_service(guest: Guest) -> None:
     assert (rc, out.strip()) == (0, "active")
     props = dict(line.split("=", 1) for line in guest.check(
         "systemctl show aerate-agent -p Type -p NRestarts -p MainPID -p BindsTo "
-        "-p FileDescriptorStoreMax").splitlines() if "=" in line)
+        "-p FileDescriptorStoreMax -p ExecStart -p FragmentPath").splitlines() if "=" in line)
     assert props["Type"] == "notify"
+    # It runs from the Debian packages the image build installed with dpkg -i, as an
+    # operator would: the program, the unit and the udev rule are the packages' files.
+    assert "path=/usr/sbin/aerate-agent " in props["ExecStart"]
+    assert props["FragmentPath"] == "/lib/systemd/system/aerate-agent.service"
+    owners = guest.check("dpkg -S /usr/sbin/aerate-agent /lib/systemd/system/aerate-agent.service "
+                         "/lib/udev/rules.d/99-aerate-agent.rules "
+                         "/usr/lib/python3/dist-packages/aerate/agent/service.py")
+    assert [line.split(":")[0] for line in owners.splitlines()] == [
+        "aerate-agent", "aerate-agent", "aerate-agent", "python3-aerate"], owners
+    status = guest.check("dpkg-query -W -f='${Package} ${db:Status-Status}\\n' "
+                         "aerate-agent python3-aerate")
+    assert sorted(status.split("\n")[:2]) == ["aerate-agent installed",
+                                               "python3-aerate installed"], status
     assert props["NRestarts"] == "0", "the agent restarted: it crashed or missed its watchdog"
     assert int(props["MainPID"]) > 1
     # systemctl show quotes and re-escapes the unit name: compare its parts.
