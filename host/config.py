@@ -21,9 +21,10 @@ leaves the old one running).
 
 from __future__ import annotations
 
+import importlib
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 from aerate.agent import settings as table
@@ -39,25 +40,27 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message names the file, key and fix."""
 
 
-def toml_module() -> ModuleType:
-    """The TOML parser: the standard library's tomllib (Python >= 3.11), else tomli (its
-    origin, same API; Debian 11 and 12 package it as python3-tomli), else a ConfigError
-    saying what to install. Looked up when a file is parsed, so the rest of the daemon
-    imports on any Python >= 3.9."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:
-        pass
-    else:
-        return tomllib
-    try:
-        import tomli
-    except ModuleNotFoundError:
-        raise ConfigError(
-            "reading the host config file needs a TOML parser: Python >= 3.11 has tomllib; "
-            "on older Pythons install tomli (Debian: apt install python3-tomli)") from None
-    found: ModuleType = tomli
-    return found
+TomlParser = tuple[Callable[[str], dict[str, Any]], type[Exception]]
+
+
+def toml_parser() -> TomlParser:
+    """The TOML parser's ``loads`` and its error: the standard library's tomllib (Python >=
+    3.11), else tomli (its origin, same API), else toml (python3-toml, the one Debian 11
+    packages: TOML 0.5, enough for this file), else a ConfigError saying what to install.
+    Looked up when a file is parsed, so the rest of the daemon imports on Python >= 3.9."""
+    for name, error in (("tomllib", "TOMLDecodeError"), ("tomli", "TOMLDecodeError"),
+                        ("toml", "TomlDecodeError")):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        loads: Callable[[str], dict[str, Any]] = module.loads
+        exc: type[Exception] = getattr(module, error)
+        return loads, exc
+    raise ConfigError(
+        "reading the host config file needs a TOML parser: Python >= 3.11 has tomllib; on "
+        "older Pythons install tomli (Debian 12: apt install python3-tomli; Debian 11: "
+        "apt install python3-toml)")
 
 
 @dataclass
@@ -75,10 +78,10 @@ class HostConfig:
 
 def parse(text: str, path: str = DEFAULT_PATH) -> HostConfig:
     """Parse and validate the host config file's text."""
-    toml = toml_module()
+    loads, error = toml_parser()
     try:
-        doc = toml.loads(text)
-    except toml.TOMLDecodeError as e:
+        doc = loads(text)
+    except error as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     unknown = set(doc) - {"defaults", "vm"}
     if unknown:

@@ -11,7 +11,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import CollectorRegistry
+
+try:
+    from prometheus_client.registry import Collector
+except ImportError:  # prometheus_client < 0.12 (Debian 11 has 0.9): collectors are duck-typed
+    Collector = object  # type: ignore[misc,assignment]
 
 Status = Callable[[], list[dict[str, Any]]]
 

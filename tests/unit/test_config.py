@@ -70,16 +70,27 @@ def test_stored_entries_are_kept_as_text_whatever_they_say() -> None:
     assert c.metadata_entries(None, "vm") == {}
 
 
-def test_below_python_3_11_tomli_parses_and_without_it_the_error_says_what_to_install(
+def test_below_python_3_11_tomli_or_toml_parse_and_without_them_the_error_says_what_to_install(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Hosts on Python 3.9/3.10 (Debian 11, Ubuntu 22.04, RHEL 9) have no tomllib."""
     import sys
     import tomllib
+    import types
     monkeypatch.setitem(sys.modules, "tomllib", None)  # what Python < 3.11 has: no tomllib
     # MOCK: the stdlib module stands in for tomli, the package tomllib was taken from (same
     # API); tomli itself is not installed in the test venv.
     monkeypatch.setitem(sys.modules, "tomli", tomllib)
     assert c.parse("[defaults]\nhwm = 8\n").defaults == {"hwm": 8}
     monkeypatch.setitem(sys.modules, "tomli", None)
-    with pytest.raises(c.ConfigError, match="python3-tomli"):
+    # MOCK: toml (python3-toml on Debian 11) is not installed here either: a stand-in with
+    # its names, backed by tomllib.
+    toml = types.ModuleType("toml")
+    toml.loads = tomllib.loads  # type: ignore[attr-defined]
+    toml.TomlDecodeError = tomllib.TOMLDecodeError  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "toml", toml)
+    assert c.parse("[defaults]\nhwm = 9\n").defaults == {"hwm": 9}
+    with pytest.raises(c.ConfigError, match="not valid TOML"):
+        c.parse("[defaults\n")
+    monkeypatch.setitem(sys.modules, "toml", None)
+    with pytest.raises(c.ConfigError, match="python3-toml"):
         c.parse("[defaults]\nhwm = 8\n")
