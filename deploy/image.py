@@ -363,6 +363,43 @@ def ensure_base(cache: Path | None = None) -> tuple[Path, str]:
     return final, key
 
 
+def suite_mirror(suite: str) -> str:
+    """The archive URI for ``suite``: this machine's apt source for it, else the one serving
+    this machine's own suite (a Debian archive carries every release), else $AERATE_MIRROR."""
+    try:
+        return host_apt_mirror(suite)
+    except ImageError:
+        return host_apt_mirror(SUITE)
+
+
+def ensure_chroot(suite: str, include: Sequence[str], cache: Path | None = None) -> Path:
+    """A cached ``debootstrap --variant=minbase`` tree of Debian ``suite`` with ``include``
+    installed (tests copy it before changing it); built once per suite and package list."""
+    cache = cache or cache_dir()
+    key = recipe_hash([], f"chroot/{suite}/{VARIANT}/amd64/{','.join(sorted(include))}")[:16]
+    final = cache / f"chroot-{suite}-{key}"
+    with _locked(cache / f".chroot-{suite}-{key}.lock"):
+        if (final / "done").is_file():
+            return final / "rootfs"
+        check_free_space(cache, BASE_SPACE_BYTES, f"a Debian {suite} tree")
+        tmp = cache / f"chroot-{suite}-{key}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            run_step(f"debootstrap {suite}",
+                     [require_tool("debootstrap", "debootstrap"), f"--variant={VARIANT}",
+                      "--arch=amd64", "--components=main", "--include=" + ",".join(include),
+                      suite, str(tmp / "rootfs"), suite_mirror(suite)],
+                     env={**os.environ, **_guest_env()})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        (tmp / "done").write_text(json.dumps({"suite": suite, "include": list(include)}))
+        tmp.rename(final)
+    return final / "rootfs"
+
+
 def install_agent(rootfs: Path, debs: dict[str, Path]) -> None:
     """Install the guest packages as an operator would (``dpkg -i``: their maintainer
     scripts run and enable the unit), then the checker and the harness agent."""
