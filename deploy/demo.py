@@ -2,7 +2,8 @@
 
     ./deploy/demo [--mib 1024] [--backing memfd|hugetlbfs] [--keep]
 
-Builds (or reuses) the guest image, starts aerated from this checkout with its own run
+Builds (or reuses) the guest image (which installs the aerate-agent Debian package built
+from this checkout, as an operator would), starts aerated from this checkout with its own run
 directory, boots a VM under libvirt, lets a process in the guest touch and free memory,
 and prints the host memory backing the guest's RAM, read from the kernel, as it goes.
 """
