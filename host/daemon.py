@@ -279,6 +279,7 @@ class VmRunner:
         self.balloon_rate: float | None = None
         self._stats_seen: object = None
         self._restart = ""   # non-empty: start a new session at the next loop turn
+        self._keepalive_timer: asyncio.TimerHandle | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # discards (S8)
         self._stats_at = -math.inf
         self._free_rate = 0.0  # bytes/s the guest's free memory moved (host/balloon.py)
@@ -935,21 +936,20 @@ class VmRunner:
                     s.connected()
                     continue
                 if s.state is HostState.SYNCING:
-                    timeout: float | None = SYNC_RETRY
-                else:
-                    # An idle guest gets no keepalive and costs no timer: it asks (need-token)
-                    # when it wants to report. A pending restart waits for its next bytes:
-                    # the revocation already refuses every discard of that session.
-                    due = s.endpoint.keepalive_due()
-                    timeout = None if due is None else max(0.0, due)
-                try:
-                    data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
-                except TimeoutError:
-                    if s.state is HostState.SYNCING:
+                    try:
+                        data = await asyncio.wait_for(reader.read(READ_CHUNK), SYNC_RETRY)
+                    except TimeoutError:
                         s.connected()   # no answer: the agent may not run yet; sync again
-                    else:
-                        s.endpoint.keepalive()  # a fresh lease token for the guest
-                    continue
+                        continue
+                else:
+                    # Keepalives come from a timer, not from a timeout on this read: a
+                    # wait_for per read is a task, a timer and a future, and a busy guest's
+                    # serve loop turns several times a second. An idle guest gets no
+                    # keepalive and costs no timer: it asks (need-token) when it wants to
+                    # report. A pending restart waits for its next bytes: the revocation
+                    # already refuses every discard of that session.
+                    self._arm_keepalive(writer)
+                    data = await reader.read(READ_CHUNK)
                 if not data:
                     raise ConnectionResetError("QEMU closed the channel socket")
                 # Loop time of this read's handling; the discards have their own budget,
@@ -994,10 +994,38 @@ class VmRunner:
                     # More may be buffered: let other VMs' tasks run between chunks.
                     await asyncio.sleep(0)
         finally:
+            if self._keepalive_timer is not None:
+                self._keepalive_timer.cancel()
+                self._keepalive_timer = None
             self._flush_log()
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    def _arm_keepalive(self, writer: asyncio.StreamWriter) -> None:
+        """Have ``_keepalive`` run when the session's next keepalive is due (none while
+        the guest is idle; at most one timer per VM)."""
+        s = self.session
+        if self._keepalive_timer is not None or s is None:
+            return
+        due = s.endpoint.keepalive_due()
+        if due is not None:
+            self._keepalive_timer = asyncio.get_running_loop().call_later(
+                max(0.0, due), self._keepalive, writer)
+
+    def _keepalive(self, writer: asyncio.StreamWriter) -> None:
+        """The keepalive timer (loop thread): send a fresh lease token if one is due, and
+        look again at the next due time (an ack in between carried a token: later)."""
+        self._keepalive_timer = None
+        s = self.session
+        if s is None or s.state is not HostState.RUNNING or s.job is not None \
+                or self.stop_reason or writer.is_closing():
+            return  # the serve loop arms it again when it reads next
+        due = s.endpoint.keepalive_due()
+        if due is not None and due <= 0:
+            s.endpoint.keepalive()
+            writer.write(s.take_outbox())   # small, at most one a keepalive period
+        self._arm_keepalive(writer)
 
     async def _run_job(self, job: DiscardJob) -> None:
         """Run one report's discard: a small one right here on the loop thread, a bigger

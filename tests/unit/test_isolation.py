@@ -90,6 +90,26 @@ def test_a_vm_whose_domain_xml_sleeps_10s_does_not_delay_another_vms_ack(
     run(tmp_path, body)
 
 
+def test_a_busy_guest_gets_keepalive_tokens_and_an_idle_one_none(tmp_path: Path) -> None:
+    """The daemon's keepalive timer (host/daemon.py _keepalive): after a report the guest
+    keeps getting fresh lease tokens (every KEEPALIVE_SHARE of the lease) without sending
+    anything, so its next reports need no need-token; a guest that never reported gets no
+    keepalive at all."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        for n in ("A", "B"):
+            daemon.start_runner(n)
+            await until(lambda n=n: guests[n].sessions > 0, 5, f"{n}'s session")
+        await report_and_wait(daemon, guests["A"], 5)
+        a, b = guests["A"].ep, guests["B"].ep
+        assert a is not None and b is not None and a.token and b.token
+        after_ack, idle = a.token.token, b.token.token
+        await asyncio.sleep(1.6)   # lease 2 s: a keepalive every 0.5 s
+        assert a.token.token >= after_ack + 2 and a.token_fresh()
+        assert b.token.token == idle
+
+    run(tmp_path, body)
+
+
 async def _set(event: asyncio.Event) -> None:
     event.set()
 
