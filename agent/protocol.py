@@ -124,11 +124,11 @@ class LineReader:
 
     ``feed`` returns, in stream order, ``None`` for the markers before a line (the partial
     line before a marker is dropped; the markers between two newlines count once: both
-    ends treat a marker as "forget what came before", so two mean what one means), ``bytes`` for every complete line
-    (without its newline; of a run of blank lines only the first is returned, both ends
-    skip blank lines), and a ``ProtocolError`` for every line that grew past ``limit``; the
-    rest of such a line is skipped up to its newline or the next marker, so a flood cannot
-    grow memory.
+    ends treat a marker as "forget what came before", so two mean what one means),
+    ``bytes`` for every complete line (without its newline; of a run of blank lines only
+    the first is returned, both ends skip blank lines), and a ``ProtocolError`` for every
+    line that grew past ``limit``; the rest of such a line is skipped up to its newline or
+    the next marker, so a flood cannot grow memory.
 
     Cost is linear in the bytes fed (S5: a guest's input is parsed on the daemon's loop
     thread): where the next newline and the next marker are is remembered and looked up

@@ -21,5 +21,7 @@ def test_bench_daemon_smoke() -> None:
     assert len(lines) == 6, r.stdout
     assert all("CPU" in ln and "p50/p99/max" in ln and "nan" not in ln for ln in lines), \
         r.stdout
-    assert r.stdout.count("floods cut off: 1") == 2, r.stdout
+    # Both floods are cut off (the input budget, the need-sync rate) within the bound.
+    assert r.stdout.count("cut off: yes") == 2, r.stdout
+    assert r.stdout.count("-> met); extra daemon CPU") == 2, r.stdout
     assert "Traceback" not in r.stderr, r.stderr

@@ -295,7 +295,7 @@ def _meaning(items: list[Any]) -> list[tuple[bool, Any]]:
         elif item.strip() or armed:
             out.append((armed, item))
             armed = False
-    return out + [(armed, "end")]
+    return [*out, (armed, "end")]
 
 
 @settings(max_examples=300, deadline=None)

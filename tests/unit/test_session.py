@@ -132,7 +132,7 @@ def test_a_need_sync_flood_ends_the_session_beyond_its_rate() -> None:
     """S5: every need-sync costs the host a new session (and, with the hello answering it,
     a decision and a map rebuild); a guest that keeps asking is cut off once its burst is
     spent, with the reason, and nothing more of it is served."""
-    s, g, _ = make()
+    s, _, _ = make()
     burst = int(s.sync_bucket.burst)
     s.sync_bucket.rate = 0.0   # no refill while the test runs, whatever the machine's speed
     for i in range(burst + 1):
