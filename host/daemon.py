@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import threading
@@ -103,9 +104,10 @@ BACKING_REFRESH = 2.0
 STATUS_READ_TIMEOUT = 1.0
 #: A map build is a dozen QMP/HMP round trips and QEMU's smaps: a longer timeout.
 MAP_TIMEOUT = 15.0
-#: Bytes read from a channel per turn. The protocol's line reader costs up to
-#: O(chunk^2) on a run of 0xFF markers (agent/protocol.py LineReader), so small turns
-#: keep one VM's worst chunk to about a millisecond of loop time.
+#: Bytes read from a channel per turn. The protocol's line reader is linear in the bytes
+#: (agent/protocol.py LineReader), at worst about a microsecond per line (a flood of
+#: one-byte lines); small turns keep one VM's worst read to a few milliseconds of loop
+#: time, and the input budget is charged after each.
 READ_CHUNK = 4096
 #: Report batches up to this many bytes are discarded on the loop thread, bigger ones on
 #: the VM's discard thread (VmRunner._run_job): 4 granules of 2 MiB, a fallocate of about
@@ -894,8 +896,13 @@ class VmRunner:
                 if not await self.prepare():
                     return
                 if self._refresh_timer is None:
-                    self._refresh_timer = loop.call_later(self.daemon.permit_refresh,
-                                                          self._refresh_tick)
+                    # The first tick at a random phase within the period (never later than
+                    # one period, so the permit's age bound is kept): runners started
+                    # together (a daemon start, a libvirt reconnect) would otherwise
+                    # refresh in one burst every period, and every ack waits behind it.
+                    self._refresh_timer = loop.call_later(
+                        self.daemon.permit_refresh * random.uniform(0.1, 1.0),
+                        self._refresh_tick)
                 await self._serve()
                 delay = 1.0
             except asyncio.CancelledError:
