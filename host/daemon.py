@@ -6,9 +6,12 @@ arrive on libvirt's own thread (host/libvirt_conn.py) and are handed to the loop
 ``call_soon_threadsafe``. Nothing on the loop thread blocks on libvirt or on QEMU's /proc
 (S8): every such call runs in the VM's worker (host/vm_worker.py: a shared bounded pool,
 per-VM order, a timeout that refuses that VM), and ``permit()``, ``status`` and the
-metrics scrape read snapshots those calls refresh. Discards still run synchronously
-inside a session's ``receive``, so a session is never closed or re-synced while a
-discard is under way (S4); each is held to the VM's discard budget (host/budget.py).
+metrics scrape read snapshots those calls refresh. A report's discard runs on the loop
+thread when the batch is small (``INLINE_DISCARD_BYTES``: a fallocate and the scans of
+QEMU's fd links, which take no lock QEMU holds for long), else on the VM's own discard
+thread; either way the session takes no input until it is finished, so a session is
+never closed or re-synced while a discard is under way (S4); each is held to the VM's
+discard budget (host/budget.py).
 
 VM sessions talk straight to QEMU's chardev socket, not through libvirtd: a libvirtd
 restart does not drop them. While libvirtd is away nothing new is started and every

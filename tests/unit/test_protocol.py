@@ -247,8 +247,9 @@ def test_restarted_guest_asks_for_a_session_and_gets_one() -> None:
 
 
 class _OldLineReader:
-    """The reader before it was made linear (quadratic in a run of 0xFF): the reference
-    for what the lines and markers of a stream mean."""
+    """The reader before it was made linear (quadratic in a run of 0xFF), kept here as
+    written then: the oracle for what the lines and markers of a stream mean (its line
+    handling is alike the new reader's on purpose)."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self._buf, self._skipping = limit, bytearray(), False
