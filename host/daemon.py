@@ -6,9 +6,12 @@ arrive on libvirt's own thread (host/libvirt_conn.py) and are handed to the loop
 ``call_soon_threadsafe``. Nothing on the loop thread blocks on libvirt or on QEMU's /proc
 (S8): every such call runs in the VM's worker (host/vm_worker.py: a shared bounded pool,
 per-VM order, a timeout that refuses that VM), and ``permit()``, ``status`` and the
-metrics scrape read snapshots those calls refresh. Discards still run synchronously
-inside a session's ``receive``, so a session is never closed or re-synced while a
-discard is under way (S4); each is held to the VM's discard budget (host/budget.py).
+metrics scrape read snapshots those calls refresh. A report's discard runs on the loop
+thread when the batch is small (``INLINE_DISCARD_BYTES``: a fallocate and the scans of
+QEMU's fd links, which take no lock QEMU holds for long), else on the VM's own discard
+thread; either way the session takes no input until it is finished, so a session is
+never closed or re-synced while a discard is under way (S4); each is held to the VM's
+discard budget (host/budget.py).
 
 VM sessions talk straight to QEMU's chardev socket, not through libvirtd: a libvirtd
 restart does not drop them. While libvirtd is away nothing new is started and every
@@ -30,6 +33,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import threading
@@ -103,10 +107,15 @@ BACKING_REFRESH = 2.0
 STATUS_READ_TIMEOUT = 1.0
 #: A map build is a dozen QMP/HMP round trips and QEMU's smaps: a longer timeout.
 MAP_TIMEOUT = 15.0
-#: Bytes read from a channel per turn. The protocol's line reader costs up to
-#: O(chunk^2) on a run of 0xFF markers (agent/protocol.py LineReader), so small turns
-#: keep one VM's worst chunk to about a millisecond of loop time.
+#: Bytes read from a channel per turn. The protocol's line reader is linear in the bytes
+#: (agent/protocol.py LineReader), at worst about a microsecond per line (a flood of
+#: one-byte lines); small turns keep one VM's worst read to a few milliseconds of loop
+#: time, and the input budget is charged after each.
 READ_CHUNK = 4096
+#: Report batches up to this many bytes are discarded on the loop thread, bigger ones on
+#: the VM's discard thread (VmRunner._run_job): 4 granules of 2 MiB, a fallocate of about
+#: a millisecond when every page is populated.
+INLINE_DISCARD_BYTES = 8 << 20
 #: Host page size from which the agent cannot assemble a reportable granule (agent/cycle.py).
 GIANT_GRANULE = 1 << 30
 #: How often the balloon controller looks again without a new statistics message (it
@@ -275,6 +284,7 @@ class VmRunner:
         self.balloon_rate: float | None = None
         self._stats_seen: object = None
         self._restart = ""   # non-empty: start a new session at the next loop turn
+        self._keepalive_timer: asyncio.TimerHandle | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # discards (S8)
         self._stats_at = -math.inf
         self._free_rate = 0.0  # bytes/s the guest's free memory moved (host/balloon.py)
@@ -889,8 +899,13 @@ class VmRunner:
                 if not await self.prepare():
                     return
                 if self._refresh_timer is None:
-                    self._refresh_timer = loop.call_later(self.daemon.permit_refresh,
-                                                          self._refresh_tick)
+                    # The first tick at a random phase within the period (never later than
+                    # one period, so the permit's age bound is kept): runners started
+                    # together (a daemon start, a libvirt reconnect) would otherwise
+                    # refresh in one burst every period, and every ack waits behind it.
+                    self._refresh_timer = loop.call_later(
+                        self.daemon.permit_refresh * random.uniform(0.1, 1.0),
+                        self._refresh_tick)
                 await self._serve()
                 delay = 1.0
             except asyncio.CancelledError:
@@ -931,35 +946,39 @@ class VmRunner:
                     s.connected()
                     continue
                 if s.state is HostState.SYNCING:
-                    timeout: float | None = SYNC_RETRY
-                else:
-                    # An idle guest gets no keepalive and costs no timer: it asks (need-token)
-                    # when it wants to report. A pending restart waits for its next bytes:
-                    # the revocation already refuses every discard of that session.
-                    due = s.endpoint.keepalive_due()
-                    timeout = None if due is None else max(0.0, due)
-                try:
-                    data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
-                except TimeoutError:
-                    if s.state is HostState.SYNCING:
+                    try:
+                        data = await asyncio.wait_for(reader.read(READ_CHUNK), SYNC_RETRY)
+                    except TimeoutError:
                         s.connected()   # no answer: the agent may not run yet; sync again
-                    else:
-                        s.endpoint.keepalive()  # a fresh lease token for the guest
-                    continue
+                        continue
+                else:
+                    # Keepalives come from a timer, not from a timeout on this read: a
+                    # wait_for per read is a task, a timer and a future, and a busy guest's
+                    # serve loop turns several times a second. An idle guest gets no
+                    # keepalive and costs no timer: it asks (need-token) when it wants to
+                    # report. A pending restart waits for its next bytes: the revocation
+                    # already refuses every discard of that session.
+                    self._arm_keepalive(writer)
+                    data = await reader.read(READ_CHUNK)
                 if not data:
                     raise ConnectionResetError("QEMU closed the channel socket")
-                # Loop CPU of this read's handling; the discards run on their own thread
-                # (and have their own budget), so only feed() and finish() count.
-                cpu0 = time.thread_time()
+                # Loop time of this read's handling; the discards have their own budget,
+                # so only feed() and finish() count. Wall time on the loop thread, not
+                # thread CPU time: it is never less than the CPU it stands for (the safe
+                # side of the bound) and costs a vDSO read where CLOCK_THREAD_CPUTIME_ID
+                # is a system call (4 % of the daemon at 1,000 guests).
+                t0 = time.perf_counter()
                 job = s.feed(data)
-                spent = time.thread_time() - cpu0
+                spent = time.perf_counter() - t0
                 while job is not None:
-                    await self._discard_off_loop(job)
-                    cpu0 = time.thread_time()
+                    await self._run_job(job)
+                    t0 = time.perf_counter()
                     job = s.finish(job)
-                    spent += time.thread_time() - cpu0
+                    spent += time.perf_counter() - t0
                 flood = self.input_budget.take(len(data), time.monotonic(), max(0.0, spent))
                 if flood:
+                    s.cut_off(flood)   # status shows it as the session's last error
+                    self._flush_log()
                     raise GuestFlood(f"{flood}; session ended")
                 due = s.endpoint.keepalive_due()
                 if due is not None and due <= 0:
@@ -985,10 +1004,56 @@ class VmRunner:
                     # More may be buffered: let other VMs' tasks run between chunks.
                     await asyncio.sleep(0)
         finally:
+            if self._keepalive_timer is not None:
+                self._keepalive_timer.cancel()
+                self._keepalive_timer = None
             self._flush_log()
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    def _arm_keepalive(self, writer: asyncio.StreamWriter) -> None:
+        """Have ``_keepalive`` run when the session's next keepalive is due (none while
+        the guest is idle; at most one timer per VM)."""
+        s = self.session
+        if self._keepalive_timer is not None or s is None:
+            return
+        due = s.endpoint.keepalive_due()
+        if due is not None:
+            self._keepalive_timer = asyncio.get_running_loop().call_later(
+                max(0.0, due), self._keepalive, writer)
+
+    def _keepalive(self, writer: asyncio.StreamWriter) -> None:
+        """The keepalive timer (loop thread): send a fresh lease token if one is due, and
+        look again at the next due time (an ack in between carried a token: later)."""
+        self._keepalive_timer = None
+        s = self.session
+        if s is None or s.state is not HostState.RUNNING or s.job is not None \
+                or self.stop_reason or writer.is_closing():
+            return  # the serve loop arms it again when it reads next
+        due = s.endpoint.keepalive_due()
+        if due is not None and due <= 0:
+            s.endpoint.keepalive()
+            writer.write(s.take_outbox())   # small, at most one a keepalive period
+        self._arm_keepalive(writer)
+
+    async def _run_job(self, job: DiscardJob) -> None:
+        """Run one report's discard: a small one right here on the loop thread, a bigger
+        one on this VM's own thread (``_discard_off_loop``).
+
+        A small job (at most ``INLINE_DISCARD_BYTES``) costs the loop about what the thread
+        hop would (the hop, its future and the loop's wake-up were a third of the daemon's
+        CPU at 1,000 guests), so it is not worth one; a large one may free gigabytes and
+        must not hold up other VMs' acks (S8). Both run the same ``job.run``: the checks
+        before and after every slice, the lease and the revocation that libvirt's event
+        thread writes (it runs while the loop thread sits in fallocate or readlink, which
+        release the GIL), so inline changes nothing of S1/S4: the session takes no input
+        and cannot re-sync until ``finish``.
+        """
+        if job.total <= INLINE_DISCARD_BYTES:
+            job.run()
+        else:
+            await self._discard_off_loop(job)
 
     async def _discard_off_loop(self, job: DiscardJob) -> None:
         """Run one report's discard on this VM's own thread and wait for it (S8: a slow or

@@ -37,6 +37,11 @@ InRam = Callable[[int, int], bool]
 Permit = Callable[[], Decision]
 
 
+#: New sessions a guest may ask for (need-sync): a rate per second and a burst.
+NEED_SYNC_PER_S = 0.5
+NEED_SYNC_BURST = 4.0
+
+
 @dataclass
 class Counters:
     """What a session did, for status and metrics (bytes)."""
@@ -168,6 +173,12 @@ class VmSession:
         self.bucket = TokenBucket(rate=reports_per_s, burst=burst, tokens=burst)
         # Statistics come every few seconds; a guest sending them much faster is flooding.
         self.stats_bucket = TokenBucket(rate=5.0, burst=20.0, tokens=20.0)
+        # The agent asks for a new session when it starts or recovers, at most once every
+        # agent/service.py NEED_SYNC_EVERY (5 s). Each one costs the host a new session and,
+        # with the hello that answers it, a decision and a map rebuild through the VM's
+        # worker (QMP round trips): a guest asking faster is flooding (S5).
+        self.sync_bucket = TokenBucket(rate=NEED_SYNC_PER_S, burst=NEED_SYNC_BURST,
+                                       tokens=NEED_SYNC_BURST)
         self.hello: Dict[str, Any] = {}
         #: counts hellos and session starts: what a decision made with "the hello" means
         self.hello_gen = 0
@@ -290,6 +301,10 @@ class VmSession:
                 # metrics scrape read it for every VM, so one guest must not break them (S5).
                 self.stats = _plain(payload, STATS_DEPTH)
             elif kind == "need-sync":
+                if not self.sync_bucket.take():
+                    self._fail("need-sync flood (more than %g new sessions/s asked, burst "
+                               "%g)" % (self.sync_bucket.rate, self.sync_bucket.burst))
+                    return None
                 self._note("info", "guest agent asked for a new session (it restarted)")
                 self.connected()
                 # Everything queued behind it was parsed under the old session (its
@@ -298,6 +313,11 @@ class VmSession:
             elif kind == "error":
                 self._fail("guest broke the protocol: %s" % payload)
         return self.job
+
+    def cut_off(self, why: str) -> None:
+        """End the session for a reason found outside the protocol (the daemon's input
+        budget): as a protocol error, nothing more of it is served, and status shows why."""
+        self._fail(why)
 
     def _fail(self, why: str) -> None:
         # S5: the session ends, nothing of it is discarded; the daemon drops the connection

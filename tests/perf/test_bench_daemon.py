@@ -21,5 +21,9 @@ def test_bench_daemon_smoke() -> None:
     assert len(lines) == 6, r.stdout
     assert all("CPU" in ln and "p50/p99/max" in ln and "nan" not in ln for ln in lines), \
         r.stdout
-    assert r.stdout.count("floods cut off: 1") == 2, r.stdout
+    # Both floods cost the loop less than the input budget's bound; the 0xFF one is cut
+    # off by it (the need-sync one is cut off by the need-sync rate when the guests'
+    # process answers each sync fast enough: not asserted, it depends on the machine).
+    assert r.stdout.count("-> met); extra daemon CPU") == 2, r.stdout
+    assert "cut off: yes (input flood" in r.stdout, r.stdout
     assert "Traceback" not in r.stderr, r.stderr

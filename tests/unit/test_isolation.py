@@ -90,6 +90,68 @@ def test_a_vm_whose_domain_xml_sleeps_10s_does_not_delay_another_vms_ack(
     run(tmp_path, body)
 
 
+def test_a_busy_guest_gets_keepalive_tokens_and_an_idle_one_none(tmp_path: Path) -> None:
+    """The daemon's keepalive timer (host/daemon.py _keepalive): after a report the guest
+    keeps getting fresh lease tokens (every KEEPALIVE_SHARE of the lease) without sending
+    anything, so its next reports need no need-token; a guest that never reported gets no
+    keepalive at all."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        for n in ("A", "B"):
+            daemon.start_runner(n)
+            await until(lambda n=n: guests[n].sessions > 0, 5, f"{n}'s session")
+        await report_and_wait(daemon, guests["A"], 5)
+        a, b = guests["A"].ep, guests["B"].ep
+        assert a is not None and b is not None and a.token and b.token
+        after_ack, idle = a.token.token, b.token.token
+        await asyncio.sleep(1.6)   # lease 2 s: a keepalive every 0.5 s
+        assert a.token.token >= after_ack + 2 and a.token_fresh()
+        assert b.token.token == idle
+
+    run(tmp_path, body)
+
+
+async def _set(event: asyncio.Event) -> None:
+    event.set()
+
+
+def test_a_slow_large_discard_of_one_vm_does_not_delay_another_vms_ack(
+        tmp_path: Path) -> None:
+    """S8: small batches are discarded on the loop thread (host/daemon.py _run_job), but a
+    batch over INLINE_DISCARD_BYTES runs on its VM's own thread: here A's punch of a 16 MiB
+    batch takes 2 s (a fallocate freeing gigabytes), and B's report is acked meanwhile."""
+    from aerate.host import daemon as daemon_mod
+
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        real = daemon.punch
+        slow = asyncio.Event()
+
+        def punch(vm: str, *args: Any) -> int:
+            done = int(real(vm, *args))
+            if vm == "A" and not slow.is_set():
+                # The fallocate of the first range is slow; the lease window closes
+                # meanwhile, so the rest of A's batch is refused (cut short): realistic.
+                asyncio.run_coroutine_threadsafe(_set(slow), loop)
+                time.sleep(2.0)
+            return done
+
+        loop = asyncio.get_running_loop()
+        daemon.punch = punch
+        guests["A"].blocks = 8   # 16 MiB: over the inline bound
+        assert 8 * (2 << 20) > daemon_mod.INLINE_DISCARD_BYTES >= 4 * (2 << 20)
+        for n in ("A", "B"):
+            daemon.start_runner(n)
+            await until(lambda n=n: guests[n].sessions > 0, 5, f"{n}'s session")
+        a = asyncio.get_running_loop().create_task(report_and_wait(daemon, guests["A"], 10))
+        await asyncio.wait_for(slow.wait(), 5)
+        took = await report_and_wait(daemon, guests["B"], 5)
+        assert took < 0.5, f"B's report took {took:.3f} s to be acked"
+        assert not a.done()
+        assert await a > 1.5
+        assert guests["A"].acks[-1][1] >= 2 << 20   # what was punched before the stall
+
+    run(tmp_path, body)
+
+
 def test_a_timed_out_libvirt_call_refuses_that_vm_with_the_reason(tmp_path: Path) -> None:
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
         conn.slow[("A", "domain_xml")] = 10.0
@@ -174,6 +236,8 @@ def test_an_input_flood_ends_the_session_within_the_budget(tmp_path: Path) -> No
         guests["A"].writer.write(b"\xff" * (10 << 20))
         await until(lambda: runner.state.value == "retrying", 10, "the flood to be cut off")
         assert "input flood" in runner.reason and runner.input_budget.floods == 1
+        status = (await daemon.handle({"cmd": "status"}))["vms"][0]
+        assert "input flood" in status["last_error"] and status["input_floods"] == 1
 
     run(tmp_path, body, names=("A",))
 

@@ -330,3 +330,122 @@ def test_a_message_of_another_version_mid_session_ends_it() -> None:
     host, _ = connect()
     events = host.receive(p.encode({"type": "stats", "session": 7}, proto=3))
     assert events[0][0] == "error" and host.state is p.HostState.CLOSED
+
+
+class _OldLineReader:
+    """The reader before it was made linear (quadratic in a run of 0xFF), kept here as
+    written then: the oracle for what the lines and markers of a stream mean (its line
+    handling is alike the new reader's on purpose)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self._buf, self._skipping = limit, bytearray(), False
+
+    def feed(self, data: bytes) -> list[Any]:
+        out: list[Any] = []
+        start, n = 0, len(data)
+        while start < n:
+            ff, nl = data.find(b"\xff", start), data.find(b"\n", start)
+            if ff != -1 and (nl == -1 or ff < nl):
+                self._buf.clear()
+                self._skipping = False
+                start = ff + 1
+                out.append(None)
+                continue
+            end = nl if nl != -1 else n
+            if not self._skipping:
+                self._buf += data[start:end]
+                if len(self._buf) >= self.limit:
+                    self._buf.clear()
+                    self._skipping = True
+                    out.append(p.ProtocolError("too long"))
+            if nl == -1:
+                break
+            start = nl + 1
+            if self._skipping:
+                self._skipping = False
+            else:
+                out.append(bytes(self._buf))
+                self._buf.clear()
+        return out
+
+
+def _meaning(items: list[Any]) -> list[tuple[bool, Any]]:
+    """What both endpoints make of a reader's output (HostEndpoint.receive while syncing,
+    the strictest reader): a marker arms a flag, the next line (a blank one included)
+    takes it; other blank lines are skipped; errors are kept in place."""
+    armed, out = False, []
+    for item in items:
+        if item is None:
+            armed = True
+        elif isinstance(item, p.ProtocolError):
+            out.append((armed, "error"))
+        elif item.strip() or armed:
+            out.append((armed, item))
+            armed = False
+    return [*out, (armed, "end")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"bc", b"\n", b"\n\n", b"\xff", b"\xff\xff", b"{}"]),
+                max_size=60), st.lists(st.integers(1, 12), min_size=1, max_size=8))
+def test_line_reader_means_what_the_old_reader_meant(parts: list[bytes],
+                                                     cuts: list[int]) -> None:
+    """Collapsing runs of markers and blank lines changes what is returned, never what the
+    endpoints do with it, however the stream is cut into reads."""
+    data = b"".join(parts)
+    new, old = p.LineReader(limit=8), _OldLineReader(limit=8)
+    got, want, at, i = [], [], 0, 0
+    while at < len(data):
+        chunk = data[at:at + cuts[i % len(cuts)]]
+        got += new.feed(chunk)
+        want += old.feed(chunk)
+        at, i = at + len(chunk), i + 1
+    assert _meaning(got) == _meaning(want)
+
+
+class _CountingBytes(bytes):
+    """bytes that count how many bytes their searches examine (the reader's work)."""
+
+    scanned = 0
+
+    def find(self, sub: Any, start: Any = 0, end: Any = None) -> int:  # type: ignore[override]
+        r = super().find(sub, start, end)
+        _CountingBytes.scanned += (r + 1 if r != -1 else len(self)) - start
+        return r
+
+    def rfind(self, sub: Any, start: Any = 0, end: Any = None) -> int:  # type: ignore[override]
+        r = super().rfind(sub, start, end)
+        stop = len(self) if end is None else end
+        _CountingBytes.scanned += stop - (r if r != -1 else start)
+        return r
+
+
+@pytest.mark.parametrize("unit", [b"\xff", b"\xffx", b"\n", b"\xff\n", b"x" * 100 + b"\n",
+                                  b"a", b"\xff" * 7 + b"\n" * 3 + b"y"])
+def test_line_reader_work_is_linear_in_the_bytes(unit: bytes,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """S5 (issue 10, "Bad input"): the reader's searches examine each byte a bounded
+    number of times, whatever the stream (the old reader examined a run of n 0xFF bytes
+    n^2/2 times: 8.9 s of the daemon's CPU for a 10 MB flood), so 256 KiB costs about four
+    times what 64 KiB costs. Counted, not timed: the bound holds on any machine."""
+    runs = []
+    real = p._NOT_NEWLINE
+
+    class CountingPattern:
+        def search(self, data: bytes, pos: int) -> Any:
+            m = real.search(data, pos)
+            runs.append((m.start() if m else len(data)) - pos)
+            return m
+
+    monkeypatch.setattr(p, "_NOT_NEWLINE", CountingPattern())
+    work = {}
+    for size in (1 << 16, 1 << 18):
+        data = _CountingBytes(unit * (size // len(unit)))
+        _CountingBytes.scanned, runs[:] = 0, []
+        items = p.LineReader().feed(data)
+        work[size] = _CountingBytes.scanned + sum(runs)
+        assert work[size] <= 3 * len(data) + 3, (unit, size, work[size])
+        # One item per line at most, and one per marker run before it: a pure 0xFF flood
+        # is a single marker, a flood of newlines a single blank line.
+        assert len(items) <= 2 * data.count(b"\n") + 2
+    assert work[1 << 18] <= 4.5 * work[1 << 16] + 16

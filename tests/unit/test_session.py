@@ -128,6 +128,26 @@ def test_guest_restart_gets_a_new_session_and_orphans_released() -> None:
     assert s.state is HostState.RUNNING and s.status()["sessions"] == 2
 
 
+def test_a_need_sync_flood_ends_the_session_beyond_its_rate() -> None:
+    """S5: every need-sync costs the host a new session (and, with the hello answering it,
+    a decision and a map rebuild); a guest that keeps asking is cut off once its burst is
+    spent, with the reason, and nothing more of it is served."""
+    s, _, _ = make()
+    burst = int(s.sync_bucket.burst)
+    s.sync_bucket.rate = 0.0   # no refill while the test runs, whatever the machine's speed
+    for i in range(burst + 1):
+        fresh = GuestEndpoint({"agent": "hostile"})
+        fresh.request_sync()
+        s.receive(fresh.take_outbox())
+        if i < burst:
+            assert s.state is HostState.SYNCING and s.status()["sessions"] == i + 2
+            fresh.receive(s.take_outbox())
+            s.receive(fresh.take_outbox())   # the hello: running again
+            assert s.state is HostState.RUNNING
+    assert s.state is HostState.CLOSED and "need-sync flood" in s.last_error
+    assert s.status()["sessions"] == burst + 1 and s.counters.errors == 1
+
+
 def test_stats_flood_is_cut_off() -> None:
     s, g, _ = make()
     for _ in range(30):

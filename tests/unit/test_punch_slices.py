@@ -1,0 +1,91 @@
+"""host/punch.py's checks around every slice, on a real memfd (no QEMU needed): the checks
+run right before each slice's fallocate (a reason stops the discard there, nothing of that
+slice is touched) and right after it (a reason then is an overrun). The lease and
+revocation checks of host/session.py and the pinning scan of host/pinning.py all ride on
+this; the session-level tests use their own discard function, so this is where punch()
+itself is held to it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from daemon_sim import GRANULE, SimVm, new_vm
+
+from aerate.host.punch import PunchRefused, punch
+from aerate.host.refusal import Decision
+
+pytestmark = pytest.mark.unit
+PAGE = 4096
+
+
+@pytest.fixture
+def vm(tmp_path: object) -> Iterator[SimVm]:
+    v = new_vm("slices", str(tmp_path))
+    try:
+        yield v
+    finally:
+        os.close(v.fd)
+
+
+def _fill(v: SimVm, gpa: int, length: int) -> None:
+    for off in range(gpa, gpa + length, PAGE):
+        os.pwrite(v.fd, b"x", off)
+
+
+def _present(v: SimVm, gpa: int, length: int) -> list[bool]:
+    """Per granule of [gpa, +length): is its first page still holding the data?"""
+    return [os.pread(v.fd, 1, off) == b"x" for off in range(gpa, gpa + length, GRANULE)]
+
+
+def _punch(v: SimVm, length: int, checks: list, slice_bytes: int = GRANULE) -> int:  # type: ignore[type-arg]
+    return punch(v.name, v.gmap, {"pc.ram": v.backing}, 0, length, GRANULE,
+                 lambda: Decision("punch", "test"), checks, slice_bytes=slice_bytes)
+
+
+def test_a_check_that_fails_at_once_stops_the_discard_before_any_slice(vm: SimVm) -> None:
+    _fill(vm, 0, 4 * GRANULE)
+    with pytest.raises(PunchRefused) as e:
+        _punch(vm, 4 * GRANULE, [lambda: "session ended: the guest was reset"])
+    assert e.value.done == 0 and not e.value.overrun
+    assert _present(vm, 0, 4 * GRANULE) == [True] * 4
+
+
+def test_the_checks_run_before_and_after_every_slice(vm: SimVm) -> None:
+    """Slices of one granule: the check answers a reason from its 5th call, which is the
+    one right before the third slice (calls: before 1, after 1, before 2, after 2, before
+    3): two slices are discarded, the rest untouched, and no overrun is counted."""
+    _fill(vm, 0, 4 * GRANULE)
+    calls: list[int] = []
+
+    def lease() -> str:
+        calls.append(1)
+        return "lease token 3 expired" if len(calls) >= 5 else ""
+
+    with pytest.raises(PunchRefused) as e:
+        _punch(vm, 4 * GRANULE, [lease])
+    assert (e.value.done, e.value.overrun, len(calls)) == (2 * GRANULE, False, 5)
+    assert _present(vm, 0, 4 * GRANULE) == [False, False, True, True]
+
+
+def test_a_check_that_fails_right_after_a_slice_is_an_overrun(vm: SimVm) -> None:
+    _fill(vm, 0, 2 * GRANULE)
+    calls: list[int] = []
+
+    def lease() -> str:
+        calls.append(1)
+        return "window closed" if len(calls) == 2 else ""   # the check after slice 1
+
+    with pytest.raises(PunchRefused) as e:
+        _punch(vm, 2 * GRANULE, [lease])
+    assert (e.value.done, e.value.overrun) == (GRANULE, True)
+    assert _present(vm, 0, 2 * GRANULE) == [False, True]
+
+
+def test_a_whole_range_without_a_reason_is_discarded(vm: SimVm) -> None:
+    _fill(vm, 0, 4 * GRANULE)
+    calls: list[int] = []
+    assert _punch(vm, 4 * GRANULE, [lambda: calls.append(1) or ""]) == 4 * GRANULE
+    assert len(calls) == 8   # before and after each of the 4 slices
+    assert _present(vm, 0, 4 * GRANULE) == [False] * 4
