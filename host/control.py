@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 import xml.etree.ElementTree as ET
@@ -190,8 +191,13 @@ def vm_view(d: Daemon, r: VmRunner) -> dict[str, Any]:
         out["reclaimer"], out["category"] = "unmanaged", UNMANAGED[state]
         out["reason"] = r.reason or out.get("reason", "")
     else:
-        action = out.get("reclaimer") or r.cache.last().action
+        # What it would do now (the permit), not what the session's last batch met: an
+        # idle guest's session may not have reported since it was decided.
+        permit = out["permit"]
+        action = permit["action"] if math.isfinite(r.cache.issued_at) else "starting"
         out["reclaimer"] = action if action in (PUNCH, BALLOON, REFUSE) else "starting"
+        if out["reclaimer"] in (PUNCH, REFUSE):
+            out["reason"] = permit["reason"]
         out["category"] = refusal_category(str(out.get("reason", ""))) \
             if out["reclaimer"] == REFUSE else "none"
     values = out.get("settings") or r.effective_settings()
@@ -252,10 +258,9 @@ def _unserved(d: Daemon, name: str, uuid: str, running: bool) -> dict[str, Any]:
 
 async def _stored(d: Daemon, t: Target, config: bool) -> dict[str, str]:
     """The VM's stored entries as text (the saved definition with ``config``)."""
-    kwargs = {"config": True} if config else {}
+    read = functools.partial(d.conn.metadata, config=True) if config else d.conn.metadata
     try:
-        xml = await _worker(d, t).call("metadata", d.conn.metadata, t.name,
-                                       config_mod.METADATA_NS, **kwargs)
+        xml = await _worker(d, t).call("metadata", read, t.name, config_mod.METADATA_NS)
     except (LibvirtUnavailable, DomainError, CallTimeout) as e:
         raise Failed(f"VM {t.name}: cannot read the stored settings: {e}") from e
     try:
@@ -350,10 +355,12 @@ def _where(t: Target, live: bool, config: bool) -> tuple[bool | None, bool | Non
 async def _write(d: Daemon, t: Target, entries: Mapping[str, str], live: bool | None,
                  config: bool | None) -> None:
     xml = config_mod.metadata_to_xml(dict(entries)) if entries else None
-    kwargs = {k: v for k, v in (("live", live), ("config", config)) if v is not None}
+    write: Any = d.conn.set_metadata
+    if live is not None or config is not None:
+        write = functools.partial(write, live=live, config=config)
     try:
-        await _worker(d, t).call("set_metadata", d.conn.set_metadata, t.name, xml,
-                                 config_mod.METADATA_KEY, config_mod.METADATA_NS, **kwargs)
+        await _worker(d, t).call("set_metadata", write, t.name, xml,
+                                 config_mod.METADATA_KEY, config_mod.METADATA_NS)
     except (LibvirtUnavailable, DomainError, CallTimeout) as e:
         raise Failed(f"VM {t.name}: not saved, so not applied: {e}") from e
 

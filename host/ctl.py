@@ -263,7 +263,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``aeratectl``; returns the exit code (module docstring)."""
-    args = _parser().parse_args(argv)  # a usage error exits 2 here
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (2), or --help (0)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         return _run(args)
     except table.SettingError as e:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -257,6 +258,8 @@ class SimGuest:
     latencies: List[float] = field(default_factory=list)
     acks: List[Tuple[int, int, int, str]] = field(default_factory=list)  # batch, disc, ref, why
     sessions: int = 0
+    #: settings the host sent (sync and config messages), in order
+    configs: List[Dict[str, Any]] = field(default_factory=list)
     on_ack: Optional[Callable[[SimGuest], None]] = None
     _sent: Dict[int, float] = field(default_factory=dict)
     _want_report: bool = False
@@ -301,6 +304,8 @@ class SimGuest:
                     if kind == "session":
                         self.sessions += 1
                         self.connected.set()
+                    elif kind == "config":
+                        self.configs.append(dict(payload))
                     elif kind == "release":
                         batch, discarded, refused = payload
                         sent = self._sent.pop(batch, None)
@@ -403,3 +408,35 @@ async def stop_daemon(daemon: Any, conn: FakeLibvirt) -> None:
     if time.monotonic() - t0 > 5:
         print(f"(stopping {len(tasks)} runners took {time.monotonic() - t0:.1f} s)")
     daemon.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.asynccontextmanager
+async def simulated(run_dir: str, names: Tuple[str, ...], **timing: float
+                    ) -> AsyncIterator[Tuple[Any, FakeLibvirt, Dict[str, SimGuest]]]:
+    """The real daemon on the fake libvirt with one listening SimGuest per name (reports
+    and stats are sent by the test itself); everything stopped and closed afterwards."""
+    conn = FakeLibvirt()
+    guests: Dict[str, SimGuest] = {}
+    for n in names:
+        vm = new_vm(n, run_dir)
+        conn.add(vm)
+        guests[n] = SimGuest(n, vm.sock, report_s=3600, stats_s=3600)
+        await guests[n].start()
+    daemon = new_daemon(conn, run_dir, **timing)
+    try:
+        yield daemon, conn, guests
+    finally:
+        await stop_daemon(daemon, conn)
+        for g in guests.values():
+            await g.stop()
+        for vm in conn.vms.values():
+            os.close(vm.fd)
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait (on the loop) until ``cond()``; AssertionError naming ``what`` after timeout."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
