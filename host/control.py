@@ -191,13 +191,14 @@ def vm_view(d: Daemon, r: VmRunner) -> dict[str, Any]:
         out["reclaimer"], out["category"] = "unmanaged", UNMANAGED[state]
         out["reason"] = r.reason or out.get("reason", "")
     else:
-        # What it would do now (the permit), not what the session's last batch met: an
-        # idle guest's session may not have reported since it was decided.
-        permit = out["permit"]
-        action = permit["action"] if math.isfinite(r.cache.issued_at) else "starting"
+        # What the next batch would meet (the permit, with its latched pinning fd and
+        # new-hello checks), not what the session's last batch met: an idle guest's
+        # session may not have reported since it was decided.
+        now = r.permit()
+        action = now.action if math.isfinite(r.cache.issued_at) else "starting"
         out["reclaimer"] = action if action in (PUNCH, BALLOON, REFUSE) else "starting"
         if out["reclaimer"] in (PUNCH, REFUSE):
-            out["reason"] = permit["reason"]
+            out["reason"] = now.reason
         out["category"] = refusal_category(str(out.get("reason", ""))) \
             if out["reclaimer"] == REFUSE else "none"
     values = out.get("settings") or r.effective_settings()
