@@ -287,7 +287,12 @@ async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
         raise Failed(f"unknown setting {key!r} (aeratectl settings lists them)", "usage")
     t = await resolve(d, ident)
     error = ""
-    saved = await _stored(d, t, config=True) if t.id != -1 or t.runner is None else {}
+    try:
+        saved = await _stored(d, t, config=True)  # the saved definition's entries
+    except Failed:
+        if t.id == -1:
+            raise
+        saved = {}  # a transient domain has no definition; the live layer still counts
     if t.runner is not None:
         r = t.runner
         metadata, live, error = dict(r.metadata), dict(r.live), r.settings_error
@@ -416,9 +421,12 @@ async def set_(d: Daemon, ident: str, settings: Any, live: bool,
 def _changed(d: Daemon, t: Target, applied: bool, keys: list[str]) -> dict[str, Any]:
     effective = t.runner.effective_settings() if t.runner is not None else \
         table.layered(d.config.layers_for(t.name))
-    note = "applied now" if applied else (
-        "saved in the domain's definition: applies at its next start" if t.id == -1 or
-        t.runner is None or not applied else "")
+    if applied:
+        note = "applied now"
+    elif t.runner is None and t.id != -1:
+        note = "stored; aerated does not serve this VM, so nothing applies now"
+    else:
+        note = "saved in the domain's definition: applies at its next start"
     return {"ok": True, "vm": t.name, "keys": keys, "applied": applied, "note": note,
             "settings": effective if applied else {k: effective[k] for k in keys}}
 
