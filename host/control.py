@@ -380,6 +380,14 @@ def reapply(r: VmRunner, before: Mapping[str, Any]) -> None:
     changed = {k: v for k, v in after.items() if before.get(k) != v}
     if r.session is not None and changed:
         r.session.configure(changed)
+        # The serve loop writes when the guest next speaks (an idle agent: its next stats);
+        # write now, on the loop thread like the serve loop: the outbox holds only whole
+        # messages the session made ready (acks, keepalives, this config).
+        w = r.writer
+        if w is not None and not w.is_closing():
+            out = r.session.take_outbox()
+            if out:
+                w.write(out)
 
 
 async def _apply(t: Target, now: bool) -> tuple[bool, str]:

@@ -229,6 +229,7 @@ class VmRunner:
         self.daemon = daemon
         self.name = name
         self.session: VmSession | None = None
+        self.writer: asyncio.StreamWriter | None = None  # the channel while _serve runs
         self.gmap: GuestMemoryMap | None = None
         self.backings: dict[str, Backing] = {}
         self.channel: str | None = None
@@ -912,6 +913,7 @@ class VmRunner:
         assert self.session is not None and self.channel is not None
         s = self.session
         reader, writer = await asyncio.open_unix_connection(self.channel)
+        self.writer = writer  # control.reapply sends new settings to an idle guest at once
         try:
             s.connected()
             self._set_state(RunnerState.SYNCING)
@@ -988,6 +990,7 @@ class VmRunner:
                     # More may be buffered: let other VMs' tasks run between chunks.
                     await asyncio.sleep(0)
         finally:
+            self.writer = None
             self._flush_log()
             writer.close()
             with contextlib.suppress(OSError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -128,16 +127,9 @@ def run(tmp_path: Path, capsys: pytest.CaptureFixture[str], body: Body,
 
 async def delivered(guest: SimGuest, cond: Callable[[dict[str, Any]], bool], what: str
                     ) -> None:
-    """Wait until the guest got settings that satisfy ``cond``. The daemon writes to an
-    idle guest when the guest next speaks; the agent sends statistics every
-    stats_interval_s, which this stands in for."""
-    deadline = time.monotonic() + 5
-    while not any(cond(c) for c in guest.configs):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {guest.configs[-3:]}")
-        assert guest.ep is not None and guest.writer is not None
-        guest.send_stats(guest.ep, guest.writer)
-        await asyncio.sleep(0.05)
+    """Wait until the idle guest (it sends nothing meanwhile) got settings that satisfy
+    ``cond``: the daemon writes them at once, not at the guest's next message."""
+    await until(lambda: any(cond(c) for c in guest.configs), 2, what)
 
 
 async def running(daemon: Any, *names: str) -> None:
