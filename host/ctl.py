@@ -10,6 +10,7 @@
     aeratectl watch [--interval S]            status, refreshed
     aeratectl settings [--json]               every tunable with its default and meaning
     aeratectl reload                          re-read the host config file
+    aeratectl completion                      bash completion (source <(aeratectl completion))
 
 VM is a domain's name, UUID or id. --live changes the running domain only, --config its
 saved definition only (a stopped VM: its definition, read at its next start); neither:
@@ -161,6 +162,39 @@ def settings_json() -> list[dict[str, Any]]:
             for s in table.TABLE]
 
 
+_BASH = """_aeratectl() {
+    local cur=${COMP_WORDS[COMP_CWORD]} cmd=${COMP_WORDS[1]}
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W "@CMDS@" -- "$cur")); return
+    fi
+    if [ "$COMP_CWORD" -eq 2 ]; then
+        case "$cmd" in status|get|set|reset|explain)
+            COMPREPLY=($(compgen -W "$(virsh -q list --all --name 2>/dev/null)" -- "$cur"));;
+        esac
+        return
+    fi
+    case "$cmd" in
+        set) COMPREPLY=($(compgen -W "@ASSIGN@ --live --config" -- "$cur"))
+             compopt -o nospace 2>/dev/null;;
+        reset) COMPREPLY=($(compgen -W "@KEYS@ --live --config" -- "$cur"));;
+        get) COMPREPLY=($(compgen -W "@ALL@ --json" -- "$cur"));;
+    esac
+}
+complete -F _aeratectl aeratectl
+"""
+
+
+def bash_completion() -> str:
+    """``aeratectl completion``: a bash completion script from the parser and the table
+    (``set``/``reset`` offer only keys a VM's metadata may hold)."""
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    keys = [r.name for r in table.TABLE if r.scope != "host"]
+    return (_BASH.replace("@CMDS@", " ".join(sub.choices))
+            .replace("@ASSIGN@", " ".join(f"{k}=" for k in keys))
+            .replace("@KEYS@", " ".join(keys))
+            .replace("@ALL@", " ".join(r.name for r in table.TABLE)))
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="aeratectl", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,6 +227,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--interval", type=float, default=2.0)
     w.add_argument("--count", type=int, default=0, help="stop after N refreshes (0: never)")
     sub.add_parser("reload", help="re-read the host config file")
+    sub.add_parser("completion", help="print a bash completion script "
+                   "(source <(aeratectl completion))")
     return ap
 
 
@@ -210,6 +246,9 @@ def _failed(answer: Any) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.cmd == "settings":
         print(json.dumps(settings_json(), indent=2) if args.json else format_settings())
+        return EXIT_OK
+    if args.cmd == "completion":
+        print(bash_completion(), end="")
         return EXIT_OK
     if args.cmd == "watch":
         n = 0
