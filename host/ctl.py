@@ -7,7 +7,7 @@
     aeratectl reset VM [KEY...] [--live] [--config]
                                               remove stored settings: the layer below counts
     aeratectl explain VM [--json]             why it is or is not reclaiming now
-    aeratectl watch [--interval S]            status, refreshed
+    aeratectl watch [--interval S] [--json]   status, refreshed
     aeratectl settings [--json]               every tunable with its default and meaning
     aeratectl reload                          re-read the host config file
     aeratectl completion                      bash completion (source <(aeratectl completion))
@@ -226,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("watch", help="status, refreshed")
     w.add_argument("--interval", type=float, default=2.0)
     w.add_argument("--count", type=int, default=0, help="stop after N refreshes (0: never)")
+    w.add_argument("--json", action="store_true",
+                   help="one status answer (host/ctl_schema.json) per line")
     sub.add_parser("reload", help="re-read the host config file")
     sub.add_parser("completion", help="print a bash completion script "
                    "(source <(aeratectl completion))")
@@ -254,8 +256,11 @@ def _run(args: argparse.Namespace) -> int:
         n = 0
         while True:
             answer = request({"cmd": "status"}, args.run_dir)
-            print("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + format_status(answer),
-                  flush=True)
+            if args.json:
+                print(json.dumps(answer), flush=True)
+            else:
+                print("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + format_status(answer),
+                      flush=True)
             n += 1
             if args.count and n >= args.count:
                 return EXIT_OK

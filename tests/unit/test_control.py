@@ -178,6 +178,9 @@ def test_status_shows_every_vm_and_no_false_figure(tmp_path: Path,
         assert rc == 0 and "holding back" in out and "P: balloon target" in out
         row = next(line for line in out.splitlines() if line.startswith("N "))
         assert "unmanaged" in row and "org.aerate.agent.0" in row
+        rc, out, _ = await aeratectl("watch", "--json", "--count", "2", "--interval", "0")
+        assert rc == 0 and len([conforms(json.loads(line), "status")
+                                for line in out.splitlines()]) == 2
         text = generate_latest(metrics.registry(lambda: control.views(daemon),
                                                 lambda: True)).decode()
         assert 'aerate_backing_allocated_bytes{vm="N"}' not in text
