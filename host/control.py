@@ -41,12 +41,11 @@ from aerate.host.balloon import BalloonSettings, floor_bytes
 from aerate.host.libvirt_conn import DomainError, LibvirtUnavailable
 from aerate.host.refusal import (
     BALLOON,
+    KERNEL,
     PUNCH,
     REFUSE,
     VmFacts,
     decide,
-    hugetlb_reservations,
-    poison_from_hello,
     refusal_category,
 )
 from aerate.host.vm_worker import CallTimeout
@@ -58,6 +57,9 @@ if TYPE_CHECKING:
 COMMANDS = ("status", "get", "set", "reset", "explain", "reload")
 #: Error codes of a failed answer, and aeratectl's exit code for each.
 EXIT_CODES = {"refused": 1, "usage": 2, "no-such-vm": 4}
+#: What a VM's reclaimer may be: the decisions, then "starting" (not decided yet) and
+#: "unmanaged" (aerate does nothing for it: UNMANAGED says why).
+RECLAIMERS = (PUNCH, BALLOON, KERNEL, REFUSE)
 #: Runner states in which aerate does nothing for the VM, with their category.
 UNMANAGED = {"no-channel": "no-channel", "busy": "busy", "stopped": "stopped"}
 #: How long status waits for the list of running domains (VMs that --vm leaves out).
@@ -196,8 +198,8 @@ def vm_view(d: Daemon, r: VmRunner) -> dict[str, Any]:
         # session may not have reported since it was decided.
         now = r.permit()
         action = now.action if math.isfinite(r.cache.issued_at) else "starting"
-        out["reclaimer"] = action if action in (PUNCH, BALLOON, REFUSE) else "starting"
-        if out["reclaimer"] in (PUNCH, REFUSE):
+        out["reclaimer"] = action if action in RECLAIMERS else "starting"
+        if out["reclaimer"] in (PUNCH, REFUSE, KERNEL):
             out["reason"] = now.reason
         out["category"] = refusal_category(str(out.get("reason", ""))) \
             if out["reclaimer"] == REFUSE else "none"
@@ -577,11 +579,13 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
     values = r.effective_settings()
     says: list[str] = []
     reclaimer = view["reclaimer"]
-    reclaiming = reclaimer in (PUNCH, BALLOON)
+    reclaiming = reclaimer in (PUNCH, BALLOON, KERNEL)
     says.append(f"{r.name} ({view['uuid'] or 'uuid unknown'}): aerated's runner is "
                 f"{r.state.value}.")
     if reclaimer == "unmanaged":
         says.append(f"It is not reclaimed: {view['reason']}.")
+    elif reclaimer == KERNEL:
+        says.append(f"The guest kernel reclaims it: {view['reason']}.")
     elif reclaiming:
         says.append(f"It is reclaiming with {reclaimer}: {view['reason']}.")
     else:
@@ -591,13 +595,7 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
         try:
             got = await r.worker.call("explain", r._fetch, True, False, False)
             hello = r.session.hello if r.session is not None else None
-            f = VmFacts(r._domain_facts(got.xml or r.xml), got.job, r.backings or None,
-                        poison=poison_from_hello(hello), mode=values["mode"],
-                        balloon_available=True, settings_error=r.settings_error,
-                        pinning_fd=r.pinning_fd,
-                        vhost_user_trusted=bool(values["vhost_user_trusted"]),
-                        reservations=hugetlb_reservations(r.gmap, r.backings),
-                        qemu_migration=got.migration, map_error=r.map_error)
+            f = r.facts(got.xml or r.xml, got, r.backings, r.gmap, values, hello)
             facts = fact_sentences(f)
             now = decide(f)
             says.append("Weighed afresh, the facts give: "

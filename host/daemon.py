@@ -360,6 +360,25 @@ class VmRunner:
             self._facts_of = (xml, cached)
         return cached
 
+    def facts(self, xml: str, got: Fetched, backings: Mapping[str, Backing],
+              gmap: GuestMemoryMap | None, values: Mapping[str, Any],
+              hello: Mapping[str, Any] | None) -> VmFacts:
+        """Every refusal fact from its source (pure; raises ValueError, KeyError or
+        ET.ParseError on a fact that cannot be read): what ``_decide`` weighs and what
+        ``aeratectl explain`` lists (host/control.py)."""
+        # The balloon reclaimer is built; decide() still refuses a domain without a
+        # virtio memballoon or with locked RAM, with that reason.
+        return VmFacts(self._domain_facts(xml), got.job, backings or None,
+                       poison=poison_from_hello(hello), mode=values["mode"],
+                       balloon_available=True, settings_error=self.settings_error,
+                       pinning_fd=self.pinning_fd,
+                       vhost_user_trusted=bool(values["vhost_user_trusted"]),
+                       reservations=hugetlb_reservations(gmap, backings),
+                       qemu_migration=got.migration,
+                       map_error=got.map_error or self.map_error,
+                       kernel_reporting=kernel_reporting_from_hello(hello)
+                       and not values["override_kernel_reporting"])
+
     def _decide(self, xml: str, got: Fetched, backings: Mapping[str, Backing],
                 gmap: GuestMemoryMap | None, values: Mapping[str, Any],
                 hello: Mapping[str, Any] | None) -> Decision:
@@ -371,19 +390,7 @@ class VmRunner:
         trust from the host file, hugetlb reservations and the map rebuilt after the hello.
         An answer that cannot be read is an unknown fact: refuse."""
         try:
-            # The balloon reclaimer is built; decide() still refuses a domain without a
-            # virtio memballoon or with locked RAM, with that reason.
-            facts = VmFacts(self._domain_facts(xml), got.job, backings or None,
-                            poison=poison_from_hello(hello), mode=values["mode"],
-                            balloon_available=True, settings_error=self.settings_error,
-                            pinning_fd=self.pinning_fd,
-                            vhost_user_trusted=bool(values["vhost_user_trusted"]),
-                            reservations=hugetlb_reservations(gmap, backings),
-                            qemu_migration=got.migration,
-                            map_error=got.map_error or self.map_error,
-                            kernel_reporting=kernel_reporting_from_hello(hello)
-                            and not values["override_kernel_reporting"])
-            return decide(facts)
+            return decide(self.facts(xml, got, backings, gmap, values, hello))
         except (ValueError, KeyError, ET.ParseError) as e:
             return Decision(REFUSE, f"cannot weigh the refusal facts of {self.name}: "
                                     f"{type(e).__name__}: {e}")

@@ -57,7 +57,7 @@ class AerateCollector(Collector):
     """Turns the daemon's per-VM status into metric families at scrape time.
 
     Label sets are bounded: ``vm`` and ``uuid`` by the VMs on the host, ``reclaimer`` by
-    punch/balloon/refuse/unmanaged/starting, ``reason`` by host/refusal.py's fixed
+    punch/balloon/kernel/refuse/unmanaged/starting, ``reason`` by host/refusal.py's fixed
     categories (the free-text reason is in ``aeratectl status``/``explain``), ``level`` by
     host/pressure.py's three levels.
     """

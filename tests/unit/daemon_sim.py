@@ -258,6 +258,8 @@ class SimGuest:
     latencies: List[float] = field(default_factory=list)
     acks: List[Tuple[int, int, int, str]] = field(default_factory=list)  # batch, disc, ref, why
     sessions: int = 0
+    #: capabilities added to the hello (the poison_safe one is always there)
+    capabilities: Dict[str, Any] = field(default_factory=dict)
     #: settings the host sent (sync and config messages), in order
     configs: List[Dict[str, Any]] = field(default_factory=list)
     on_ack: Optional[Callable[[SimGuest], None]] = None
@@ -292,7 +294,8 @@ class SimGuest:
                             # What the real agent says in a guest without page
                             # poisoning (without it the daemon never punches).
                             "capabilities": {"poison_safe": {
-                                "available": True, "detail": "simulated: no poisoning"}}})
+                                "available": True, "detail": "simulated: no poisoning"},
+                                **self.capabilities}})
         self.ep, self.writer = ep, writer
         self._writers.append(writer)
         ticker = asyncio.get_running_loop().create_task(self._tick(ep, writer))

@@ -374,6 +374,22 @@ def test_explain_says_why_in_sentences_with_every_fact(
     run(tmp_path, capsys, body, names=("A", "N"))
 
 
+def test_a_vm_the_guest_kernel_reclaims_is_shown_as_kernel(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest],
+                   aeratectl: Callable[..., Awaitable[Any]]) -> None:
+        guests["K"].capabilities["free_page_reporting"] = {"available": True,
+                                                           "detail": "negotiated"}
+        daemon.start_runner("K")
+        await until(lambda: daemon.runners["K"].permit().action == "kernel", 5, "kernel")
+        st = conforms(json.loads((await aeratectl("status", "K", "--json"))[1]), "status")
+        assert (st["vms"][0]["reclaimer"], st["vms"][0]["category"]) == ("kernel", "none")
+        ex = conforms(json.loads((await aeratectl("explain", "K", "--json"))[1]), "explain")
+        assert ex["reclaiming"] and "The guest kernel reclaims it" in ex["sentences"][1]
+
+    run(tmp_path, capsys, body, names=("K",))
+
+
 def test_settings_json_follows_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert ctl.main(["settings", "--json"]) == 0
     rows = conforms(json.loads(capsys.readouterr().out), "settings")
