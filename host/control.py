@@ -482,14 +482,15 @@ async def reset(d: Daemon, ident: str, keys: Any, live: bool,
 async def reload(d: Daemon) -> dict[str, Any]:
     """Re-read the host file; a file that does not load leaves the old one in force."""
     try:
-        d.config = config_mod.load(d.config_path)
+        config = config_mod.load(d.config_path)
     except config_mod.ConfigError as e:
         raise Failed(f"{e}; the old configuration stays in force") from e
-    for r in d.runners.values():
-        before = r.guest_settings()
+    before = {name: r.guest_settings() for name, r in d.runners.items()}
+    d.config = config
+    for name, r in list(d.runners.items()):
         with contextlib.suppress(LibvirtUnavailable, DomainError, CallTimeout):
             await r.load_metadata()  # a layer fixed with virsh metadata counts again
-        reapply(r, before)
+        reapply(r, before.get(name, {}))
     return {"ok": True, "config": d.config.path}
 
 

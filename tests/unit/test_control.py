@@ -247,6 +247,23 @@ def test_set_get_reset_on_a_running_vm(tmp_path: Path,
     run(tmp_path, capsys, body, config="[vm.A]\ncapacity = 16\n")
 
 
+def test_reload_sends_what_the_host_file_changed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest],
+                   aeratectl: Callable[..., Awaitable[Any]]) -> None:
+        await running(daemon, "A")
+        (tmp_path / "none.toml").write_text("[vm.A]\nhwm = 5\n")
+        rc, out, _ = await aeratectl("reload")
+        assert rc == 0 and "reloaded" in out
+        await delivered(guests["A"], lambda c: c.get("hwm") == 5, "hwm from the host file")
+        (tmp_path / "none.toml").write_text("[vm.A]\nhwm = lots\n")
+        rc, _, err = await aeratectl("reload")
+        assert rc == 1 and "the old configuration stays in force" in err
+        assert daemon.runners["A"].effective_settings()["hwm"] == 5
+
+    run(tmp_path, capsys, body)
+
+
 def test_a_stopped_vm_is_configured_in_its_definition(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest],
