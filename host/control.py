@@ -207,7 +207,7 @@ def vm_view(d: Daemon, r: VmRunner) -> dict[str, Any]:
     bal = _balloon_view(r, values)
     if bal is not None:
         out["balloon"] = dict(out.get("balloon") or {}, **bal)
-    out["host_pressure"] = pressure.level(d.host_memory, values)
+    out["host_pressure"] = r.pressure_level
     return out
 
 
@@ -308,7 +308,8 @@ async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
             metadata, error = {}, str(e)
         effective = table.layered([*d.config.layers_for(t.name), metadata])
     layers = _layers(d, t.name, metadata, live)
-    lvl = pressure.level(d.host_memory, effective)
+    lvl = t.runner.pressure_level if t.runner is not None else \
+        pressure.level(d.host_memory, effective)
     out: dict[str, Any] = {}
     for row in table.TABLE:
         if key is not None and row.name != key:
@@ -498,19 +499,25 @@ async def reload(d: Daemon) -> dict[str, Any]:
 
 async def watch_pressure(d: Daemon, period: float = 1.0) -> None:
     """Sample the host's memory every ``period`` s (a /proc/meminfo read: no libvirt, no
-    QEMU) and re-apply a VM's settings when its pressure level changes."""
-    levels: dict[str, str] = {}
+    QEMU) and re-apply a VM's settings when its pressure level changes (firmer at once,
+    relaxed after pressure.RELAX_AFTER_S)."""
+    acting: dict[str, tuple[str, float | None]] = {}  # VM -> (level acted on, relax seen)
     while True:
-        d.host_memory = pressure.sample()
+        sample = pressure.sample()
+        now = time.monotonic()
         for r in list(d.runners.values()):
             values = table.layered([*d.config.layers_for(r.name), r.metadata, r.live])
-            lvl = pressure.level(d.host_memory, values)
-            old = levels.get(r.name, pressure.PLENTY)
+            old, since = acting.get(r.name, (pressure.PLENTY, None))
+            lvl, since = pressure.settle(old, pressure.level(sample, values), since, now)
+            acting[r.name] = (lvl, since)
+            r.pressure_level = lvl
             if lvl != old:
-                levels[r.name] = lvl
-                # The level is read by effective_settings itself; what the guest had:
+                # effective_settings reads the level from the runner: what the guest had
                 before = table.guest_view(pressure.adjust(dict(values), old))
                 reapply(r, before)
+        for name in set(acting) - set(d.runners):
+            del acting[name]
+        d.host_memory = sample
         await asyncio.sleep(period)
 
 

@@ -230,6 +230,8 @@ class VmRunner:
         self.name = name
         self.session: VmSession | None = None
         self.writer: asyncio.StreamWriter | None = None  # the channel while _serve runs
+        #: the host memory level acted on (host/pressure.py; set by control.watch_pressure)
+        self.pressure_level = pressure.PLENTY
         self.gmap: GuestMemoryMap | None = None
         self.backings: dict[str, Backing] = {}
         self.channel: str | None = None
@@ -307,8 +309,7 @@ class VmRunner:
         """Built-in < host file < VM metadata < live set (DESIGN "Live tunables"), then
         firmed up by the host's memory pressure (host/pressure.py)."""
         layers = [*self.daemon.config.layers_for(self.name), self.metadata, self.live]
-        values = table.layered(layers)
-        return pressure.adjust(values, pressure.level(self.daemon.host_memory, values))
+        return pressure.adjust(table.layered(layers), self.pressure_level)
 
     def permit(self) -> Decision:
         """The reclaimer allowed now. Never blocks: it reads the decision the background
@@ -596,8 +597,7 @@ class VmRunner:
                 "balloon_info", self.daemon.conn.balloon_info, self.name)
             settings = pressure.balloon(dataclasses.replace(
                 balloon_mod.BalloonSettings.from_settings(values, self.limits.min_guarantee),
-                step=balloon_mod.step_for(self.balloon_rate)),
-                pressure.level(self.daemon.host_memory, values))
+                step=balloon_mod.step_for(self.balloon_rate)), self.pressure_level)
             raw = self.session.stats if self.session is not None else None
             stats, why = balloon_mod.parse_stats(raw if self._stats_seen is not None else None,
                                                  now - self._stats_at, maximum)

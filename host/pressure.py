@@ -10,11 +10,12 @@ Levels (from the VM's own layered settings, so ``[vm.NAME]`` may set its own thr
 - ``firm``: below ``host_low_mib``: ``hwm`` and ``reserve_mib`` a quarter, balloon steps
   four times as far, half the cool-down after a deflate.
 
-Every firmer value stays within the table's bounds, and nothing here touches a floor: the
-balloon's ``floor`` and ``<memtune><min_guarantee>``, the guest's zone watermarks and its
-own pressure checks (PSI, free < reserve/2 deflates at once) hold at every level. A sample
-that cannot be taken counts as ``plenty``: pressure only ever asks for more reclaim, so the
-safe default is none of it.
+A level firms up at once and relaxes after ``RELAX_AFTER_S`` at the lower pressure
+(``settle``). Every firmer value stays within the table's bounds, and nothing here touches
+a floor: the balloon's ``floor`` and ``<memtune><min_guarantee>``, the guest's zone
+watermarks and its own pressure checks (PSI, free < reserve/2 deflates at once) hold at
+every level. A sample that cannot be taken counts as ``plenty``: pressure only ever asks
+for more reclaim, so the safe default is none of it.
 
 Pure policy (``level``, ``adjust``, ``balloon``); the one reader is :func:`sample`.
 """
@@ -60,6 +61,23 @@ def level(sample: HostMemory, values: Mapping[str, Any]) -> str:
     if high and avail < high * MiB:
         return FIRMER
     return PLENTY
+
+
+#: A level relaxes (firm -> firmer -> plenty) only after the host stayed at the lower
+#: pressure this long; it firms up at once. MemAvailable hovering at a threshold does
+#: not flip every VM's settings every second.
+RELAX_AFTER_S = 10.0
+
+
+def settle(current: str, measured: str, relax_since: float | None, now: float
+           ) -> tuple[str, float | None]:
+    """The level to act on and since when a relaxation has been seen (pure)."""
+    if _FACTOR[measured] >= _FACTOR[current]:
+        return measured, None           # firmer (or the same): at once
+    since = now if relax_since is None else relax_since
+    if now - since >= RELAX_AFTER_S:
+        return measured, None
+    return current, since
 
 
 def adjust(values: dict[str, Any], lvl: str) -> dict[str, Any]:

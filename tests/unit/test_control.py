@@ -435,6 +435,18 @@ def test_pressure_levels_and_what_they_change() -> None:
     assert pressure.balloon(s, "plenty") == s
 
 
+def test_pressure_firms_at_once_and_relaxes_only_after_a_while() -> None:
+    """MemAvailable hovering at a threshold must not flip every VM's settings each second."""
+    lvl, since = pressure.settle("plenty", "firm", None, 100.0)
+    assert (lvl, since) == ("firm", None)
+    lvl, since = pressure.settle("firm", "plenty", None, 101.0)
+    assert (lvl, since) == ("firm", 101.0)
+    lvl, since = pressure.settle(lvl, "firmer", since, 101.0 + pressure.RELAX_AFTER_S / 2)
+    assert lvl == "firm"
+    lvl, since = pressure.settle(lvl, "plenty", since, 101.0 + pressure.RELAX_AFTER_S)
+    assert (lvl, since) == ("plenty", None)
+
+
 def test_host_pressure_firms_a_running_vms_agent_and_relaxes_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -443,6 +455,7 @@ def test_host_pressure_firms_a_running_vms_agent_and_relaxes_it(
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest],
                    aeratectl: Callable[..., Awaitable[Any]]) -> None:
         host = {"avail": 8192 * MiB}
+        monkeypatch.setattr(pressure, "RELAX_AFTER_S", 0.3)
         monkeypatch.setattr(pressure, "sample",
                             lambda: pressure.HostMemory(host["avail"], 16384 * MiB))
         watcher = asyncio.get_running_loop().create_task(
