@@ -33,6 +33,7 @@ from unittest import mock
 
 from aerate import __version__
 from aerate.agent import settings as table
+from aerate.host import ctl
 
 REPO = Path(__file__).resolve().parent.parent
 #: Program -> (man section, where the package installs it).
@@ -330,7 +331,11 @@ def generate(out: Path) -> list[Path]:
     files: dict[str, str] = {"aerated.toml": host_config()}
     for name, parser in parsers.items():
         files[f"{name}.{PROGRAMS[name][0]}"] = man_page(name, parser)
-        if name != "aerate-agent":
+        if name == "aeratectl":
+            # aeratectl's own (``aeratectl completion``): it knows that set/reset take only
+            # the keys a VM's metadata may hold.
+            files[f"completions/{name}"] = ctl.bash_completion()
+        elif name != "aerate-agent":
             files[f"completions/{name}"] = bash_completion(name, parser)
         files[f"bin/{name}"] = launcher(scripts()[name])
     written = []

@@ -128,9 +128,10 @@ def metadata_to_xml(values: dict[str, Any]) -> str:
 
 
 def _fix_hint(vm: str) -> str:
-    return (f"fix it with 'aeratectl set {vm} KEY=VALUE' (a valid value replaces it) or edit "
-            f"it with 'virsh metadata {vm} {METADATA_NS} --key {METADATA_KEY} --edit'; until "
-            "then aerate refuses to discard this VM's memory")
+    return (f"fix it with 'aeratectl set {vm} KEY=VALUE' (a valid value replaces it), remove "
+            f"it with 'aeratectl reset {vm} KEY' or edit it with 'virsh metadata {vm} "
+            f"{METADATA_NS} --key {METADATA_KEY} --edit'; until then aerate refuses to "
+            "discard this VM's memory")
 
 
 def metadata_entries(xml: str | None, vm: str) -> dict[str, str]:
@@ -162,9 +163,8 @@ def metadata_from_xml(xml: str | None, vm: str) -> dict[str, Any]:
             raise ConfigError(
                 f"VM {vm} metadata: {name}={text!r} is a host-scope setting, read only from "
                 f"the host config file ([vm.{vm}] in {DEFAULT_PATH}), never from the domain's "
-                f"metadata, which travels with its XML; remove it with 'virsh metadata {vm} "
-                f"{METADATA_NS} --key {METADATA_KEY} --edit'; until then aerate refuses to "
-                "discard this VM's memory")
+                f"metadata, which travels with its XML; remove it with 'aeratectl reset {vm} "
+                f"{name}'; until then aerate refuses to discard this VM's memory")
         try:
             out[name] = table.coerce(name, text, origin=f"VM {vm} metadata")
         except table.SettingError as e:

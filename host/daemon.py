@@ -49,8 +49,8 @@ from aerate.agent.fdstore import FdStoreError, send_notify
 from aerate.agent.protocol import HostState
 from aerate.host import balloon as balloon_mod
 from aerate.host import config as config_mod
+from aerate.host import control, pinning, pressure
 from aerate.host import metrics as metrics_mod
-from aerate.host import pinning
 from aerate.host.backing import Backing, BackingKind, allocated_bytes
 from aerate.host.balloon_store import BalloonStore, Saved, StoreError
 from aerate.host.budget import DiscardBudget, InputBudget
@@ -238,6 +238,9 @@ class VmRunner:
         self.daemon = daemon
         self.name = name
         self.session: VmSession | None = None
+        self.writer: asyncio.StreamWriter | None = None  # the channel while _serve runs
+        #: the host memory level acted on (host/pressure.py; set by control.watch_pressure)
+        self.pressure_level = pressure.PLENTY
         self.gmap: GuestMemoryMap | None = None
         self.backings: dict[str, Backing] = {}
         self.channel: str | None = None
@@ -313,9 +316,10 @@ class VmRunner:
     # -- facts and policy
 
     def effective_settings(self) -> dict[str, Any]:
-        """Built-in < host file < VM metadata < live set (DESIGN "Live tunables")."""
+        """Built-in < host file < VM metadata < live set (DESIGN "Live tunables"), then
+        firmed up by the host's memory pressure (host/pressure.py)."""
         layers = [*self.daemon.config.layers_for(self.name), self.metadata, self.live]
-        return table.layered(layers)
+        return pressure.adjust(table.layered(layers), self.pressure_level)
 
     def permit(self) -> Decision:
         """The reclaimer allowed now. Never blocks: it reads the decision the background
@@ -367,6 +371,25 @@ class VmRunner:
             self._facts_of = (xml, cached)
         return cached
 
+    def facts(self, xml: str, got: Fetched, backings: Mapping[str, Backing],
+              gmap: GuestMemoryMap | None, values: Mapping[str, Any],
+              hello: Mapping[str, Any] | None) -> VmFacts:
+        """Every refusal fact from its source (pure; raises ValueError, KeyError or
+        ET.ParseError on a fact that cannot be read): what ``_decide`` weighs and what
+        ``aeratectl explain`` lists (host/control.py)."""
+        # The balloon reclaimer is built; decide() still refuses a domain without a
+        # virtio memballoon or with locked RAM, with that reason.
+        return VmFacts(self._domain_facts(xml), got.job, backings or None,
+                       poison=poison_from_hello(hello), mode=values["mode"],
+                       balloon_available=True, settings_error=self.settings_error,
+                       pinning_fd=self.pinning_fd,
+                       vhost_user_trusted=bool(values["vhost_user_trusted"]),
+                       reservations=hugetlb_reservations(gmap, backings),
+                       qemu_migration=got.migration,
+                       map_error=got.map_error or self.map_error,
+                       kernel_reporting=kernel_reporting_from_hello(hello)
+                       and not values["override_kernel_reporting"])
+
     def _decide(self, xml: str, got: Fetched, backings: Mapping[str, Backing],
                 gmap: GuestMemoryMap | None, values: Mapping[str, Any],
                 hello: Mapping[str, Any] | None) -> Decision:
@@ -378,19 +401,7 @@ class VmRunner:
         trust from the host file, hugetlb reservations and the map rebuilt after the hello.
         An answer that cannot be read is an unknown fact: refuse."""
         try:
-            # The balloon reclaimer is built; decide() still refuses a domain without a
-            # virtio memballoon or with locked RAM, with that reason.
-            facts = VmFacts(self._domain_facts(xml), got.job, backings or None,
-                            poison=poison_from_hello(hello), mode=values["mode"],
-                            balloon_available=True, settings_error=self.settings_error,
-                            pinning_fd=self.pinning_fd,
-                            vhost_user_trusted=bool(values["vhost_user_trusted"]),
-                            reservations=hugetlb_reservations(gmap, backings),
-                            qemu_migration=got.migration,
-                            map_error=got.map_error or self.map_error,
-                            kernel_reporting=kernel_reporting_from_hello(hello)
-                            and not values["override_kernel_reporting"])
-            return decide(facts)
+            return decide(self.facts(xml, got, backings, gmap, values, hello))
         except (ValueError, KeyError, ET.ParseError) as e:
             return Decision(REFUSE, f"cannot weigh the refusal facts of {self.name}: "
                                     f"{type(e).__name__}: {e}")
@@ -594,9 +605,9 @@ class VmRunner:
         try:
             actual, maximum = await self.worker.call(
                 "balloon_info", self.daemon.conn.balloon_info, self.name)
-            settings = dataclasses.replace(
+            settings = pressure.balloon(dataclasses.replace(
                 balloon_mod.BalloonSettings.from_settings(values, self.limits.min_guarantee),
-                step=balloon_mod.step_for(self.balloon_rate))
+                step=balloon_mod.step_for(self.balloon_rate)), self.pressure_level)
             raw = self.session.stats if self.session is not None else None
             stats, why = balloon_mod.parse_stats(raw if self._stats_seen is not None else None,
                                                  now - self._stats_at, maximum)
@@ -773,12 +784,12 @@ class VmRunner:
         conn = self.daemon.conn
         xml = await self.worker.call("domain_xml", conn.domain_xml, self.name)
         self.channel = channel_path(xml)
+        self.xml, self._xml_at = xml, time.monotonic()  # status shows its UUID either way
         if self.channel is None:
             self._set_state(RunnerState.NO_CHANNEL,
                             "the domain has no virtio-serial channel org.aerate.agent.0 "
                             "(see deploy/domain.py for the XML to add)")
             return False
-        self.xml, self._xml_at = xml, time.monotonic()
         self.limits = balloon_limits(xml)
         await self.load_metadata()
         self.gmap, self.backings = await self.worker.call(
@@ -924,6 +935,7 @@ class VmRunner:
         assert self.session is not None and self.channel is not None
         s = self.session
         reader, writer = await asyncio.open_unix_connection(self.channel)
+        self.writer = writer  # control.reapply sends new settings to an idle guest at once
         try:
             s.connected()
             self._set_state(RunnerState.SYNCING)
@@ -1007,6 +1019,7 @@ class VmRunner:
             if self._keepalive_timer is not None:
                 self._keepalive_timer.cancel()
                 self._keepalive_timer = None
+            self.writer = None
             self._flush_log()
             writer.close()
             with contextlib.suppress(OSError):
@@ -1156,6 +1169,9 @@ class Daemon:
     ``conn`` may be handed in (the tests' and the benchmark's fake libvirt); ``punch`` is the
     discard the runners call (host/punch.py unless a test counts instead).
     """
+
+    #: The host's memory, sampled by control.watch_pressure (unknown: no pressure).
+    host_memory: pressure.HostMemory = pressure.UNKNOWN
 
     def __init__(self, uri: str, config_path: str, run_dir: str,
                  metrics: tuple[str, int] | None = None, only: tuple[str, ...] = (),
@@ -1416,65 +1432,8 @@ class Daemon:
             writer.close()
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Serve one control request (libvirt only through the VM's worker)."""
-        cmd = req.get("cmd")
-        if cmd == "status":
-            runners = sorted(self.runners.values(), key=lambda r: r.name)
-            # Fresh backing figures, each read in its VM's worker: a hung VM delays this
-            # answer by STATUS_READ_TIMEOUT at most and keeps its older snapshot.
-            await asyncio.gather(*(r.refresh_backing(STATUS_READ_TIMEOUT) for r in runners))
-            vms = [r.status() for r in runners]
-            return {"ok": True, "libvirt": self.conn.connected, "vms": vms,
-                    "config": self.config.path}
-        if cmd == "set":
-            vm = str(req["vm"])
-            r = self.runners.get(vm)
-            if r is None:
-                return {"ok": False, "error": f"VM {vm} is not running or not known to aerated"}
-            values = table.validate(req.get("settings", {}), origin=f"aeratectl set {vm}")
-            host_keys = sorted(k for k in values if table.BY_NAME[k].scope == "host")
-            if host_keys:
-                return {"ok": False, "error": (
-                    f"VM {vm}: {', '.join(host_keys)} can only be set in the host config file "
-                    f"([vm.{vm}] in {self.config.path}, then 'aeratectl reload'): the VM's "
-                    "metadata travels with its XML and is not trusted for it")}
-            try:
-                # S6: merge into what is stored now, bad entries included, so nothing the
-                # operator stored is lost; the result is validated as a whole below.
-                stored = config_mod.metadata_entries(
-                    await r.worker.call("metadata", self.conn.metadata, vm,
-                                        config_mod.METADATA_NS), vm)
-            except config_mod.ConfigError:
-                stored = {}  # not XML at all: nothing in it can be kept entry by entry
-            except (LibvirtUnavailable, DomainError, CallTimeout) as e:
-                return {"ok": False, "error": f"VM {vm}: cannot read the stored settings, so "
-                        f"nothing saved or applied: {e}"}
-            persisted: dict[str, Any] = dict(stored, **values)
-            try:
-                await r.worker.call("set_metadata", self.conn.set_metadata, vm,
-                                    config_mod.metadata_to_xml(persisted),
-                                    config_mod.METADATA_KEY, config_mod.METADATA_NS)
-            except (LibvirtUnavailable, DomainError, CallTimeout) as e:
-                return {"ok": False, "error": f"VM {vm}: not saved, so not applied: {e}"}
-            await r.load_metadata()
-            if r.settings_error:
-                return {"ok": False, "error": f"saved, but the stored settings are still "
-                        f"invalid, so the VM stays refused: {r.settings_error}"}
-            r.apply_live(values)
-            return {"ok": True, "vm": vm, "settings": r.effective_settings()}
-        if cmd == "reload":
-            try:
-                self.config = config_mod.load(self.config_path)
-            except config_mod.ConfigError as e:
-                return {"ok": False, "error": f"{e}; the old configuration stays in force"}
-            for r in self.runners.values():
-                with contextlib.suppress(LibvirtUnavailable, DomainError, CallTimeout):
-                    await r.load_metadata()  # a layer fixed with virsh metadata counts again
-                r.apply_live({})
-                if r.session is not None:
-                    r.session.configure(r.guest_settings())
-            return {"ok": True, "config": self.config.path}
-        return {"ok": False, "error": f"unknown command {cmd!r} (status, set, reload)"}
+        """Serve one control request (host/control.py; libvirt only through the workers)."""
+        return await control.handle(self, req)
 
     async def _reload(self) -> None:
         log.info("reload: %s", await self.handle({"cmd": "reload"}))
@@ -1497,12 +1456,14 @@ class Daemon:
             addr, port = self.metrics
             # The scrape runs on prometheus' own thread and reads status snapshots only.
             start_http_server(port, addr=addr, registry=metrics_mod.registry(
-                lambda: [r.status() for r in list(self.runners.values())]))
+                lambda: control.views(self), lambda: self.conn.connected,
+                lambda: self.host_memory))
             log.info("metrics on http://%s:%d/metrics", addr, port)
         self.conn.start()
         self._notify("READY=1\nSTATUS=serving")
         watchdog = watchdog_seconds()
         notifier = self.loop.create_task(self._systemd_loop(watchdog), name="systemd")
+        watcher = self.loop.create_task(control.watch_pressure(self), name="host pressure")
         log.info("aerated ready; control socket %s%s", sock,
                  f"; watchdog every {watchdog / 2:g} s" if watchdog else "")
         await self.stopping.wait()
@@ -1514,6 +1475,7 @@ class Daemon:
         # Let each runner finish (its balloon goes back to full memory) while libvirt is up.
         await asyncio.gather(*tasks, return_exceptions=True)
         notifier.cancel()
+        watcher.cancel()
         self.conn.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
 

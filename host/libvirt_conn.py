@@ -401,6 +401,26 @@ class LibvirtConnection:
             raise LibvirtUnavailable(f"listing domains on {self.uri}: {exc}") from exc
         return [DomainRef(d.name(), d.UUIDString(), d.ID()) for d in doms]
 
+    def lookup(self, ident: str) -> DomainRef | None:
+        """A domain (running or only defined) by name, UUID or id, as virsh finds it; None
+        when there is none. ``id`` is -1 for a domain that is not running."""
+        conn = self.connection()
+        finders: list[Callable[[], libvirt.virDomain]] = [lambda: conn.lookupByName(ident)]
+        if len(ident) == 36 and ident.count("-") == 4:
+            finders.insert(0, lambda: conn.lookupByUUIDString(ident))
+        if ident.isdigit():
+            finders.append(lambda: conn.lookupByID(int(ident)))
+        for find in finders:
+            try:
+                dom = find()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise LibvirtUnavailable(f"looking up {ident!r} on {self.uri}: {exc}") \
+                        from exc
+                continue
+            return DomainRef(dom.name(), dom.UUIDString(), dom.ID())
+        return None
+
     def domain_xml(self, name: str, inactive: bool = False) -> str:
         """The live (or, with inactive=True, the persistent) domain XML."""
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
@@ -458,31 +478,39 @@ class LibvirtConnection:
         """`hmp` bound to one domain, the shape backing.resolve wants."""
         return lambda line: self.hmp(name, line)
 
-    def metadata(self, name: str, namespace: str) -> str | None:
-        """The domain's <metadata> element in `namespace` (current state), or None."""
+    def metadata(self, name: str, namespace: str, config: bool = False) -> str | None:
+        """The domain's <metadata> element in `namespace`, or None: of its current state
+        (the live XML of a running domain), or with ``config`` of its saved definition."""
         dom = self._domain(name)
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0
         try:
-            xml: str = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0)
+            xml: str = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, flags)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
                 return None
             raise DomainError(f"VM {name}: reading metadata {namespace} failed: {exc}") from exc
         return xml
 
-    def set_metadata(self, name: str, xml: str, key: str, namespace: str) -> None:
-        """Store `xml` as the domain's <metadata> element in `namespace` (prefix `key`).
+    def set_metadata(self, name: str, xml: str | None, key: str, namespace: str,
+                     live: bool | None = None, config: bool | None = None) -> None:
+        """Store `xml` as the domain's <metadata> element in `namespace` (prefix `key`);
+        None removes the element.
 
-        Written to the running domain and, for a persistent domain, to its saved
-        definition too, so the setting survives a restart of the VM (S6).
+        By default written to the running domain and, for a persistent domain, to its
+        saved definition too, so the setting survives a restart of the VM (S6); ``live``
+        or ``config`` True writes only there (virsh's --live, --config).
         """
         dom = self._domain(name)
         try:
             flags = 0
-            if dom.isActive():
+            if live is None and config is None:
+                live, config = bool(dom.isActive()), bool(dom.isPersistent())
+            if live:
                 flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-            if dom.isPersistent():
+            if config:
                 flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, namespace, flags)
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml,
+                            key if xml is not None else None, namespace, flags)
         except libvirt.libvirtError as exc:
             raise DomainError(f"VM {name}: storing metadata {namespace} failed: {exc}") from exc
 

@@ -6,7 +6,9 @@ of the counters to keep in step.
 
 from __future__ import annotations
 
+import importlib.metadata
 import ipaddress
+import platform
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,7 +20,11 @@ try:
 except ImportError:  # prometheus_client < 0.12 (Debian 11 has 0.9): collectors are duck-typed
     Collector = object  # type: ignore[misc,assignment]
 
+from aerate.host.pressure import HostMemory
+
 Status = Callable[[], list[dict[str, Any]]]
+Connected = Callable[[], bool]
+HostSample = Callable[[], HostMemory]
 
 _COUNTERS = (
     ("reported_bytes", "aerate_reported_bytes", "Bytes the guest reported free"),
@@ -28,25 +34,74 @@ _COUNTERS = (
     ("sessions", "aerate_sessions", "Sessions started with the guest agent"),
     ("errors", "aerate_protocol_errors", "Sessions ended by a guest protocol error"),
 )
+#: Refused bytes by their cause (status sub-dict, key): refusals by reason, as counters.
+_REFUSED_BY = (
+    ("lease", "refused_bytes", "aerate_lease_refused_bytes",
+     "Bytes refused because the report's lease token was stale or missing"),
+    ("budget", "refused_bytes", "aerate_budget_refused_bytes",
+     "Bytes refused by the VM's discard budget"),
+)
+_BALLOON = (
+    ("target_bytes", "aerate_balloon_target_bytes", "Balloon target: guest memory asked for"),
+    ("actual_bytes", "aerate_balloon_actual_bytes", "Guest memory the balloon leaves now"),
+    ("max_bytes", "aerate_balloon_max_bytes", "The VM's maximum memory"),
+    ("floor_bytes", "aerate_balloon_floor_bytes", "Smallest target aerate ever sets"),
+    ("held_back_bytes", "aerate_balloon_held_back_bytes",
+     "Guest memory the balloon holds back from the guest now (max - actual)"),
+)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("aerate")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class AerateCollector(Collector):
-    """Turns the daemon's per-VM status into metric families at scrape time."""
+    """Turns the daemon's per-VM status into metric families at scrape time.
 
-    def __init__(self, status: Status) -> None:
+    Label sets are bounded: ``vm`` and ``uuid`` by the VMs on the host, ``reclaimer`` by
+    punch/balloon/kernel/refuse/unmanaged/starting, ``reason`` by host/refusal.py's fixed
+    categories (the free-text reason is in ``aeratectl status``/``explain``), ``level`` by
+    host/pressure.py's three levels.
+    """
+
+    def __init__(self, status: Status, connected: Connected | None = None,
+                 host: HostSample | None = None) -> None:
         self.status = status
+        self.connected = connected
+        self.host = host
 
     def collect(self) -> Iterator[Metric]:
         """Yield every family with one sample per VM."""
         vms = self.status()
+        build = GaugeMetricFamily("aerate_build_info", "aerated's version (always 1)",
+                                  labels=["version", "python"])
+        build.add_metric([_version(), platform.python_version()], 1)
+        yield build
+        if self.connected is not None:
+            yield GaugeMetricFamily("aerate_libvirt_connected",
+                                    "1 while aerated is connected to libvirtd",
+                                    value=1 if self.connected() else 0)
+        if self.host is not None:
+            yield from _host_families(self.host())
         for key, name, doc in _COUNTERS:
             fam = CounterMetricFamily(name, doc, labels=["vm"])
             for vm in vms:
                 if isinstance(vm.get(key), int):
                     fam.add_metric([vm["vm"]], vm[key])
             yield fam
+        for sub, key, name, doc in _REFUSED_BY:
+            fam = CounterMetricFamily(name, doc, labels=["vm"])
+            for vm in vms:
+                part = vm.get(sub)
+                if isinstance(part, dict) and isinstance(part.get(key), int):
+                    fam.add_metric([vm["vm"]], part[key])
+            yield fam
         backing = GaugeMetricFamily("aerate_backing_allocated_bytes",
-                                    "Host memory allocated to the VM's RAM now", labels=["vm"])
+                                    "Host memory allocated to the VM's RAM now (only where "
+                                    "its backing was proven)", labels=["vm"])
         up = GaugeMetricFamily("aerate_session_running", "1 when a session is up",
                                labels=["vm", "reclaimer"])
         held = GaugeMetricFamily("aerate_guest_held_bytes",
@@ -54,18 +109,37 @@ class AerateCollector(Collector):
         aerated = GaugeMetricFamily("aerate_guest_aerated_bytes",
                                     "Agent's estimate of free and discarded guest memory",
                                     labels=["vm"])
-        # The reason as a label (an "info" gauge, always 1): a refusal is visible in the
-        # metrics with its words, not only as refused bytes. Cut to keep series sane.
-        refused = GaugeMetricFamily("aerate_refused", "1 while the VM is refused, with why",
-                                    labels=["vm", "reason"])
+        info = GaugeMetricFamily("aerate_vm_info", "Every VM aerated knows (always 1): its "
+                                 "reclaimer and the category of why", labels=[
+                                     "vm", "uuid", "reclaimer", "reason"])
+        refused = GaugeMetricFamily("aerate_refused", "1 while the VM is refused, by reason "
+                                    "category", labels=["vm", "reason"])
+        by_reason = GaugeMetricFamily("aerate_vms_refused", "VMs refused now, by reason "
+                                      "category", labels=["reason"])
+        level = GaugeMetricFamily("aerate_host_pressure", "1 at the VM's host memory level "
+                                  "(plenty, firmer, firm: host/pressure.py)",
+                                  labels=["vm", "level"])
+        balloons = [(GaugeMetricFamily(name, doc, labels=["vm"]), key)
+                    for key, name, doc in _BALLOON]
+        counts: dict[str, int] = {}
         for vm in vms:
             name = vm["vm"]
+            reclaimer = str(vm.get("reclaimer", "starting"))
+            category = str(vm.get("category", "other"))
+            info.add_metric([name, str(vm.get("uuid", "")), reclaimer, category], 1)
             if isinstance(vm.get("backing_allocated_bytes"), int):
                 backing.add_metric([name], vm["backing_allocated_bytes"])
-            up.add_metric([name, str(vm.get("reclaimer", "-"))],
-                          1 if vm.get("state") == "running" else 0)
-            if vm.get("reclaimer") == "refuse":
-                refused.add_metric([name, str(vm.get("reason", ""))[:200]], 1)
+            up.add_metric([name, reclaimer], 1 if vm.get("state") == "running" else 0)
+            if isinstance(vm.get("host_pressure"), str):
+                level.add_metric([name, vm["host_pressure"]], 1)
+            if reclaimer == "refuse":
+                refused.add_metric([name, category], 1)
+                counts[category] = counts.get(category, 0) + 1
+            bal = vm.get("balloon")
+            if isinstance(bal, dict):
+                for gauge, key in balloons:
+                    if isinstance(bal.get(key), int):
+                        gauge.add_metric([name], bal[key])
             guest = vm.get("guest")
             engine = guest.get("engine") if isinstance(guest, dict) else None
             engine = engine if isinstance(engine, dict) else {}
@@ -73,7 +147,20 @@ class AerateCollector(Collector):
                 held.add_metric([name], engine["held_bytes"])
             if isinstance(engine.get("aerated_bytes"), int):
                 aerated.add_metric([name], engine["aerated_bytes"])
-        yield from (backing, up, held, aerated, refused)
+        for category, n in sorted(counts.items()):
+            by_reason.add_metric([category], n)
+        yield from (backing, up, held, aerated, info, refused, by_reason, level)
+        yield from (gauge for gauge, _ in balloons)
+
+
+def _host_families(m: HostMemory) -> Iterator[Metric]:
+    if m.available is not None:
+        yield GaugeMetricFamily("aerate_host_mem_available_bytes",
+                                "The host's MemAvailable", value=m.available)
+    if m.psi_some_avg10 is not None:
+        yield GaugeMetricFamily("aerate_host_memory_psi_some_avg10",
+                                "The host's memory PSI, some avg10 (%)",
+                                value=m.psi_some_avg10)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -88,8 +175,9 @@ def parse_listen(text: str) -> tuple[str, int]:
     return addr, int(port)
 
 
-def registry(status: Status) -> CollectorRegistry:
+def registry(status: Status, connected: Connected | None = None,
+             host: HostSample | None = None) -> CollectorRegistry:
     """A registry holding only aerate's collector."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(AerateCollector(status))
+    reg.register(AerateCollector(status, connected, host))
     return reg

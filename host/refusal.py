@@ -449,3 +449,50 @@ def _reclaimer(facts: VmFacts) -> Decision:
     if facts.mode == "punch":
         return Decision(REFUSE, f"{what}; mode=punch cannot discard it; {_SHARED_HINT}")
     return _balloon_or_refuse(facts, what)
+
+
+#: Short, fixed categories of refusal reasons, for labels (metrics) and at-a-glance lists:
+#: the first needle found in the reason names it. The reasons themselves stay free text in
+#: status and ``aeratectl explain``; a label must come from a bounded set (this one).
+_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("unknown mode", "settings"),
+    ("metadata", "settings"),
+    ("mode=off", "mode-off"),
+    ("pinned for device DMA", "pinned-device"),
+    ("QEMU holds", "pinning-fd"),
+    ("vhost-user", "vhost-user"),
+    ("confidential guest", "confidential"),
+    ("migration", "migration"),
+    ("memory map could not be rebuilt", "memory-map"),
+    ("job is running", "job"),
+    ("domain is paused", "paused"),
+    ("backing of guest RAM has not been proven", "backing-unproven"),
+    ("cannot prove the backing", "backing-unknown"),
+    ("copy-on-write", "backing-private-file"),
+    ("reserved huge pages", "hugetlb-reserved"),
+    ("whether the guest poisons", "page-poison-unknown"),
+    ("poisons freed pages", "page-poison"),
+    ("no virtio memballoon", "no-balloon"),
+    ("autodeflate", "no-autodeflate"),
+    ("<locked/>", "locked"),
+    ("mode=punch cannot", "mode-punch-private"),
+    ("balloon reclaimer is not available", "no-balloon"),
+    ("timed out", "libvirt-timeout"),
+    ("cannot ask libvirt", "libvirt"),
+    ("libvirt's answer is", "permit-stale"),
+    ("libvirtd", "libvirt"),
+    ("new hello", "deciding"),
+    ("deciding again", "deciding"),
+    ("not decided yet", "deciding"),
+    ("domain XML", "domain-xml"),
+    ("refusal facts", "domain-xml"),
+)
+REFUSAL_CATEGORIES = tuple(sorted({c for _, c in _CATEGORIES} | {"other"}))
+
+
+def refusal_category(reason: str) -> str:
+    """The bounded category of a refusal reason (``other`` when none matches)."""
+    for needle, category in _CATEGORIES:
+        if needle in reason:
+            return category
+    return "other"

@@ -532,6 +532,31 @@ def test_metadata_round_trip_survives_in_the_definition(lv: Any, lv_domain: str)
     assert ns in lv.domain_xml(lv_domain, inactive=True)  # persisted (S6)
 
 
+def test_lookup_by_name_uuid_id_and_metadata_live_or_config(lv: Any, lv_domain: str) -> None:
+    """aeratectl names domains as virsh does, and --live/--config reach the right copy."""
+    ns = "urn:x-aerate:test:2"
+    dom = lv.connection().lookupByName(lv_domain)
+    by_name = lv.lookup(lv_domain)
+    assert by_name is not None and by_name.uuid == dom.UUIDString() and by_name.id > 0
+    assert lv.lookup(by_name.uuid) == by_name and lv.lookup(str(by_name.id)) == by_name
+    assert lv.lookup("no-such-aerate-domain") is None
+    lv.set_metadata(lv_domain, "<settings><setting name='hwm'>8</setting></settings>",
+                    "aerate", ns, config=True)
+    assert lv.metadata(lv_domain, ns) is None  # the running domain did not get it
+    assert "8" in (lv.metadata(lv_domain, ns, config=True) or "")
+    lv.set_metadata(lv_domain, "<settings><setting name='hwm'>9</setting></settings>",
+                    "aerate", ns, live=True)
+    assert "9" in (lv.metadata(lv_domain, ns) or "")
+    assert "8" in (lv.metadata(lv_domain, ns, config=True) or "")
+    lv.set_metadata(lv_domain, None, "aerate", ns)  # both copies removed
+    assert lv.metadata(lv_domain, ns) is None and lv.metadata(lv_domain, ns, config=True) is None
+    dom.destroy()
+    stopped = lv.lookup(lv_domain)
+    assert stopped is not None and stopped.id == -1
+    lv.set_metadata(lv_domain, "<settings/>", "aerate", ns, config=True)
+    assert lv.metadata(lv_domain, ns) is not None  # a stopped domain's current = config
+
+
 def test_reconnects_after_libvirtd_restart(lv: Any, lv_domain: str) -> None:
     connects = lv.connects
     old = int(Path("/run/libvirtd.pid").read_text().strip())

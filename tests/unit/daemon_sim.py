@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -48,9 +49,15 @@ def domain_xml(name: str, sock: str, private: bool = False, channel: bool = True
     chan = (f"<channel type='unix'><source mode='bind' path='{sock}'/>"
             "<target type='virtio' name='org.aerate.agent.0'/></channel>") if channel else ""
     deflate = " autodeflate='on'" if autodeflate else ""
-    return (f"<domain type='qemu'><name>{name}</name>"
+    return (f"<domain type='qemu'><name>{name}</name><uuid>{uuid_of(name)}</uuid>"
             f"<memory unit='KiB'>262144</memory>{backing}<devices>{chan}"
             f"<memballoon model='virtio'{deflate}/></devices></domain>")
+
+
+def uuid_of(name: str) -> str:
+    """The fake domain's UUID: derived from its name, so tests can name it."""
+    import uuid
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{name}.aerate.test"))
 
 
 @dataclass
@@ -108,6 +115,10 @@ class FakeLibvirt:
         self.private: set[str] = set()  # VMs with private anonymous RAM (balloon reclaimer)
         self.no_channel: set[str] = set()
         self.no_autodeflate: set[str] = set()
+        #: domains defined but not running (their XML is the inactive one)
+        self.defined: set[str] = set()
+        #: stored aerate metadata: (name, "live" | "config") -> XML
+        self.stored: Dict[Tuple[str, str], str] = {}
         self._lock = threading.Lock()
         self.release = threading.Event()  # set: every sleeping call returns at once
 
@@ -138,7 +149,18 @@ class FakeLibvirt:
 
     def running_domains(self) -> List[DomainRef]:
         """Every added VM."""
-        return [DomainRef(n, n, i) for i, n in enumerate(self.vms)]
+        return [DomainRef(n, uuid_of(n), i) for i, n in enumerate(self.vms)]
+
+    def lookup(self, ident: str) -> Optional[DomainRef]:
+        """By name, UUID (the fake's UUIDs are uuid_of(name)) or id, running or defined."""
+        running = list(self.vms)
+        for i, n in enumerate(running):
+            if ident in (n, uuid_of(n), str(i)):
+                return DomainRef(n, uuid_of(n), i)
+        for n in sorted(self.defined):
+            if ident in (n, uuid_of(n)):
+                return DomainRef(n, uuid_of(n), -1)
+        return None
 
     def domain_xml(self, name: str, inactive: bool = False) -> str:
         """The simulated domain's XML."""
@@ -151,14 +173,35 @@ class FakeLibvirt:
         self._enter(name, "job_info")
         return self.job.get(name, JobInfo(active=False, operation="none"))
 
-    def metadata(self, name: str, namespace: str) -> Optional[str]:
-        """No stored settings."""
-        self._enter(name, "metadata")
-        return None
+    def _known(self, name: str, method: str) -> bool:
+        """Count the call; True for a running domain, False for a defined one."""
+        if name in self.defined and name not in self.vms:
+            with self._lock:
+                self.calls[method] = self.calls.get(method, 0) + 1
+            return False
+        self._enter(name, method)
+        return True
 
-    def set_metadata(self, name: str, xml: str, key: str, namespace: str) -> None:
-        """Accepted and forgotten."""
-        self._enter(name, "set_metadata")
+    def metadata(self, name: str, namespace: str, config: bool = False) -> Optional[str]:
+        """What set_metadata stored: the live copy of a running domain unless ``config``."""
+        running = self._known(name, "metadata")
+        return self.stored.get((name, "live" if running and not config else "config"))
+
+    def set_metadata(self, name: str, xml: Optional[str], key: str, namespace: str,
+                     live: Optional[bool] = None, config: Optional[bool] = None) -> None:
+        """Stored as libvirt does (None removes): live and config by default."""
+        running = self._known(name, "set_metadata")
+        if live is None and config is None:
+            live, config = running, True
+        if live and not running:
+            raise DomainError(f"VM {name}: domain is not running (fake libvirt)")
+        for where, yes in (("live", live), ("config", config)):
+            if not yes:
+                continue
+            if xml is None:
+                self.stored.pop((name, where), None)
+            else:
+                self.stored[(name, where)] = xml
 
     def memory_map(self, name: str) -> Tuple[GuestMemoryMap, Dict[str, Backing]]:
         """The memfd-backed map of the simulated VM."""
@@ -215,6 +258,10 @@ class SimGuest:
     latencies: List[float] = field(default_factory=list)
     acks: List[Tuple[int, int, int, str]] = field(default_factory=list)  # batch, disc, ref, why
     sessions: int = 0
+    #: capabilities added to the hello (the poison_safe one is always there)
+    capabilities: Dict[str, Any] = field(default_factory=dict)
+    #: settings the host sent (sync and config messages), in order
+    configs: List[Dict[str, Any]] = field(default_factory=list)
     on_ack: Optional[Callable[[SimGuest], None]] = None
     _sent: Dict[int, float] = field(default_factory=dict)
     _want_report: bool = False
@@ -247,7 +294,8 @@ class SimGuest:
                             # What the real agent says in a guest without page
                             # poisoning (without it the daemon never punches).
                             "capabilities": {"poison_safe": {
-                                "available": True, "detail": "simulated: no poisoning"}}})
+                                "available": True, "detail": "simulated: no poisoning"},
+                                **self.capabilities}})
         self.ep, self.writer = ep, writer
         self._writers.append(writer)
         ticker = asyncio.get_running_loop().create_task(self._tick(ep, writer))
@@ -259,6 +307,8 @@ class SimGuest:
                     if kind == "session":
                         self.sessions += 1
                         self.connected.set()
+                    elif kind == "config":
+                        self.configs.append(dict(payload))
                     elif kind == "release":
                         batch, discarded, refused = payload
                         sent = self._sent.pop(batch, None)
@@ -361,3 +411,35 @@ async def stop_daemon(daemon: Any, conn: FakeLibvirt) -> None:
     if time.monotonic() - t0 > 5:
         print(f"(stopping {len(tasks)} runners took {time.monotonic() - t0:.1f} s)")
     daemon.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.asynccontextmanager
+async def simulated(run_dir: str, names: Tuple[str, ...], **timing: float
+                    ) -> AsyncIterator[Tuple[Any, FakeLibvirt, Dict[str, SimGuest]]]:
+    """The real daemon on the fake libvirt with one listening SimGuest per name (reports
+    and stats are sent by the test itself); everything stopped and closed afterwards."""
+    conn = FakeLibvirt()
+    guests: Dict[str, SimGuest] = {}
+    for n in names:
+        vm = new_vm(n, run_dir)
+        conn.add(vm)
+        guests[n] = SimGuest(n, vm.sock, report_s=3600, stats_s=3600)
+        await guests[n].start()
+    daemon = new_daemon(conn, run_dir, **timing)
+    try:
+        yield daemon, conn, guests
+    finally:
+        await stop_daemon(daemon, conn)
+        for g in guests.values():
+            await g.stop()
+        for vm in conn.vms.values():
+            os.close(vm.fd)
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait (on the loop) until ``cond()``; AssertionError naming ``what`` after timeout."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)

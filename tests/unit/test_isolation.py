@@ -15,40 +15,17 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import pytest
-from daemon_sim import FakeLibvirt, SimGuest, new_daemon, new_vm, stop_daemon
+from daemon_sim import FakeLibvirt, SimGuest, simulated, stop_daemon, until
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def run(tmp_path: Path, body: Callable[[Any, FakeLibvirt, dict[str, SimGuest]],
                                        Awaitable[None]],
         names: tuple[str, ...] = ("A", "B"), **timing: float) -> None:
     async def main() -> None:
-        conn = FakeLibvirt()
-        guests: dict[str, SimGuest] = {}
-        for n in names:
-            vm = new_vm(n, str(tmp_path))
-            conn.add(vm)
-            # Reports are sent by the test itself (report_s very long).
-            guests[n] = SimGuest(n, vm.sock, report_s=3600, stats_s=3600)
-            await guests[n].start()
-        daemon = new_daemon(conn, str(tmp_path), **timing)
-        try:
+        async with simulated(str(tmp_path), names, **timing) as (daemon, conn, guests):
             await body(daemon, conn, guests)
-        finally:
-            await stop_daemon(daemon, conn)
-            for g in guests.values():
-                await g.stop()
-            for vm in conn.vms.values():
-                os.close(vm.fd)
 
     asyncio.run(main())
 

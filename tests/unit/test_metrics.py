@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from prometheus_client import generate_latest
 
 from aerate.host.metrics import parse_listen, registry
+from aerate.host.pressure import HostMemory
 
 pytestmark = pytest.mark.unit
 
@@ -20,17 +23,38 @@ def test_exposition_carries_per_vm_figures() -> None:
     assert 'aerate_discarded_bytes_total{vm="web01"} 2.097152e+06' in text
     assert 'aerate_backing_allocated_bytes{vm="web01"} 7.340032e+06' in text
     assert 'aerate_session_running{reclaimer="punch",vm="web01"} 1.0' in text
-    assert 'aerate_session_running{reclaimer="-",vm="db"} 0.0' in text
+    assert 'aerate_session_running{reclaimer="starting",vm="db"} 0.0' in text
     assert 'aerate_guest_aerated_bytes{vm="web01"} 6.291456e+06' in text
     assert "aerate_refused{" not in text
 
 
-def test_a_refused_vm_shows_its_reason() -> None:
-    status = [{"vm": "web01", "state": "running", "reclaimer": "refuse",
+def test_a_refused_vm_shows_its_reason_category_not_free_text() -> None:
+    status = [{"vm": "web01", "uuid": "u1", "state": "running", "reclaimer": "refuse",
+               "category": "page-poison",
                "reason": "the guest poisons freed pages (page_poison=1)"}]
     text = generate_latest(registry(lambda: status)).decode()
-    assert ('aerate_refused{reason="the guest poisons freed pages (page_poison=1)",'
-            'vm="web01"} 1.0') in text
+    assert 'aerate_refused{reason="page-poison",vm="web01"} 1.0' in text
+    assert 'aerate_vms_refused{reason="page-poison"} 1.0' in text
+    assert ('aerate_vm_info{reason="page-poison",reclaimer="refuse",uuid="u1",vm="web01"} '
+            "1.0") in text
+    assert "page_poison=1" not in text  # free text never becomes a label
+
+
+def test_balloon_gauges_build_info_libvirt_and_host() -> None:
+    status = [{"vm": "b", "state": "running", "reclaimer": "balloon", "category": "none",
+               "host_pressure": "firmer",
+               "balloon": {"target_bytes": 3 << 30, "actual_bytes": 3 << 30,
+                           "max_bytes": 4 << 30, "floor_bytes": 2 << 30,
+                           "held_back_bytes": 1 << 30}}]
+    text = generate_latest(registry(lambda: status, lambda: False,
+                                    lambda: HostMemory(5 << 30, 8 << 30, 1.5))).decode()
+    assert 'aerate_balloon_held_back_bytes{vm="b"} 1.073741824e+09' in text
+    assert 'aerate_balloon_floor_bytes{vm="b"} 2.147483648e+09' in text
+    assert 'aerate_balloon_target_bytes{vm="b"}' in text
+    assert "aerate_libvirt_connected 0.0" in text
+    assert "aerate_host_mem_available_bytes 5.36870912e+09" in text
+    assert 'aerate_host_pressure{level="firmer",vm="b"} 1.0' in text
+    assert re.search(r'aerate_build_info\{python="[0-9.]+",version="[^"]+"\} 1.0', text)
 
 
 @pytest.mark.parametrize("text", ["0.0.0.0:9848", "10.1.2.3:80", "9848"])

@@ -315,3 +315,66 @@ def test_confidential_guests_and_kernel_reporting_are_read_from_the_xml() -> Non
     fpr = domain_facts(live.replace("<memballoon model='virtio'",
                                     "<memballoon model='virtio' freePageReporting='on'"))
     assert fpr.free_page_reporting and not domain_facts(live).free_page_reporting
+
+
+def _refusals() -> list[tuple[str, str]]:
+    """(expected category, reason) for every refusal decide() gives, and the daemon's."""
+    live = "memfd-shared.live"
+    vhost = (XML / f"{live}.xml").read_text().replace(
+        "</devices>", "<interface type='vhostuser'><source type='unix' path='/x' "
+        "mode='client'/><model type='virtio'/></interface></devices>")
+    cases: list[tuple[str, VmFacts]] = [
+        ("settings", facts(live, mode="fast")),
+        ("settings", facts(live, settings_error="VM x metadata: unknown setting 'hwmm'")),
+        ("mode-off", facts(live, mode="off")),
+        ("pinned-device", facts("memfd-shared-hostdev-pci.inactive")),
+        ("pinning-fd", facts(live, pinning_fd="/dev/vfio/12 (fd 40 of pid 7)")),
+        ("vhost-user", VmFacts(domain_facts(vhost), IDLE,
+                               {"pc.ram": backing(BackingKind.MEMFD_SHARED)}, poison=SAFE)),
+        ("migration", facts(live, job=None)),
+        ("migration", facts(live, qemu_migration=None)),
+        ("migration", facts(live, qemu_migration="active")),
+        ("memory-map", facts(live, map_error="the memory map could not be rebuilt after "
+                                             "the hello: x")),
+        ("job", facts(live, job=JobInfo(True, "save"))),
+        ("paused", facts(live, job=JobInfo(False, "none", "snapshot"))),
+        ("backing-unproven", facts(live, backings={})),
+        ("backing-unknown", facts(live, BackingKind.UNKNOWN)),
+        ("backing-private-file", facts(live, BackingKind.FILE_PRIVATE)),
+        ("hugetlb-reserved", facts(live, reservations=("RAM block pc.ram (hugetlb)",))),
+        ("page-poison", facts(live, poison=PoisonFact(False, "page_poison=1"))),
+        ("page-poison-unknown", facts(live, poison=PoisonFact(None, "no hello"))),
+        ("no-balloon", facts("private.inactive", BackingKind.ANON_PRIVATE)),
+        ("mode-punch-private", facts("private.inactive", BackingKind.ANON_PRIVATE,
+                                     mode="punch", balloon_available=True)),
+        ("locked", VmFacts(DomainFacts("x", (), "anonymous", "private", False, True,
+                                       "virtio", False, ""), IDLE,
+                           {"pc.ram": backing(BackingKind.ANON_PRIVATE)},
+                           balloon_available=True)),
+    ]
+    out = []
+    for category, f in cases:
+        d = decide(f)
+        assert d.action == REFUSE, (category, d)
+        out.append((category, d.reason))
+    return [
+        *out,
+        ("confidential", "confidential guest (sev): its RAM is pinned and encrypted"),
+        ("libvirt-timeout", "cannot ask libvirt whether discard is safe now: libvirt call "
+                            "job_info timed out after 5 s"),
+        ("libvirt", "cannot ask libvirt whether discard is safe now: not connected"),
+        ("permit-stale", "libvirt's answer is 3.1 s old (older than 2.5 s)"),
+        ("deciding", "a new hello from the guest: deciding again with it"),
+        ("deciding", "not decided yet"),
+        ("domain-xml", "cannot read the domain XML: x"),
+    ]
+
+
+def test_every_refusal_has_a_bounded_category() -> None:
+    """Metrics label refusals by category (a fixed set), never by their free text."""
+    from aerate.host.refusal import REFUSAL_CATEGORIES, refusal_category
+    for category, reason in _refusals():
+        assert refusal_category(reason) == category, (category, reason)
+    assert refusal_category("something new") == "other"
+    assert {c for c, _ in _refusals()} | {"other"} <= set(REFUSAL_CATEGORIES)
+    assert all(len(c) <= 24 and c.replace("-", "").isalpha() for c in REFUSAL_CATEGORIES)

@@ -1,0 +1,143 @@
+"""Host memory pressure: the host's MemAvailable against ``host_low_mib``/``host_high_mib``,
+and what that level does to each VM's reclaim.
+
+Levels (from the VM's own layered settings, so ``[vm.NAME]`` may set its own thresholds):
+
+- ``plenty``: MemAvailable at or above ``host_high_mib`` (or both thresholds 0, the
+  default): the VM's settings as they are (gentle; reclaim backs off to them);
+- ``firmer``: below ``host_high_mib``: the agent reports sooner (``hwm`` halved) and keeps
+  less back (``reserve_mib`` halved); the balloon steps twice as far;
+- ``firm``: below ``host_low_mib``: ``hwm`` and ``reserve_mib`` a quarter, balloon steps
+  four times as far, half the cool-down after a deflate.
+
+A level firms up at once and relaxes after ``RELAX_AFTER_S`` at the lower pressure
+(``settle``). Every firmer value stays within the table's bounds, and nothing here touches
+a floor: the balloon's ``floor`` and ``<memtune><min_guarantee>``, the guest's zone
+watermarks and its own pressure checks (PSI, free < reserve/2 deflates at once) hold at
+every level. A sample that cannot be taken counts as ``plenty``: pressure only ever asks
+for more reclaim, so the safe default is none of it.
+
+Pure policy (``level``, ``adjust``, ``balloon``); the one reader is :func:`sample`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from aerate.agent import settings as table
+from aerate.host.balloon import BalloonSettings
+
+MiB = 1 << 20
+PLENTY, FIRMER, FIRM = "plenty", "firmer", "firm"
+LEVELS = (PLENTY, FIRMER, FIRM)
+#: Divisor of hwm and reserve_mib, multiplier of the balloon step, per level.
+_FACTOR = {PLENTY: 1, FIRMER: 2, FIRM: 4}
+#: The settings a level changes.
+ADJUSTED = ("hwm", "reserve_mib")
+PSI_PATH = "/proc/pressure/memory"
+
+
+class HostMemory(NamedTuple):
+    """One sample of the host's memory (bytes; PSI ``some avg10`` in %, None: no PSI)."""
+
+    available: int | None
+    total: int | None
+    psi_some_avg10: float | None = None
+
+
+UNKNOWN = HostMemory(None, None, None)
+
+
+def level(sample: HostMemory, values: Mapping[str, Any]) -> str:
+    """The pressure level for one VM's settings (``host_low_mib``, ``host_high_mib``)."""
+    low, high = int(values["host_low_mib"]), int(values["host_high_mib"])
+    avail = sample.available
+    if avail is None:
+        return PLENTY
+    if low and avail < low * MiB:
+        return FIRM
+    if high and avail < high * MiB:
+        return FIRMER
+    return PLENTY
+
+
+#: A level relaxes (firm -> firmer -> plenty) only after the host stayed at the lower
+#: pressure this long; it firms up at once. MemAvailable hovering at a threshold does
+#: not flip every VM's settings every second.
+RELAX_AFTER_S = 10.0
+
+
+def settle(current: str, measured: str, relax_since: float | None, now: float
+           ) -> tuple[str, float | None]:
+    """The level to act on and since when a relaxation has been seen (pure)."""
+    if _FACTOR[measured] >= _FACTOR[current]:
+        return measured, None           # firmer (or the same): at once
+    since = now if relax_since is None else relax_since
+    if now - since >= RELAX_AFTER_S:
+        return measured, None
+    return current, since
+
+
+def adjust(values: dict[str, Any], lvl: str) -> dict[str, Any]:
+    """``values``, changed in place to the level's firmer guest settings (within the
+    table's bounds), and returned."""
+    k = _FACTOR[lvl]
+    for name in ADJUSTED if k != 1 else ():
+        row = table.BY_NAME[name]
+        values[name] = max(int(row.lo or 0), int(values[name]) // k)
+    return values
+
+
+def balloon(settings: BalloonSettings, lvl: str) -> BalloonSettings:
+    """The balloon controller's knobs at this level: larger steps, a shorter cool-down.
+    Floors (``floor_fraction``, ``min_guarantee``) are left as they are."""
+    k = _FACTOR[lvl]
+    if k == 1:
+        return settings
+    return dataclasses.replace(settings, step=settings.step * k,
+                               cooldown_intervals=settings.cooldown_intervals / min(k, 2))
+
+
+def describe(sample: HostMemory, values: Mapping[str, Any]) -> str:
+    """One sentence for ``aeratectl explain``."""
+    low, high = int(values["host_low_mib"]), int(values["host_high_mib"])
+    if not low and not high:
+        return ("host pressure is not used for this VM (host_low_mib and host_high_mib are "
+                "0): its settings apply as they are")
+    if sample.available is None:
+        return "the host's MemAvailable could not be read: its settings apply as they are"
+    lvl = level(sample, values)
+    avail = sample.available // MiB
+    what = {PLENTY: "its settings apply as they are",
+            FIRMER: "hwm and reserve_mib are halved and balloon steps doubled",
+            FIRM: "hwm and reserve_mib are a quarter and balloon steps four times as large"}
+    return (f"host MemAvailable is {avail} MiB (host_low_mib {low}, host_high_mib {high}): "
+            f"level {lvl}, so {what[lvl]}")
+
+
+def _psi() -> float | None:
+    try:
+        with open(PSI_PATH, encoding="ascii") as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    for field in first[1:]:
+        key, _, val = field.partition("=")
+        if key == "avg10":
+            try:
+                return float(val)
+            except ValueError:
+                return None
+    return None
+
+
+def sample() -> HostMemory:
+    """The host's memory now (psutil reads /proc/meminfo; PSI from /proc/pressure)."""
+    try:
+        import psutil
+        vm = psutil.virtual_memory()
+    except (ImportError, OSError, RuntimeError):
+        return UNKNOWN
+    return HostMemory(int(vm.available), int(vm.total), _psi())
