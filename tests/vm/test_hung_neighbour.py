@@ -48,14 +48,28 @@ def idle(d: Aerated, name: str) -> dict[str, Any]:
 def free_and_time(d: Aerated, g: Guest) -> float:
     """Free FREE_MIB MiB in ``g``; seconds until 90 % of what may come back did."""
     wait_for(lambda: idle(d, g.name), 300, f"{g.name} to be idle", 2)
-    hog = Hog(g, FREE_MIB, hold_s=3)
+    hog = Hog(g, FREE_MIB, hold_s=8)
     hog.start()
-    peak = wait_for(lambda: d.vm(g.name).get("backing_allocated_bytes"), 30,
-                    "the backing figure")
+    touched = time.monotonic()
+
+    def fresh_peak() -> int:
+        # The daemon reads the backing figure every few seconds: take one read after the
+        # hog touched its memory, not an older, lower one the fall could never undercut.
+        v = d.vm(g.name)
+        age = v.get("backing_allocated_age_s")
+        return int(v["backing_allocated_bytes"]) if age is not None \
+            and time.monotonic() - age > touched else 0
+
+    peak = wait_for(fresh_peak, 30, "a backing figure read after the touch")
     freed_at = hog.join()
     want = 0.9 * (FREE_MIB - RESERVE_MIB) * MiB
-    wait_for(lambda: peak - d.vm(g.name)["backing_allocated_bytes"] >= want, 180,
-             f"90% of what {g.name} freed to come back", 0.5)
+    try:
+        wait_for(lambda: peak - d.vm(g.name)["backing_allocated_bytes"] >= want, 180,
+                 f"90% of what {g.name} freed to come back", 0.5)
+    except Exception:
+        print(f"peak {peak >> 20} MiB; status of {g.name}: {d.vm(g.name)}\n"
+              f"{d.log_text()[-6000:]}")
+        raise
     return time.monotonic() - freed_at
 
 
@@ -77,11 +91,23 @@ def test_a_hung_neighbour_neither_stalls_nor_is_served(
     d, a, b = pair
     wait_for(lambda: idle(d, a.name), 300, f"{a.name} to be idle", 2)
     usual = free_and_time(d, b)
+    print(f"{b.name}: 90% back in {usual:.1f} s before the hang")
     os.kill(qemu_pid(a.name), signal.SIGSTOP)
     try:
-        st = wait_for(lambda: (v := d.vm(a.name)).get("reclaimer") == "refuse"
-                      and "timed out" in v.get("reason", "") and v, 60,
-                      f"{a.name} to be refused for its hung libvirt calls")
+        def refused_for_the_hang() -> dict[str, Any]:
+            v = d.vm(a.name)
+            calls = v.get("libvirt_calls") or {}
+            ok = v.get("reclaimer") == "refuse" and calls.get("timeouts", 0) > 0 \
+                and "timed out" in (calls.get("last_timeout") or "") \
+                and ("timed out" in v.get("reason", "") or "hung" in v.get("reason", ""))
+            return v if ok else {}
+
+        try:
+            st = wait_for(refused_for_the_hang, 60,
+                          f"{a.name} to be refused for its hung libvirt calls")
+        except Exception:
+            print("status of", a.name, d.vm(a.name), "\n", d.log_text()[-4000:])
+            raise
         hung = free_and_time(d, b)
         print(f"{b.name}: 90% back in {usual:.1f} s alone, {hung:.1f} s beside a hung "
               f"neighbour; {a.name}: {st['reason']}")
