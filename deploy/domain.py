@@ -33,6 +33,11 @@ HARNESS_PORT = "org.aerate.harness.0"
 BACKINGS = ("memfd", "hugetlbfs", "private")
 DOMAIN_TYPES = ("kvm", "qemu")
 HUGEPAGE_KIB = 2048
+FIRMWARES = ("seabios", "ovmf-smm")
+#: Debian's OVMF built with SMM_REQUIRE (and Secure Boot, which stays off with the empty
+#: variable store below: no keys enrolled, so the unsigned initrd boots).
+OVMF_CODE_SMM = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 # Kernel command line for a quick, debuggable boot of the test guest.
 DEFAULT_CMDLINE = (
@@ -73,6 +78,10 @@ class DomainSpec:
     """XML fragments appended to <devices> (tests add devices this way)."""
     extra_domain: Sequence[str] = field(default_factory=tuple)
     """XML fragments appended to <domain> (e.g. <metadata>, <memtune>)."""
+    firmware: str = "seabios"
+    """"seabios" (QEMU's default) or "ovmf-smm": OVMF with SMM on (q35 only), which needs
+    ``nvram``, the path libvirt copies the variable store template to."""
+    nvram: Path | None = None
     on_reboot: str = "destroy"
     """What a guest reboot does: "destroy" (the harness default: a test guest that reboots
     is gone) or "restart" (libvirt's own default: QEMU resets the machine and the same
@@ -93,6 +102,17 @@ class DomainSpec:
                 f"not {self.memory_mib} MiB")
         if self.vcpus < 1:
             raise DomainError(f"domain {self.name}: vcpus must be >= 1")
+        if self.firmware not in FIRMWARES:
+            raise DomainError(
+                f"domain {self.name}: firmware {self.firmware!r} not in {FIRMWARES}")
+        if self.firmware == "ovmf-smm":
+            if self.machine != "q35" or self.nvram is None:
+                raise DomainError(f"domain {self.name}: OVMF with SMM needs machine q35 and "
+                                  f"an nvram path")
+            for f in (OVMF_CODE_SMM, OVMF_VARS):
+                if not f.is_file():
+                    raise DomainError(f"domain {self.name}: {f} is missing: install the "
+                                      f"Debian package ovmf (deploy/setup-host does it)")
 
 
 def hugepages_needed(spec: DomainSpec) -> int:
@@ -136,12 +156,18 @@ def domain_xml(spec: DomainSpec) -> str:
 
     os_el = _sub(dom, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine=spec.machine)
+    if spec.firmware == "ovmf-smm":
+        # secure='yes': the flash is writable only from SMM (libvirt then requires SMM on).
+        _sub(os_el, "loader", str(OVMF_CODE_SMM), readonly="yes", secure="yes", type="pflash")
+        _sub(os_el, "nvram", str(spec.nvram), template=str(OVMF_VARS))
     _sub(os_el, "kernel", str(spec.kernel))
     _sub(os_el, "initrd", str(spec.initrd))
     _sub(os_el, "cmdline", spec.cmdline)
     features = _sub(dom, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
+    if spec.firmware == "ovmf-smm":
+        _sub(features, "smm", state="on")
     if spec.domain_type == "kvm":
         _sub(dom, "cpu", mode="host-passthrough")
     _sub(dom, "clock", offset="utc")

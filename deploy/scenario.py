@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,8 +22,14 @@ from typing import Any
 
 from aerate.deploy.vm import Guest, HarnessError
 from aerate.host.ctl import CtlError, request
+from aerate.host.libvirt_conn import PID_DIR
 
 MiB = 1 << 20
+#: Below this much RAM, QEMU's q35 and pc machines put all of it below 4 GiB, from address
+#: 0, at the same offset in its backing (hw/i386/pc_q35.c, pc_piix.c: lowmem 0xb0000000 or
+#: more): guest-physical address == offset in the memfd, with no map to trust.
+FLAT_RAM_LIMIT = 0xB0000000
+_SEEK_DATA, _SEEK_HOLE = 3, 4
 
 
 class ScenarioError(HarnessError):
@@ -109,6 +116,62 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
         if time.monotonic() > deadline:
             raise ScenarioError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def ram_memfd(guest: Guest) -> str:
+    """The /proc path of the guest's RAM memfd in its QEMU process (the one memfd of the
+    guest's RAM size), found from QEMU's fds, independently of aerated."""
+    pid = int(Path(PID_DIR, f"{guest.name}.pid").read_text().strip())
+    size = guest.spec.memory_mib * MiB
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        with contextlib.suppress(OSError):
+            if os.readlink(path).startswith("/memfd:") and os.stat(path).st_size == size:
+                found.append(path)
+    if len(found) != 1:
+        raise ScenarioError(f"{guest.name}: expected one {size >> 20} MiB memfd in QEMU "
+                            f"{pid}, found {len(found)}")
+    return found[0]
+
+
+def ram_allocated(guest: Guest) -> int:
+    """Bytes the host kernel has allocated to the guest's RAM memfd (st_blocks)."""
+    return os.stat(ram_memfd(guest)).st_blocks * 512
+
+
+def data_extents(guest: Guest, gpa: int, length: int) -> list[tuple[int, int]]:
+    """The pieces of guest-physical [gpa, gpa+length) the host holds in the RAM memfd, as
+    [start, end) guest addresses: the data extents lseek(SEEK_DATA/SEEK_HOLE) finds. A
+    discard (punch) shows as a hole; a page the guest wrote and nobody punched stays data.
+    Only for guests with less than FLAT_RAM_LIMIT of RAM, where the address is the offset
+    (read independently of the map aerated builds, which is under test)."""
+    size = guest.spec.memory_mib * MiB
+    if size > FLAT_RAM_LIMIT or gpa < 0 or gpa + length > size:
+        raise ScenarioError(f"{guest.name}: gpa {gpa:#x}+{length:#x} is not flat guest RAM "
+                            f"at its own offset ({size >> 20} MiB guest)")
+    fd = os.open(ram_memfd(guest), os.O_RDONLY)
+    try:
+        out: list[tuple[int, int]] = []
+        pos, end = gpa, gpa + length
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, _SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            if data >= end:
+                break
+            hole = os.lseek(fd, data, _SEEK_HOLE)
+            out.append((data, min(hole, end)))
+            pos = hole
+        return out
+    finally:
+        os.close(fd)
+
+
+def allocated_in(guest: Guest, gpa: int, length: int) -> int:
+    """Bytes of guest-physical [gpa, gpa+length) the host holds (see data_extents)."""
+    return sum(b - a for a, b in data_extents(guest, gpa, length))
 
 
 HOG = r"""

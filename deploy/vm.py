@@ -439,13 +439,14 @@ def booted(image: GuestImage, *, backing: str = "memfd", memory_mib: int = 1024,
            ready_unit: str | None = READY_UNIT, timeout: float = DEFAULT_BOOT_TIMEOUT,
            name_prefix: str = "aerate-test", persistent: bool = False,
            domain_type: str | None = None, on_reboot: str = "destroy",
-           extra_cmdline: str = "") -> Iterator[Guest]:
+           extra_cmdline: str = "", firmware: str = "seabios") -> Iterator[Guest]:
     """Boot a guest from ``image`` and yield it once ``ready_unit`` is active.
 
     Always destroys (and, if ``persistent``, undefines) the domain and removes its overlay
     and sockets, whatever happens. ``Guest.timings`` holds ``boot_to_agent`` and
     ``boot_to_ready`` in seconds. ``extra_cmdline`` is appended to the guest kernel's
-    command line (e.g. ``page_poison=1``).
+    command line (e.g. ``page_poison=1``). ``firmware="ovmf-smm"`` boots through OVMF with
+    SMM on (its variable store lives in the work dir).
     """
     image.check()
     name = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
@@ -469,6 +470,7 @@ def booted(image: GuestImage, *, backing: str = "memfd", memory_mib: int = 1024,
             backing=backing, memory_mib=memory_mib, vcpus=vcpus, domain_type=kind,
             free_page_reporting=free_page_reporting, extra_devices=tuple(extra_devices),
             extra_domain=tuple(extra_domain), on_reboot=on_reboot,
+            firmware=firmware, nvram=work / "OVMF_VARS.fd" if firmware != "seabios" else None,
             cmdline=f"{DEFAULT_CMDLINE} {extra_cmdline}".strip(),
         )
         xml = domain_xml(spec)

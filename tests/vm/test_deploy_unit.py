@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from aerate.deploy import domain as dom_mod
 from aerate.deploy import image as img
 from aerate.deploy.domain import (
     AGENT_PORT,
@@ -105,7 +106,36 @@ def test_extra_xml_lands_where_asked_and_bad_xml_is_named() -> None:
         domain_xml(spec(extra_devices=["<watchdog"]))
 
 
+def test_ovmf_smm_firmware_boots_the_kernel_with_smm_on(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    code, vars_ = tmp_path / "CODE.fd", tmp_path / "VARS.fd"
+    code.write_bytes(b"")
+    vars_.write_bytes(b"")
+    monkeypatch.setattr(dom_mod, "OVMF_CODE_SMM", code)
+    monkeypatch.setattr(dom_mod, "OVMF_VARS", vars_)
+    root = parse(spec(firmware="ovmf-smm", nvram=Path("/r/VARS.fd")))
+    loader = root.find("os/loader")
+    assert loader is not None and loader.text == str(code)
+    assert (loader.get("type"), loader.get("secure"), loader.get("readonly")) == \
+        ("pflash", "yes", "yes")
+    nvram = root.find("os/nvram")
+    assert nvram is not None and nvram.text == "/r/VARS.fd" and nvram.get("template") == str(vars_)
+    assert root.find("features/smm").get("state") == "on"  # type: ignore[union-attr]
+    assert root.findtext("os/kernel") == "/k/vmlinuz"  # still direct kernel boot
+    # SeaBIOS (the default) gets neither.
+    plain = parse(spec())
+    assert plain.find("os/loader") is None and plain.find("features/smm") is None
+    with pytest.raises(DomainError, match="nvram"):
+        domain_xml(spec(firmware="ovmf-smm"))
+    with pytest.raises(DomainError, match="q35"):
+        domain_xml(spec(firmware="ovmf-smm", nvram=Path("/r/V.fd"), machine="pc"))
+    monkeypatch.setattr(dom_mod, "OVMF_CODE_SMM", tmp_path / "gone.fd")
+    with pytest.raises(DomainError, match="package ovmf"):
+        domain_xml(spec(firmware="ovmf-smm", nvram=Path("/r/V.fd")))
+
+
 @pytest.mark.parametrize("kw, field", [({"backing": "tmpfs"}, "backing"),
+                                       ({"firmware": "coreboot"}, "firmware"),
                                        ({"domain_type": "xen"}, "type"),
                                        ({"memory_mib": 64}, "too little RAM"),
                                        ({"backing": "hugetlbfs", "memory_mib": 1025}, "2 MiB")])

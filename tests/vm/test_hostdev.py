@@ -16,7 +16,6 @@ so the refusal cannot come from the harness.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import json
@@ -32,10 +31,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from aerate.deploy.scenario import DaemonView, Hog, wait_for
+from aerate.deploy.scenario import DaemonView, Hog, ram_allocated, wait_for
 from aerate.deploy.vm import URI, Guest
 from aerate.host import daemon as daemon_mod
-from aerate.host.libvirt_conn import DEFAULT_URI, PID_DIR, LibvirtConnection
+from aerate.host.libvirt_conn import DEFAULT_URI, LibvirtConnection
 
 pytestmark = pytest.mark.vm
 MiB = 1 << 20
@@ -131,24 +130,6 @@ def with_daemon(run_dir: Path, vm: str, hostdev: bool,
         root.removeHandler(handler)
         root.setLevel(old_level)
         handler.close()
-
-
-def ram_allocated(g: Guest) -> int:
-    """Bytes the host kernel has allocated to the guest's RAM memfd (st_blocks), read
-    straight from QEMU's fds, independently of aerated."""
-    pid = int(Path(PID_DIR, f"{g.name}.pid").read_text().strip())
-    size = g.spec.memory_mib * MiB
-    total, found = 0, 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        path = f"/proc/{pid}/fd/{fd}"
-        with contextlib.suppress(OSError):
-            if os.readlink(path).startswith("/memfd:"):
-                st = os.stat(path)
-                if st.st_size == size:
-                    total += st.st_blocks * 512
-                    found += 1
-    assert found == 1, f"{g.name}: expected one {size >> 20} MiB memfd in QEMU {pid}, {found}"
-    return total
 
 
 @dataclass

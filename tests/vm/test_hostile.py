@@ -1,26 +1,43 @@
 """S5 with a real hostile guest: root in the guest stops the agent and speaks to the port.
 
 The hostile program (below, run in the guest by its python3) answers the daemon's sync
-correctly, so it gets a real session, then sends one attack per session: malformed JSON, a
-giant line, a range outside the guest's RAM, a replayed batch, a flood. Each must end that
-session without any discard; the daemon must carry on, and keep serving a second, honest VM
-all along.
+correctly, so it gets a real session, and lies in its hello as root can (it claims pages are
+not poisoned, so the reclaimer is decided punch: only the range checks stand between its
+reports and a discard). Then it sends one attack per session: malformed JSON, a giant line,
+a range outside the guest's RAM, a misaligned range, a replayed batch, a flood, a report
+under a stale lease token. Each attack names memory the program holds and wrote (2 MiB
+hugetlb pages, one per forbidden range), so a discard there would show: the host reads the
+hostile VM's memfd (lseek SEEK_DATA/SEEK_HOLE at each page's offset, not through aerated's
+map) and the program re-reads its patterns. One page (``own[0]``), named by the well-formed
+reports the daemon may serve, is the control: it must be discarded, which shows the
+measurement sees a punch. The daemon must carry on and keep serving a second, honest VM,
+which runs aerate-checker all along.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from aerate.deploy.image import GuestImage
-from aerate.deploy.scenario import Aerated, aerated, wait_for
+from aerate.deploy.scenario import (
+    Aerated,
+    MiB,
+    aerated,
+    allocated_in,
+    checker_result,
+    start_checker,
+    wait_for,
+)
 from aerate.deploy.vm import Guest, booted
 
 pytestmark = [pytest.mark.vm, pytest.mark.fault]
+T = TypeVar("T")
 
 HOSTILE = r'''
 import json, os, select, sys, time
@@ -67,8 +84,10 @@ def establish(timeout=90):
                 return sync
             continue
         sync = got
+        # The lie: "my pages are not poisoned", so the host decides punch.
         send({"proto": 2, "type": "hello", "nonce": sync["nonce"], "session": sync["session"],
-              "agent": "hostile"}, sync=True)
+              "agent": "hostile", "capabilities": {"poison_safe": {
+                  "available": True, "detail": "a hostile root says so"}}}, sync=True)
     raise SystemExit("no session from the host")
 
 def write_all(data):
@@ -82,49 +101,87 @@ def write_all(data):
         if w:
             data = data[os.write(port, data):]
 
-def fresh_token(session, wait=20):
-    """Ask for a fresh lease token (need-token) and return it, as the agent does."""
+def next_msg(want, wait):
+    """The next message from the host that ``want(msg)`` accepts, or None after ``wait`` s."""
     global buf
-    send({"proto": 2, "type": "need-token", "session": session})
     end = time.time() + wait
     while time.time() < end:
         while b"\n" in buf:
-            line, _, buf = buf.partition(b"\n")
+            line_, _, buf = buf.partition(b"\n")
             try:
-                msg = json.loads(line.rpartition(b"\xff")[2])
+                msg = json.loads(line_.rpartition(b"\xff")[2])
             except ValueError:
                 continue
-            if msg.get("session") == session and isinstance(msg.get("token"), int):
-                return msg["token"]
+            if isinstance(msg, dict) and want(msg):
+                return msg
         r, _, _ = select.select([port], [], [], 1)
         if r:
             buf += os.read(port, 65536)
-    raise SystemExit("no lease token from the host")
+    return None
+
+def fresh_token(session, wait=20):
+    """Ask for a fresh lease token (need-token) and return it, as the agent does."""
+    send({"proto": 2, "type": "need-token", "session": session})
+    msg = next_msg(lambda m: m.get("session") == session and isinstance(m.get("token"), int),
+                   wait)
+    if msg is None:
+        raise SystemExit("no lease token from the host")
+    return msg["token"]
+
+def await_ack(session, batch, wait=60):
+    """The host's ack of ``batch`` (its JSON), or None after ``wait`` seconds."""
+    return next_msg(lambda m: m.get("type") == "ack" and m.get("session") == session
+                    and m.get("batch") == batch, wait)
 
 def send(obj, sync=False):
     write_all((b"\xff" if sync else b"") + json.dumps(obj).encode() + b"\n")
 
-def report(s, batch, ranges):
+def line(s, batch, ranges):
     # The lease token of the session's sync: fresh for the attacks, stale for "stale_token".
-    send({"proto": 2, "type": "report", "session": s, "batch": batch, "token": token[0],
-          "ranges": ranges})
+    return json.dumps({"proto": 2, "type": "report", "session": s, "batch": batch,
+                       "token": token[0], "ranges": ranges}).encode() + b"\n"
+
+def report(s, batch, ranges):
+    write_all(line(s, batch, ranges))
 
 G = 2 << 20
-# The well-formed reports name memory this program owns (two hugetlb pages, isolated the way
-# the agent does it), so what the daemon rightly discards is nobody else's.
+# Every report names memory this program owns (2 MiB hugetlb pages, isolated the way the
+# agent does it, each filled with its own byte), so what the daemon rightly discards is
+# nobody else's, and each forbidden range has a page of its own that must stay whole.
+import ctypes
 from aerate.agent.arena import HugetlbArena
 from aerate.agent.hugetlb import SurplusBudget
-arena = HugetlbArena(4, SurplusBudget("/run/aerate-hostile"))
-own = [b.phys_addr for b in arena.fill(2)]
-assert len(own) == 2, "could not isolate two hugetlb pages"
+PAGES = 9
+arena = HugetlbArena(PAGES, SurplusBudget("/run/aerate-hostile"))
+blocks = arena.fill(PAGES)
+assert len(blocks) == PAGES, "could not isolate %d hugetlb pages" % PAGES
+own = [b.phys_addr for b in blocks]
+for i, b in enumerate(blocks):
+    ctypes.memset(arena._base + b.offset, 0x50 + i, G)
+#: own[0] is what the well-formed reports the daemon may serve name (the control);
+#: FORBIDDEN[attack] are the pages a report of that attack names that must stay whole.
+FORBIDDEN = {"control": [], "tseg": [], "malformed": [1], "giant_line": [2],
+             "outside_ram": [3], "misaligned": [4, 5], "replay": [6], "flood": [7],
+             "stale_token": [8]}
+#: A range the caller names (AERATE_TSEG=start:length): q35's TSEG SMRAM, say.
+TSEG = [int(x, 0) for x in os.environ.get("AERATE_TSEG", "0:0").split(":")]
+acks = {}
 attacks = {
-    "malformed": lambda s: write_all(b"{this is not json\n"),
-    "giant_line": lambda s: write_all(b"[" + b"1," * 40000 + b"1]\n"),
-    "outside_ram": lambda s: report(s, 1, [[1 << 40, G]]),
-    "misaligned": lambda s: report(s, 1, [[G + 4096, G]]),
-    "replay": lambda s: (report(s, 5, [[own[0], G]]), time.sleep(1), report(s, 5, [[own[1], G]])),
-    "flood": lambda s: [report(s, b, [[own[0], G]]) for b in range(1, 400)],
-    "stale_token": lambda s: (time.sleep(3), report(s, 1, [[own[0], G]])),
+    # Not an attack: one well-formed report of the control page, to see it served.
+    "control": lambda s: (report(s, 1, [[own[0], G]]), acks.update(control=await_ack(s, 1))),
+    "tseg": lambda s: (report(s, 1, [TSEG]), acks.update(tseg=await_ack(s, 1))),
+    # A well-formed report right behind the broken line: the session is over, not served.
+    "malformed": lambda s: write_all(b"{this is not json\n" + line(s, 1, [[own[1], G]])),
+    "giant_line": lambda s: write_all(b"[" + b"1," * 40000 + b"1]\n"
+                                      + line(s, 1, [[own[2], G]])),
+    # The page in RAM goes with the one outside it: the report is refused whole.
+    "outside_ram": lambda s: report(s, 1, sorted([[own[3], G], [1 << 40, G]])),
+    "misaligned": lambda s: report(s, 1, sorted([[own[4], G], [own[5] + 4096, G]])),
+    "replay": lambda s: (report(s, 5, [[own[0], G]]), time.sleep(1), report(s, 5, [[own[6], G]])),
+    # The last report comes after the flood ended the session.
+    "flood": lambda s: ([report(s, b, [[own[0], G]]) for b in range(1, 399)],
+                        report(s, 399, [[own[7], G]])),
+    "stale_token": lambda s: (time.sleep(3), report(s, 1, [[own[8], G]])),
 }
 token = [0]
 done = {}
@@ -136,11 +193,25 @@ for name in sys.argv[1:]:
     attacks[name](s)
     done[name] = s
     time.sleep(1)
+# Let the host read the memfd first, while the pages are held and untouched since (reading
+# a discarded page here would fault a fresh one into the memfd); then see what they hold (a
+# discarded page reads back as zeroes).
+with open("/run/aerate-hostile.json.tmp", "w") as f:
+    json.dump({"own": own, "forbidden": {k: v for k, v in FORBIDDEN.items() if k in done},
+               "sessions": done, "acks": acks}, f)
+os.rename("/run/aerate-hostile.json.tmp", "/run/aerate-hostile.json")
+end = time.time() + 300
+while not os.path.exists("/run/aerate-hostile.go") and time.time() < end:
+    time.sleep(0.2)
+intact = {i: ctypes.string_at(arena._base + b.offset, G) == bytes([0x50 + i]) * G
+          for i, b in enumerate(blocks)}
 arena.release(arena.held())
 arena.close()
-print(json.dumps(done))
+print(json.dumps({"sessions": done, "intact": intact}))
 '''
 
+#: Run first: a report the daemon serves, so the checks below can fail.
+CONTROL = ["control"]
 ATTACKS = ["malformed", "giant_line", "outside_ram", "misaligned", "replay", "flood"]
 #: Not an attack that ends a session: a report under a stale lease token is refused (the
 #: honest guest whose report waited behind a slow daemon keeps its session), not punched.
@@ -162,22 +233,70 @@ def two_guests(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
         yield d, bad, good
 
 
+def run_hostile(guest: Guest, attacks: Sequence[str], measure: Callable[[dict[str, Any]], T],
+                env: Sequence[str] = ()) -> tuple[dict[str, Any], T, dict[str, Any]]:
+    """Stop the agent, run HOSTILE with ``attacks`` in ``guest`` and, once they are done
+    and while the program still holds its pages, call ``measure`` with what it wrote (its
+    pages ``own``, ``acks``...). Returns that, what ``measure`` returned, and the program's
+    last line (``sessions``, ``intact``: each page's pattern as read back afterwards)."""
+    guest.check("systemctl stop aerate-agent; "
+                "rm -f /run/aerate-hostile.json /run/aerate-hostile.go")
+    result: dict[str, Any] = {}
+
+    def hostile() -> None:
+        result["run"] = guest.run(["env", *env, "python3", "-c", HOSTILE, *attacks],
+                                  timeout=600)
+
+    thread = threading.Thread(target=hostile, name="hostile", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: guest.run("test -e /run/aerate-hostile.json", 30)[0] == 0
+                 or not thread.is_alive(), 600, "the hostile program's attacks")
+        assert thread.is_alive(), f"the hostile program ended early: {result.get('run')}"
+        seen: dict[str, Any] = json.loads(guest.check("cat /run/aerate-hostile.json"))
+        measured = measure(seen)
+    finally:
+        guest.run("touch /run/aerate-hostile.go", 30)
+        thread.join(120)
+    rc, out, err = result["run"]
+    assert rc == 0, err
+    return seen, measured, json.loads(out.strip().splitlines()[-1])
+
+
 def test_hostile_guest_is_cut_off_and_nothing_is_discarded(
         two_guests: tuple[Aerated, Guest, Guest], tmp_path: Path) -> None:
     d, bad, good = two_guests
     before = d.vm(bad.name)
     good_before = d.vm(good.name)
-    bad.check("systemctl stop aerate-agent")
-    rc, out, err = bad.run(["python3", "-c", HOSTILE, *ATTACKS, *REFUSED], timeout=600)
-    assert rc == 0, err
-    sessions = json.loads(out.strip().splitlines()[-1])
-    assert sorted(sessions) == sorted(ATTACKS + REFUSED)
+    # The honest VM verifies its memory all along, freeing and reusing chunks it reports.
+    start_checker(good, mib=192, duration=90, churn=2)
+    # Read from the host while the program still holds its pages: bytes of each page that
+    # the memfd still holds (a punch leaves a hole).
+    seen, held, end = run_hostile(
+        bad, [*CONTROL, *ATTACKS, *REFUSED],
+        lambda seen: [allocated_in(bad, gpa, 2 * MiB) for gpa in seen["own"]])
+    assert sorted(end["sessions"]) == sorted(CONTROL + ATTACKS + REFUSED)
+    intact = end["intact"]
+    print(f"hostile pages held by the host (MiB): {[h / MiB for h in held]}; "
+          f"intact in the guest: {intact}; acks: {seen['acks']}")
+    # Every forbidden range, one by one: not a byte discarded, as the host sees the memfd
+    # and as the guest reads its pattern back.
+    for attack, pages in seen["forbidden"].items():
+        for i in pages:
+            assert held[i] == 2 * MiB, (
+                f"{attack}: page {i} at gpa {seen['own'][i]:#x}: only "
+                f"{held[i]} of {2 * MiB} bytes left in the memfd")
+            assert intact[str(i)], f"{attack}: page {i} lost its pattern in the guest"
+    assert sorted(seen["forbidden"]) == sorted(CONTROL + ATTACKS + REFUSED)
+    # The control: a well-formed report was served, and the measurement saw it.
+    control = seen["acks"]["control"]
+    assert control and control["discarded"] == 2 * MiB, control
+    assert held[0] == 0 and not intact["0"], (
+        f"the control page own[0] was discarded ({control}) but the memfd still holds "
+        f"{held[0]} bytes of it: the checks above cannot see a discard")
     wait_for(
         lambda: (v := d.vm(bad.name)).get("errors", 0) >= before.get("errors", 0) + len(ATTACKS)
         and v, 120, "the daemon to close every hostile session")
-    # A hostile guest can get only its own RAM discarded: the well-formed reports here name
-    # the two 2 MiB pages the hostile program holds; everything else was refused before the
-    # reclaimer, as the log says.
     log = d.log_text()
     for needles in (("malformed line",), ("longer than",), ("not inside this VM's RAM",),
                     ("aligned",), ("replayed",), ("flood", "batches in flight"),
@@ -188,6 +307,12 @@ def test_hostile_guest_is_cut_off_and_nothing_is_discarded(
     assert good_after["state"] == "running"
     assert good_after["sessions"] == good_before["sessions"], "the honest VM lost its session"
     assert good_after["errors"] == 0
+    checked = checker_result(good)
+    print(f"honest VM: checker {checked}; discarded "
+          f"{good_before['discarded_bytes'] >> 20} -> {good_after['discarded_bytes'] >> 20} MiB")
+    assert checked["corrupted"] == 0, checked
+    assert good_after["discarded_bytes"] > good_before["discarded_bytes"], (
+        "the honest VM's checker memory was never discarded: its checker proved nothing")
 
 
 def test_the_real_agent_gets_its_session_back(two_guests: tuple[Aerated, Guest, Guest]) -> None:
