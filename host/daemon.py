@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 from prometheus_client import start_http_server
 
+from aerate import __version__
 from aerate.agent import settings as table
 from aerate.agent.fdstore import FdStoreError, send_notify
 from aerate.agent.protocol import HostState
@@ -1493,6 +1494,7 @@ def watchdog_seconds(env: Mapping[str, str] | None = None) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``aerated``."""
     ap = argparse.ArgumentParser(prog="aerated", description="aerate host daemon")
+    ap.add_argument("--version", action="version", version="%(prog)s " + __version__)
     ap.add_argument("--uri", default="qemu:///system")
     ap.add_argument("--config", default=config_mod.DEFAULT_PATH)
     ap.add_argument("--run-dir", default=RUN_DIR)

@@ -114,6 +114,7 @@ def packaged_env(root: Path) -> dict[str, str]:
 def test_installed_programs_answer(root: Path) -> None:
     assert run(root, "aeratectl", "--version").stdout.strip() == f"aeratectl {__version__}"
     assert run(root, "aerate-agent", "--version").stdout.strip() == f"aerate-agent {__version__}"
+    assert run(root, "aerated", "--version").stdout.strip() == f"aerated {__version__}"
     r = run(root, "aerated", "--help")
     assert r.returncode == 0 and "--config" in r.stdout, r.stderr
     r = run(root, "aeratectl", "settings")

@@ -128,3 +128,28 @@ def test_daemon_stop_deflates_to_full_memory(setup: tuple[Aerated, Guest]) -> No
              "the balloon to deflate to full memory after aerated stopped")
     assert "balloon deflated to full memory" in d.log_text()
     assert "daemon stopping" in d.log_text()
+
+
+def test_a_squeeze_left_by_a_killed_daemon_is_undone_when_the_vm_is_now_refused(
+        setup: tuple[Aerated, Guest]) -> None:
+    """SIGKILL leaves the balloon squeezed (no handler runs); the next daemon finds the
+    record saved before the first inflate and gives the guest its memory back, although
+    it now refuses the VM (mode=off): no hidden squeeze outlives a crash."""
+    d, g = setup
+    run = d.run_dir / "killed"
+    with aerated(run, CONFIG, ("--vm", g.name)) as first:
+        wait_for(lambda: g.dom.memoryStats()["actual"] < GUEST_MIB * 1024, 180,
+                 "the balloon to inflate under the first daemon")
+        first.proc.kill()
+        first.proc.wait(30)
+    squeezed = g.dom.memoryStats()["actual"]
+    assert squeezed < GUEST_MIB * 1024 and list((run / "balloon").iterdir()), squeezed
+    refused = CONFIG + f'[vm."{g.name}"]\nmode = "off"\n'
+    with aerated(run, refused, ("--vm", g.name)) as second:
+        wait_for(lambda: g.dom.memoryStats()["actual"] == GUEST_MIB * 1024, 120,
+                 "the restarted daemon to give the guest its memory back")
+        log = second.log_text()
+        assert f"{g.name}: balloon restored " in log and f"-> {GUEST_MIB} MiB" in log, log
+        vm = wait_for(lambda: (v := second.vm(g.name)).get("reclaimer") == "refuse" and v,
+                      60, "the VM refused by mode=off")
+        assert "mode=off" in vm["reason"]
