@@ -62,6 +62,7 @@ from aerate.host.libvirt_conn import (
     LibvirtUnavailable,
     LifecycleEvent,
     balloon_limits,
+    channel_alias,
     channel_path,
 )
 from aerate.host.permit import PermitCache
@@ -245,6 +246,7 @@ class VmRunner:
         self.gmap: GuestMemoryMap | None = None
         self.backings: dict[str, Backing] = {}
         self.channel: str | None = None
+        self.channel_alias: str | None = None  # QEMU's id of it, as VSERPORT_CHANGE names it
         self.qemu_pid: int | None = None
         self.state = RunnerState.STARTING
         self.reason = ""
@@ -785,6 +787,7 @@ class VmRunner:
         conn = self.daemon.conn
         xml = await self.worker.call("domain_xml", conn.domain_xml, self.name)
         self.channel = channel_path(xml)
+        self.channel_alias = channel_alias(xml)
         self.xml, self._xml_at = xml, time.monotonic()  # status shows its UUID either way
         if self.channel is None:
             self._set_state(RunnerState.NO_CHANNEL,
@@ -1197,7 +1200,7 @@ class Daemon:
         self.conn = conn if conn is not None else LibvirtConnection(
             uri, on_connect=self._on_connect, on_disconnect=self._on_disconnect,
             on_lifecycle=self._on_lifecycle, on_device=self._on_device, on_job=self._on_job,
-            on_balloon=self._on_balloon,
+            on_balloon=self._on_balloon, on_port=self._on_port,
             on_reset=self._on_reset)
         self.stopping = asyncio.Event()
         self._status_line = ""
@@ -1285,6 +1288,28 @@ class Daemon:
 
     def _on_job(self, name: str, what: str) -> None:
         self._to_loop(self.on_job, name, what)
+
+    def _on_port(self, name: str, port: str, is_open: bool) -> None:
+        """The guest closed a virtio-serial port (QEMU's VSERPORT_CHANGE, on libvirt's
+        thread). If it is the VM's aerate port, its session ends for discards here and now,
+        like on a reset: the agent behind it stopped or died, or the guest is going down,
+        and no report read after this moment may be served. A defence beside the leases,
+        which already hold the pages an agent leaves behind (agent/protocol.py): the next
+        agent's need-sync starts a new session."""
+        runner = self.runners.get(name)
+        if is_open or runner is None or runner.channel_alias is None \
+                or port != runner.channel_alias:
+            return
+        why = "the guest closed its aerate port (its agent stopped or died, or it shuts down)"
+        self._revoke(name, why)
+        self._to_loop(self.on_port_closed, name, why)
+
+    def on_port_closed(self, name: str, why: str) -> None:
+        """The loop's half of ``_on_port``: say so, and begin a new session as on a reset."""
+        r = self.runners.get(name)
+        if r is not None:
+            log.info("%s: %s; no report of that session is served any more", name, why)
+            r.restart_session(why)
 
     def _on_balloon(self, name: str, actual: int) -> None:
         self._to_loop(self.on_balloon, name, actual)

@@ -128,6 +128,18 @@ def channel_path(domain_xml: str, channel: str = AGENT_CHANNEL) -> str | None:
     return None
 
 
+def channel_alias(domain_xml: str, channel: str = AGENT_CHANNEL) -> str | None:
+    """QEMU's id of the virtio-serial channel named ``channel`` (its live XML <alias>), the
+    ``id`` QEMU's VSERPORT_CHANGE events carry; None when the XML has none."""
+    root = ET.fromstring(domain_xml)
+    for ch in root.findall("devices/channel"):
+        target = ch.find("target")
+        alias = ch.find("alias")
+        if target is not None and target.get("name") == channel and alias is not None:
+            return alias.get("name")
+    return None
+
+
 @dataclass(frozen=True)
 class BalloonLimits:
     """What the domain XML says about how far its balloon may be inflated."""
@@ -200,7 +212,8 @@ class LibvirtConnection:
     was reset (libvirt's REBOOT event: QEMU's RESET, a guest reboot or ``virsh reset``),
     on_job(name, what) when a migration iterates or a job completes (the owner re-checks
     its permit at once), on_balloon(name, actual_bytes) when the balloon's size changed
-    (QEMU's BALLOON_CHANGE, which QEMU rate-limits to one a second).
+    (QEMU's BALLOON_CHANGE, which QEMU rate-limits to one a second), on_port(name, id,
+    open) when the guest opened or closed a virtio-serial port (QEMU's VSERPORT_CHANGE).
     """
 
     def __init__(
@@ -214,6 +227,7 @@ class LibvirtConnection:
         on_reset: Callable[[str], None] | None = None,
         on_job: Callable[[str, str], None] | None = None,
         on_balloon: Callable[[str, int], None] | None = None,
+        on_port: Callable[[str, str, bool], None] | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         keepalive: tuple[int, int] = (5, 3),
@@ -226,6 +240,7 @@ class LibvirtConnection:
         self._on_reset = on_reset
         self._on_job = on_job
         self._on_balloon = on_balloon
+        self._on_port = on_port
         self._backoff = (backoff_initial, backoff_max)
         self._keepalive = keepalive
         self._conn: libvirt.virConnect | None = None
@@ -318,6 +333,15 @@ class LibvirtConnection:
             conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, self._balloon_cb, None
             )
+            # libvirt raises its own event for the guest agent's channel only: QEMU's
+            # VSERPORT_CHANGE for every channel comes through the QEMU monitor events.
+            try:
+                libvirt_qemu.qemuMonitorEventRegister(conn, None, "VSERPORT_CHANGE",
+                                                      self._vserport_cb, None, 0)
+            except libvirt.libvirtError as exc:
+                log.warning("no VSERPORT_CHANGE events from %s (%s): a guest closing its "
+                            "aerate port is seen only through its reset or its leases",
+                            self.uri, exc)
         except libvirt.libvirtError:
             conn.close()
             raise
@@ -372,6 +396,15 @@ class LibvirtConnection:
     def _job_completed_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
                           params: object, opaque: object) -> None:
         self._call(self._on_job, dom.name(), "job completed")
+
+    def _vserport_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain, event: str,
+                     seconds: int, micros: int, details: str, opaque: object) -> None:
+        try:
+            data = json.loads(details) if details else {}
+        except ValueError:
+            data = {}
+        if isinstance(data, dict) and isinstance(data.get("id"), str):
+            self._call(self._on_port, dom.name(), data["id"], data.get("open") is True)
 
     def _balloon_cb(self, conn: libvirt.virConnect, dom: libvirt.virDomain, actual_kib: int,
                     opaque: object) -> None:

@@ -362,10 +362,9 @@ class VmSession:
         self.counters.reported += total
         self.counters.batches += 1
         session = self.endpoint.session
-        revoked = self.revocation(session)
-        if revoked:
-            self._refuse(batch, total, "session ended: %s" % revoked)
-            return None
+        # A stale token is told first, whatever else ended the session: the guest learns
+        # that its report waited too long (stale, no back-off), and the reason is the same
+        # whether a reset, a closed port or a lost libvirt connection raced the report in.
         lease = self.endpoint.lease_problem(report.token)
         deadline = self.endpoint.lease_deadline(report.token)
         if lease or deadline is None or report.token is None:
@@ -377,6 +376,10 @@ class VmSession:
                        "guest, its channel is slower than the window: raise lease_s)"
                        % (batch, lease))
             self._refuse(batch, total, lease, stale=True)
+            return None
+        revoked = self.revocation(session)
+        if revoked:
+            self._refuse(batch, total, "session ended: %s" % revoked)
             return None
         decision = self.decision = self.permit()
         if decision.action != PUNCH:

@@ -29,7 +29,7 @@ from aerate.host import pinning
 from aerate.host.backing import Backing, BackingKind
 from aerate.host.ctl import format_status
 from aerate.host.daemon import Daemon, VmRunner, giant_granule_note
-from aerate.host.libvirt_conn import DomainError
+from aerate.host.libvirt_conn import DomainError, channel_alias
 from aerate.host.punch import Check
 from aerate.host.qemu_map import GuestMemoryMap, build_map, gather
 from aerate.host.refusal import Decision, JobInfo
@@ -244,6 +244,33 @@ def test_a_guest_whose_kernel_reports_its_free_pages_is_left_to_the_kernel() -> 
     r, calls = runner(FakeLibvirt(), "[defaults]\noverride_kernel_reporting = true\n")
     one_batch(r, {"agent": "t", "capabilities": fpr})
     assert calls == [(64 * MiB2, MiB2)] and r.status()["reclaimer"] == "punch"
+
+
+def test_the_guest_closing_its_port_ends_the_session_for_discards() -> None:
+    # QEMU's VSERPORT_CHANGE (libvirt's thread): the VM's own port closed means its agent
+    # stopped or died, or the guest goes down: from that moment nothing of the session is
+    # discarded, even a report already buffered; other ports and opens change nothing.
+    r, calls = runner(FakeLibvirt())
+    r.channel_alias = channel_alias(XML)
+    assert r.channel_alias == "channel0"
+    r.daemon.loop = asyncio.new_event_loop()
+    try:
+        g = one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+        assert calls == [(64 * MiB2, MiB2)]
+        s = r.session
+        assert s is not None
+        r.daemon._on_port("vm1", "channel1", False)   # another port
+        r.daemon._on_port("vm1", "channel0", True)    # opened, not closed
+        assert s.revocation(s.endpoint.session) == ""
+        r.daemon._on_port("vm1", "channel0", False)
+        assert "closed its aerate port" in s.revocation(s.endpoint.session)
+        g.report([(80 * MiB2, MiB2)])
+        s.receive(g.take_outbox())
+        assert calls == [(64 * MiB2, MiB2)]
+        assert "closed its aerate port" in r.status()["reason"] or \
+            "closed its aerate port" in json.dumps(r.status())
+    finally:
+        r.daemon.loop.close()
 
 
 def test_a_hostile_hello_cannot_break_status() -> None:

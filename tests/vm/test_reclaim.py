@@ -88,6 +88,20 @@ def test_daemon_log_names_the_reclaimer(setup: tuple[Aerated, Guest]) -> None:
     assert f"{g.name}: reclaimer punch" in d.log_text()
 
 
+def test_the_agent_closing_its_port_ends_the_session_and_a_new_one_follows(
+        setup: tuple[Aerated, Guest]) -> None:
+    """QEMU's VSERPORT_CHANGE reaches the daemon through libvirt: stopping the agent closes
+    the port, which ends the session for discards at once; the next agent gets a new one."""
+    d, g = setup
+    sessions = d.vm(g.name).get("sessions", 0)
+    g.check("systemctl stop aerate-agent", 120)
+    wait_for(lambda: f"{g.name}: the guest closed its aerate port" in d.log_text(), 30,
+             "the daemon to see the aerate port close")
+    g.check("systemctl start aerate-agent", 60)
+    wait_for(lambda: (v := d.vm(g.name)).get("sessions", 0) > sessions
+             and v.get("state") == "running", 120, "a new session with the new agent")
+
+
 @pytest.fixture(scope="module")
 def private_guest(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[tuple[Aerated, Guest]]:
