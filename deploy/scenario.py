@@ -106,6 +106,19 @@ def aerated(run_dir: Path, config_text: str = "", extra: tuple[str, ...] = ()
                 proc.wait()
 
 
+def backing_read_after(daemon: Aerated, name: str, since: float, timeout: float = 30) -> int:
+    """The VM's host backing figure (status ``backing_allocated_bytes``) from a read the
+    daemon made after ``since`` (time.monotonic()): it re-reads the figure every few
+    seconds, and a peak taken from an older, lower read is one a fall can never undercut."""
+    def fresh() -> int:
+        v = daemon.vm(name)
+        age = v.get("backing_allocated_age_s")
+        return int(v["backing_allocated_bytes"]) if age is not None \
+            and time.monotonic() - age > since else 0
+
+    return int(wait_for(fresh, timeout, f"a backing figure of {name} read after the touch"))
+
+
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
     """Poll ``pred`` until it is truthy; ScenarioError naming ``what`` on timeout."""
     deadline = time.monotonic() + timeout

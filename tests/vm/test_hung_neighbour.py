@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from aerate.deploy.image import GuestImage
-from aerate.deploy.scenario import Aerated, Hog, aerated, wait_for
+from aerate.deploy.scenario import Aerated, Hog, aerated, backing_read_after, wait_for
 from aerate.deploy.vm import Guest, booted
 
 pytestmark = [pytest.mark.vm, pytest.mark.fault]
@@ -50,17 +50,7 @@ def free_and_time(d: Aerated, g: Guest) -> float:
     wait_for(lambda: idle(d, g.name), 300, f"{g.name} to be idle", 2)
     hog = Hog(g, FREE_MIB, hold_s=8)
     hog.start()
-    touched = time.monotonic()
-
-    def fresh_peak() -> int:
-        # The daemon reads the backing figure every few seconds: take one read after the
-        # hog touched its memory, not an older, lower one the fall could never undercut.
-        v = d.vm(g.name)
-        age = v.get("backing_allocated_age_s")
-        return int(v["backing_allocated_bytes"]) if age is not None \
-            and time.monotonic() - age > touched else 0
-
-    peak = wait_for(fresh_peak, 30, "a backing figure read after the touch")
+    peak = backing_read_after(d, g.name, time.monotonic())
     freed_at = hog.join()
     want = 0.9 * (FREE_MIB - RESERVE_MIB) * MiB
     try:
