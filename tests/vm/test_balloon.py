@@ -136,6 +136,9 @@ def test_a_squeeze_left_by_a_killed_daemon_is_undone_when_the_vm_is_now_refused(
     record saved before the first inflate and gives the guest its memory back, although
     it now refuses the VM (mode=off): no hidden squeeze outlives a crash."""
     d, g = setup
+    if d.proc.poll() is None:   # one daemon serves a VM at a time (its per-VM lock)
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(30)
     run = d.run_dir / "killed"
     with aerated(run, CONFIG, ("--vm", g.name)) as first:
         wait_for(lambda: g.dom.memoryStats()["actual"] < GUEST_MIB * 1024, 180,
