@@ -43,6 +43,11 @@ STALE_INTERVALS = 3.0
 #: A guest whose free memory falls at a rate that would take it under the reserve within
 #: this many seconds gets its memory back now, before its allocations stall on the balloon.
 LOOKAHEAD_S = 2.0
+#: The longest pause before inflating again after a deflate, whatever the statistics
+#: interval: the guest's statistics follow its free memory (agent/service.py StatsTrigger)
+#: and a renewed demand deflates at once, so a longer pause only delays taking back a burst
+#: that already ended (bench_reclaim --smoke: a 256 MiB burst waited 15 s for it).
+COOLDOWN_CAP_S = 4.0
 #: The first inflation step, and the least of any later one.
 MIN_STEP = 256 * MiB
 #: Later steps: what the guest's balloon driver moved in this many seconds last time.
@@ -216,7 +221,7 @@ def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: i
     if not fresh:
         return hold("waiting for guest statistics taken after the balloon reached "
                     f"{_mib(current)}")
-    if since_deflate_s < s.cooldown_intervals * s.stats_interval_s:
+    if since_deflate_s < min(s.cooldown_intervals * s.stats_interval_s, COOLDOWN_CAP_S):
         return hold(f"deflated {since_deflate_s:.0f} s ago; waiting before inflating again")
     if stats.psi_some_avg10 is not None and stats.psi_some_avg10 > s.psi_threshold / 2:
         return hold(f"PSI some avg10 {stats.psi_some_avg10:.1f} above half the threshold")

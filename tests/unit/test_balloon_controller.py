@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from aerate.agent import settings as table
 from aerate.host.balloon import (
+    COOLDOWN_CAP_S,
     LOOKAHEAD_S,
     MIN_STEP,
     STEP_HORIZON_S,
@@ -116,10 +117,13 @@ def test_inflation_waits_for_statistics_taken_after_the_balloon_settled() -> Non
 
 
 def test_cooldown_after_a_deflate() -> None:
-    r = step(stats(1500), since_deflate_s=2 * S.stats_interval_s)
+    r = step(stats(1500), since_deflate_s=0.5 * COOLDOWN_CAP_S)
     assert r.target == MAX and "ago" in r.reason
-    r = step(stats(1500), since_deflate_s=4 * S.stats_interval_s)
+    r = step(stats(1500), since_deflate_s=COOLDOWN_CAP_S + 0.1)
     assert r.target < MAX
+    # A short statistics interval shortens it further; a long one never lengthens it.
+    quick = replace(S, stats_interval_s=1.0)
+    assert next_target(stats(1500), "", MAX, None, MAX, quick, since_deflate_s=3.1).target < MAX
 
 
 def test_stale_or_missing_statistics_never_inflate() -> None:
