@@ -131,10 +131,15 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
         time.sleep(interval)
 
 
+def qemu_pid(name: str) -> int:
+    """The pid of the QEMU process of running domain ``name`` (libvirt's pid file)."""
+    return int(Path(PID_DIR, f"{name}.pid").read_text().strip())
+
+
 def ram_memfd(guest: Guest) -> str:
     """The /proc path of the guest's RAM memfd in its QEMU process (the one memfd of the
     guest's RAM size), found from QEMU's fds, independently of aerated."""
-    pid = int(Path(PID_DIR, f"{guest.name}.pid").read_text().strip())
+    pid = qemu_pid(guest.name)
     size = guest.spec.memory_mib * MiB
     found = []
     for fd in os.listdir(f"/proc/{pid}/fd"):

@@ -65,6 +65,22 @@ def step_for(rate: float | None) -> int:
     return int(min(MAX_STEP, max(MIN_STEP, rate * STEP_HORIZON_S))) // MiB * MiB
 
 
+def free_rate(before: object, at: float, after: object, now: float) -> float:
+    """Bytes/s the guest's workload moved its free memory between two statistics messages
+    received at ``at`` and ``now``: MemFree plus what the balloon holds, so the balloon's
+    own inflation (which lowers MemFree by what it takes) counts as no demand. 0.0 when
+    either message lacks those figures or the two are too close together."""
+    if not isinstance(before, dict) or not isinstance(after, dict) or now - at < 0.1:
+        return 0.0
+    pair = []
+    for m in (before, after):
+        free, held = m.get("mem_free"), m.get("balloon_bytes")
+        if type(free) is not int or type(held) is not int:
+            return 0.0
+        pair.append(free + held)
+    return (pair[1] - pair[0]) / (now - at)
+
+
 @dataclass(frozen=True)
 class BalloonSettings:
     """The controller's knobs, in bytes and seconds."""

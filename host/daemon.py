@@ -129,22 +129,6 @@ RESTORE_CHECKS = 10
 RESTORE_SLACK = 16 << 20
 
 
-def free_rate(before: object, at: float, after: object, now: float) -> float:
-    """Bytes/s the guest's workload moved its free memory between two statistics messages
-    received at ``at`` and ``now``: MemFree plus what the balloon holds, so the balloon's
-    own inflation (which lowers MemFree by what it takes) counts as no demand. 0.0 when
-    either message lacks those figures or the two are too close together."""
-    if not isinstance(before, dict) or not isinstance(after, dict) or now - at < 0.1:
-        return 0.0
-    pair = []
-    for m in (before, after):
-        free, held = m.get("mem_free"), m.get("balloon_bytes")
-        if type(free) is not int or type(held) is not int:
-            return 0.0
-        pair.append(free + held)
-    return (pair[1] - pair[0]) / (now - at)
-
-
 def giant_granule_note(granule: int, values: dict[str, Any]) -> str:
     """Why a VM backed by 1 GiB host pages never gets anything reported, or "".
 
@@ -1012,8 +996,8 @@ class VmRunner:
                     # A new statistics message: the balloon controller acts on it now,
                     # with how fast the guest's free memory moved since the last one.
                     now = time.monotonic()
-                    self._free_rate = free_rate(self._stats_seen, self._stats_at, s.stats,
-                                                now)
+                    self._free_rate = balloon_mod.free_rate(self._stats_seen,
+                                                            self._stats_at, s.stats, now)
                     self._stats_seen, self._stats_at = s.stats, now
                     self._wake_balloon.set()
                 if len(data) == READ_CHUNK:
@@ -1140,12 +1124,12 @@ class VmRunner:
         if self.idle_note:
             out["idle_note"] = self.idle_note
         last = self.cache.last()
-        if last.action == KERNEL:
-            # No batches flow on a VM left to its kernel: the session has no decision.
+        ballooned = last.action == BALLOON or self.balloon_target is not None
+        if ballooned or last.action == KERNEL:
+            # No batches flow on a ballooned VM or one left to its kernel: the session has
+            # no decision to show.
             out["reclaimer"], out["reason"] = last
-        if last.action == BALLOON or self.balloon_target is not None:
-            # No batches flow on a ballooned VM, so the session has no decision to show.
-            out["reclaimer"], out["reason"] = last
+        if ballooned:
             out["balloon"] = {"target_bytes": self.balloon_target
                               if self.balloon_target is not None else self.balloon_actual,
                               "actual_bytes": self.balloon_actual,

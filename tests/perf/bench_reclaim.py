@@ -38,7 +38,14 @@ from typing import Any
 import psutil
 
 from aerate.deploy.image import ensure_image
-from aerate.deploy.scenario import Aerated, Hog, aerated, guest_cpu_seconds, wait_for
+from aerate.deploy.scenario import (
+    Aerated,
+    Hog,
+    aerated,
+    guest_cpu_seconds,
+    qemu_pid,
+    wait_for,
+)
 from aerate.deploy.vm import booted
 
 MiB = 1 << 20
@@ -61,14 +68,14 @@ print(time.monotonic() - t)
 
 def qemu_cpu(name: str) -> float:
     """User+system CPU seconds of the VM's QEMU process so far."""
-    pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+    pid = qemu_pid(name)
     t = psutil.Process(pid).cpu_times()
     return float(t.user + t.system)
 
 
 def rss_anon(name: str) -> int:
     """RssAnon of the VM's QEMU process (bytes): private guest RAM the host backs."""
-    pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+    pid = qemu_pid(name)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) << 10

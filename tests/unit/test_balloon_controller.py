@@ -24,11 +24,11 @@ from aerate.host.balloon import (
     MiB,
     Step,
     floor_bytes,
+    free_rate,
     next_target,
     parse_stats,
     step_for,
 )
-from aerate.host.daemon import free_rate
 
 pytestmark = pytest.mark.unit
 

@@ -22,6 +22,7 @@ from aerate.deploy.scenario import (
     Hog,
     aerated,
     checker_result,
+    qemu_pid,
     start_checker,
     wait_for,
 )
@@ -39,7 +40,7 @@ CONFIG = "[defaults]\nreserve_mib = 192\nstats_interval_s = 1\nfloor = 0.25\n"
 
 def qemu_anon(name: str) -> int:
     """Private anonymous memory of the VM's QEMU process, bytes (from the kernel)."""
-    pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+    pid = qemu_pid(name)
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Anonymous:"):
             return int(line.split()[1]) * 1024

@@ -15,13 +15,12 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from aerate.deploy.image import GuestImage
-from aerate.deploy.scenario import Aerated, Hog, aerated, backing_read_after, wait_for
+from aerate.deploy.scenario import Aerated, Hog, aerated, backing_read_after, qemu_pid, wait_for
 from aerate.deploy.vm import Guest, booted
 
 # wip (out of tests/run until issue 15 is fixed): the isolation it tests held in 2 of 3 runs
@@ -34,10 +33,6 @@ MiB = 1 << 20
 FREE_MIB = 512
 RESERVE_MIB = 128
 CONFIG = f"[defaults]\nreserve_mib = {RESERVE_MIB}\nhwm = 8\nstats_interval_s = 1\n"
-
-
-def qemu_pid(name: str) -> int:
-    return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
 
 
 def idle(d: Aerated, name: str) -> dict[str, Any]:
