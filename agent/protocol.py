@@ -55,6 +55,17 @@ Leases (S1, S2: no report outlives its pages)
     Un-acked pages are therefore held at most ``lease`` after their last token, even when
     the host is gone for good; a report the host reads later is refused by its token age.
 
+    What no guest rule can cover: a reset, kexec, watchdog or crash of the guest hands
+    every page to the next kernel at once, inside the lease. The host learns of it through
+    libvirt (a reset or the port closing revokes the session before the next slice,
+    host/daemon.py), but that event is read on another thread than the report it must
+    stop, so a daemon that was stalled can read the stale report first. What closes it
+    without any timing: the host discards only what reads as zeroes (host/punch.py). The
+    pages an agent reports are zeroes (the guest kernel clears a page it allocates to the
+    arena, and the agent never writes one); a page the next boot has written to is not,
+    and is not discarded; one it has not written to reads as zeroes after the discard as
+    before it. The residue is a write landing between a granule's read and its punch.
+
 Versions
     Each end speaks a range of protocol versions, ``PROTO_MIN`` to ``PROTO``, so host and
     guests need not upgrade in lock-step. The host's sync carries its range (``protos``

@@ -619,6 +619,10 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
         says.append(f"Leases of {lease.get('lease_s')} s: {lease.get('refused_batches', 0)} "
                     f"batches refused as stale, {lease.get('cut_short', 0)} discards cut "
                     f"short, {lease.get('overruns', 0)} overruns.")
+        if s.get("content_refused_batches"):
+            says.append(f"{s['content_refused_batches']} discards stopped at a reported page "
+                        "that did not read as zeroes (the guest had it back: a reset or a "
+                        "moved page raced the report); nothing of it was discarded.")
         caps = s.get("capabilities") or {}
         if caps:
             says.append("Guest capabilities: " + "; ".join(

@@ -274,6 +274,7 @@ class VmRunner:
         self.balloon_rate: float | None = None
         self._stats_seen: object = None
         self._restart = ""   # non-empty: start a new session at the next loop turn
+        self._restart_ending: int | None = None   # ... if that session is still current
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # discards (S8)
         self._stats_at = -math.inf
@@ -940,9 +941,7 @@ class VmRunner:
                     # Stopped: asyncio.wait_for of Python 3.11 can swallow the cancel when
                     # data arrives in the same turn, so the flag ends the loop too (S4).
                     raise asyncio.CancelledError
-                if self._restart:
-                    log.info("%s: new session: %s", self.name, self._restart)
-                    self._restart = ""
+                if self._restart and self._take_restart(s.endpoint.session):
                     s.connected()
                     continue
                 if s.state is HostState.SYNCING:
@@ -1080,10 +1079,34 @@ class VmRunner:
         if cancelled:
             raise asyncio.CancelledError
 
-    def restart_session(self, why: str) -> None:
+    def restart_session(self, why: str, ending: int | None = None) -> None:
         """Begin a new session at the next turn of the serve loop (loop thread only: the
-        loop is not inside a discard when this runs, S4)."""
+        loop is not inside a discard when this runs, S4).
+
+        ``ending``: the session this restart is meant to end (the one a reset or a closed
+        port revoked on libvirt's thread). If another session began in between (the next
+        agent's need-sync is often read before the loop gets to the event), that session
+        already replaced the revoked one: nothing of the revoked one is served (its checks
+        fail on the revocation, S4) and the new one was started after it, so a second
+        restart would only void the new agent's fresh session and make it sync again. It
+        is skipped then. Without ``ending`` the restart always happens.
+        """
         self._restart = why  # acted on at the serve loop's next turn
+        self._restart_ending = ending
+
+    def _take_restart(self, current: int) -> bool:
+        """The serve loop's half of ``restart_session``: whether to start a new session now
+        (``current``: the session the loop is serving). Clears the pending restart."""
+        why, self._restart = self._restart, ""
+        ending, self._restart_ending = self._restart_ending, None
+        if not why:
+            return False
+        if ending is None or ending == current:
+            log.info("%s: new session: %s", self.name, why)
+            return True
+        log.debug("%s: %s: a newer session already replaced the one it ended",
+                  self.name, why)
+        return False
 
     def _flush_log(self) -> None:
         if self.session is None:
@@ -1227,23 +1250,24 @@ class Daemon:
     # reset or a stopped domain revokes the session right here (S4): the loop thread may be
     # the one busy discarding for that VM, and the check before its next slice must see it.
 
-    def _revoke(self, name: str, why: str) -> None:
+    def _revoke(self, name: str, why: str) -> int | None:
+        """Revoke the VM's current session; returns which one (None: no session)."""
         runner = self.runners.get(name)
         session = runner.session if runner is not None else None
         if session is not None:
-            session.revoke(why)
+            return session.revoke(why)
+        return None
 
     def _on_reset(self, name: str) -> None:
-        self._revoke(name, "the guest was reset")
-        self._to_loop(self.on_reset, name)
+        self._to_loop(self.on_reset, name, self._revoke(name, "the guest was reset"))
 
-    def on_reset(self, name: str) -> None:
+    def on_reset(self, name: str, ending: int | None = None) -> None:
         """A guest reset: its memory is no longer what its reports described. End the
         session (a new one starts on a new connection) before anything more is read."""
         r = self.runners.get(name)
         if r is not None:
             log.info("%s: guest reset; its session ends, a new one starts", name)
-            r.restart_session("the guest was reset")
+            r.restart_session("the guest was reset", ending)
 
     def _on_connect(self, conn: LibvirtConnection) -> None:
         self._to_loop(self._start_resync)
@@ -1285,15 +1309,15 @@ class Daemon:
                 or port != runner.channel_alias:
             return
         why = "the guest closed its aerate port (its agent stopped or died, or it shuts down)"
-        self._revoke(name, why)
-        self._to_loop(self.on_port_closed, name, why)
+        self._to_loop(self.on_port_closed, name, why, self._revoke(name, why))
 
-    def on_port_closed(self, name: str, why: str) -> None:
-        """The loop's half of ``_on_port``: say so, and begin a new session as on a reset."""
+    def on_port_closed(self, name: str, why: str, ending: int | None = None) -> None:
+        """The loop's half of ``_on_port``: say so, and begin a new session as on a reset
+        (unless the next agent's need-sync began one since: ``restart_session``)."""
         r = self.runners.get(name)
         if r is not None:
             log.info("%s: %s; no report of that session is served any more", name, why)
-            r.restart_session(why)
+            r.restart_session(why, ending)
 
     def _on_balloon(self, name: str, actual: int) -> None:
         self._to_loop(self.on_balloon, name, actual)

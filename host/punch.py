@@ -16,6 +16,27 @@ a reason then means the slice's fallocate ended after the window closed (the dae
 stalled in the middle of it), which is reported as an *overrun* so it is logged and counted.
 A slice bounds how long one fallocate can run past its check (milliseconds on memfd and
 hugetlbfs), which is what the lease argument in agent/protocol.py needs.
+
+Only zeroes are discarded (content check). Every page an honest agent reports is zero in
+the backing: it took the page with a hugetlb (or THP) fault or fallocate, which the guest
+kernel clears before handing it over, and the agent never writes to it (agent/arena.py).
+A discarded page reads back as zeroes. So a range that reads as all zeroes right before
+its fallocate is discarded without changing a byte the guest can see, whoever owns it by
+then; a range holding anything else is not the agent's untouched page any more, and is
+not discarded: ``punch`` reads each granule (in chunks of at most ``CHECK_BYTES``) right
+before punching that granule and refuses with ``content`` set at the first non-zero byte,
+after discarding the granules before it. What this guards against is everything the other
+checks learn late or not at all: a guest reset (or kexec, a watchdog, ``virsh reset``)
+seen only when libvirt's event comes in, on a thread that races the one reading the
+stale report; a page the guest kernel migrated while it was reported; an agent that lost
+its pages. It does not depend on any of those being told in time. What remains: a write
+by a new owner between a granule's read and its fallocate's entry (the read of one
+granule, about 0.1 ms for 2 MiB here) is lost, the page then reading as zeroes; and
+memory that is zero and owned, such as a page the new owner zeroed and has not written
+since, is discarded and reads as the zeroes it held (nothing is lost). Guests whose memory
+the host cannot read as it is (encrypted memory: SEV, TDX) never pass this check: every
+report is refused with the reason, the safe side. The cost is one read of the discarded
+memory (about 0.3 s of daemon CPU a GiB on this machine, beside 0.2 s for the punch).
 """
 
 from __future__ import annotations
@@ -23,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from aerate.host.backing import Backing
@@ -42,6 +64,10 @@ _fallocate.restype = ctypes.c_int
 SLICE_BYTES = 64 << 20
 #: A check: "" when the discard may go on, else the reason it must stop.
 Check = Callable[[], str]
+#: Most bytes the content check reads at once (one reusable buffer per thread).
+CHECK_BYTES = 2 << 20
+_ZERO = bytes(CHECK_BYTES)
+_buffers = threading.local()
 
 
 class PunchRefused(RuntimeError):
@@ -50,7 +76,7 @@ class PunchRefused(RuntimeError):
     slice ran past the lease window."""
 
     def __init__(self, vm: str, gpa: int, length: int, reason: str, done: int = 0,
-                 overrun: bool = False) -> None:
+                 overrun: bool = False, content: bool = False) -> None:
         what = f"stopped after {done:#x} bytes" if done else "not discarding"
         super().__init__(f"VM {vm}: {what} of gpa {gpa:#x}+{length:#x}: {reason}")
         self.vm = vm
@@ -59,6 +85,8 @@ class PunchRefused(RuntimeError):
         self.reason = reason
         self.done = done
         self.overrun = overrun
+        #: the range was not all zeroes: not the agent's untouched page (module docstring)
+        self.content = content
 
 
 def _first_problem(checks: Sequence[Check]) -> str:
@@ -78,6 +106,26 @@ class PunchFailed(RuntimeError):
         self.gpa = gpa
         self.length = length
         self.errno = err
+
+
+def first_nonzero(fd: int, offset: int, length: int) -> int:
+    """Offset (from ``offset``) of the first ``CHECK_BYTES`` chunk of ``fd`` in
+    [offset, offset+length) that is not all zeroes, or -1 when every byte is zero.
+    Holes read as zeroes without being backed (pread, never a mapping: a read fault on a
+    shmem hole would allocate the page). A short read counts as not zero."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(CHECK_BYTES)
+    view = memoryview(buf)
+    pos = 0
+    while pos < length:
+        n = min(CHECK_BYTES, length - pos)
+        got = os.preadv(fd, [view[:n]], offset + pos)
+        same = buf == _ZERO if n == CHECK_BYTES else bytes(view[:n]) == _ZERO[:n]
+        if got != n or not same:
+            return pos
+        pos += n
+    return -1
 
 
 def fallocate_punch(fd: int, offset: int, length: int) -> None:
@@ -154,21 +202,33 @@ def punch(
             why = _first_problem(checks)   # right before the syscall, every slice
             if why:
                 raise PunchRefused(vm, gpa, length, why, done)
-            try:
-                fallocate_punch(fd, offset + done, n)
-            except OSError as exc:
-                hint = (
-                    "the backing filesystem cannot punch holes; use memfd or tmpfs/hugetlbfs"
-                    if exc.errno == errno.EOPNOTSUPP
-                    else "check the kernel log and the backing file"
-                )
-                raise PunchFailed(
-                    vm, gpa, length,
-                    f"fallocate(PUNCH_HOLE) on {backing.link} at offset {offset + done:#x}: "
-                    f"{exc.strerror}; {hint}",
-                    exc.errno or 0,
-                ) from exc
-            done += n
+            end = done + n
+            while done < end:
+                # Granule by granule: read it, then punch it (module docstring).
+                g = min(granule, end - done)
+                bad = first_nonzero(fd, offset + done, g)
+                if bad >= 0:
+                    raise PunchRefused(
+                        vm, gpa, length,
+                        f"gpa {gpa + done + bad:#x} does not read as zeroes: not the page "
+                        "the guest reported any more (it was reset, moved or reused the "
+                        "page since), or memory the host cannot read as it is (encrypted); "
+                        "never discarded", done, content=True)
+                try:
+                    fallocate_punch(fd, offset + done, g)
+                except OSError as exc:
+                    hint = (
+                        "the backing filesystem cannot punch holes; use memfd or "
+                        "tmpfs/hugetlbfs" if exc.errno == errno.EOPNOTSUPP
+                        else "check the kernel log and the backing file"
+                    )
+                    raise PunchFailed(
+                        vm, gpa, length,
+                        f"fallocate(PUNCH_HOLE) on {backing.link} at offset "
+                        f"{offset + done:#x}: {exc.strerror}; {hint}",
+                        exc.errno or 0,
+                    ) from exc
+                done += g
             why = _first_problem(checks)
             if why:
                 raise PunchRefused(vm, gpa, length, why, done, overrun=True)

@@ -60,6 +60,9 @@ class Counters:
     #: slices whose fallocate ended after the lease window closed (the safety margin was
     #: eaten: a stalled daemon); should stay 0
     lease_overruns: int = 0
+    #: discards stopped because a reported range did not read as zeroes (host/punch.py):
+    #: the guest's page was no longer the one it reported; 0 for an honest agent
+    content_refused: int = 0
 
 
 @dataclass
@@ -82,6 +85,7 @@ class DiscardJob:
     reason: str = ""
     cut_short: int = 0
     overruns: int = 0
+    content_refused: int = 0
     notes: List[Tuple[str, str]] = field(default_factory=list)
 
     def _note(self, level: str, msg: str) -> None:
@@ -110,6 +114,12 @@ class DiscardJob:
                                "closed: the daemon was stalled around the syscall; if the "
                                "stall began before it, the guest may have lost data (run "
                                "its checkers): %s" % self.reason)
+                elif e.content:
+                    # An honest agent reports only pages it holds untouched, which read as
+                    # zeroes; anything else means the page went back to the guest (a reset
+                    # or a moved page raced the report) and the check kept it.
+                    self.content_refused += 1
+                    self._note("warning", self.reason)
                 else:
                     self.cut_short += 1 if e.done else 0
                     self._note("warning", self.reason)
@@ -194,15 +204,17 @@ class VmSession:
     def _note(self, level: str, msg: str) -> None:
         self.log.append((level, "%s: %s" % (self.vm, msg)))
 
-    def revoke(self, why: str) -> None:
+    def revoke(self, why: str) -> int:
         """End the current session for discards at once (any thread: one attribute write).
 
         Called from libvirt's event thread on a guest reset (REBOOT) or a domain that stops:
         the guest's memory is no longer what its reports described. The loop thread still
         has to close the connection and start a new session; until then every check of the
-        revoked session fails and its reports are refused.
+        revoked session fails and its reports are refused. Returns the revoked session.
         """
-        self.revoked = (self.endpoint.session, why)
+        session = self.endpoint.session
+        self.revoked = (session, why)
+        return session
 
     def revocation(self, session: int) -> str:
         """Why ``session`` was revoked, or ""."""
@@ -267,6 +279,7 @@ class VmSession:
         c = self.counters
         c.cut_short += job.cut_short
         c.lease_overruns += job.overruns
+        c.content_refused += job.content_refused
         self.log.extend(job.notes)
         c.discarded += job.done
         c.refused += job.total - job.done
@@ -401,6 +414,7 @@ class VmSession:
                           "refused_batches": c.lease_refused_batches,
                           "refused_bytes": c.lease_refused, "cut_short": c.cut_short,
                           "overruns": c.lease_overruns},
+                "content_refused_batches": c.content_refused,
                 "agent": _word(self.hello.get("agent")),
                 "proto": self.endpoint.proto,
                 "arena": _word(self.hello.get("arena")),

@@ -202,6 +202,31 @@ def test_a_batch_beyond_the_discard_budget_is_refused_counted_and_shown(
     run(tmp_path, body, names=("A",))
 
 
+def test_a_reported_page_that_is_not_zero_is_not_discarded_and_status_says_why(
+        tmp_path: Path) -> None:
+    """The content check through the whole daemon, on the VM's real memfd: a reported
+    block holding data (the guest had it back when the report was read) stays, with the
+    blocks behind it in the batch; the ones before it go; status and explain count it."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        fd = conn.vms["A"].fd
+        g = 2 << 20
+        for off in range(0, 8 * g, 4096):
+            os.pwrite(fd, b"\0", off)    # backed zeroes, as a page the agent took
+        os.pwrite(fd, b"data", 2 * g + 4096)  # the 2nd range of the next report
+        await report_and_wait(daemon, guests["A"], 5)   # ranges 0, 2, 4, 6 (x 2 MiB)
+        _, discarded, refused, _ = guests["A"].acks[-1]
+        assert (discarded, refused) == (g, 3 * g)
+        assert os.pread(fd, 4, 2 * g + 4096) == b"data"
+        assert os.lseek(fd, 4 * g, os.SEEK_DATA) == 4 * g   # behind it: not discarded
+        status = (await daemon.handle({"cmd": "status"}))["vms"][0]
+        assert status["content_refused_batches"] == 1
+        assert f"gpa {2 * g:#x} does not read as zeroes" in status["last_refusal"]
+
+    run(tmp_path, body, names=("A",))
+
+
 def test_an_input_flood_ends_the_session_within_the_budget(tmp_path: Path) -> None:
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
         daemon.config.defaults.update({"input_kib_s": 64})  # burst: 256 KiB

@@ -30,13 +30,20 @@ def vm(tmp_path: object) -> Iterator[SimVm]:
 
 
 def _fill(v: SimVm, gpa: int, length: int) -> None:
+    """Back the range with zeroes, the way a guest's page the agent took is (a hole would
+    read as zeroes too, but could not show whether it was discarded)."""
     for off in range(gpa, gpa + length, PAGE):
-        os.pwrite(v.fd, b"x", off)
+        os.pwrite(v.fd, b"\0", off)
 
 
 def _present(v: SimVm, gpa: int, length: int) -> list[bool]:
-    """Per granule of [gpa, +length): is its first page still holding the data?"""
-    return [os.pread(v.fd, 1, off) == b"x" for off in range(gpa, gpa + length, GRANULE)]
+    """Per granule of [gpa, +length): is its first page still backed (not discarded)?"""
+    def backed(off: int) -> bool:
+        try:
+            return os.lseek(v.fd, off, os.SEEK_DATA) == off
+        except OSError:   # ENXIO: no data from here to the end
+            return False
+    return [backed(off) for off in range(gpa, gpa + length, GRANULE)]
 
 
 def _punch(v: SimVm, length: int, checks: list, slice_bytes: int = GRANULE) -> int:  # type: ignore[type-arg]
@@ -89,3 +96,27 @@ def test_a_whole_range_without_a_reason_is_discarded(vm: SimVm) -> None:
     assert _punch(vm, 4 * GRANULE, [lambda: calls.append(1) or ""]) == 4 * GRANULE
     assert len(calls) == 8   # before and after each of the 4 slices
     assert _present(vm, 0, 4 * GRANULE) == [False] * 4
+
+
+def test_only_zeroes_are_discarded(vm: SimVm) -> None:
+    """The content check (host/punch.py): a granule holding one non-zero byte is not the
+    agent's untouched page any more (a reset or a moved page reused it); it and everything
+    after it stay, the granules before it are discarded, and the refusal says so."""
+    _fill(vm, 0, 4 * GRANULE)
+    spot = 2 * GRANULE + GRANULE // 2 + 123
+    os.pwrite(vm.fd, b"\x01", spot)
+    with pytest.raises(PunchRefused) as e:
+        _punch(vm, 4 * GRANULE, [], slice_bytes=4 * GRANULE)
+    assert e.value.content and not e.value.overrun
+    assert e.value.done == 2 * GRANULE
+    assert f"gpa {spot // (2 << 20) * (2 << 20):#x} does not read as zeroes" in e.value.reason
+    assert _present(vm, 0, 4 * GRANULE) == [False, False, True, True]
+    assert os.pread(vm.fd, 1, spot) == b"\x01"
+
+
+def test_holes_and_backed_zeroes_are_discarded(vm: SimVm) -> None:
+    # Never-backed granules read as zeroes without being backed by the check's read.
+    _fill(vm, GRANULE, GRANULE)
+    assert _punch(vm, 4 * GRANULE, [], slice_bytes=4 * GRANULE) == 4 * GRANULE
+    assert _present(vm, 0, 4 * GRANULE) == [False] * 4
+    assert os.fstat(vm.fd).st_blocks == 0

@@ -273,6 +273,34 @@ def test_the_guest_closing_its_port_ends_the_session_for_discards() -> None:
         r.daemon.loop.close()
 
 
+def test_a_close_seen_after_the_next_agents_session_began_does_not_void_it() -> None:
+    # SIGKILL of the agent: QEMU's close event and the next agent's need-sync race to the
+    # loop. The close revokes the session of its moment at once; the restart it queues is
+    # for that session only: if the need-sync already began a newer one, that one stays
+    # (a second sync would void the new agent's session and everything it just returned).
+    r, _ = runner(FakeLibvirt())
+    r.channel_alias = channel_alias(XML)
+    r.daemon.loop = asyncio.new_event_loop()
+    try:
+        one_batch(r, {"agent": "t", "capabilities": SAFE_CAPS})
+        s = r.session
+        assert s is not None
+        old = s.endpoint.session
+        r.daemon._on_port("vm1", "channel0", False)     # revokes `old`, posts the restart
+        r.daemon.loop.run_until_complete(asyncio.sleep(0))
+        assert "closed its aerate port" in s.revocation(old)
+        assert r._restart and r._restart_ending == old
+        assert r._take_restart(old + 1) is False         # a newer session is current
+        assert not r._restart
+        r.daemon._on_port("vm1", "channel0", False)
+        r.daemon.loop.run_until_complete(asyncio.sleep(0))
+        assert r._take_restart(old) is True              # still the revoked one: restart
+        r.restart_session("libvirt is back")             # no session named: always
+        assert r._take_restart(old + 7) is True
+    finally:
+        r.daemon.loop.close()
+
+
 def test_a_hostile_hello_cannot_break_status() -> None:
     r, _ = runner(FakeLibvirt())
     deep: Any = "x"

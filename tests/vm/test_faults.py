@@ -123,31 +123,49 @@ def test_aerated_dies_with_a_batch_in_flight_then_a_new_daemon_takes_over(
 
 def test_agent_sigkill_with_pages_held_recovers_them(guest_and_run: tuple[Guest, Any]) -> None:
     g, run = guest_and_run
-    with aerated(run / "d", CONFIG + "delay_ms = 2000\ncapacity = 2\n", ("--vm", g.name)) as d:
+    # A 12 s lease, as for the daemon kill above: the guest still reports once the daemon
+    # is stopped (a 2 s lease leaves it without a fresh token at once).
+    with aerated(run / "d", CONFIG + "delay_ms = 2000\ncapacity = 2\nlease_s = 12\n",
+                 ("--vm", g.name)) as d:
         wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the session")
-        hog = Hog(g, 512, hold_s=1)
-        hog.start()
-        hog.join()
-        wait_for(lambda: surplus(g) > 0, 120, "the agent to hold pages")
-        held = surplus(g)
-        pid = g.check("systemctl show -p MainPID --value aerate-agent").strip()
-        g.check("systemctl kill -s KILL aerate-agent")
-        wait_for(lambda: g.check("systemctl show -p MainPID --value aerate-agent").strip()
-                 not in ("0", pid), 60, "systemd to restart the agent")
-        wait_for(lambda: "recovered arena from /dev/hugepages/aerate-agent-arena" in g.check(
-            "journalctl -u aerate-agent --no-pager -o cat | grep 'aerate-agent 0.1.0 on' | "
-            "tail -1"), 60, "the restarted agent to recover its arena from the named file")
+        # Pages held for sure at the kill: a report waits for its ack from a stopped daemon
+        # (a pass's acked blocks alone may all be back by the time the kill lands).
+        stall_with_a_report_in_flight(g, d, mib=512)
+        try:
+            held = surplus(g)
+            assert held > 0
+            pid = g.check("systemctl show -p MainPID --value aerate-agent").strip()
+            g.check("systemctl kill -s KILL aerate-agent")
+            wait_for(lambda: g.check("systemctl show -p MainPID --value aerate-agent").strip()
+                     not in ("0", pid), 60, "systemd to restart the agent")
+            line = wait_for(lambda: re.search(
+                r"recovered arena from /dev/hugepages/aerate-agent-arena: (\d+) blocks",
+                g.check("journalctl -u aerate-agent --no-pager -o cat | "
+                        "grep -E 'aerate-agent [0-9.]+ on' | tail -1")), 60,
+                "the restarted agent to recover its arena from the named file")
+            assert int(line.group(1)) > 0, line.group(0)
+            # Nothing goes back before a new session (S2): the daemon is still stopped.
+            assert surplus(g) >= held
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
         # The recovered blocks go back with the new session (the daemon answers the new
         # agent's need-sync at once, so they may be gone by the time we look): the agent
-        # says how many it returned then.
-        assert held > 0
+        # says how many it returned then. A later session line (a sync the daemon started
+        # for its own reasons) returns none, so every line of the new agent counts.
+        new_pid = g.check("systemctl show -p MainPID --value aerate-agent").strip()
+
         def returned() -> int:
             counts = re.findall(r"(\d+) orphaned blocks returned", g.check(
-                "journalctl -u aerate-agent --no-pager -o cat | grep 'orphaned blocks "
-                "returned' | tail -1"))
-            return int(counts[-1]) if counts else 0
+                f"journalctl -u aerate-agent _PID={new_pid} --no-pager -o cat"))
+            return max((int(c) for c in counts), default=0)
 
-        wait_for(returned, 60, "the new session to return the recovered blocks")
+        try:
+            wait_for(returned, 60, "the new session to return the recovered blocks")
+        except Exception:
+            print("agent journal:\n" + g.check(
+                "journalctl -u aerate-agent --no-pager -o short-monotonic | tail -40"))
+            print("daemon log:\n" + d.log_text()[-6000:])
+            raise
         wait_for(lambda: surplus(g) == 0 and engine(d, g.name).get("phase") == "idle", 300,
                  "the recovered pages to go back after the new session", 2)
         assert d.vm(g.name)["sessions"] >= 2

@@ -61,7 +61,7 @@ def test_kill_then_stop_keeps_held_pages_in_the_named_file(
         assert g.check(f"test -e {ARENA} && echo yes").strip() == "yes", \
             "the agent did not make its arena file (sandbox?)"
         start = g.check("journalctl -u aerate-agent --no-pager -o cat | "
-                        "grep 'aerate-agent 0.1.0 on' | tail -1")
+                        "grep -E 'aerate-agent [0-9.]+ on' | tail -1")
         # The guest kernel (6.1) under the unit's seccomp filter pins: no weakness stated.
         assert "not pinned" not in start and "new hugetlb arena in" in start, start
         try:
@@ -75,7 +75,7 @@ def test_kill_then_stop_keeps_held_pages_in_the_named_file(
             assert g.check(f"test -e {ARENA} && echo yes").strip() == "yes"
             g.check("systemctl start aerate-agent")
             wait_for(lambda: f"recovered arena from {ARENA}: {held} blocks" in g.check(
-                "journalctl -u aerate-agent --no-pager -o cat | grep 'aerate-agent 0.1.0 on' "
+                "journalctl -u aerate-agent --no-pager -o cat | grep -E 'aerate-agent [0-9.]+ on' "
                 "| tail -1"), 60, "the started agent to recover its arena from the file")
             assert surplus(g) == held, "recovered pages went back without a new session"
         finally:

@@ -5,10 +5,11 @@ correctly, so it gets a real session, and lies in its hello as root can (it clai
 not poisoned, so the reclaimer is decided punch: only the range checks stand between its
 reports and a discard). Then it sends one attack per session: malformed JSON, a giant line,
 a range outside the guest's RAM, a misaligned range, a replayed batch, a flood, a report
-under a stale lease token. Each attack names memory the program holds and wrote (2 MiB
-hugetlb pages, one per forbidden range), so a discard there would show: the host reads the
+under a stale lease token, a well-formed report of a page holding data. Each attack names
+memory the program holds (2 MiB hugetlb pages, one per forbidden range, zeroes like the
+agent's pages but for the data page), so a discard there would show: the host reads the
 hostile VM's memfd (lseek SEEK_DATA/SEEK_HOLE at each page's offset, not through aerated's
-map) and the program re-reads its patterns. One page (``own[0]``), named by the well-formed
+map) and the program re-reads the data page. One page (``own[0]``), named by the well-formed
 reports the daemon may serve, is the control: it must be discarded, which shows the
 measurement sees a punch. The daemon must carry on and keep serving a second, honest VM,
 which runs aerate-checker all along.
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from aerate import __version__
 from aerate.deploy.image import GuestImage
 from aerate.deploy.scenario import (
     Aerated,
@@ -146,23 +148,28 @@ def report(s, batch, ranges):
 
 G = 2 << 20
 # Every report names memory this program owns (2 MiB hugetlb pages, isolated the way the
-# agent does it, each filled with its own byte), so what the daemon rightly discards is
-# nobody else's, and each forbidden range has a page of its own that must stay whole.
+# agent does it), so what the daemon rightly discards is nobody else's, and each forbidden
+# range has a page of its own that must stay whole. They hold zeroes, as the agent's pages
+# do (the kernel clears a hugetlb page when it is allocated): the daemon only discards
+# what reads as zeroes, and a page with data in it would be refused for that alone, so the
+# checks of each attack would not be what stopped it. A discard of a zero page shows in the
+# memfd (a hole where the page was backed). The one page with data is the "nonzero"
+# attack's: a well-formed report of it must be refused by the content check.
 import ctypes
 from aerate.agent.arena import HugetlbArena
 from aerate.agent.hugetlb import SurplusBudget
-PAGES = 9
+PAGES = 10
+DATA = 9
 arena = HugetlbArena(PAGES, SurplusBudget("/run/aerate-hostile"))
 blocks = arena.fill(PAGES)
 assert len(blocks) == PAGES, "could not isolate %d hugetlb pages" % PAGES
 own = [b.phys_addr for b in blocks]
-for i, b in enumerate(blocks):
-    ctypes.memset(arena._base + b.offset, 0x50 + i, G)
+ctypes.memset(arena._base + blocks[DATA].offset, 0x5A, G)
 #: own[0] is what the well-formed reports the daemon may serve name (the control);
 #: FORBIDDEN[attack] are the pages a report of that attack names that must stay whole.
 FORBIDDEN = {"control": [], "tseg": [], "malformed": [1], "giant_line": [2],
              "outside_ram": [3], "misaligned": [4, 5], "replay": [6], "flood": [7],
-             "stale_token": [8]}
+             "stale_token": [8], "nonzero": [DATA]}
 #: A range the caller names (AERATE_TSEG=start:length): q35's TSEG SMRAM, say.
 TSEG = [int(x, 0) for x in os.environ.get("AERATE_TSEG", "0:0").split(":")]
 acks = {}
@@ -182,6 +189,8 @@ attacks = {
     "flood": lambda s: ([report(s, b, [[own[0], G]]) for b in range(1, 399)],
                         report(s, 399, [[own[7], G]])),
     "stale_token": lambda s: (time.sleep(3), report(s, 1, [[own[8], G]])),
+    # Well-formed and fresh, but the page holds data: not what an agent reports.
+    "nonzero": lambda s: (report(s, 1, [[own[DATA], G]]), acks.update(nonzero=await_ack(s, 1))),
 }
 token = [0]
 done = {}
@@ -203,7 +212,7 @@ os.rename("/run/aerate-hostile.json.tmp", "/run/aerate-hostile.json")
 end = time.time() + 300
 while not os.path.exists("/run/aerate-hostile.go") and time.time() < end:
     time.sleep(0.2)
-intact = {i: ctypes.string_at(arena._base + b.offset, G) == bytes([0x50 + i]) * G
+intact = {i: ctypes.string_at(arena._base + b.offset, G) == bytes([0x5A if i == DATA else 0]) * G
           for i, b in enumerate(blocks)}
 arena.release(arena.held())
 arena.close()
@@ -213,9 +222,10 @@ print(json.dumps({"sessions": done, "intact": intact}))
 #: Run first: a report the daemon serves, so the checks below can fail.
 CONTROL = ["control"]
 ATTACKS = ["malformed", "giant_line", "outside_ram", "misaligned", "replay", "flood"]
-#: Not an attack that ends a session: a report under a stale lease token is refused (the
-#: honest guest whose report waited behind a slow daemon keeps its session), not punched.
-REFUSED = ["stale_token"]
+#: Not attacks that end a session: a report under a stale lease token is refused (the
+#: honest guest whose report waited behind a slow daemon keeps its session), not punched;
+#: so is one of a page that does not read as zeroes (host/punch.py's content check).
+REFUSED = ["stale_token", "nonzero"]
 
 
 @pytest.fixture(scope="module")
@@ -280,18 +290,21 @@ def test_hostile_guest_is_cut_off_and_nothing_is_discarded(
     print(f"hostile pages held by the host (MiB): {[h / MiB for h in held]}; "
           f"intact in the guest: {intact}; acks: {seen['acks']}")
     # Every forbidden range, one by one: not a byte discarded, as the host sees the memfd
-    # and as the guest reads its pattern back.
+    # (and, for the page with data, as the guest reads it back; a zero page reads the same
+    # discarded or not).
     for attack, pages in seen["forbidden"].items():
         for i in pages:
             assert held[i] == 2 * MiB, (
                 f"{attack}: page {i} at gpa {seen['own'][i]:#x}: only "
                 f"{held[i]} of {2 * MiB} bytes left in the memfd")
-            assert intact[str(i)], f"{attack}: page {i} lost its pattern in the guest"
+            assert intact[str(i)], f"{attack}: page {i} does not read back what it held"
+    nonzero = seen["acks"]["nonzero"]
+    assert nonzero and nonzero["discarded"] == 0 and nonzero["refused"] == 2 * MiB, nonzero
     assert sorted(seen["forbidden"]) == sorted(CONTROL + ATTACKS + REFUSED)
     # The control: a well-formed report was served, and the measurement saw it.
     control = seen["acks"]["control"]
     assert control and control["discarded"] == 2 * MiB, control
-    assert held[0] == 0 and not intact["0"], (
+    assert held[0] == 0, (
         f"the control page own[0] was discarded ({control}) but the memfd still holds "
         f"{held[0]} bytes of it: the checks above cannot see a discard")
     wait_for(
@@ -300,7 +313,7 @@ def test_hostile_guest_is_cut_off_and_nothing_is_discarded(
     log = d.log_text()
     for needles in (("malformed line",), ("longer than",), ("not inside this VM's RAM",),
                     ("aligned",), ("replayed",), ("flood", "batches in flight"),
-                    ("refused: lease token",)):
+                    ("refused: lease token",), ("does not read as zeroes",)):
         assert any(n in log for n in needles), f"daemon log lacks {needles!r}"
     assert d.proc.poll() is None, "aerated died"
     good_after = d.vm(good.name)
@@ -320,6 +333,6 @@ def test_the_real_agent_gets_its_session_back(two_guests: tuple[Aerated, Guest, 
     bad.check("systemctl start aerate-agent")
     # The reclaimer is decided again with the real agent's hello (a moment after it).
     vm = wait_for(lambda: (v := d.vm(bad.name)).get("state") == "running"
-                  and v.get("agent") == "0.1.0" and v.get("reclaimer") == "punch" and v, 120,
+                  and v.get("agent") == __version__ and v.get("reclaimer") == "punch" and v, 120,
                   "the real agent's session, decided punch with its hello")
     assert vm["reclaimer"] == "punch"

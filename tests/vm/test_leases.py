@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,7 +35,7 @@ from aerate.deploy.scenario import (
     start_checker,
     wait_for,
 )
-from aerate.deploy.vm import Guest, HarnessError, booted
+from aerate.deploy.vm import URI, Guest, HarnessError, booted
 
 pytestmark = [pytest.mark.vm, pytest.mark.fault]
 MiB = 1 << 20
@@ -263,6 +264,44 @@ def test_guest_reboot_with_a_report_in_flight_never_gets_it_punched(
             resume_and_see_refusal(d, g.name, before, quiet_guest=False)
             verifiers_clean(g)
             g.wait_unit_active("aerate-agent.service", deadline + 300)
+
+
+def test_forced_reset_with_a_report_in_flight_never_gets_it_punched(
+        vm: tuple[Guest, Aerated]) -> None:
+    """``virsh reset`` (a panic, a watchdog, kexec): no agent waits out a lease, the next
+    boot gets every page at once. The daemon is stalled only seconds, so its libvirt
+    connection lives and libvirt's REBOOT event reaches it: the session is revoked on
+    libvirt's thread and a new one follows the boot. The event races the stale report to
+    the daemon's threads; what the report names is discarded only if it still reads as
+    zeroes (host/punch.py), so nothing the new boot wrote is lost either way, which the
+    verifiers check. The stall can be shorter than the host's window, so the report may be
+    served (resume_and_see_refusal: ``stall_may_end_in_time``)."""
+    g, d = vm
+    with explained(g, d):
+        for _ in range(rounds(1)):
+            quiet(g, d)
+            resets = d.log_text().count("guest reset; its session ends")
+            before = report_in_flight(g, d)
+            boot = boot_id(g)
+            subprocess.run(["virsh", "-c", URI, "reset", g.name], check=True, timeout=60,
+                           capture_output=True)
+            time.sleep(2)      # the next boot runs on the pages while the daemon is stopped
+            resume_and_see_refusal(d, g.name, before, quiet_guest=False,
+                                   stall_may_end_in_time=True)
+            wait_for(lambda n=resets: d.log_text().count("guest reset; its session ends") > n,
+                     60, "the daemon to act on libvirt's REBOOT event")
+            deadline = time.monotonic() + 420
+            wait_for(lambda b=boot: boot_id(g) not in ("", b), 420, "the guest to boot again",
+                     2)
+            g.wait_unit_active("systemd-user-sessions.service", deadline)
+            start_verifiers(g, 20)
+            verifiers_clean(g)
+            g.wait_unit_active("aerate-agent.service", deadline + 300)
+            wait_for(lambda: d.vm(g.name).get("state") == "running", 120,
+                     "a session with the rebooted guest's agent")
+            st = d.vm(g.name)
+            print(f"forced reset: content_refused_batches "
+                  f"{st.get('content_refused_batches')}, lease {lease(d, g.name)}")
 
 
 def test_agent_sigkill_with_a_report_in_flight_never_gets_it_punched(
