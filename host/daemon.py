@@ -50,7 +50,7 @@ from aerate.agent.fdstore import FdStoreError, send_notify
 from aerate.agent.protocol import HostState
 from aerate.host import balloon as balloon_mod
 from aerate.host import config as config_mod
-from aerate.host import control, pinning, pressure
+from aerate.host import control, journal, pinning, pressure
 from aerate.host import metrics as metrics_mod
 from aerate.host.backing import Backing, BackingKind, allocated_bytes
 from aerate.host.balloon_store import BalloonStore, Saved, StoreError
@@ -223,6 +223,8 @@ class VmRunner:
     def __init__(self, daemon: Daemon, name: str) -> None:
         self.daemon = daemon
         self.name = name
+        #: VM= and VM_UUID= on every record about this VM (host/journal.py)
+        self.log = journal.VmLog(log, name, lambda: control.runner_uuid(self))
         self.session: VmSession | None = None
         self.writer: asyncio.StreamWriter | None = None  # the channel while _serve runs
         #: the host memory level acted on (host/pressure.py; set by control.watch_pressure)
@@ -296,7 +298,7 @@ class VmRunner:
     def _set_state(self, state: RunnerState, reason: str = "") -> None:
         """The one place a runner changes state; every change is logged with its reason."""
         if state is not self.state:
-            log.debug("%s: %s -> %s%s", self.name, self.state.value, state.value,
+            self.log.debug("%s: %s -> %s%s", self.name, self.state.value, state.value,
                       f" ({reason})" if reason else "")
         self.state, self.reason = state, reason
 
@@ -415,7 +417,8 @@ class VmRunner:
         if stored and decision != before:
             # Journal every change of mind, once (the first hello often turns a refusal
             # for want of the guest's word into punch).
-            log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
+            self.log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason,
+                          extra=journal.event("refusal") if decision.action == REFUSE else {})
         if stored and (before.action == BALLOON) != (decision.action == BALLOON):
             self._wake_balloon.set()  # the controller starts (or stops) watching
             if self.session is not None:
@@ -461,7 +464,7 @@ class VmRunner:
                 self.gmap = got.gmap   # one attribute write: the discard thread reads it
             self.map_error = got.map_error
             if got.map_error:
-                log.warning("%s: %s", self.name, got.map_error)
+                self.log.warning("%s: %s", self.name, got.map_error)
             self._map_gen = hello_gen
 
     def _start_refresh(self, now: float) -> None:
@@ -527,7 +530,8 @@ class VmRunner:
                 why = f"libvirt call job_info timed out after {limit:g} s"
                 self.worker.timeouts += 1
                 self.worker.last_timeout = why
-                log.warning("VM %s: %s; refusing it until libvirt answers", self.name, why)
+                self.log.event(logging.WARNING, "refusal",
+                               "VM %s: %s; refusing it until libvirt answers", self.name, why)
                 self._apply_decision(Decision(
                     REFUSE, f"cannot ask libvirt whether discard is safe now: {why}"), now, why)
         self._refresh_timer = asyncio.get_running_loop().call_later(
@@ -555,7 +559,8 @@ class VmRunner:
         found = pinning.scan(self.qemu_pid)
         if found:
             self.pinning_fd = found
-            log.error("%s: QEMU holds %s, which can pin guest RAM for DMA; refusing every "
+            self.log.event(logging.ERROR, "refusal",
+                           "%s: QEMU holds %s, which can pin guest RAM for DMA; refusing every "
                       "discard of this VM until it restarts", self.name, found)
         return found
 
@@ -620,7 +625,7 @@ class VmRunner:
                         "save balloon record", self.daemon.balloons.save, self.name,
                         actual, maximum)
                 self._settled_at = None
-                log.info("%s: balloon %d -> %d MiB (actual %d MiB): %s", self.name,
+                self.log.info("%s: balloon %d -> %d MiB (actual %d MiB): %s", self.name,
                          current >> 20, step.target >> 20, actual >> 20, step.reason)
                 await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                        self.name, step.target)
@@ -634,7 +639,7 @@ class VmRunner:
             self._balloon_error = ""
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
             if str(e) != self._balloon_error:
-                log.warning("%s: balloon: %s; retrying", self.name, e)
+                self.log.warning("%s: balloon: %s; retrying", self.name, e)
             self._balloon_error = str(e)
 
     async def _forget_record_if_back(self, actual: int, settle: int) -> None:
@@ -644,7 +649,7 @@ class VmRunner:
             await self.worker.call("remove balloon record", self.daemon.balloons.remove,
                                    self.name)
             self._balloon_record = None
-            log.info("%s: balloon back at its pre-aerate size (%d MiB); record removed",
+            self.log.info("%s: balloon back at its pre-aerate size (%d MiB); record removed",
                      self.name, rec.target_bytes >> 20)
 
     async def restore_balloon(self, why: str) -> None:
@@ -655,7 +660,7 @@ class VmRunner:
             rec = await self.worker.call("load balloon record", self.daemon.balloons.load,
                                          self.name)
         except (StoreError, CallTimeout) as e:
-            log.error("%s: %s", self.name, e)
+            self.log.error("%s: %s", self.name, e)
             return
         if rec is None:
             return
@@ -666,7 +671,7 @@ class VmRunner:
             if actual < rec.target_bytes:
                 await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                        self.name, rec.target_bytes)
-                log.info("%s: balloon restored %d -> %d MiB, the size saved before aerate "
+                self.log.info("%s: balloon restored %d -> %d MiB, the size saved before aerate "
                          "squeezed it: %s", self.name, actual >> 20, rec.target_bytes >> 20,
                          why)
             self.balloon_target = None
@@ -680,7 +685,7 @@ class VmRunner:
                     break
                 await asyncio.sleep(1.0)
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
-            log.warning("%s: balloon left at its squeezed size: %s (%s); aerated retries, "
+            self.log.warning("%s: balloon left at its squeezed size: %s (%s); aerated retries, "
                         "or give the VM its memory back with virsh setmem %s %d KiB",
                         self.name, e, why, self.name, rec.target_bytes >> 10)
 
@@ -711,10 +716,10 @@ class VmRunner:
                 "balloon_info", self.daemon.conn.balloon_info, self.name)
             await self._forget_record_if_back(actual, RESTORE_SLACK)
             what = "full memory" if size >= maximum else "its size before aerate squeezed it"
-            log.info("%s: balloon deflated to %s (%d MiB): %s, so no controller watches it "
+            self.log.info("%s: balloon deflated to %s (%d MiB): %s, so no controller watches it "
                      "any more", self.name, what, size >> 20, why)
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
-            log.warning("%s: balloon left squeezed: %s (%s); the record in %s restores it "
+            self.log.warning("%s: balloon left squeezed: %s (%s); the record in %s restores it "
                         "at the next start, or use virsh setmem", self.name, e, why,
                         self.daemon.balloons.dir)
 
@@ -790,7 +795,7 @@ class VmRunner:
         granule = max([MIN_GRANULE] + [b.page_size for b in self.backings.values()])
         self.idle_note = giant_granule_note(granule, self.effective_settings())
         if self.idle_note:
-            log.warning("%s: %s", self.name, self.idle_note)
+            self.log.warning("%s: %s", self.name, self.idle_note)
         self.backing_before = self.backing_now or 0
         lease_s = float(self.effective_settings()["lease_s"])
         if self.session is None:
@@ -819,11 +824,11 @@ class VmRunner:
                 await self.worker.call("metadata", self.daemon.conn.metadata, self.name,
                                        config_mod.METADATA_NS), self.name)
             if self.settings_error:
-                log.info("%s: stored settings valid again", self.name)
+                self.log.info("%s: stored settings valid again", self.name)
             self.settings_error = ""
         except config_mod.ConfigError as e:
             if str(e) != self.settings_error:
-                log.error("%s", e)
+                self.log.event(logging.ERROR, "refusal", "%s", e)
             self.metadata, self.settings_error = {}, str(e)
         self.invalidate("stored settings read again; deciding again")
     async def refresh_backing(self, timeout: float) -> None:
@@ -865,7 +870,7 @@ class VmRunner:
         connect, sync, serve; reconnect with backoff on any failure, until cancelled. The
         balloon goes back to its pre-aerate size at the end."""
         while (lock := self._lock()) is None:
-            log.warning("%s: %s; waiting", self.name, self.reason)
+            self.log.warning("%s: %s; waiting", self.name, self.reason)
             await asyncio.sleep(5)
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task[None]] = []
@@ -915,7 +920,7 @@ class VmRunner:
                 why = str(e) if isinstance(e, (CallTimeout, GuestFlood)) else \
                     f"{type(e).__name__}: {e}"
                 self._set_state(RunnerState.RETRYING, why)
-                log.warning("%s: %s; retrying in %.0fs", self.name, why, delay)
+                self.log.warning("%s: %s; retrying in %.0fs", self.name, why, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -941,7 +946,8 @@ class VmRunner:
                     # data arrives in the same turn, so the flag ends the loop too (S4).
                     raise asyncio.CancelledError
                 if self._restart:
-                    log.info("%s: new session: %s", self.name, self._restart)
+                    self.log.event(logging.INFO, "session", "%s: new session: %s", self.name,
+                                   self._restart)
                     self._restart = ""
                     s.connected()
                     continue
@@ -1088,8 +1094,7 @@ class VmRunner:
     def _flush_log(self) -> None:
         if self.session is None:
             return
-        for level, msg in self.session.log:
-            log.log(logging.getLevelName(level.upper()), "%s", msg)
+        journal.emit_notes(self.log, self.session.log)
         self.session.log.clear()
 
     def apply_live(self, values: dict[str, Any]) -> None:
@@ -1242,7 +1247,8 @@ class Daemon:
         session (a new one starts on a new connection) before anything more is read."""
         r = self.runners.get(name)
         if r is not None:
-            log.info("%s: guest reset; its session ends, a new one starts", name)
+            r.log.event(logging.INFO, "session",
+                        "%s: guest reset; its session ends, a new one starts", name)
             r.restart_session("the guest was reset")
 
     def _on_connect(self, conn: LibvirtConnection) -> None:
@@ -1292,7 +1298,8 @@ class Daemon:
         """The loop's half of ``_on_port``: say so, and begin a new session as on a reset."""
         r = self.runners.get(name)
         if r is not None:
-            log.info("%s: %s; no report of that session is served any more", name, why)
+            r.log.event(logging.INFO, "session",
+                        "%s: %s; no report of that session is served any more", name, why)
             r.restart_session(why)
 
     def _on_balloon(self, name: str, actual: int) -> None:
@@ -1342,8 +1349,9 @@ class Daemon:
             log.error("%s", err)
         for rec in records:
             if rec.vm not in running:
-                log.info("%s: balloon record dropped: the VM is not running (a new QEMU "
-                         "starts at its configured size)", rec.vm)
+                journal.VmLog(log, rec.vm).info(
+                    "%s: balloon record dropped: the VM is not running (a new QEMU "
+                    "starts at its configured size)", rec.vm)
                 self.balloons.remove(rec.vm)
             elif rec.vm not in self.runners and rec.vm not in self._restoring:
                 # Not served by this daemon (--vm), yet squeezed by an earlier run.
@@ -1378,7 +1386,7 @@ class Daemon:
         r = VmRunner(self, name)
         self.runners[name] = r
         r.task = self.loop.create_task(r.run(), name=f"vm:{name}")
-        log.info("%s: serving", name)
+        r.log.event(logging.INFO, "session", "%s: serving", name)
 
     def stop_runner(self, name: str, why: str) -> None:
         """Stop serving a VM (its QEMU is gone; no discard can be under way: S4)."""
@@ -1386,7 +1394,7 @@ class Daemon:
         if r is not None and r.task is not None:
             r.stop_reason = why
             r.task.cancel()
-            log.info("%s: session ended (%s)", name, why)
+            r.log.event(logging.INFO, "session", "%s: session ended (%s)", name, why)
 
     # -- systemd: watchdog and status
 
@@ -1446,7 +1454,16 @@ class Daemon:
         return await control.handle(self, req)
 
     async def _reload(self) -> None:
-        log.info("reload: %s", await self.handle({"cmd": "reload"}))
+        """SIGHUP (``systemctl reload``): RELOADING=1 with MONOTONIC_USEC= (what systemd
+        >= 253 asks of a reloading service, ignored by older ones), the reload (a bad file
+        keeps the old settings and is logged at err by control.reload), then READY=1, so
+        systemctl's reload ends only once the new file is in force or refused."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+        try:
+            await self.handle({"cmd": "reload"})
+        finally:
+            self._notify("READY=1\nSTATUS=serving")
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT."""
@@ -1500,6 +1517,17 @@ def watchdog_seconds(env: Mapping[str, str] | None = None) -> float | None:
     return int(usec) / 1e6
 
 
+def check_config(path: str) -> int:
+    """``aerated --check-config``: the same validation as start-up and reload, offline."""
+    try:
+        cfg = config_mod.load(path, missing_ok=False)
+    except config_mod.ConfigError as e:
+        print(f"aerated: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK: {cfg.summary()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``aerated``."""
     ap = argparse.ArgumentParser(prog="aerated", description="aerate host daemon")
@@ -1512,9 +1540,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vm", action="append", default=[], metavar="GLOB",
                     help="serve only VMs whose name matches (repeatable; default: all)")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--check-config", action="store_true",
+                    help="validate the config file (--config) and exit: 0 and a summary "
+                         "when it is fine, else the file, line, key and allowed values")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    if args.check_config:
+        return check_config(args.config)
+    journal.setup(args.log_level)
     try:
         metrics = None if args.metrics == "off" else metrics_mod.parse_listen(args.metrics)
     except ValueError as e:
