@@ -299,7 +299,7 @@ class VmRunner:
         """The one place a runner changes state; every change is logged with its reason."""
         if state is not self.state:
             self.log.debug("%s: %s -> %s%s", self.name, self.state.value, state.value,
-                      f" ({reason})" if reason else "")
+                           f" ({reason})" if reason else "")
         self.state, self.reason = state, reason
 
     # -- facts and policy
@@ -561,7 +561,7 @@ class VmRunner:
             self.pinning_fd = found
             self.log.event(logging.ERROR, "refusal",
                            "%s: QEMU holds %s, which can pin guest RAM for DMA; refusing every "
-                      "discard of this VM until it restarts", self.name, found)
+                           "discard of this VM until it restarts", self.name, found)
         return found
 
     def guest_settings(self) -> dict[str, Any]:
@@ -626,7 +626,7 @@ class VmRunner:
                         actual, maximum)
                 self._settled_at = None
                 self.log.info("%s: balloon %d -> %d MiB (actual %d MiB): %s", self.name,
-                         current >> 20, step.target >> 20, actual >> 20, step.reason)
+                              current >> 20, step.target >> 20, actual >> 20, step.reason)
                 await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                        self.name, step.target)
                 self._inflating = None if step.deflate else (now, actual, step.target)
@@ -650,7 +650,7 @@ class VmRunner:
                                    self.name)
             self._balloon_record = None
             self.log.info("%s: balloon back at its pre-aerate size (%d MiB); record removed",
-                     self.name, rec.target_bytes >> 20)
+                          self.name, rec.target_bytes >> 20)
 
     async def restore_balloon(self, why: str) -> None:
         """Put the balloon back to the size saved before aerate first squeezed it, if a
@@ -672,8 +672,8 @@ class VmRunner:
                 await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                        self.name, rec.target_bytes)
                 self.log.info("%s: balloon restored %d -> %d MiB, the size saved before aerate "
-                         "squeezed it: %s", self.name, actual >> 20, rec.target_bytes >> 20,
-                         why)
+                              "squeezed it: %s", self.name, actual >> 20, rec.target_bytes >> 20,
+                              why)
             self.balloon_target = None
             # The guest gives pages back at its own pace: look again for a while, so the
             # record goes once the balloon is back (else the next start restores again).
@@ -686,8 +686,8 @@ class VmRunner:
                 await asyncio.sleep(1.0)
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
             self.log.warning("%s: balloon left at its squeezed size: %s (%s); aerated retries, "
-                        "or give the VM its memory back with virsh setmem %s %d KiB",
-                        self.name, e, why, self.name, rec.target_bytes >> 10)
+                             "or give the VM its memory back with virsh setmem %s %d KiB",
+                             self.name, e, why, self.name, rec.target_bytes >> 10)
 
     async def balloon_release(self, why: str) -> None:
         """No controller will watch this VM any more: give the guest its memory back,
@@ -717,11 +717,11 @@ class VmRunner:
             await self._forget_record_if_back(actual, RESTORE_SLACK)
             what = "full memory" if size >= maximum else "its size before aerate squeezed it"
             self.log.info("%s: balloon deflated to %s (%d MiB): %s, so no controller watches it "
-                     "any more", self.name, what, size >> 20, why)
+                          "any more", self.name, what, size >> 20, why)
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
             self.log.warning("%s: balloon left squeezed: %s (%s); the record in %s restores it "
-                        "at the next start, or use virsh setmem", self.name, e, why,
-                        self.daemon.balloons.dir)
+                             "at the next start, or use virsh setmem", self.name, e, why,
+                             self.daemon.balloons.dir)
 
     def balloon_moved(self, actual: int) -> None:
         """libvirt says the balloon is now ``actual`` bytes: wake the controller (it reads
