@@ -14,14 +14,16 @@ they travel with the domain (migration, backup of its XML) and survive daemon re
       <setting name="hwm">16</setting>
     </aerate:settings>
 
-A file that fails to parse or validate is refused as a whole with the file, key and
-reason; the daemon keeps running on the settings it had (a new policy that fails to load
-leaves the old one running).
+A file that fails to parse or validate is refused as a whole with the file, line, key,
+reason and the values the key allows (``path:line: [section] key=value ...; allowed: ...``);
+the daemon keeps running on the settings it had (a new policy that fails to load leaves the
+old one running). ``aerated --check-config`` runs the same validation offline.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +77,77 @@ class HostConfig:
         """The host file's layers for ``vm``: defaults, then its [vm.NAME] section."""
         return [self.defaults, self.per_vm.get(vm, {})]
 
+    def summary(self) -> str:
+        """One line: what the file sets (for --check-config and the reload's log line)."""
+        vms = ", ".join(f"{name} ({len(v)})" for name, v in sorted(self.per_vm.items()))
+        return (f"{len(self.defaults)} setting(s) in [defaults], "
+                f"{len(self.per_vm)} [vm.NAME] section(s){': ' + vms if vms else ''}")
+
+
+def allowed(row: table.Setting) -> str:
+    """The values a setting accepts, in words, from its row of the settings table."""
+    if row.choices:
+        return "one of " + ", ".join(row.choices)
+    if row.type is bool:
+        return "true or false"
+    kind = {int: "an integer", float: "a number"}.get(row.type, f"a {row.type.__name__}")
+    if row.lo is not None and row.hi is not None:
+        lo, hi = (row.lo, row.hi) if row.type is float else (int(row.lo), int(row.hi))
+        return f"{kind} from {lo} to {hi}"
+    return kind
+
+
+_HEADER = re.compile(r"\s*\[([^\[\]]+)\]\s*(#.*)?$")
+_PART = re.compile(r"\s*(?:\"([^\"]*)\"|'([^']*)'|([A-Za-z0-9_-]+))\s*(?:\.|$)")
+
+
+def _table_name(header: str) -> tuple[str, ...]:
+    """``vm."web 01"`` -> ("vm", "web 01"); () when the header is not plain dotted keys."""
+    parts, pos = [], 0
+    while pos < len(header):
+        m = _PART.match(header, pos)
+        if m is None or m.end() == pos:
+            return ()
+        parts.append(next(g for g in m.groups() if g is not None))
+        pos = m.end()
+    return tuple(parts)
+
+
+def line_of(text: str, section: tuple[str, ...], key: str) -> int | None:
+    """The line (from 1) where ``key`` is set in table ``section``, else that table's
+    header line, else None: for the file:line of an error."""
+    current: tuple[str, ...] = ()
+    header = None
+    key_re = re.compile(r"\s*(?:%s|\"%s\"|'%s')\s*=" % ((re.escape(key),) * 3))
+    for n, line in enumerate(text.splitlines(), 1):
+        m = _HEADER.match(line)
+        if m:
+            current = _table_name(m.group(1))
+            if current == section and header is None:
+                header = n
+        elif current == section and key_re.match(line):
+            return n
+    return header
+
+
+def _validate(values: dict[str, Any], text: str, path: str,
+              section: tuple[str, ...]) -> dict[str, Any]:
+    """One table of the file, key by key, so the error names the key's line and the
+    values it allows."""
+    label = "[" + ".".join(section) + "]"
+    out = {}
+    for key, value in values.items():
+        line = line_of(text, section, key)
+        where = f"{path}:{line}: {label}" if line else f"{path}: {label}"
+        try:
+            out[key] = table.coerce(key, value, origin=where)
+        except table.SettingError as e:
+            row = table.BY_NAME.get(key)
+            # A choice's error lists the choices already; an unknown key's, the known keys.
+            hint = f"; allowed: {allowed(row)}" if row and not row.choices else ""
+            raise ConfigError(f"{e}{hint}") from e
+    return out
+
 
 def parse(text: str, path: str = DEFAULT_PATH) -> HostConfig:
     """Parse and validate the host config file's text."""
@@ -82,7 +155,11 @@ def parse(text: str, path: str = DEFAULT_PATH) -> HostConfig:
     try:
         doc = loads(text)
     except error as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+        # tomllib and tomli say "(at line N, column M)"; python3-toml has .lineno.
+        line = getattr(e, "lineno", None) or next(
+            iter(re.findall(r"line (\d+)", str(e))), None)
+        raise ConfigError(f"{path}:{line}: not valid TOML: {e}" if line
+                          else f"{path}: not valid TOML: {e}") from e
     unknown = set(doc) - {"defaults", "vm"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; "
@@ -91,26 +168,27 @@ def parse(text: str, path: str = DEFAULT_PATH) -> HostConfig:
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError(f"{path}: [defaults] must be a table")
-    try:
-        cfg.defaults = table.validate(defaults, origin=f"{path} [defaults]")
-        vms = doc.get("vm", {})
-        if not isinstance(vms, dict):
-            raise ConfigError(f"{path}: 'vm' must hold tables like [vm.NAME]")
-        for name, values in vms.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: [vm.{name}] must be a table")
-            cfg.per_vm[name] = table.validate(values, origin=f"{path} [vm.{name}]")
-    except table.SettingError as e:
-        raise ConfigError(str(e)) from e
+    cfg.defaults = _validate(defaults, text, path, ("defaults",))
+    vms = doc.get("vm", {})
+    if not isinstance(vms, dict):
+        raise ConfigError(f"{path}: 'vm' must hold tables like [vm.NAME]")
+    for name, values in vms.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: [vm.{name}] must be a table")
+        cfg.per_vm[name] = _validate(values, text, path, ("vm", name))
     return cfg
 
 
-def load(path: str = DEFAULT_PATH) -> HostConfig:
-    """Read the host config file; a missing file means built-in defaults."""
+def load(path: str = DEFAULT_PATH, missing_ok: bool = True) -> HostConfig:
+    """Read the host config file; a missing file means built-in defaults (an error when
+    not ``missing_ok``: --check-config of a file that is not there)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if not missing_ok:
+            raise ConfigError(f"{path}: no such file (aerated would run on the built-in "
+                              "defaults)") from e
         return HostConfig(path=path)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e

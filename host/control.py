@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import time
 import xml.etree.ElementTree as ET
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aerate.agent import settings as table
 from aerate.host import config as config_mod
-from aerate.host import pressure
+from aerate.host import journal, pressure
 from aerate.host.balloon import BalloonSettings, floor_bytes
 from aerate.host.libvirt_conn import DomainError, LibvirtUnavailable
 from aerate.host.refusal import (
@@ -49,6 +50,8 @@ from aerate.host.refusal import (
     refusal_category,
 )
 from aerate.host.vm_worker import CallTimeout
+
+log = logging.getLogger("aerated")
 
 if TYPE_CHECKING:
     from aerate.host.daemon import Daemon, VmRunner
@@ -481,11 +484,16 @@ async def reset(d: Daemon, ident: str, keys: Any, live: bool,
 # -- reload
 
 async def reload(d: Daemon) -> dict[str, Any]:
-    """Re-read the host file; a file that does not load leaves the old one in force."""
+    """Re-read the host file; a file that does not load leaves the old one in force (and
+    is logged at err, with the config event's MESSAGE_ID, whoever asked: aeratectl reload
+    or systemctl reload)."""
     try:
         config = config_mod.load(d.config_path)
     except config_mod.ConfigError as e:
-        raise Failed(f"{e}; the old configuration stays in force") from e
+        why = f"{e}; the old configuration stays in force"
+        log.error("reload refused: %s", why, extra=journal.event("config"))
+        raise Failed(why) from e
+    log.info("reload: %s", config.summary(), extra=journal.event("config"))
     before = {name: r.guest_settings() for name, r in d.runners.items()}
     d.config = config
     for name, r in list(d.runners.items()):

@@ -50,7 +50,7 @@ from aerate.agent.fdstore import FdStoreError, send_notify
 from aerate.agent.protocol import HostState
 from aerate.host import balloon as balloon_mod
 from aerate.host import config as config_mod
-from aerate.host import control, pinning, pressure
+from aerate.host import control, journal, pinning, pressure
 from aerate.host import metrics as metrics_mod
 from aerate.host.backing import Backing, BackingKind, allocated_bytes
 from aerate.host.balloon_store import BalloonStore, Saved, StoreError
@@ -223,6 +223,8 @@ class VmRunner:
     def __init__(self, daemon: Daemon, name: str) -> None:
         self.daemon = daemon
         self.name = name
+        #: VM= and VM_UUID= on every record about this VM (host/journal.py)
+        self.log = journal.VmLog(log, name, lambda: control.runner_uuid(self))
         self.session: VmSession | None = None
         self.writer: asyncio.StreamWriter | None = None  # the channel while _serve runs
         #: the host memory level acted on (host/pressure.py; set by control.watch_pressure)
@@ -297,8 +299,8 @@ class VmRunner:
     def _set_state(self, state: RunnerState, reason: str = "") -> None:
         """The one place a runner changes state; every change is logged with its reason."""
         if state is not self.state:
-            log.debug("%s: %s -> %s%s", self.name, self.state.value, state.value,
-                      f" ({reason})" if reason else "")
+            self.log.debug("%s: %s -> %s%s", self.name, self.state.value, state.value,
+                           f" ({reason})" if reason else "")
         self.state, self.reason = state, reason
 
     # -- facts and policy
@@ -416,7 +418,8 @@ class VmRunner:
         if stored and decision != before:
             # Journal every change of mind, once (the first hello often turns a refusal
             # for want of the guest's word into punch).
-            log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason)
+            self.log.info("%s: reclaimer %s: %s", self.name, decision.action, decision.reason,
+                          extra=journal.event("refusal") if decision.action == REFUSE else {})
         if stored and (before.action == BALLOON) != (decision.action == BALLOON):
             self._wake_balloon.set()  # the controller starts (or stops) watching
             if self.session is not None:
@@ -462,7 +465,7 @@ class VmRunner:
                 self.gmap = got.gmap   # one attribute write: the discard thread reads it
             self.map_error = got.map_error
             if got.map_error:
-                log.warning("%s: %s", self.name, got.map_error)
+                self.log.warning("%s: %s", self.name, got.map_error)
             self._map_gen = hello_gen
 
     def _start_refresh(self, now: float) -> None:
@@ -528,7 +531,8 @@ class VmRunner:
                 why = f"libvirt call job_info timed out after {limit:g} s"
                 self.worker.timeouts += 1
                 self.worker.last_timeout = why
-                log.warning("VM %s: %s; refusing it until libvirt answers", self.name, why)
+                self.log.event(logging.WARNING, "refusal",
+                               "VM %s: %s; refusing it until libvirt answers", self.name, why)
                 self._apply_decision(Decision(
                     REFUSE, f"cannot ask libvirt whether discard is safe now: {why}"), now, why)
         self._refresh_timer = asyncio.get_running_loop().call_later(
@@ -556,8 +560,9 @@ class VmRunner:
         found = pinning.scan(self.qemu_pid)
         if found:
             self.pinning_fd = found
-            log.error("%s: QEMU holds %s, which can pin guest RAM for DMA; refusing every "
-                      "discard of this VM until it restarts", self.name, found)
+            self.log.event(logging.ERROR, "refusal",
+                           "%s: QEMU holds %s, which can pin guest RAM for DMA; refusing every "
+                           "discard of this VM until it restarts", self.name, found)
         return found
 
     def guest_settings(self) -> dict[str, Any]:
@@ -621,8 +626,8 @@ class VmRunner:
                         "save balloon record", self.daemon.balloons.save, self.name,
                         actual, maximum)
                 self._settled_at = None
-                log.info("%s: balloon %d -> %d MiB (actual %d MiB): %s", self.name,
-                         current >> 20, step.target >> 20, actual >> 20, step.reason)
+                self.log.info("%s: balloon %d -> %d MiB (actual %d MiB): %s", self.name,
+                              current >> 20, step.target >> 20, actual >> 20, step.reason)
                 await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                        self.name, step.target)
                 self._inflating = None if step.deflate else (now, actual, step.target)
@@ -635,7 +640,7 @@ class VmRunner:
             self._balloon_error = ""
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
             if str(e) != self._balloon_error:
-                log.warning("%s: balloon: %s; retrying", self.name, e)
+                self.log.warning("%s: balloon: %s; retrying", self.name, e)
             self._balloon_error = str(e)
 
     async def _forget_record_if_back(self, actual: int, settle: int) -> None:
@@ -645,8 +650,8 @@ class VmRunner:
             await self.worker.call("remove balloon record", self.daemon.balloons.remove,
                                    self.name)
             self._balloon_record = None
-            log.info("%s: balloon back at its pre-aerate size (%d MiB); record removed",
-                     self.name, rec.target_bytes >> 20)
+            self.log.info("%s: balloon back at its pre-aerate size (%d MiB); record removed",
+                          self.name, rec.target_bytes >> 20)
 
     async def restore_balloon(self, why: str) -> None:
         """Put the balloon back to the size saved before aerate first squeezed it, if a
@@ -656,7 +661,7 @@ class VmRunner:
             rec = await self.worker.call("load balloon record", self.daemon.balloons.load,
                                          self.name)
         except (StoreError, CallTimeout) as e:
-            log.error("%s: %s", self.name, e)
+            self.log.error("%s: %s", self.name, e)
             return
         if rec is None:
             return
@@ -667,9 +672,9 @@ class VmRunner:
             if actual < rec.target_bytes:
                 await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                        self.name, rec.target_bytes)
-                log.info("%s: balloon restored %d -> %d MiB, the size saved before aerate "
-                         "squeezed it: %s", self.name, actual >> 20, rec.target_bytes >> 20,
-                         why)
+                self.log.info("%s: balloon restored %d -> %d MiB, the size saved before aerate "
+                              "squeezed it: %s", self.name, actual >> 20, rec.target_bytes >> 20,
+                              why)
             self.balloon_target = None
             # The guest gives pages back at its own pace: look again for a while, so the
             # record goes once the balloon is back (else the next start restores again).
@@ -681,9 +686,9 @@ class VmRunner:
                     break
                 await asyncio.sleep(1.0)
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
-            log.warning("%s: balloon left at its squeezed size: %s (%s); aerated retries, "
-                        "or give the VM its memory back with virsh setmem %s %d KiB",
-                        self.name, e, why, self.name, rec.target_bytes >> 10)
+            self.log.warning("%s: balloon left at its squeezed size: %s (%s); aerated retries, "
+                             "or give the VM its memory back with virsh setmem %s %d KiB",
+                             self.name, e, why, self.name, rec.target_bytes >> 10)
 
     async def balloon_release(self, why: str) -> None:
         """No controller will watch this VM any more: give the guest its memory back,
@@ -712,12 +717,12 @@ class VmRunner:
                 "balloon_info", self.daemon.conn.balloon_info, self.name)
             await self._forget_record_if_back(actual, RESTORE_SLACK)
             what = "full memory" if size >= maximum else "its size before aerate squeezed it"
-            log.info("%s: balloon deflated to %s (%d MiB): %s, so no controller watches it "
-                     "any more", self.name, what, size >> 20, why)
+            self.log.info("%s: balloon deflated to %s (%d MiB): %s, so no controller watches it "
+                          "any more", self.name, what, size >> 20, why)
         except (LibvirtUnavailable, DomainError, CallTimeout, StoreError) as e:
-            log.warning("%s: balloon left squeezed: %s (%s); the record in %s restores it "
-                        "at the next start, or use virsh setmem", self.name, e, why,
-                        self.daemon.balloons.dir)
+            self.log.warning("%s: balloon left squeezed: %s (%s); the record in %s restores it "
+                             "at the next start, or use virsh setmem", self.name, e, why,
+                             self.daemon.balloons.dir)
 
     def balloon_moved(self, actual: int) -> None:
         """libvirt says the balloon is now ``actual`` bytes: wake the controller (it reads
@@ -791,7 +796,7 @@ class VmRunner:
         granule = max([MIN_GRANULE] + [b.page_size for b in self.backings.values()])
         self.idle_note = giant_granule_note(granule, self.effective_settings())
         if self.idle_note:
-            log.warning("%s: %s", self.name, self.idle_note)
+            self.log.warning("%s: %s", self.name, self.idle_note)
         self.backing_before = self.backing_now or 0
         lease_s = float(self.effective_settings()["lease_s"])
         if self.session is None:
@@ -820,11 +825,11 @@ class VmRunner:
                 await self.worker.call("metadata", self.daemon.conn.metadata, self.name,
                                        config_mod.METADATA_NS), self.name)
             if self.settings_error:
-                log.info("%s: stored settings valid again", self.name)
+                self.log.info("%s: stored settings valid again", self.name)
             self.settings_error = ""
         except config_mod.ConfigError as e:
             if str(e) != self.settings_error:
-                log.error("%s", e)
+                self.log.event(logging.ERROR, "refusal", "%s", e)
             self.metadata, self.settings_error = {}, str(e)
         self.invalidate("stored settings read again; deciding again")
     async def refresh_backing(self, timeout: float) -> None:
@@ -866,7 +871,7 @@ class VmRunner:
         connect, sync, serve; reconnect with backoff on any failure, until cancelled. The
         balloon goes back to its pre-aerate size at the end."""
         while (lock := self._lock()) is None:
-            log.warning("%s: %s; waiting", self.name, self.reason)
+            self.log.warning("%s: %s; waiting", self.name, self.reason)
             await asyncio.sleep(5)
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task[None]] = []
@@ -916,7 +921,7 @@ class VmRunner:
                 why = str(e) if isinstance(e, (CallTimeout, GuestFlood)) else \
                     f"{type(e).__name__}: {e}"
                 self._set_state(RunnerState.RETRYING, why)
-                log.warning("%s: %s; retrying in %.0fs", self.name, why, delay)
+                self.log.warning("%s: %s; retrying in %.0fs", self.name, why, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -1102,17 +1107,16 @@ class VmRunner:
         if not why:
             return False
         if ending is None or ending == current:
-            log.info("%s: new session: %s", self.name, why)
+            self.log.event(logging.INFO, "session", "%s: new session: %s", self.name, why)
             return True
-        log.debug("%s: %s: a newer session already replaced the one it ended",
-                  self.name, why)
+        self.log.debug("%s: %s: a newer session already replaced the one it ended",
+                       self.name, why)
         return False
 
     def _flush_log(self) -> None:
         if self.session is None:
             return
-        for level, msg in self.session.log:
-            log.log(logging.getLevelName(level.upper()), "%s", msg)
+        journal.emit_notes(self.log, self.session.log)
         self.session.log.clear()
 
     def apply_live(self, values: dict[str, Any]) -> None:
@@ -1266,7 +1270,8 @@ class Daemon:
         session (a new one starts on a new connection) before anything more is read."""
         r = self.runners.get(name)
         if r is not None:
-            log.info("%s: guest reset; its session ends, a new one starts", name)
+            r.log.event(logging.INFO, "session",
+                        "%s: guest reset; its session ends, a new one starts", name)
             r.restart_session("the guest was reset", ending)
 
     def _on_connect(self, conn: LibvirtConnection) -> None:
@@ -1316,7 +1321,8 @@ class Daemon:
         (unless the next agent's need-sync began one since: ``restart_session``)."""
         r = self.runners.get(name)
         if r is not None:
-            log.info("%s: %s; no report of that session is served any more", name, why)
+            r.log.event(logging.INFO, "session",
+                        "%s: %s; no report of that session is served any more", name, why)
             r.restart_session(why, ending)
 
     def _on_balloon(self, name: str, actual: int) -> None:
@@ -1366,8 +1372,9 @@ class Daemon:
             log.error("%s", err)
         for rec in records:
             if rec.vm not in running:
-                log.info("%s: balloon record dropped: the VM is not running (a new QEMU "
-                         "starts at its configured size)", rec.vm)
+                journal.VmLog(log, rec.vm).info(
+                    "%s: balloon record dropped: the VM is not running (a new QEMU "
+                    "starts at its configured size)", rec.vm)
                 self.balloons.remove(rec.vm)
             elif rec.vm not in self.runners and rec.vm not in self._restoring:
                 # Not served by this daemon (--vm), yet squeezed by an earlier run.
@@ -1402,7 +1409,7 @@ class Daemon:
         r = VmRunner(self, name)
         self.runners[name] = r
         r.task = self.loop.create_task(r.run(), name=f"vm:{name}")
-        log.info("%s: serving", name)
+        r.log.event(logging.INFO, "session", "%s: serving", name)
 
     def stop_runner(self, name: str, why: str) -> None:
         """Stop serving a VM (its QEMU is gone; no discard can be under way: S4)."""
@@ -1410,7 +1417,7 @@ class Daemon:
         if r is not None and r.task is not None:
             r.stop_reason = why
             r.task.cancel()
-            log.info("%s: session ended (%s)", name, why)
+            r.log.event(logging.INFO, "session", "%s: session ended (%s)", name, why)
 
     # -- systemd: watchdog and status
 
@@ -1470,7 +1477,16 @@ class Daemon:
         return await control.handle(self, req)
 
     async def _reload(self) -> None:
-        log.info("reload: %s", await self.handle({"cmd": "reload"}))
+        """SIGHUP (``systemctl reload``): RELOADING=1 with MONOTONIC_USEC= (what systemd
+        >= 253 asks of a reloading service, ignored by older ones), the reload (a bad file
+        keeps the old settings and is logged at err by control.reload), then READY=1, so
+        systemctl's reload ends only once the new file is in force or refused."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+        try:
+            await self.handle({"cmd": "reload"})
+        finally:
+            self._notify("READY=1\nSTATUS=serving")
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT."""
@@ -1524,6 +1540,17 @@ def watchdog_seconds(env: Mapping[str, str] | None = None) -> float | None:
     return int(usec) / 1e6
 
 
+def check_config(path: str) -> int:
+    """``aerated --check-config``: the same validation as start-up and reload, offline."""
+    try:
+        cfg = config_mod.load(path, missing_ok=False)
+    except config_mod.ConfigError as e:
+        print(f"aerated: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK: {cfg.summary()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``aerated``."""
     ap = argparse.ArgumentParser(prog="aerated", description="aerate host daemon")
@@ -1536,9 +1563,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vm", action="append", default=[], metavar="GLOB",
                     help="serve only VMs whose name matches (repeatable; default: all)")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--check-config", action="store_true",
+                    help="validate the config file (--config) and exit: 0 and a summary "
+                         "when it is fine, else the file, line, key and allowed values")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    if args.check_config:
+        return check_config(args.config)
+    journal.setup(args.log_level)
     try:
         metrics = None if args.metrics == "off" else metrics_mod.parse_listen(args.metrics)
     except ValueError as e:

@@ -86,10 +86,11 @@ class DiscardJob:
     cut_short: int = 0
     overruns: int = 0
     content_refused: int = 0
-    notes: List[Tuple[str, str]] = field(default_factory=list)
+    #: (level, message, event kind) for the daemon's journal (host/journal.py EVENTS)
+    notes: List[Tuple[str, str, str]] = field(default_factory=list)
 
     def _note(self, level: str, msg: str) -> None:
-        self.notes.append((level, "%s: batch %d: %s" % (self.vm, self.batch, msg)))
+        self.notes.append((level, "%s: batch %d: %s" % (self.vm, self.batch, msg), "discard"))
 
     def run(self) -> DiscardJob:
         """Discard the ranges in order; the first refusal or failure ends the job (the rest
@@ -194,15 +195,16 @@ class VmSession:
         self.hello_gen = 0
         self.stats: Dict[str, Any] = {}
         self.last_error = ""
-        self.log: List[Tuple[str, str]] = []   # (level, message) for the daemon to emit
+        #: (level, message, event kind or "") for the daemon to emit (host/journal.py)
+        self.log: List[Tuple[str, str, str]] = []
 
     @property
     def state(self) -> HostState:
         """The protocol state of the current connection."""
         return self.endpoint.state
 
-    def _note(self, level: str, msg: str) -> None:
-        self.log.append((level, "%s: %s" % (self.vm, msg)))
+    def _note(self, level: str, msg: str, kind: str = "") -> None:
+        self.log.append((level, "%s: %s" % (self.vm, msg), kind))
 
     def revoke(self, why: str) -> int:
         """End the current session for discards at once (any thread: one attribute write).
@@ -298,7 +300,8 @@ class VmSession:
                 self.hello = _plain(payload, HELLO_DEPTH)
                 self.hello_gen += 1
                 self._note("info", "session up: agent %s, arena %s"
-                           % (_word(self.hello.get("agent")), _word(self.hello.get("arena"))))
+                           % (_word(self.hello.get("agent")), _word(self.hello.get("arena"))),
+                           "session")
             elif kind == "report":
                 if self.endpoint.state is HostState.CLOSED:
                     # A later line of the same read broke the protocol: the session is
@@ -318,7 +321,8 @@ class VmSession:
                     self._fail("need-sync flood (more than %g new sessions/s asked, burst "
                                "%g)" % (self.sync_bucket.rate, self.sync_bucket.burst))
                     return None
-                self._note("info", "guest agent asked for a new session (it restarted)")
+                self._note("info", "guest agent asked for a new session (it restarted)",
+                           "session")
                 self.connected()
                 # Everything queued behind it was parsed under the old session (its
                 # reports, pending batches and tokens are void now): drop it.
@@ -339,7 +343,7 @@ class VmSession:
         self.last_error = why
         self.endpoint.close()
         self._events.clear()
-        self._note("warning", why + "; session closed, nothing discarded")
+        self._note("warning", why + "; session closed, nothing discarded", "session")
 
     def _checks(self, session: int, token: int, deadline: float) -> Tuple[Check, ...]:
         """What host/punch.py asks right before each slice of this report's discard. Both
@@ -387,7 +391,7 @@ class VmSession:
             self.counters.lease_refused += total
             self._note("warning", "batch %d refused: %s (if this repeats on an honest "
                        "guest, its channel is slower than the window: raise lease_s)"
-                       % (batch, lease))
+                       % (batch, lease), "refusal")
             self._refuse(batch, total, lease, stale=True)
             return None
         revoked = self.revocation(session)

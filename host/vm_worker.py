@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from aerate.host import journal
+
 log = logging.getLogger("aerated.worker")
 
 T = TypeVar("T")
@@ -118,8 +120,11 @@ class VmWorker:
                 self._hung = (name, fut, deadline - limit)
                 self.timeouts += 1
                 self.last_timeout = f"libvirt call {name} timed out after {limit:g} s"
+                # A refusal of the VM (journal fields); the host-wide worker ("(host)")
+                # concerns no VM.
+                fields = {} if self.vm.startswith("(") else journal.event("refusal", VM=self.vm)
                 log.warning("VM %s: %s; refusing it until libvirt answers", self.vm,
-                            self.last_timeout)
+                            self.last_timeout, extra=fields)
                 raise CallTimeout(self.last_timeout) from None
             except asyncio.CancelledError:
                 # The caller went away (its runner stopped); the thread may still run, so

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from aerate.host import config as c
@@ -94,3 +98,68 @@ def test_below_python_3_11_tomli_or_toml_parse_and_without_them_the_error_says_w
     monkeypatch.setitem(sys.modules, "toml", None)
     with pytest.raises(c.ConfigError, match="python3-toml"):
         c.parse("[defaults]\nhwm = 8\n")
+
+
+BAD_AT_LINE = """\
+# aerated.toml
+[defaults]
+hwm = 16
+
+[vm."web 01"]
+reserve_mib = 512
+mode = "sometimes"
+
+[vm.db]
+delay_ms = "soon"
+"""
+
+
+@pytest.mark.parametrize(
+    "text, where, allowed",
+    [
+        (BAD_AT_LINE, "/etc/aerate/aerated.toml:7: [vm.web 01]: mode='sometimes' is not one "
+                      "of auto, punch, balloon, off", ""),
+        (BAD_AT_LINE.replace('"sometimes"', '"off"'),
+         "/etc/aerate/aerated.toml:10: [vm.db]: delay_ms='soon' is not a valid int",
+         "; allowed: an integer from "),
+        ("[defaults]\nhwm = 16\nenabled = 1\n",
+         "/etc/aerate/aerated.toml:3: [defaults]: enabled=1 must be true or false",
+         "; allowed: true or false"),
+        ("[defaults]\nhwm = 16\n[vm.a]\n'hwm' = 0\n",
+         "/etc/aerate/aerated.toml:4: [vm.a]: hwm=0 is outside", "; allowed: an integer from 1 "),
+        ("[defaults]\n\nhwm = = 3\n", "/etc/aerate/aerated.toml:3: not valid TOML", ""),
+    ],
+)
+def test_an_error_names_the_file_line_key_and_allowed_values(
+        text: str, where: str, allowed: str) -> None:
+    with pytest.raises(c.ConfigError) as e:
+        c.parse(text, "/etc/aerate/aerated.toml")
+    assert str(e.value).startswith(where), str(e.value)
+    assert allowed in str(e.value)
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    """``aerated --check-config`` as an operator runs it: the real program."""
+    return subprocess.run([sys.executable, "-m", "aerate.host.daemon", "--check-config",
+                           "--config", str(path)], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_check_config_refuses_a_malformed_file_with_file_line_key(tmp_path: Path) -> None:
+    path = tmp_path / "aerated.toml"
+    path.write_text("[defaults]\nhwm = 16\ncapacity = -4\n")
+    got = check_config(path)
+    assert got.returncode == 1 and got.stdout == ""
+    assert got.stderr.startswith(f"aerated: {path}:3: [defaults]: capacity=-4 is outside")
+    assert "allowed: an integer from" in got.stderr
+    missing = check_config(tmp_path / "none.toml")
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def test_check_config_passes_a_good_file_with_a_one_line_summary(tmp_path: Path) -> None:
+    path = tmp_path / "aerated.toml"
+    path.write_text("[defaults]\nhwm = 16\n[vm.web01]\nmode = 'off'\nreserve_mib = 64\n")
+    got = check_config(path)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == (f"{path}: OK: 1 setting(s) in [defaults], 1 [vm.NAME] "
+                          "section(s): web01 (2)\n")

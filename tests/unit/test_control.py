@@ -9,7 +9,11 @@ the command would, and its answers are checked against host/ctl_schema.json.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ from daemon_sim import FakeLibvirt, SimGuest, simulated, until, uuid_of
 from prometheus_client import generate_latest
 
 from aerate.host import config as config_mod
-from aerate.host import control, ctl, metrics, pressure
+from aerate.host import control, ctl, journal, metrics, pressure
 from aerate.host.refusal import JobInfo
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
@@ -262,6 +266,60 @@ def test_reload_sends_what_the_host_file_changed(
         assert daemon.runners["A"].effective_settings()["hwm"] == 5
 
     run(tmp_path, capsys, body)
+
+
+def test_sighup_reload_of_a_bad_file_keeps_the_settings_and_tells_systemd(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Bad input from issue 12: ``systemctl reload`` (SIGHUP, Daemon._reload) of a file
+    with an error keeps the running settings, logs the file:line, key and allowed values
+    at err, and brackets the reload with RELOADING=1 (MONOTONIC_USEC=) ... READY=1 on a
+    real NOTIFY_SOCKET, in that order."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+
+    def received() -> list[str]:
+        out = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                out.append(sock.recv(4096).decode())
+        return out
+
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest],
+                   aeratectl: Callable[..., Awaitable[Any]]) -> None:
+        await running(daemon, "A")
+        assert daemon.runners["A"].effective_settings()["hwm"] == 5
+        received()
+        (tmp_path / "none.toml").write_text("[defaults]\ndelay_ms = 7\n[vm.A]\nhwm = 0\n")
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        with caplog.at_level(logging.INFO):
+            await daemon._reload()
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert daemon.runners["A"].effective_settings()["hwm"] == 5
+        assert daemon.runners["A"].effective_settings()["delay_ms"] != 7
+        msgs = [m for m in received() if not m.startswith(("WATCHDOG=", "STATUS="))]
+        assert [m.splitlines()[0] for m in msgs] == ["RELOADING=1", "READY=1"]
+        usec = int(msgs[0].splitlines()[1].removeprefix("MONOTONIC_USEC="))
+        assert before <= usec <= after
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1, [r.getMessage() for r in caplog.records]
+        text = errors[0].getMessage()
+        assert f"{tmp_path / 'none.toml'}:4: [vm.A]: hwm=0 is outside" in text
+        assert "allowed: an integer from 1 to" in text and "old configuration stays" in text
+        assert errors[0].__dict__["MESSAGE_ID"] == journal.EVENTS["config"]
+        # A good file after it: in force, the same two messages, and no error.
+        (tmp_path / "none.toml").write_text("[vm.A]\nhwm = 6\n")
+        await daemon._reload()
+        await delivered(guests["A"], lambda c: c.get("hwm") == 6, "hwm after the reload")
+        assert [m.splitlines()[0] for m in received()
+                if not m.startswith(("WATCHDOG=", "STATUS="))] == ["RELOADING=1", "READY=1"]
+
+    try:
+        run(tmp_path, capsys, body, config="[vm.A]\nhwm = 5\n")
+    finally:
+        sock.close()
 
 
 def test_a_stopped_vm_is_configured_in_its_definition(

@@ -9,6 +9,7 @@ the real GuestEndpoint over unix sockets the daemon connects to, as to QEMU's ch
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 from daemon_sim import FakeLibvirt, SimGuest, simulated, stop_daemon, until
+
+from aerate.host import journal
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -129,7 +132,8 @@ def test_a_slow_large_discard_of_one_vm_does_not_delay_another_vms_ack(
     run(tmp_path, body)
 
 
-def test_a_timed_out_libvirt_call_refuses_that_vm_with_the_reason(tmp_path: Path) -> None:
+def test_a_timed_out_libvirt_call_refuses_that_vm_with_the_reason(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
         conn.slow[("A", "domain_xml")] = 10.0
         daemon.start_runner("A")
@@ -140,7 +144,15 @@ def test_a_timed_out_libvirt_call_refuses_that_vm_with_the_reason(tmp_path: Path
         (a,) = status["vms"]
         assert a["reason"] == runner.reason and a["libvirt_calls"]["hung"] == "domain_xml"
 
-    run(tmp_path, body, names=("A",), call_timeout=0.5)
+    with caplog.at_level(logging.INFO):
+        run(tmp_path, body, names=("A",), call_timeout=0.5)
+    # The journal's fields (host/journal.py): `journalctl VM=A` finds the session's start
+    # and the refusal, each with its event's MESSAGE_ID.
+    fields = {(r.getMessage(), r.__dict__.get("VM"), r.__dict__.get("MESSAGE_ID"), r.levelno)
+              for r in caplog.records}
+    assert ("A: serving", "A", journal.EVENTS["session"], logging.INFO) in fields
+    assert ("VM A: libvirt call domain_xml timed out after 0.5 s; refusing it until libvirt "
+            "answers", "A", journal.EVENTS["refusal"], logging.WARNING) in fields
 
 
 def test_a_hung_job_query_refuses_the_next_batch_and_status_says_why(tmp_path: Path) -> None:

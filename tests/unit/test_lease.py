@@ -84,7 +84,7 @@ def test_report_under_a_stale_token_is_refused_and_the_session_stays() -> None:
     st_ = s.status()
     assert st_["lease"]["refused_batches"] == 1 and st_["lease"]["refused_bytes"] == MiB2
     assert "lease token 1 expired" in st_["last_refusal"]
-    assert any("refused: lease token 1 expired" in m for _, m in s.log)
+    assert any("refused: lease token 1 expired" in m and k == "refusal" for _, m, k in s.log)
     # Acked as stale: the guest returns the pages without counting a policy refusal.
     assert g.receive(s.take_outbox()) == [("release", (b, 0, 0))]
 

@@ -100,7 +100,8 @@ def test_failed_discard_is_abandoned_and_acked_with_reason() -> None:
     b = g.report([(0, MiB2)])
     s.receive(g.take_outbox())
     assert g.receive(s.take_outbox()) == [("release", (b, 0, MiB2))]
-    assert any("discard failed" in m for _, m in s.log)
+    # The journal event of a discard incident (host/journal.py EVENTS).
+    assert any("discard failed" in m and k == "discard" for _, m, k in s.log)
 
 
 def test_flood_is_cut_off() -> None:
@@ -243,7 +244,7 @@ def test_hostile_hello_is_bounded_like_stats() -> None:
                           "extra": {"k%d" % i: _nested(50) for i in range(200)}})
     st = s.status()
     assert st["agent"].isprintable() and len(st["agent"]) <= 64 and st["arena"] is None
-    assert all(msg.isprintable() and len(msg) < 300 for _, msg in s.log)
+    assert all(msg.isprintable() and len(msg) < 300 for _, msg, _k in s.log)
     assert len(s.hello["extra"]) == 64
     json.dumps(st)
     format_status({"vms": [st]})

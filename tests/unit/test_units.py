@@ -88,3 +88,35 @@ def test_the_agent_is_given_time_to_wait_out_its_leases_on_stop() -> None:
     m = re.search(r"^TimeoutStopSec=(\d+)s$", text, re.M)
     assert m, "aerate-agent.service sets no TimeoutStopSec="
     assert int(m.group(1)) > STOP_LIMIT > LEASE_MAX_S
+
+
+def unit_values(text: str, section: str, key: str) -> list[str]:
+    """Every word of every ``key=`` line in ``[section]`` (systemd joins repeated lines)."""
+    words: list[str] = []
+    current = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and line.startswith(key + "="):
+            words += line.partition("=")[2].split()
+    return words
+
+
+def test_the_daemon_unit_orders_after_either_libvirt_daemon_and_pulls_in_neither() -> None:
+    """A Wants=libvirtd.service would start the monolithic daemon next to virtqemud on a
+    modular host (issue 12); ordering after both is harmless where one is absent."""
+    text = (UNITS / "aerated.service").read_text()
+    assert {"libvirtd.service", "virtqemud.service"} <= set(unit_values(text, "Unit", "After"))
+    for key in ("Wants", "Requires", "Requisite", "BindsTo", "PartOf", "Upholds"):
+        pulled = [u for u in unit_values(text, "Unit", key) if "virt" in u]
+        assert pulled == [], f"{key}= {pulled}"
+
+
+def test_reload_is_sighup_which_the_daemon_brackets_with_reloading_and_ready() -> None:
+    """Type=notify-reload (systemd >= 253) would send the SIGHUP itself; Debian 12's 252
+    does not know it, so ExecReload= sends it and the daemon (host/daemon.py _reload)
+    answers RELOADING=1 ... READY=1, which both versions understand."""
+    text = (UNITS / "aerated.service").read_text()
+    assert unit_values(text, "Service", "Type") == ["notify"]
+    assert unit_values(text, "Service", "ExecReload") == ["/bin/kill", "-HUP", "$MAINPID"]
