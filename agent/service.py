@@ -58,6 +58,32 @@ def _notify(msg: str) -> None:
         log.warning("sd_notify failed: %s", e)
 
 
+class JournalPrefix(logging.Formatter):
+    """``<N>`` (the syslog priority) before every line of a record: systemd stores each
+    line of a service's stderr with that PRIORITY and without the prefix, so ``journalctl
+    -u aerate-agent -p warning`` shows the warnings alone."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelno
+        pri = (7 if level <= logging.DEBUG else 6 if level <= logging.INFO else
+               4 if level <= logging.WARNING else 3 if level <= logging.ERROR else 2)
+        return "\n".join("<%d>%s" % (pri, line)
+                         for line in super().format(record).split("\n"))
+
+
+def log_formatter(stream: Any, env: Any) -> logging.Formatter:
+    """Prefixed records when ``stream`` is systemd's journal stream (``$JOURNAL_STREAM``
+    names its device:inode, systemd.exec(5)); the level as a word anywhere else."""
+    try:
+        st = os.fstat(stream.fileno())
+        journal = env.get("JOURNAL_STREAM", "") == "%d:%d" % (st.st_dev, st.st_ino)
+    except (OSError, ValueError, AttributeError):
+        journal = False
+    if journal:
+        return JournalPrefix("%(message)s")
+    return logging.Formatter("%(levelname)s %(message)s")
+
+
 def stats_only_reason(root: str = "/") -> str:
     """Why this agent should only report statistics, or "" (DESIGN: kernel FPR active)."""
     try:
@@ -424,8 +450,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="a setting until the host sends its own (repeatable)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(levelname)s %(message)s")
+    stream_handler = logging.StreamHandler(sys.stderr)
+    stream_handler.setFormatter(log_formatter(sys.stderr, os.environ))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[stream_handler])
     try:
         values = settings_mod.parse_assignments(args.set, origin="aerate-agent --set")
     except settings_mod.SettingError as e:

@@ -56,3 +56,4 @@ def test_a_flapping_guest_sends_at_most_one_message_per_gap(free_mib: list[int])
             sent.append(now)
     assert all(b - a >= STATS_GAP_S for a, b in zip(sent, sent[1:]))
     assert len(sent) <= 0.1 * len(free_mib) / STATS_GAP_S + 1
+

@@ -51,6 +51,15 @@ def test_agent_is_an_active_systemd_service(guest: Guest) -> None:
     assert "dev-virtio" in props["BindsTo"] and f"{AGENT_PORT}.device" in props["BindsTo"]
     # Its port device is what started it, and the device is there.
     assert guest.check(f"readlink -f /dev/virtio-ports/{AGENT_PORT}").startswith("/dev/vport")
+    # Its lines reach the journal at their priorities (the <N> prefix read by journald):
+    # the start line is info, so -p warning leaves it out.
+    start = json.loads(guest.check(
+        "journalctl -u aerate-agent -b -o json --no-pager | grep 'aerate-agent [0-9.]* on' "
+        "| tail -1"))
+    assert start["PRIORITY"] == "6" and not start["MESSAGE"].startswith("<"), start
+    assert "aerate-agent" not in guest.check(
+        "journalctl -u aerate-agent -b -p warning -o cat --no-pager | "
+        "grep 'aerate-agent [0-9.]* on' || true")
 
 
 def test_memfd_guest_has_no_kernel_free_page_reporting_unless_asked(guest: Guest) -> None:
