@@ -99,6 +99,7 @@ def aerated(run_dir: Path, config_text: str = "", extra: tuple[str, ...] = ()
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)   # a test may have left it stopped
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:

@@ -53,21 +53,28 @@ def rounds(default: int) -> int:
     return max(1, int(os.environ.get("AERATE_SOAK_ROUNDS", default)))
 
 
-@pytest.fixture(scope="module")
-def vm(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
-       ) -> Iterator[tuple[Guest, Aerated]]:
-    run = tmp_path_factory.mktemp("aerated-leases")
+@contextlib.contextmanager
+def leased_guest(image: GuestImage, run: Any, memory_mib: int, extra_cmdline: str = ""
+                 ) -> Iterator[tuple[Guest, Aerated]]:
+    """A memfd guest with its own daemon under CONFIG, its session up."""
     # on_reboot=restart: a guest reboot resets the machine inside the same QEMU (libvirt's
     # default), so memfd, channel and the daemon's connection survive it, the case at stake.
     # Under TCG the default CPU lacks 1 GiB pages (pdpe1gb): ask for them, for the last test.
-    extra = () if detect_domain_type(guest_image.kernel) == "kvm" else (
+    extra = () if detect_domain_type(image.kernel) == "kvm" else (
         "<cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model>"
         "<feature policy='require' name='pdpe1gb'/></cpu>",)
-    with booted(guest_image, backing="memfd", memory_mib=1536, on_reboot="restart",
-                extra_domain=extra) as g:
+    with booted(image, backing="memfd", memory_mib=memory_mib, on_reboot="restart",
+                extra_domain=extra, extra_cmdline=extra_cmdline) as g:
         with aerated(run, CONFIG, ("--vm", g.name)) as d:
             wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the session")
             yield g, d
+
+
+@pytest.fixture(scope="module")
+def vm(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+       ) -> Iterator[tuple[Guest, Aerated]]:
+    with leased_guest(guest_image, tmp_path_factory.mktemp("aerated-leases"), 1536) as gd:
+        yield gd
 
 
 @pytest.fixture(autouse=True)
@@ -327,7 +334,7 @@ def test_agent_sigkill_with_a_report_in_flight_never_gets_it_punched(
 
 
 def test_runtime_1gib_hugepages_while_a_batch_is_in_flight_move_no_reported_page(
-        vm: tuple[Guest, Aerated]) -> None:
+        guest_image: GuestImage, tmp_path: Any) -> None:
     """alloc_contig_range (a runtime 1 GiB nr_hugepages) migrates in-use hugetlb pages;
     a held page migrated while its report is in flight would leave the report naming a frame
     the guest reuses. Held pages are pinned (agent/pin.py), so the allocation cannot move
@@ -336,9 +343,16 @@ def test_runtime_1gib_hugepages_while_a_batch_is_in_flight_move_no_reported_page
 
     Unlike the other variants the stall here can be shorter than the host's window (the
     allocation may give up at once): the report in flight is then served, or refused for a
-    permit older than the stall, both right (resume_and_see_refusal)."""
-    g, d = vm
-    with explained(g, d):
+    permit older than the stall, both right (resume_and_see_refusal).
+
+    Its own 3 GiB guest, whose top GiB is ZONE_MOVABLE (``movablecore=1G``): a 1 GiB page
+    needs a whole aligned GiB of RAM the kernel can empty, which a 1.5 GiB guest never has
+    ([0, 1G) holds the kernel), so there the allocation never even tried to move a page.
+    A long-term pin migrates a page out of ZONE_MOVABLE before it holds it, so a pinned
+    arena page never sits where the allocation must empty; an unpinned one would be
+    moved, which the re-check before each report catches."""
+    with leased_guest(guest_image, tmp_path, 3072, "movablecore=1G") as (g, d), \
+            explained(g, d):
         gig = "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
         if g.run(f"test -w {gig}", 20)[0] != 0:
             pytest.skip("the guest kernel offers no 1 GiB hugepages (no pdpe1gb)")
@@ -361,6 +375,7 @@ def test_runtime_1gib_hugepages_while_a_batch_is_in_flight_move_no_reported_page
         counters = wait_for(rechecked, 120, "the agent's re-checks after the stall")
         print(f"1 GiB pages allocated at runtime: {got}; surplus held during it: {held}; "
               f"arena counters before the stall: {before['arena']}, after: {counters}")
+        assert got >= 1, "no 1 GiB page could be allocated: the test showed no migration"
         assert counters.get("pin_unavailable") == 0, counters
         assert counters.get("pin_failed", 0) == 0, counters
         assert counters.get("moved", 0) == 0, counters
