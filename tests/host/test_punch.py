@@ -232,6 +232,17 @@ def test_punch_frees_exactly_the_range_and_keeps_neighbours(shared_vm: Vm) -> No
     assert before >= 4 * g
     for i in range(4):
         assert shared_vm.qemu_sees(base + i * g) == int.from_bytes(bytes([0xA0 + i]) * 8, "little")
+    # Only zeroes are discarded (host/punch.py): the two middle granules become what an
+    # agent's reported pages are, zeroes still backed; a granule with data is refused.
+    shared_vm.write(base + g, bytes(2 * g))
+    assert shared_vm.allocated() == before
+    with pytest.raises(PunchRefused, match="does not read as zeroes") as refused:
+        punch(shared_vm.name, shared_vm.gmap, shared_vm.backings, base + g, 3 * g, g,
+              shared_vm.permit)
+    assert refused.value.content and refused.value.done == 2 * g
+    assert before - shared_vm.allocated() == 2 * g
+    shared_vm.write(base + g, bytes(2 * g))     # backed again, for the exact punch below
+    assert shared_vm.allocated() == before
 
     punched = punch(shared_vm.name, shared_vm.gmap, shared_vm.backings, base + g, 2 * g, g,
                     shared_vm.permit)
@@ -363,6 +374,11 @@ def test_ram_above_4g_maps_to_block_offset_below_4g(scratch: str) -> None:
         finally:
             os.close(fd)
         assert vm.qemu_sees(hi) == int.from_bytes(b"\x77" * 8, "little")
+        fd = os.open(vm.backing().path or "", os.O_RDWR)
+        try:    # zeroes, still backed: what a reported page holds (only they are punched)
+            os.pwrite(fd, bytes(2 * MIB), 2 * GIB + 128 * MIB)
+        finally:
+            os.close(fd)
         before = vm.allocated()
         punch(vm.name, vm.gmap, vm.backings, hi, 2 * MIB, 2 * MIB, vm.permit)
         assert before - vm.allocated() == 2 * MIB
@@ -514,6 +530,8 @@ def test_libvirt_domain_is_mapped_and_punched(lv: Any, lv_domain: str) -> None:
         return int(lv.hmp(name, f"xp /1gx {gpa:#x}").split(":")[1].split()[0], 16)
 
     assert xp(128 * MIB + g) == int.from_bytes(b"\x62" * 8, "little")
+    vm.write(128 * MIB + g, bytes(g))   # zeroes, still backed: only they are punched
+    assert bk.allocated_bytes(b) == before
     assert punch(name, gmap, backings, 128 * MIB + g, g, g, permit) == g
     assert before - bk.allocated_bytes(b) == g
     assert xp(128 * MIB + g) == 0
