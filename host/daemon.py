@@ -764,11 +764,10 @@ class VmRunner:
         why = self.budget.check(self.session.counters.batches, length, time.monotonic())
         if why:
             raise PunchRefused(self.name, gpa, length, why)
-        gmap, backings, granule = self.gmap, self.backings, self.session.granule
-        # host/verify.py: the backing file's allocation read before and after, per range.
-        return self.reclaim.measure(backings, gmap, gpa, length, granule, lambda: int(
-            self.daemon.punch(self.name, gmap, backings, gpa, length, granule, self.permit,
-                              (self.pinning_check, *checks))))
+        return self.daemon.punch(self.name, self.gmap, self.backings, gpa, length,
+                                 self.session.granule, self.permit,
+                                 (self.pinning_check, *checks),
+                                 verify=self.reclaim.range_done)  # host/verify.py
 
     def _in_ram(self, gpa: int, length: int) -> bool:
         assert self.gmap is not None and self.session is not None
