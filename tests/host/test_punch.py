@@ -256,8 +256,9 @@ def test_verified_reclaim_is_the_backings_real_fall(shared_vm: Vm) -> None:
     so it is discarded but not verified."""
     g = 2 * MIB
     base = 96 * MIB
-    for i in range(3):
-        shared_vm.write(base + i * g, pattern(0xB0 + i, g))
+    for i in range(2):
+        shared_vm.write(base + i * g, pattern(0, g))  # backed zeroes, as the agent's pages
+    shared_vm.write(base + 2 * g, pattern(0xB2, g))   # a neighbour, never punched
     tally = ReclaimTally()
 
     def again() -> int:

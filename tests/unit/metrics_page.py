@@ -3,7 +3,7 @@
 The real Daemon, runners, sessions, punch and metrics collector over daemon_sim's
 **MOCK of libvirtd** (FakeLibvirt) and simulated guests whose RAM is a real memfd:
 
-- ``A``: punch VM; half of its report is data in its memfd, half holes, so it has
+- ``A``: punch VM; half of its report is backed in its memfd, half holes, so it has
   discarded, verified and unverified bytes; one batch refused by its discard budget;
 - ``P``: private RAM, reclaimed by the balloon (target/actual/floor/held back);
 - ``N``: no aerate channel (unmanaged, no backing figure);
@@ -27,8 +27,10 @@ from aerate.host.refusal import JobInfo
 
 
 def fill(fd: int, gpa: int, length: int) -> None:
-    """Write data into a simulated guest's RAM memfd (it becomes allocated host memory)."""
-    os.pwrite(fd, b"\x5a" * length, gpa)
+    """Back [gpa, +length) of a simulated guest's RAM memfd with zeroes: allocated host
+    memory, as a page the agent took is (zeroes, so host/punch.py's content check lets its
+    discard through)."""
+    os.pwrite(fd, bytes(length), gpa)
 
 
 async def everything(run_dir: str) -> tuple[str, dict[str, Any], list[str]]:
@@ -54,7 +56,7 @@ async def everything(run_dir: str) -> tuple[str, dict[str, Any], list[str]]:
                     and daemon.runners["R"].state.value == "running", 5, "R refused")
         a = guests["A"]
         assert a.ep is not None and a.writer is not None
-        # A reports 0, 4, 8, 12 MiB (2 MiB each): the first two hold data, two are holes.
+        # A reports 0, 4, 8, 12 MiB (2 MiB each): the first two are backed, two are holes.
         fill(conn.vms["A"].fd, 0, GRANULE)
         fill(conn.vms["A"].fd, 4 * MiB, GRANULE)
         got = asyncio.Event()

@@ -33,7 +33,7 @@ def punch_through(tally: ReclaimTally, vm: Any, gpa: int, length: int,
 
 
 def test_verified_bytes_are_the_real_fall_of_the_memfds_blocks(tmp_path: Path) -> None:
-    """Punch 6 MiB of a real memfd of which 4 MiB hold data: verified moves by exactly the
+    """Punch 6 MiB of a real memfd of which 4 MiB are backed: verified moves by exactly the
     kernel's st_blocks delta (4 MiB), the 2 MiB hole counts unverified; punching the same
     range again verifies nothing (it is all holes: discarded, not reclaimed)."""
     vm = new_vm("v", str(tmp_path))
@@ -56,7 +56,7 @@ def test_verified_bytes_are_the_real_fall_of_the_memfds_blocks(tmp_path: Path) -
 
 def test_a_punch_stopped_part_way_counts_what_it_discarded(tmp_path: Path) -> None:
     """A check that stops the punch after its first 2 MiB slice: the refusal says 2 MiB were
-    done, the tally verifies those 2 MiB (they held data) and counts nothing of the rest."""
+    done, the tally verifies those 2 MiB (they were backed) and counts nothing of the rest."""
     vm = new_vm("v", str(tmp_path))
     try:
         fill(vm.fd, 0, 8 * MiB)
@@ -118,7 +118,7 @@ def test_a_failed_fallocate_counts_nothing(tmp_path: Path,
 
 
 def test_the_daemon_exports_verified_reclaim(tmp_path: Path) -> None:
-    """Through the real daemon: A's report of four 2 MiB ranges, two holding data in its
+    """Through the real daemon: A's report of four 2 MiB ranges, two of them backed in its
     memfd: 8 MiB discarded, 4 MiB verified (the real fall), 4 MiB unverified, in status,
     in the metrics and in explain; VMs without a proven backing carry no such figure."""
     text, views, said = asyncio.run(everything(str(tmp_path)))
@@ -131,3 +131,21 @@ def test_the_daemon_exports_verified_reclaim(tmp_path: Path) -> None:
     assert "reclaim" not in views["N"]
     assert 'aerate_discard_verified_bytes_total{vm="N"}' not in text
     assert any("the backing fell 4 MiB (verified)" in s for s in said), said
+
+
+def test_a_range_the_content_check_stops_counts_what_went_before(tmp_path: Path) -> None:
+    """host/punch.py discards only zeroes: a non-zero page in the second granule stops the
+    punch there; the first granule was discarded and is verified, the rest counts nothing
+    and stays allocated."""
+    vm = new_vm("v", str(tmp_path))
+    try:
+        fill(vm.fd, 0, 6 * MiB)
+        os.pwrite(vm.fd, b"\x01", GRANULE + 4096)
+        tally = ReclaimTally()
+        with pytest.raises(PunchRefused) as got:
+            punch_through(tally, vm, 0, 6 * MiB)
+        assert got.value.content and got.value.done == GRANULE
+        assert blocks(vm.fd) == 4 * MiB
+        assert tally.status() == {"verified_bytes": GRANULE, "unverified_bytes": 0}
+    finally:
+        os.close(vm.fd)
