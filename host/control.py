@@ -191,6 +191,7 @@ def vm_view(d: Daemon, r: VmRunner) -> dict[str, Any]:
         out.pop("backing_allocated_bytes", None)
         out.pop("backing_allocated_age_s", None)
         out.pop("backing_allocated_at_start", None)
+        out.pop("reclaim", None)  # nothing can be discarded, nothing verified
     state = r.state.value
     if state in UNMANAGED:
         out["reclaimer"], out["category"] = "unmanaged", UNMANAGED[state]
@@ -644,6 +645,13 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
                 f"{int(budget.get('rate_bytes_s', 0)) >> 20} MiB/s; "
                 f"{budget.get('bites', 0)} batches cut"
                 + (f" (last: {budget.get('reason')})" if budget.get("reason") else "") + ".")
+    got_back = s.get("reclaim")
+    if isinstance(got_back, dict) and s.get("discarded_bytes"):
+        says.append(f"Of {int(s['discarded_bytes']) >> 20} MiB discarded, the backing fell "
+                    f"{int(got_back['verified_bytes']) >> 20} MiB (verified); "
+                    f"{int(got_back['unverified_bytes']) >> 20} MiB it did not show (ranges "
+                    "already holes, re-faulted, or hidden by the guest's faults meanwhile: "
+                    "host/verify.py).")
     bal = s.get("balloon")
     if isinstance(bal, dict) and bal.get("max_bytes"):
         says.append(f"Balloon: target {bal['target_bytes'] >> 20} MiB, actual "

@@ -88,6 +88,7 @@ from aerate.host.refusal import (
     poison_from_hello,
 )
 from aerate.host.session import DiscardJob, VmSession
+from aerate.host.verify import ReclaimTally
 from aerate.host.vm_worker import CALL_TIMEOUT, CallTimeout, VmWorker, new_pool
 
 log = logging.getLogger("aerated")
@@ -252,6 +253,7 @@ class VmRunner:
         self.metadata: dict[str, Any] = {}
         self.live: dict[str, Any] = {}
         self.backing_before = 0
+        self.reclaim = ReclaimTally()  # verified / unverified discarded bytes
         # Snapshot of backing_allocated(), refreshed off the loop (status reads only this).
         self.backing_now: int | None = None
         self._backing_at = -math.inf
@@ -764,7 +766,8 @@ class VmRunner:
             raise PunchRefused(self.name, gpa, length, why)
         return self.daemon.punch(self.name, self.gmap, self.backings, gpa, length,
                                  self.session.granule, self.permit,
-                                 (self.pinning_check, *checks))
+                                 (self.pinning_check, *checks),
+                                 verify=self.reclaim.range_done)  # host/verify.py
 
     def _in_ram(self, gpa: int, length: int) -> bool:
         assert self.gmap is not None and self.session is not None
@@ -1167,6 +1170,7 @@ class VmRunner:
             out["backing_allocated_bytes"] = self.backing_now
             out["backing_allocated_age_s"] = round(now - self._backing_at, 3)
         out["backing_allocated_at_start"] = self.backing_before
+        out["reclaim"] = self.reclaim.status()
         out["backings"] = {n: {"kind": b.kind.value, "page_size": b.page_size,
                                "reason": b.reason} for n, b in self.backings.items()}
         out["budget"] = self.budget.status()

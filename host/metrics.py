@@ -34,12 +34,18 @@ _COUNTERS = (
     ("sessions", "aerate_sessions", "Sessions started with the guest agent"),
     ("errors", "aerate_protocol_errors", "Sessions ended by a guest protocol error"),
 )
-#: Refused bytes by their cause (status sub-dict, key): refusals by reason, as counters.
+#: Counters from a status sub-dict (sub-dict, key): refusals by reason, verified reclaim.
 _REFUSED_BY = (
     ("lease", "refused_bytes", "aerate_lease_refused_bytes",
      "Bytes refused because the report's lease token was stale or missing"),
     ("budget", "refused_bytes", "aerate_budget_refused_bytes",
      "Bytes refused by the VM's discard budget"),
+    # host/verify.py: what the host backing really fell per discard, and what it did not.
+    ("reclaim", "verified_bytes", "aerate_discard_verified_bytes",
+     "Discarded bytes the backing file's allocation was seen to fall by (host/verify.py)"),
+    ("reclaim", "unverified_bytes", "aerate_discard_unverified_bytes",
+     "Discarded bytes the backing did not show freed: already holes, re-faulted, or hidden "
+     "by the guest's faults during the punch"),
 )
 _BALLOON = (
     ("target_bytes", "aerate_balloon_target_bytes", "Balloon target: guest memory asked for"),

@@ -64,6 +64,8 @@ _fallocate.restype = ctypes.c_int
 SLICE_BYTES = 64 << 20
 #: A check: "" when the discard may go on, else the reason it must stop.
 Check = Callable[[], str]
+#: Told (bytes discarded, the backing's allocation before, after): host/verify.py.
+Verify = Callable[[int, int, int], None]
 #: Most bytes the content check reads at once (one reusable buffer per thread).
 CHECK_BYTES = 2 << 20
 _ZERO = bytes(CHECK_BYTES)
@@ -145,6 +147,7 @@ def punch(
     permit: Callable[[], Decision],
     checks: Sequence[Check] = (),
     slice_bytes: int = SLICE_BYTES,
+    verify: Verify | None = None,
 ) -> int:
     """Discard guest range [gpa, gpa+length) of `vm` from its backing; return bytes punched.
 
@@ -154,6 +157,11 @@ def punch(
     before refuses (PunchRefused with it, ``done`` bytes discarded before), a reason after
     is an incident (PunchRefused with ``overrun``; a check that must refuse the VM from then
     on latches itself, e.g. host/pinning.py). Raises PunchRefused or PunchFailed.
+
+    ``verify(done, before, after)``, when given, is told the bytes discarded and the
+    allocation of the file punched (st_blocks * 512 of this fd) before the first slice and
+    after the last one, whenever bytes were discarded and no fallocate failed (as the
+    session counts them); host/verify.py. It costs one fstat; it decides nothing.
     """
     # The checks run right before each slice below (not also here: the first of them
     # would run twice in a row, and the pinning scan reads every fd of QEMU).
@@ -184,6 +192,7 @@ def punch(
         raise PunchRefused(
             vm, gpa, length, f"cannot open the backing {backing.path}: {exc.strerror}"
         ) from exc
+    done = before = 0
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (backing.dev, backing.ino):
@@ -196,7 +205,7 @@ def punch(
                 vm, gpa, length, f"{backing.link} shrank below offset {offset + length:#x}"
             )
         step = max(granule, slice_bytes // granule * granule)
-        done = 0
+        before = st.st_blocks * 512
         while done < length:
             n = min(step, length - done)
             why = _first_problem(checks)   # right before the syscall, every slice
@@ -232,6 +241,11 @@ def punch(
             why = _first_problem(checks)
             if why:
                 raise PunchRefused(vm, gpa, length, why, done, overrun=True)
+    except PunchFailed:
+        done = 0   # the session counts nothing of a failed discard
+        raise
     finally:
+        if verify is not None and done:
+            verify(done, before, os.fstat(fd).st_blocks * 512)
         os.close(fd)
     return length

@@ -25,6 +25,7 @@ from aerate.host import backing as bk
 from aerate.host import qemu_map as qm
 from aerate.host.punch import PunchRefused, punch
 from aerate.host.refusal import Decision, DomainFacts, JobInfo, PoisonFact, VmFacts, decide
+from aerate.host.verify import ReclaimTally
 
 pytestmark = [pytest.mark.host, pytest.mark.timeout(120)]
 
@@ -257,6 +258,30 @@ def test_punch_frees_exactly_the_range_and_keeps_neighbours(shared_vm: Vm) -> No
     assert shared_vm.qemu_sees(base + g) == 0
     assert shared_vm.qemu_sees(base + 2 * g + g - 8) == 0
     assert shared_vm.qemu_sees(base + 3 * g) == int.from_bytes(b"\xa3" * 8, "little")
+
+
+def test_verified_reclaim_is_the_backings_real_fall(shared_vm: Vm) -> None:
+    """host/verify.py on every shared backing kind, through QEMU's own fd of it (or its
+    map_files entry): verified moves by exactly the kernel's fall of the file's allocation
+    (hugetlbfs counts whole huge pages too); the same range punched again is all holes,
+    so it is discarded but not verified."""
+    g = 2 * MIB
+    base = 96 * MIB
+    for i in range(2):
+        shared_vm.write(base + i * g, pattern(0, g))  # backed zeroes, as the agent's pages
+    shared_vm.write(base + 2 * g, pattern(0xB2, g))   # a neighbour, never punched
+    tally = ReclaimTally()
+
+    def again() -> int:
+        return punch(shared_vm.name, shared_vm.gmap, shared_vm.backings, base, 2 * g, g,
+                     shared_vm.permit, verify=tally.range_done)
+
+    before = shared_vm.allocated()
+    assert again() == 2 * g
+    assert tally.verified == before - shared_vm.allocated() == 2 * g
+    assert again() == 2 * g
+    assert tally.status() == {"verified_bytes": 2 * g, "unverified_bytes": 2 * g}
+    assert shared_vm.read(base + 2 * g, g) == pattern(0xB2, g)
 
 
 @pytest.mark.parametrize(

@@ -145,10 +145,10 @@ async def scenario(n: int, hung: bool, window: float, flood_kind: str = "",
         punch_time = [0.0, 0]
         real_punch = daemon.punch
 
-        def timed_punch(*args: Any) -> int:
+        def timed_punch(*args: Any, **kw: Any) -> int:
             t = time.perf_counter()
             try:
-                return int(real_punch(*args))
+                return int(real_punch(*args, **kw))
             finally:
                 punch_time[0] += time.perf_counter() - t
                 punch_time[1] += 1

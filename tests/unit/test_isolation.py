@@ -105,8 +105,8 @@ def test_a_slow_large_discard_of_one_vm_does_not_delay_another_vms_ack(
         real = daemon.punch
         slow = asyncio.Event()
 
-        def punch(vm: str, *args: Any) -> int:
-            done = int(real(vm, *args))
+        def punch(vm: str, *args: Any, **kw: Any) -> int:
+            done = int(real(vm, *args, **kw))
             if vm == "A" and not slow.is_set():
                 # The fallocate of the first range is slow; the lease window closes
                 # meanwhile, so the rest of A's batch is refused (cut short): realistic.
