@@ -51,7 +51,9 @@ Leases (S1, S2: no report outlives its pages)
     stopped for more than half the lease between its deadline check and the entry of that
     one fallocate call, a window of microseconds (a signal does not stop a punch half-way:
     a stop that lands inside the syscall takes effect after it). host/punch.py re-checks
-    after every slice and counts an overrun, a stall around the syscall, as an incident.
+    after every slice against ``S(t) + lease`` (``lease_hold_end``), the earliest the guest
+    may return the pages, and counts a slice that ended later as an overrun, an incident;
+    a slice that ends between the window's close and that moment used the margin, no more.
     Un-acked pages are therefore held at most ``lease`` after their last token, even when
     the host is gone for good; a report the host reads later is refused by its token age.
 
@@ -133,6 +135,10 @@ LEASE_MS_MIN = 500
 LEASE_MS_MAX = 60_000
 #: The host starts no discard later than this share of the lease after sending the token.
 HOST_SHARE = 0.5
+#: Of a lease, what the host counts the guest's hold as when it judges a slice that already
+#: ran (``lease_hold_end``): short of the whole lease by a guest clock running fast (NTP
+#: slews at most 500 ppm; 1 % is left).
+HOLD_SHARE = 0.99
 #: The host sends a keepalive token this often (share of the lease); a guest whose newest
 #: token is older than ``FRESH_SHARE`` of the lease waits for the next one before reporting,
 #: so an honest report reaches the host with plenty of its window left.
@@ -701,6 +707,18 @@ class HostEndpoint:
         self.last_stamp = now
         msg["token"], msg["lease_ms"] = token, lease_ms
         return msg
+
+    def lease_hold_end(self, token: Optional[int]) -> Optional[float]:
+        """The earliest moment (host clock) the guest may return the pages of a report
+        carrying ``token`` without an ack: its send time plus the lease (the guest waits a
+        lease from its *receive* time, which is later), less a fast guest clock's share
+        (``HOLD_SHARE``). A slice that ends before this ran while the guest still held the
+        pages, even if it ended after ``lease_deadline``."""
+        entry = self._tokens.get(token) if token is not None else None
+        if entry is None:
+            return None
+        sent, lease_s = entry
+        return sent + HOLD_SHARE * lease_s
 
     def lease_deadline(self, token: Optional[int]) -> Optional[float]:
         """No discard of a report carrying ``token`` may start at or after this (host

@@ -11,9 +11,11 @@ check, done before calling here.
 Slices and checks. A range is punched in slices of at most ``SLICE_BYTES``, and the
 caller's ``checks`` (host/session.py: the report's lease window is still open, the session
 was not revoked by a guest reset; host/pinning.py-style scans) run right before each slice:
-one that answers a reason stops the discard there. They run again right after each slice:
-a reason then means the slice's fallocate ended after the window closed (the daemon was
-stalled in the middle of it), which is reported as an *overrun* so it is logged and counted.
+one that answers a reason stops the discard there. They run again right after each slice
+(a check's ``after``, where it has one: the lease's asks whether the guest may already have
+taken the pages back, a whole lease after the token, not whether the window closed): a
+reason then means the slice's fallocate ended too late (the daemon was stalled in the
+middle of it), which is reported as an *overrun* so it is logged and counted.
 A slice bounds how long one fallocate can run past its check (milliseconds on memfd and
 hugetlbfs), which is what the lease argument in agent/protocol.py needs.
 
@@ -205,6 +207,7 @@ def punch(
                 vm, gpa, length, f"{backing.link} shrank below offset {offset + length:#x}"
             )
         step = max(granule, slice_bytes // granule * granule)
+        afters = [getattr(check, "after", check) for check in checks]
         before = st.st_blocks * 512
         while done < length:
             n = min(step, length - done)
@@ -238,7 +241,7 @@ def punch(
                         exc.errno or 0,
                     ) from exc
                 done += g
-            why = _first_problem(checks)
+            why = _first_problem(afters)
             if why:
                 raise PunchRefused(vm, gpa, length, why, done, overrun=True)
     except PunchFailed:

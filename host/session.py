@@ -65,6 +65,18 @@ class Counters:
     content_refused: int = 0
 
 
+class SliceCheck:
+    """A check whose question right after a slice differs from the one before it
+    (host/punch.py asks ``after`` there when a check has one)."""
+
+    def __init__(self, before: Check, after: Check) -> None:
+        self.before = before
+        self.after = after
+
+    def __call__(self) -> str:
+        return self.before()
+
+
 @dataclass
 class DiscardJob:
     """One report's discard, run by ``run()`` on whichever thread the caller picks.
@@ -345,18 +357,30 @@ class VmSession:
         self._events.clear()
         self._note("warning", why + "; session closed, nothing discarded", "session")
 
-    def _checks(self, session: int, token: int, deadline: float) -> Tuple[Check, ...]:
-        """What host/punch.py asks right before each slice of this report's discard. Both
-        read only values fixed now or written atomically, so a worker thread may ask."""
-        clock = self.endpoint.clock
+    def _checks(self, session: int, token: int, deadline: float,
+                hold_end: float) -> Tuple[Check, ...]:
+        """What host/punch.py asks right before each slice of this report's discard (and,
+        through ``after``, right after it). Both read only values fixed now or written
+        atomically, so a worker thread may ask.
 
-        def lease() -> str:
-            return protocol.deadline_problem(token, deadline, clock())
+        The lease: a slice starts only inside the window (``deadline``, half the lease
+        after the token's send time); after it, the slice must have ended before the guest
+        may take the pages back (``hold_end``, a whole lease after the send): only a slice
+        ending later is an overrun (agent/protocol.py "Leases")."""
+        clock = self.endpoint.clock
 
         def alive() -> str:
             why = self.revocation(session)
             return "session ended: %s" % why if why else ""
 
+        def held() -> str:
+            late = clock() - hold_end
+            if late < 0:
+                return ""
+            return ("lease token %d: the slice ended %.2f s after the guest may have taken "
+                    "the pages back" % (token, late))
+
+        lease = SliceCheck(lambda: protocol.deadline_problem(token, deadline, clock()), held)
         return (alive, lease)
 
     def _refuse(self, batch: int, total: int, reason: str, stale: bool = False) -> None:
@@ -384,7 +408,8 @@ class VmSession:
         # whether a reset, a closed port or a lost libvirt connection raced the report in.
         lease = self.endpoint.lease_problem(report.token)
         deadline = self.endpoint.lease_deadline(report.token)
-        if lease or deadline is None or report.token is None:
+        hold_end = self.endpoint.lease_hold_end(report.token)
+        if lease or deadline is None or hold_end is None or report.token is None:
             # S1: the guest may have taken these pages back already; refused, not fatal: an
             # honest guest whose report waited behind a slow daemon keeps its session.
             self.counters.lease_refused_batches += 1
@@ -403,7 +428,7 @@ class VmSession:
             self._refuse(batch, total, decision.reason)
             return None
         return DiscardJob(self.vm, session, batch, list(ranges), total, self.discard,
-                          self._checks(session, report.token, deadline))
+                          self._checks(session, report.token, deadline, hold_end))
 
     def status(self) -> Dict[str, Any]:
         """A JSON-able picture for aeratectl and metrics."""

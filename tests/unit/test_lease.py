@@ -224,12 +224,18 @@ ACTIONS = st.lists(st.one_of(
 
 
 @settings(max_examples=400, deadline=None)
-@given(actions=ACTIONS, lease_ms=st.integers(p.LEASE_MS_MIN, 8000))
+@given(actions=ACTIONS, lease_ms=st.integers(p.LEASE_MS_MIN, 8000),
+       stalls=st.sampled_from([1.0, 1.0, 3.0]))
 def test_property_no_discard_after_the_guest_returned_the_pages(
-        actions: list[tuple[Any, ...]], lease_ms: int) -> None:
+        actions: list[tuple[Any, ...]], lease_ms: int, stalls: float) -> None:
     """Whatever the delays, the order of events, a stopped or fast guest clock and a daemon
     stalled mid-batch (up to 0.9 of the host's window per slice), no range is discarded
-    after the guest returned it. ``real`` is real time; the host's clock is real time."""
+    after the guest returned it. ``real`` is real time; the host's clock is real time.
+
+    With ``stalls`` 3.0 a slice may stall up to 2.7 windows (1.35 leases), past the guest's
+    hold: then what the check after the slice must do is see every slice during which the
+    guest may have taken its pages back (an overrun, the incident), as host/punch.py asks
+    it (a check's ``after``)."""
     lease = lease_ms / 1000.0
     real = Clock()
     guest_clock = Clock()
@@ -241,7 +247,8 @@ def test_property_no_discard_after_the_guest_returned_the_pages(
     returned: dict[int, int] = {}        # gpa of a range -> step its batch went back
     punched: list[tuple[int, int]] = []  # (gpa, step the discard ended)
     stall = [0.0]
-    during: list[int] = []
+    during: list[int] = []     # slices the guest's lease ran out in
+    missed: list[int] = []     # ... that the check after the slice did not see
 
     def discard(gpa: int, length: int, checks: Sequence[Check]) -> int:
         for c in checks:
@@ -256,8 +263,13 @@ def test_property_no_discard_after_the_guest_returned_the_pages(
         step[0] += 1
         punched.append((gpa, step[0]))
         held = g.inflight.get(batches[gpa])
+        late = [why for c in checks if (why := getattr(c, "after", c)())]
         if held is not None and guest_clock.t >= held.release_at:
             during.append(gpa)
+            if not late:
+                missed.append(gpa)
+        if late:
+            raise PunchRefused("vm", gpa, length, late[0], done=length, overrun=True)
         return length
 
     s = VmSession("vm", MiB2, lambda g, n: True, discard, lambda: Decision("punch", "t"),
@@ -290,7 +302,7 @@ def test_property_no_discard_after_the_guest_returned_the_pages(
             guest_events(g.receive(h2g.pop(0)))
         elif kind == "to_host" and g2h:
             # The share of the host's window one slice takes (a stall inside it).
-            stall[0] = action[1] * p.HOST_SHARE * lease
+            stall[0] = action[1] * stalls * p.HOST_SHARE * lease
             s.receive(g2h.pop(0))
         elif kind == "report" and g.can_report():
             # 1-3 ranges apart from each other: one discard call (one slice) each, so a
@@ -308,6 +320,9 @@ def test_property_no_discard_after_the_guest_returned_the_pages(
         out = s.take_outbox()
         if out:
             h2g.append(out)
+    assert missed == []
+    if stalls > 1.0:
+        return   # past the window by design: only the incident's detection is asked
     for gpa, at in punched:
         assert gpa not in returned or at < returned[gpa], (gpa, at, returned)
     assert during == []
@@ -334,6 +349,38 @@ def test_window_is_checked_before_every_slice_not_only_on_arrival() -> None:
     assert done == [0, 4 * MiB2]
     assert g.receive(s.take_outbox()) == [("release", (b, 2 * MiB2, MiB2))]
     assert "lease token 1 expired" in s.status()["last_refusal"]
+
+
+@pytest.mark.parametrize(("slice_s", "overrun"), [(0.1, False), (1.5, False), (1.99, True)])
+def test_a_slice_is_an_overrun_only_if_it_ends_after_the_guest_may_have_freed_its_pages(
+        slice_s: float, overrun: bool) -> None:
+    """The check after a slice asks the guest's hold (a whole lease after the token's send,
+    less 1 % for a fast guest clock), not the window (half a lease): a slice that started
+    in the window and ended past it, but before the guest could take the pages back (1.5 s
+    of a 2 s lease here), ran while they were held; one that ends later is the incident."""
+    s, g, hc, _, _ = pair(lease_s=2.0)
+    ends: list[str] = []
+
+    def one_slice(gpa: int, length: int, checks: Sequence[Check]) -> int:
+        for c in checks:
+            if c():
+                raise PunchRefused("vm", gpa, length, c())
+        hc.t += slice_s
+        late = [why for c in checks if (why := getattr(c, "after", c)())]
+        ends.extend(late)
+        if late:
+            raise PunchRefused("vm", gpa, length, late[0], done=length, overrun=True)
+        return length
+
+    s.discard = one_slice
+    g.report([(0, MiB2)])
+    s.receive(g.take_outbox())
+    assert s.counters.lease_overruns == int(overrun), ends
+    if overrun:
+        assert "after the guest may have taken the pages back" in ends[0]
+    if slice_s > p.HOST_SHARE * 2.0:
+        # The window alone would have called it late: it is the hold that is asked.
+        assert p.deadline_problem(1, p.HOST_SHARE * 2.0, hc.t)
 
 
 def test_the_host_measures_leases_on_a_clock_that_counts_a_host_suspend() -> None:

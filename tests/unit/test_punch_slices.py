@@ -15,6 +15,7 @@ from daemon_sim import GRANULE, SimVm, new_vm
 
 from aerate.host.punch import PunchRefused, punch
 from aerate.host.refusal import Decision
+from aerate.host.session import SliceCheck
 
 pytestmark = pytest.mark.unit
 PAGE = 4096
@@ -120,3 +121,21 @@ def test_holes_and_backed_zeroes_are_discarded(vm: SimVm) -> None:
     assert _punch(vm, 4 * GRANULE, [], slice_bytes=4 * GRANULE) == 4 * GRANULE
     assert _present(vm, 0, 4 * GRANULE) == [False] * 4
     assert os.fstat(vm.fd).st_blocks == 0
+
+
+def test_after_a_slice_a_check_is_asked_its_after_question(vm: SimVm) -> None:
+    """A check with an ``after`` (host/session.py's lease: the window before a slice, the
+    guest's hold after it): a window that closes during the first slice stops the second
+    one before it starts, and the first is no overrun, since the hold was not over."""
+    _fill(vm, 0, 4 * GRANULE)
+    window: list[str] = ["", "window closed"]
+
+    def before() -> str:
+        return window.pop(0) if len(window) > 1 else window[0]
+
+    with pytest.raises(PunchRefused) as e:
+        _punch(vm, 4 * GRANULE, [SliceCheck(before, lambda: "")])
+    assert (e.value.done, e.value.overrun, e.value.reason) == (GRANULE, False, "window closed")
+    with pytest.raises(PunchRefused) as e:
+        _punch(vm, 4 * GRANULE, [SliceCheck(lambda: "", lambda: "the hold is over")])
+    assert (e.value.done, e.value.overrun) == (GRANULE, True)
