@@ -24,13 +24,12 @@ import contextlib
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from aerate.deploy.image import ensure_image
-from aerate.deploy.scenario import aerated, ram_allocated, wait_for
+from aerate.deploy.scenario import Churn, aerated, ram_allocated, steady_of, wait_for
 from aerate.deploy.vm import Guest, booted
 
 MiB = 1 << 20
@@ -38,32 +37,6 @@ BLOCK = 2 * MiB
 MARKS = (10, 30, 60)
 MODES = ("aerate", "kernel FPR", "nothing")
 CONFIG = "[defaults]\nreserve_mib = 128\nhwm = 8\nstats_interval_s = 1\n"
-#: The churn, run in the guest: seeded job sizes, lifetimes and gaps; at most ``jobs`` at
-#: once. Prints one JSON line: jobs started, jobs whose verify (or anything else) failed.
-CHURN = r"""
-import json, random, subprocess, sys, time
-seed, dur, lo, hi, life_max, most = (int(a) for a in sys.argv[1:7])
-rng = random.Random(seed)
-end = time.monotonic() + dur
-running, started, failed = [], 0, []
-while time.monotonic() < end or running:
-    for p in [p for p in running if p.poll() is not None]:
-        running.remove(p)
-        if p.returncode != 0:
-            failed.append((p.args[4], p.returncode, p.stderr.read()[-300:]))
-    if time.monotonic() < end and len(running) < most:
-        mib = rng.randint(lo, hi)
-        life = min(rng.randint(2, life_max), max(1, int(end - time.monotonic())))
-        running.append(subprocess.Popen(
-            ["stress-ng", "--vm", "1", "--vm-bytes", "%dM" % mib, "--verify",
-             "--timeout", "%ds" % life, "--quiet"], stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True))
-        started += 1
-    time.sleep(rng.uniform(0.2, 1.5))
-print(json.dumps({"jobs": started, "failed": failed}))
-"""
-
-
 def agent_cpu(g: Guest) -> float:
     """CPU seconds the agent's service used so far (systemd's accounting, all its
     processes), 0 if the unit has none."""
@@ -76,17 +49,6 @@ def engine_counters(d: Any, name: str) -> dict[str, Any]:
     return dict((guest.get("engine") or {}).get("counters") or {})
 
 
-def settle(g: Guest, seconds: float = 6.0, limit: float = 240.0) -> int:
-    """Wait until the guest's backing stops moving (4 MiB over ``seconds``); return it."""
-    last, t0 = ram_allocated(g), time.monotonic()
-    while True:
-        time.sleep(seconds)
-        now = ram_allocated(g)
-        if abs(now - last) < 4 * MiB or time.monotonic() - t0 > limit:
-            return now
-        last = now
-
-
 def trial(image: Any, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """One boot, one baseline, one churn, the curve during and after it."""
     config = CONFIG + ("enabled = false\n" if mode == "nothing" else "")
@@ -95,24 +57,18 @@ def trial(image: Any, mode: str, args: argparse.Namespace) -> dict[str, Any]:
                    free_page_reporting=mode == "kernel FPR") as g, \
             aerated(Path(tmp), config, ("--vm", g.name)) as d:
         wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the aerate session")
-        baseline = settle(g)
+        baseline = steady_of(lambda: ram_allocated(g), limit=240)
         c0, cpu0 = engine_counters(d, g.name), agent_cpu(g)
-        result: dict[str, Any] = {}
-
-        def churn() -> None:
-            rc, out, err = g.run(["python3", "-c", CHURN, str(args.seed), str(args.churn_s),
-                                  str(args.lo_mib), str(args.hi_mib), str(args.life_s),
-                                  str(args.jobs)], timeout=args.churn_s + 600)
-            result.update(rc=rc, out=out, err=err, ended=time.monotonic())
-
-        th = threading.Thread(target=churn, name="churn", daemon=True)
+        churn = Churn(g, args.seed, args.churn_s, args.lo_mib, args.hi_mib, args.life_s,
+                      args.jobs)
         began = time.monotonic()
-        th.start()
+        churn.start()
         during: list[int] = []
-        while th.is_alive():
+        while churn.running():
             during.append(ram_allocated(g))
             time.sleep(0.5)
-        ended = result["ended"]
+        summary = churn.join()
+        ended = summary["ended"]
         c1, cpu1 = engine_counters(d, g.name), agent_cpu(g)
         churn_s = ended - began
         after: list[tuple[float, int]] = []
@@ -120,11 +76,7 @@ def trial(image: Any, mode: str, args: argparse.Namespace) -> dict[str, Any]:
             after.append((t, ram_allocated(g)))
             time.sleep(0.5)
         c2, cpu2 = engine_counters(d, g.name), agent_cpu(g)
-        try:
-            summary = json.loads(result.get("out", "").strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            summary = {"jobs": 0, "failed": [("churn", result.get("rc"),
-                                              result.get("err", "")[-300:])]}
+
     def delta(a: dict[str, Any], b: dict[str, Any], key: str) -> int:
         return int(b.get(key, 0)) - int(a.get(key, 0))
 
