@@ -25,16 +25,14 @@ raw units it set out for. A pass re-takes each aerated block at most once (it ho
 until the pass ends), so a pass is bounded by the free memory; before, the budget counted
 aerated blocks too, the pass ended on them, found the same raw count and began again, in
 a loop that never reached raw memory (293 batches, 15 GB reported in a 1 GiB guest).
-Digging still re-aerates those blocks once per pass (1,211 blocks, 2.4 GiB backed again
-in two minutes of churn in a 1.5 GiB guest with digging alone), so blocks a fill took that
-were already aerated are *parked* after their ack: held across passes, discarded on the
-host, while the guest's free memory stays at least its low watermark plus twice
-``reserve_mib`` plus all that is parked (``_park_room``); the next fill then gets other
-blocks. Every tick looks again and gives all parked blocks back (aerated) when free memory
-falls under that (``_park_short``), on pressure, when reporting stops, and when the agent
-stops. Parking holds less, with a larger margin, than a pass in progress does (a pass holds
-down to the reserve), so it adds no exposure to sudden allocations that passes do not
-already have, only for longer; the give-back is the same one-tick path as a pass's.
+Digging re-takes blocks the engine believes aerated, and under churn many of those beliefs
+are stale: the guest allocated the block and freed it again between two re-validations,
+so the host backs it, and re-taking it is a reclaim, not waste. Measured (tests/perf/
+bench_churn.py, 120 s of churn, 1.5 GiB guest): holding such blocks across passes instead
+("parking", while the guest kept low + 2x reserve + all parked free) cut re-taken blocks
+1,211 -> 374 and agent CPU 34.5 -> 24.3 s, but left 795 MiB backed 60 s after the churn
+against 292 MiB (idle baseline 226-295) with digging alone: the churn then reused the other
+aerated blocks and their staleness went unseen. So blocks are not parked.
 A guest whose free memory keeps moving (allocate/free loops faster than the poll) would
 still start a pass each time it frees ``hwm`` units: passes that begin back to back
 (``CHURN_QUICK_S``) three times in a row wait a gap doubling up to ``CHURN_GAP_MAX_S``,
@@ -156,11 +154,6 @@ class Engine:
         self.orphans_release_at = float("inf")
         #: head pfn -> nr_pages of blocks returned after discard, believed still free
         self.aerated: Dict[int, int] = {}
-        #: acked blocks a fill took although they were aerated, held across passes while
-        #: the guest has plenty free (``_park_room``), so the next fill gets other blocks
-        self.parked: List[Block] = []
-        #: head pfns of this pass's blocks that were aerated when a fill took them
-        self._reaerated: Set[int] = set()
         self._capacity_now = max(1, self.cfg["capacity"] // 4)
         self._backoff_s = 0.0
         self._backoff_until = 0.0
@@ -278,7 +271,7 @@ class Engine:
         # Back off fast: acked blocks go back at once; un-acked ones must wait (S2).
         if self.phase is not Phase.BACKOFF:
             self.counters["backoffs"] += 1
-        self.end_pass("backoff: " + pressure)   # parked blocks go back too
+        self.end_pass("backoff: " + pressure)
         self.phase = Phase.BACKOFF
         self._backoff_s = min(60.0, max(1.0, self._backoff_s * 2))
         self._backoff_until = now + self._backoff_s
@@ -333,29 +326,15 @@ class Engine:
         for b in blocks:
             self.aerated[b.pfn] = b.nr_pages
 
-    def end_pass(self, reason: str, park: bool = False) -> None:
-        """Return every acked block: they are aerated now. With ``park`` (a pass that ended
-        for want of work), blocks that were aerated already when a fill took them stay
-        held (``parked``) as far as ``_park_room`` allows; without it, parked blocks go
-        back too."""
+    def end_pass(self, reason: str) -> None:
+        """Return every acked block: they are aerated now."""
         if self.held_acked:
             self.counters["passes"] += 1
         if self._in_pass:
             self._in_pass = False
             self._pass_ended = self._now
         blocks, self.held_acked = self.held_acked, []
-        again = [b for b in blocks if b.pfn in self._reaerated] if park else []
-        self._reaerated = set()
-        self._give_back(b for b in blocks if b not in again)
-        if not park:
-            self.unpark()
-        room = self._park_room(sum(b.nr_pages for b in again))
-        for b in again:
-            if b.nr_pages <= room:
-                self.parked.append(b)
-                room -= b.nr_pages
-            else:
-                self._give_back([b])
+        self._give_back(blocks)
         if self.unreported:
             self.arena.release(self.unreported)
             self.unreported = []
@@ -378,39 +357,6 @@ class Engine:
                 self._churn_gap = min(CHURN_GAP_MAX_S, max(1.0, self._churn_gap * 2))
                 self.counters["churn_backoffs"] += 1
         return max(0.0, self._pass_ended + self._churn_gap - now)
-
-    def _park_room(self, returning: int = 0) -> int:
-        """Pages that may still be parked, ``returning`` pages being about to go back.
-
-        Parked blocks may stay while the guest's free memory (which they are not part of)
-        is at least its low watermark plus twice ``reserve_mib`` plus everything parked:
-        the guest could absorb an allocation of twice the reserve, and another as large as
-        all that is parked, before the agent's next poll gives them back. A pass in progress
-        holds more than that (down to the reserve), so parking adds no exposure a pass does
-        not already have; it lasts longer, and every tick looks again (``tick``)."""
-        margin = self.kernel.low_pages() + 2 * int(self.cfg["reserve_mib"]) * 256
-        parked = self.parked_pages()
-        spare = self.kernel.free_pages() + returning + parked - margin
-        return max(0, spare // 2 - parked)
-
-    def _park_short(self) -> bool:
-        """The guest's free memory fell under what parking needs (``_park_room``). What
-        the pass in progress holds counts as free here: it goes back when the pass ends,
-        and at once on pressure (``_back_off``); without it a pass would unpark blocks by
-        its own fills and take them again."""
-        margin = self.kernel.low_pages() + 2 * int(self.cfg["reserve_mib"]) * 256
-        passing = self.held_bytes() // PAGE - self.parked_pages() - sum(
-            b.nr_pages for b in self.orphans)
-        return self.kernel.free_pages() + passing < margin + self.parked_pages()
-
-    def parked_pages(self) -> int:
-        """Pages parked (held across passes although aerated)."""
-        return sum(b.nr_pages for b in self.parked)
-
-    def unpark(self) -> None:
-        """Give every parked block back (aerated: the host discarded it, the ack said so)."""
-        blocks, self.parked = self.parked, []
-        self._give_back(blocks)
 
     def _rate_allows(self, now: float, nbytes: int) -> bool:
         cap = self.cfg["max_rate_mib_s"] * 1024 * 1024
@@ -457,13 +403,10 @@ class Engine:
         # pass starts; an idle engine holding nothing has nothing to give back, so its tick
         # only checks free memory against the low watermark (from /proc/buddyinfo, read
         # anyway) and skips the PSI read.
-        holding = bool(self.inflight or self.held_acked or self.unreported or self.parked)
+        holding = bool(self.inflight or self.held_acked or self.unreported)
         pressure = self._pressure(read_psi=holding or self.phase is Phase.BACKOFF)
         if pressure:
             return self._back_off(now, pressure, idle)
-        if self.parked and self._park_short():
-            # The guest's free memory fell: parked blocks go back before anything else.
-            self.unpark()
         if now < self._backoff_until:
             return None, self._backoff_until - now
         self._backoff_s = max(0.0, self._backoff_s / 2)
@@ -485,8 +428,7 @@ class Engine:
         in_pass = bool(self.held_acked or self.unreported)
         if raw < (1 if in_pass else self.cfg["hwm"]):
             self.end_pass("pass done: %d raw units under hwm %d" % (max(raw, 0),
-                                                                    self.cfg["hwm"]),
-                          park=True)
+                                                                    self.cfg["hwm"]))
             self.phase = Phase.IDLE
             return None, idle
         if not in_pass:
@@ -505,7 +447,7 @@ class Engine:
             self._in_pass = True
             self.counters["passes_started"] += 1
         elif self._pass_left <= 0:
-            self.end_pass("pass done: took what was free when it began", park=True)
+            self.end_pass("pass done: took what was free when it began")
             self.phase = Phase.IDLE
             return None, idle
         if paused:
@@ -528,7 +470,7 @@ class Engine:
             self._backoff_until = now + self._backoff_s
             return None, self._backoff_s
         if not blocks:
-            self.end_pass("the kernel gave no block", park=True)
+            self.end_pass("the kernel gave no block")
             self.phase = Phase.IDLE
             return None, idle
         moved = self._moved(blocks)
@@ -548,7 +490,6 @@ class Engine:
         self._pass_left -= (len(blocks) + len(moved) - len(refilled)) * units_per_block
         for b in refilled:
             del self.aerated[b.pfn]
-            self._reaerated.add(b.pfn)
         self.counters["refilled_aerated"] += len(refilled)
         self.counters["filled_blocks"] += len(blocks) + len(moved)
         ranges, covered = granule_ranges(blocks, max(granule, self.arena.granule_bytes))
@@ -574,7 +515,7 @@ class Engine:
 
     def held_bytes(self) -> int:
         """Bytes isolated in the arena right now (in flight, acked, orphaned)."""
-        blocks: List[Block] = self.held_acked + self.orphans + self.unreported + self.parked
+        blocks: List[Block] = self.held_acked + self.orphans + self.unreported
         for bl in self.inflight.values():
             blocks.extend(bl)
         return sum(b.nr_pages for b in blocks) * PAGE
@@ -587,7 +528,6 @@ class Engine:
         """A JSON-able picture of the engine for stats messages and the journal."""
         return {"phase": self.phase.value, "reason": self.last_reason,
                 "held_bytes": self.held_bytes(), "aerated_bytes": self.aerated_bytes(),
-                "parked_bytes": self.parked_pages() * PAGE,
                 "raw_bytes": self.last_raw_bytes,
                 "inflight_batches": sorted(self.inflight), "capacity_now": self._capacity_now,
                 "counters": dict(self.counters),

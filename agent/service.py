@@ -339,9 +339,8 @@ class Agent:
 
     def _status_line(self) -> str:
         st = self.engine.status()
-        return ("%s: %s; held %d MiB (parked %d), aerated ~%d MiB; %s" % (
-            st["phase"], st["reason"], st["held_bytes"] >> 20, st["parked_bytes"] >> 20,
-            st["aerated_bytes"] >> 20,
+        return ("%s: %s; held %d MiB, aerated ~%d MiB; %s" % (
+            st["phase"], st["reason"], st["held_bytes"] >> 20, st["aerated_bytes"] >> 20,
             "host connected" if self.endpoint.state is GuestState.RUNNING else "no host"))
 
     def step(self, now: float) -> float:

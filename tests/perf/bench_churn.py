@@ -76,6 +76,7 @@ def trial(image: Any, mode: str, args: argparse.Namespace) -> dict[str, Any]:
             after.append((t, ram_allocated(g)))
             time.sleep(0.5)
         c2, cpu2 = engine_counters(d, g.name), agent_cpu(g)
+        reason = ((d.vm(g.name).get("guest") or {}).get("engine") or {}).get("reason")
 
     def delta(a: dict[str, Any], b: dict[str, Any], key: str) -> int:
         return int(b.get(key, 0)) - int(a.get(key, 0))
@@ -90,7 +91,7 @@ def trial(image: Any, mode: str, args: argparse.Namespace) -> dict[str, Any]:
             "reported": delta(c0, c2, "reported_bytes"),
             "agent_cpu": cpu1 - cpu0, "agent_cpu_after": cpu2 - cpu1,
             "jobs": summary["jobs"], "failed": summary["failed"],
-            "reason": ((d.vm(g.name).get("guest") or {}).get("engine") or {}).get("reason")}
+            "reason": reason}
 
 
 def at(samples: list[tuple[float, int]], second: float) -> int | None:
@@ -142,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         args.churn_s, args.after_s, args.memory_mib = 60, 35.0, 1024
         args.lo_mib, args.hi_mib, args.life_s, args.modes = 64, 384, 12, "aerate"
     image = ensure_image()
-    results = [trial(image, mode, args) for mode in args.modes.split(",")]
+    results = []
+    for mode in args.modes.split(","):
+        results.append(trial(image, mode, args))
+        print(table(results[-1:]), file=sys.stderr, flush=True)   # as it goes
     print(f"\nchurn of {args.churn_s} s (seed {args.seed}, {args.lo_mib}-{args.hi_mib} MiB "
           f"jobs, up to {args.jobs} at once) in a {args.memory_mib} MiB guest "
           f"({results[0]['guest']}, memfd shared RAM); backing read from the kernel")

@@ -475,47 +475,7 @@ def test_a_pass_digs_past_aerated_blocks_to_the_raw_ones() -> None:
     assert {p * 4096 for p in raw} <= set(reported)       # the raw memory was reached...
     assert e.counters["passes_started"] - before["passes_started"] == 1   # ...in one pass
     assert e.counters["refilled_aerated"] - before["refilled_aerated"] <= 32
-    # Every block is aerated, or parked (held, discarded) as far as free memory allows.
-    assert e.aerated_bytes() + e.parked_pages() * 4096 == 40 * 2 * MiB
-    assert a.held == e.parked and e.raw_units() == 0
-
-
-def test_parked_blocks_spare_the_next_pass_and_go_back_when_free_memory_falls() -> None:
-    """Blocks a fill took although aerated stay held after their pass while the guest has
-    twice the reserve free beyond them, so the next pass does not re-aerate them; they go
-    back (aerated) as soon as free memory falls under that, or on pressure."""
-    k = ScriptedKernel(free_blocks=64)
-    a = ScriptedArena(k)
-    e = Engine(k, a, settings(hwm=4, reserve_mib=8))      # twice the reserve: 8 blocks
-    run(e, 200)
-    k.free_list[:0] = [BLOCK_PAGES * (900 + i) for i in range(8)]
-    run(e, 200)
-    first = e.counters["refilled_aerated"]
-    parked = {b.pfn for b in e.parked}
-    # The digging pass re-aerated most of the 64 blocks; some stay parked, as many as leave
-    # twice the reserve free beyond them.
-    assert first >= 48 and parked and len(k.free_list) == 8 + len(parked)
-    k.free_list[:0] = [BLOCK_PAGES * (1900 + i) for i in range(8)]
-    reported = blocks_of(run(e, 200))
-    # The second pass took the new raw memory (blocks in front of the new ones, raw, may
-    # stand for some of them: the reserve's blocks have no names) and re-aerated only
-    # what was not parked.
-    assert len({BLOCK_PAGES * (1900 + i) * 4096 for i in range(8)} & set(reported)) >= 4
-    assert e.raw_units() <= 0
-    # (This model puts raw blocks behind every aerated one: only parking spares any.)
-    assert e.counters["refilled_aerated"] - first <= first - len(parked) + 8
-    assert parked <= {b.pfn for b in e.parked}
-    for _ in range(len(k.free_list) - 8):    # the guest allocates: 8 blocks stay free
-        k.free_list.pop()
-    e.tick(10_000.0, True)
-    assert e.parked == [] and a.held == []
-    assert parked <= set(e.aerated)          # back as aerated: the host discarded them
-    k.free_list[:0] = [BLOCK_PAGES * (2900 + i) for i in range(40)]   # freed again
-    run(e, 200)
-    assert e.parked
-    k.psi = 50.0                             # pressure: everything acked goes back
-    e.tick(20_000.0, True)
-    assert e.parked == [] and a.held == [] and e.phase is Phase.BACKOFF
+    assert e.aerated_bytes() == 40 * 2 * MiB and a.held == [] and e.raw_units() == 0
 
 
 def flap(e: Engine, k: ScriptedKernel, seconds: float, blocks: int = 8,

@@ -36,13 +36,11 @@ CONFIG = f"[defaults]\nreserve_mib = {RESERVE_MIB}\nhwm = 8\nstats_interval_s = 
 
 
 def idle(d: Aerated, name: str) -> dict[str, Any]:
-    """The VM's status once it is served and its agent holds nothing but parked blocks
-    (a pass is over)."""
+    """The VM's status once it is served and its agent holds nothing (a pass is over)."""
     vm = d.vm(name)
     engine = (vm.get("guest") or {}).get("engine") or {}
     if vm.get("state") == "running" and vm.get("reclaimer") == "punch" \
-            and engine.get("phase") == "idle" \
-            and engine.get("held_bytes") == engine.get("parked_bytes", 0):
+            and engine.get("phase") == "idle" and engine.get("held_bytes") == 0:
         return vm
     return {}
 

@@ -33,13 +33,11 @@ RESERVE_MIB = 128
 
 
 def settled(d: Aerated, name: str) -> dict[str, Any]:
-    """The VM's status once its agent is idle holding nothing but parked blocks (a pass
-    is over)."""
+    """The VM's status once its agent is idle with nothing held (a pass is over)."""
     vm = d.vm(name)
     engine = (vm.get("guest") or {}).get("engine") or {}
     if vm.get("state") == "running" and engine.get("phase") == "idle" \
-            and engine.get("held_bytes") == engine.get("parked_bytes", 0) \
-            and vm.get("batches", 0) > 0:
+            and engine.get("held_bytes") == 0 and vm.get("batches", 0) > 0:
         return vm
     return {}
 
