@@ -299,6 +299,17 @@ def stall_with_a_report_in_flight(guest: Guest, daemon: Aerated, mib: int = 768,
     return result
 
 
+def free_backed(guest: Guest) -> int:
+    """Host bytes behind the guest's RAM beyond what the guest uses (MemTotal - MemFree):
+    backed memory that is free in the guest. Unlike the backing itself it does not move
+    when the guest's own use grows (page cache, slab after a workload), so it says what a
+    free page reporter left behind. Read guest first, host second."""
+    info = dict(line.split(":", 1) for line in guest.check(
+        "grep -E '^(MemTotal|MemFree):' /proc/meminfo").splitlines())
+    used = (int(info["MemTotal"].split()[0]) - int(info["MemFree"].split()[0])) << 10
+    return ram_allocated(guest) - used
+
+
 def steady_of(read: Callable[[], int], seconds: float = 6.0, limit: float = 600.0) -> int:
     """Wait until ``read()`` stops moving (within 4 MiB over ``seconds``, or ``limit``
     seconds have passed); return it."""

@@ -7,9 +7,11 @@ The host memory behind the guest (st_blocks of its RAM memfd, read from the kern
 aerated) is sampled every 0.5 s during the churn and for a while after it.
 
 Printed side by side: average and peak host MiB over the churn, MiB still backed 10/30/60 s
-after the last job (and the idle baseline before the churn), passes started, blocks the
-agent's fills took that were already aerated (re-aerated), the host memory those fills
-backed again, the agent's CPU over the churn and after it, verify failures.
+after the last job (and the idle baseline before the churn), the backed memory that is
+free in the guest (backing minus MemTotal - MemFree) before the churn and at the end of
+the window (the guest's own use grows over a churn; this takes it out), passes started,
+blocks the agent's fills took that were already aerated (re-aerated), the host memory
+those fills backed again, the agent's CPU over the churn and after it, verify failures.
 
     .venv/bin/python tests/perf/bench_churn.py [--smoke] [--seed N] [--churn-s S]
                                                [--memory-mib N] [--modes a,b]
@@ -29,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from aerate.deploy.image import ensure_image
-from aerate.deploy.scenario import Churn, aerated, ram_allocated, steady_of, wait_for
+from aerate.deploy.scenario import (
+    Churn,
+    aerated,
+    free_backed,
+    ram_allocated,
+    steady_of,
+    wait_for,
+)
 from aerate.deploy.vm import Guest, booted
 
 MiB = 1 << 20
@@ -58,7 +67,7 @@ def trial(image: Any, mode: str, args: argparse.Namespace) -> dict[str, Any]:
             aerated(Path(tmp), config, ("--vm", g.name)) as d:
         wait_for(lambda: d.vm(g.name).get("state") == "running", 300, "the aerate session")
         baseline = steady_of(lambda: ram_allocated(g), limit=240)
-        c0, cpu0 = engine_counters(d, g.name), agent_cpu(g)
+        c0, cpu0, fb0 = engine_counters(d, g.name), agent_cpu(g), free_backed(g)
         churn = Churn(g, args.seed, args.churn_s, args.lo_mib, args.hi_mib, args.life_s,
                       args.jobs)
         began = time.monotonic()
@@ -75,7 +84,7 @@ def trial(image: Any, mode: str, args: argparse.Namespace) -> dict[str, Any]:
         while (t := time.monotonic() - ended) < args.after_s:
             after.append((t, ram_allocated(g)))
             time.sleep(0.5)
-        c2, cpu2 = engine_counters(d, g.name), agent_cpu(g)
+        c2, cpu2, fb2 = engine_counters(d, g.name), agent_cpu(g), free_backed(g)
         reason = ((d.vm(g.name).get("guest") or {}).get("engine") or {}).get("reason")
 
     def delta(a: dict[str, Any], b: dict[str, Any], key: str) -> int:
@@ -83,7 +92,7 @@ def trial(image: Any, mode: str, args: argparse.Namespace) -> dict[str, Any]:
 
     return {"mode": mode, "guest": g.spec.domain_type, "baseline": baseline,
             "avg": sum(during) / max(1, len(during)), "peak": max(during, default=0),
-            "after": after, "churn_s": churn_s,
+            "after": after, "churn_s": churn_s, "free_backed": (fb0, fb2),
             "passes_started": delta(c0, c2, "passes_started"),
             "passes_started_after": delta(c1, c2, "passes_started"),
             "reaerated": delta(c0, c2, "refilled_aerated"),
@@ -110,7 +119,9 @@ def table(results: list[dict[str, Any]]) -> str:
             ("peak over the churn (MiB)", *[mib(r["peak"]) for r in results])]
     for m in MARKS:
         rows.append((f"backed {m} s after it (MiB)", *[mib(at(r["after"], m)) for r in results]))
-    rows += [("passes started", *[str(r["passes_started"]) for r in results]),
+    rows += [("free but backed before/end (MiB)",
+              *[f"{mib(r['free_backed'][0])}/{mib(r['free_backed'][1])}" for r in results]),
+             ("passes started", *[str(r["passes_started"]) for r in results]),
              ("... of them after the churn", *[str(r["passes_started_after"]) for r in results]),
              ("blocks filled", *[str(r["filled"]) for r in results]),
              ("blocks re-aerated", *[str(r["reaerated"]) for r in results]),
