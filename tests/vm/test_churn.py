@@ -19,12 +19,14 @@ from aerate.deploy.image import GuestImage
 from aerate.deploy.scenario import Churn, aerated, free_backed, steady_of, wait_for
 from aerate.deploy.vm import booted
 
-# wip (out of tests/run until it passes here): 3 runs of the final code under TCG, each
-# back within the margin 4-8 s after the churn; the first two ran with a stricter quiet
-# check (since loosened to <= 4 passes after measuring 2 with the fix, 9 with the loop);
-# the third had 1 pass, then free-but-backed 79 MiB over its baseline at the last read, 14
-# MiB over the margin (the guest freeing memory under hwm after the window, or drift of the
-# aerated estimate: not told apart yet). Run: AERATE_TIERS=wip ./tests/run tests/vm/test_churn.py
+# wip (out of tests/run until it passes here). Final code, under TCG: a first run measured
+# the raw backing and failed (402 MiB against a 211 MiB baseline: the guest's own use had
+# grown, hence free_backed); two runs with free_backed were back within the margin 4.3 and
+# 7.7 s after the churn; the first then failed a stricter quiet check (2 passes, 448 MiB
+# in 20 s; the loop of issue 15 measured 9 passes, 972 MiB), the second had 1 pass and then
+# read 79 MiB over its baseline at the last read, 14 MiB over the margin (the guest freeing
+# memory under hwm late, or drift of the aerated estimate: not told apart yet).
+# Run: AERATE_TIERS=wip ./tests/run tests/vm/test_churn.py
 pytestmark = [pytest.mark.vm, pytest.mark.wip]
 MiB = 1 << 20
 #: Seconds of churn (CI's default keeps the test to about four minutes under TCG).
