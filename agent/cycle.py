@@ -14,6 +14,30 @@ discarded on the host) until the kernel hands them out again, which the engine n
 re-reading their buddy flag: every error there counts a block as raw (safe side: a missed
 reclaim, never a double punch, since the host only ever discards what the agent holds).
 
+Churn (issue 15). The buddy allocator's order is not the engine's: a fill gets whole order-9
+blocks from the order-9 free lists before it splits larger blocks, and the aerated blocks a
+pass returned whose buddies are in use sit exactly there, while memory the guest frees
+merges into larger blocks further back. So fills keep getting aerated blocks first. Such a
+block moves nothing from raw to aerated (the fill zeroes it, the host backs it again, the
+ack discards it again), so it does not count against the pass's budget (``_pass_left``,
+raw units only): the pass digs on, holding every block it took, until it has taken the
+raw units it set out for. A pass re-takes each aerated block at most once (it holds it
+until the pass ends), so a pass is bounded by the free memory; before, the budget counted
+aerated blocks too, the pass ended on them, found the same raw count and began again, in
+a loop that never reached raw memory (293 batches, 15 GB reported in a 1 GiB guest).
+Digging re-takes blocks the engine believes aerated, and under churn many of those beliefs
+are stale: the guest allocated the block and freed it again between two re-validations,
+so the host backs it, and re-taking it is a reclaim, not waste. Measured (tests/perf/
+bench_churn.py, 120 s of churn, 1.5 GiB guest): holding such blocks across passes instead
+("parking", while the guest kept low + 2x reserve + all parked free) cut re-taken blocks
+1,211 -> 374 and agent CPU 34.5 -> 24.3 s, but left 795 MiB backed 60 s after the churn
+against 292 MiB (idle baseline 226-295) with digging alone: the churn then reused the other
+aerated blocks and their staleness went unseen. So blocks are not parked.
+A guest whose free memory keeps moving (allocate/free loops faster than the poll) would
+still start a pass each time it frees ``hwm`` units: passes that begin back to back
+(``CHURN_QUICK_S``) three times in a row wait a gap doubling up to ``CHURN_GAP_MAX_S``,
+and the status says so ("churn: ..."); pressure still backs off at once.
+
 Safety (S2): blocks leave the arena only on an ack of their batch, a new session, the end
 of the batch's lease (agent/protocol.py, "Leases": the host starts no discard of it any
 more), or pressure when they were already acked. Blocks of a batch without ack stay held
@@ -44,6 +68,14 @@ REVALIDATE_EVERY = 5.0
 REVALIDATE_MAX_AGE = 60.0
 #: No lease is longer than this (seconds): the bound for orphans of a dead agent.
 LEASE_MAX_S = LEASE_MS_MAX / 1000.0
+#: Churn back-off ("Churn" in the module docstring): a pass that starts within
+#: CHURN_QUICK_S seconds (plus the gap in force) of the previous pass's end is back to back;
+#: from the CHURN_STREAK-th such pass in a row, the next one waits a gap that doubles from
+#: 1 s up to CHURN_GAP_MAX_S. Bounded so that memory freed when the churn ends is reported
+#: within CHURN_GAP_MAX_S plus one pass.
+CHURN_QUICK_S = 5.0
+CHURN_STREAK = 3
+CHURN_GAP_MAX_S = 8.0
 __all__ = ["Block", "Engine", "KernelView", "Phase", "granule_ranges"]
 
 
@@ -133,8 +165,15 @@ class Engine:
         #: (free units, time) at the last re-validation of the aerated blocks
         self._revalidated: Optional[Tuple[int, float]] = None
         self._fell = False          # free units had fallen by hwm at the last look
+        self._now = 0.0             # the cycle's clock at the last tick
+        self._in_pass = False       # a pass began and has not ended yet
+        self._pass_ended = float("-inf")
+        self._decided_for = float("-inf")  # the pass end _churn_wait last decided on
+        self._streak = 0            # passes in a row that began back to back
+        self._churn_gap = 0.0       # the gap in force before the next pass may begin
         self.counters = {"reported_bytes": 0, "discarded_bytes": 0, "refused_bytes": 0,
                          "returned_bytes": 0, "passes": 0, "backoffs": 0, "refilled_aerated": 0,
+                         "passes_started": 0, "filled_blocks": 0, "churn_backoffs": 0,
                          "expired_batches": 0, "orphans_returned": 0, "moved_blocks": 0}
         self.last_reason = "starting"
         #: raw free memory beyond the reserve at the last look (bytes; an estimate)
@@ -291,12 +330,33 @@ class Engine:
         """Return every acked block: they are aerated now."""
         if self.held_acked:
             self.counters["passes"] += 1
+        if self._in_pass:
+            self._in_pass = False
+            self._pass_ended = self._now
         blocks, self.held_acked = self.held_acked, []
         self._give_back(blocks)
         if self.unreported:
             self.arena.release(self.unreported)
             self.unreported = []
         self.last_reason = reason
+
+    def _churn_wait(self, now: float) -> float:
+        """Seconds a new pass must still wait under churn (0: it may begin now).
+
+        Decided once per pass end, at the first tick that would begin a new pass: it is back
+        to back if it comes within ``CHURN_QUICK_S`` plus the gap in force of that end; from
+        the ``CHURN_STREAK``-th back-to-back pass in a row the gap doubles (1 s up to
+        ``CHURN_GAP_MAX_S``); a pass that begins later than that ends the streak."""
+        if self._decided_for != self._pass_ended:
+            self._decided_for = self._pass_ended
+            if now - self._pass_ended < CHURN_QUICK_S + self._churn_gap:
+                self._streak += 1
+            else:
+                self._streak, self._churn_gap = 0, 0.0
+            if self._streak >= CHURN_STREAK:
+                self._churn_gap = min(CHURN_GAP_MAX_S, max(1.0, self._churn_gap * 2))
+                self.counters["churn_backoffs"] += 1
+        return max(0.0, self._pass_ended + self._churn_gap - now)
 
     def _rate_allows(self, now: float, nbytes: int) -> bool:
         cap = self.cfg["max_rate_mib_s"] * 1024 * 1024
@@ -319,6 +379,7 @@ class Engine:
         is still acted on.
         """
         self.wants_token = False
+        self._now = now
         if self.orphans and now >= self.orphans_release_at:
             self._return_orphans()
         idle = self.cfg["idle_poll_ms"] / 1000.0
@@ -374,9 +435,17 @@ class Engine:
             pressure = self._pressure()
             if pressure:
                 return self._back_off(now, pressure, idle)
-            # A pass takes at most what was free when it began: where the kernel keeps adding
+            wait = self._churn_wait(now)
+            if wait > 0:
+                self.phase = Phase.BACKOFF
+                self.last_reason = ("churn: %d passes began back to back (free memory keeps "
+                                    "moving); next pass in %.1f s" % (self._streak, wait))
+                return None, wait
+            # A pass takes at most what was raw when it began: where the kernel keeps adding
             # free memory (deferred struct page init, memory hotplug) it must still end.
             self._pass_left = raw
+            self._in_pass = True
+            self.counters["passes_started"] += 1
         elif self._pass_left <= 0:
             self.end_pass("pass done: took what was free when it began")
             self.phase = Phase.IDLE
@@ -414,11 +483,15 @@ class Engine:
             self.unreported.extend(moved)
             gone = {b.pfn for b in moved}   # verify() returns the blocks passed in
             blocks = [b for b in blocks if b.pfn not in gone]
-        self._pass_left -= (len(blocks) + len(moved)) * units_per_block
-        refilled = [b for b in blocks if b.pfn in self.aerated]
+        refilled = [b for b in blocks + moved if b.pfn in self.aerated]
+        # Only raw blocks count against the pass: a block already aerated moves nothing from
+        # raw to aerated, so counting it would end the pass before it reached raw memory,
+        # and the next pass would take the same aerated blocks again (module docstring).
+        self._pass_left -= (len(blocks) + len(moved) - len(refilled)) * units_per_block
         for b in refilled:
             del self.aerated[b.pfn]
         self.counters["refilled_aerated"] += len(refilled)
+        self.counters["filled_blocks"] += len(blocks) + len(moved)
         ranges, covered = granule_ranges(blocks, max(granule, self.arena.granule_bytes))
         self.unreported.extend(b for b in blocks if b.pfn not in covered)
         self.phase = Phase.FILLING

@@ -297,3 +297,96 @@ def stall_with_a_report_in_flight(guest: Guest, daemon: Aerated, mib: int = 768,
     wait_for(lambda: agent_status(guest).startswith("waiting"), 60,
              "the agent to report a batch and wait for its ack")
     return result
+
+
+def free_backed(guest: Guest) -> int:
+    """Host bytes behind the guest's RAM beyond what the guest uses (MemTotal - MemFree):
+    backed memory that is free in the guest. Unlike the backing itself it does not move
+    when the guest's own use grows (page cache, slab after a workload), so it says what a
+    free page reporter left behind. Read guest first, host second."""
+    info = dict(line.split(":", 1) for line in guest.check(
+        "grep -E '^(MemTotal|MemFree):' /proc/meminfo").splitlines())
+    used = (int(info["MemTotal"].split()[0]) - int(info["MemFree"].split()[0])) << 10
+    return ram_allocated(guest) - used
+
+
+def steady_of(read: Callable[[], int], seconds: float = 6.0, limit: float = 600.0) -> int:
+    """Wait until ``read()`` stops moving (within 4 MiB over ``seconds``, or ``limit``
+    seconds have passed); return it."""
+    last, t0 = read(), time.monotonic()
+    while True:
+        time.sleep(seconds)
+        now = read()
+        if (last >= 0 and abs(now - last) < 4 * MiB) or time.monotonic() - t0 > limit:
+            return int(now)
+        last = now
+
+
+#: Seeded churn (issue 15), run in the guest: overlapping ``stress-ng --vm 1 --verify``
+#: jobs of random sizes and lifetimes, at most ``most`` at once, random gaps. A job whose
+#: verify fails exits non-zero. Prints one JSON line: jobs started, jobs that failed.
+CHURN = r"""
+import json, random, subprocess, sys, time
+seed, dur, lo, hi, life_max, most = (int(a) for a in sys.argv[1:7])
+rng = random.Random(seed)
+end = time.monotonic() + dur
+running, started, failed = [], 0, []
+while time.monotonic() < end or running:
+    for p in [p for p in running if p.poll() is not None]:
+        running.remove(p)
+        if p.returncode != 0:
+            failed.append((p.args[4], p.returncode, p.stderr.read()[-300:]))
+    if time.monotonic() < end and len(running) < most:
+        mib = rng.randint(lo, hi)
+        life = min(rng.randint(2, life_max), max(1, int(end - time.monotonic())))
+        running.append(subprocess.Popen(
+            ["stress-ng", "--vm", "1", "--vm-bytes", "%dM" % mib, "--verify",
+             "--timeout", "%ds" % life, "--quiet"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True))
+        started += 1
+    time.sleep(rng.uniform(0.2, 1.5))
+print(json.dumps({"jobs": started, "failed": failed}))
+"""
+
+
+@dataclass
+class Churn:
+    """The seeded churn running in ``guest`` (a thread: guest-exec blocks until it ends)."""
+
+    guest: Guest
+    seed: int
+    seconds: int
+    lo_mib: int
+    hi_mib: int
+    life_s: int
+    jobs: int = 2
+    result: dict[str, Any] = field(default_factory=dict)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        def run() -> None:
+            rc, out, err = self.guest.run(
+                ["python3", "-c", CHURN, *(str(v) for v in (
+                    self.seed, self.seconds, self.lo_mib, self.hi_mib, self.life_s,
+                    self.jobs))], timeout=self.seconds + 600)
+            self.result.update(rc=rc, out=out, err=err, ended=time.monotonic())
+
+        self.thread = threading.Thread(target=run, name="churn", daemon=True)
+        self.thread.start()
+
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def join(self) -> dict[str, Any]:
+        """Wait for the last job; returns {"jobs", "failed", "ended"} (failed: the jobs
+        that failed, a verify failure among them, or the churn itself)."""
+        assert self.thread is not None
+        self.thread.join(self.seconds + 660)
+        try:
+            summary: dict[str, Any] = json.loads(
+                str(self.result.get("out", "")).strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            summary = {"jobs": 0, "failed": [("churn", self.result.get("rc"),
+                                              str(self.result.get("err", ""))[-300:])]}
+        summary["ended"] = self.result.get("ended", time.monotonic())
+        return summary

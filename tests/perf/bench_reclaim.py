@@ -31,7 +31,6 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from aerate.deploy.scenario import (
     aerated,
     guest_cpu_seconds,
     qemu_pid,
+    steady_of,
     wait_for,
 )
 from aerate.deploy.vm import booted
@@ -123,17 +123,6 @@ def private_trial(image: Any, mode: str, hog_mib: int, window: float, memory_mib
                 "reclaimer": seen.get("reclaimer", "-"),
                 "balloon": seen.get("balloon"), "reason": seen.get("reason", ""),
                 "boot_to_ready": g.timings.get("boot_to_ready")}
-
-
-def steady_of(read: Callable[[], int], seconds: float = 6.0) -> int:
-    """Wait until ``read()`` stops moving (within 4 MiB over ``seconds``); return it."""
-    last = read()
-    while True:
-        time.sleep(seconds)
-        now = read()
-        if last >= 0 and abs(now - last) < 4 * MiB:
-            return int(now)
-        last = now
 
 
 def backing(d: Aerated, name: str) -> int:

@@ -12,6 +12,7 @@ from typing import List, Optional
 import pytest
 
 from aerate.agent.cycle import (
+    CHURN_GAP_MAX_S,
     LEASE_MAX_S,
     REVALIDATE_EVERY,
     REVALIDATE_MAX_AGE,
@@ -453,3 +454,75 @@ def test_a_pass_ends_even_when_the_kernel_keeps_adding_free_memory() -> None:
     assert e.counters["passes"] == 1
     assert 32 * 2 * MiB <= e.counters["reported_bytes"] <= 40 * 2 * MiB
     assert e.held_acked == [] and "began" in e.last_reason
+
+
+def test_a_pass_digs_past_aerated_blocks_to_the_raw_ones() -> None:
+    """Issue 15's loop. The buddy allocator hands out blocks it has in its order-9 lists
+    before it splits larger ones, so the aerated blocks a pass returned (their buddies still
+    in use) come first, and blocks the guest freed since (merged into larger blocks) come
+    later. Raw units counted aerated blocks as if they were raw: a pass took as many
+    blocks as there were raw units, got only aerated ones, returned them, found the same raw
+    count and began again, forever, never reaching the raw memory."""
+    k = ScriptedKernel(free_blocks=32)
+    a = ScriptedArena(k)
+    e = Engine(k, a, settings(hwm=4))
+    run(e, 200)
+    assert e.aerated_bytes() == 32 * 2 * MiB
+    raw = [BLOCK_PAGES * (900 + i) for i in range(8)]
+    k.free_list[:0] = raw          # freed by the guest, behind the aerated blocks
+    before = dict(e.counters)
+    reported = blocks_of(run(e, 400))
+    assert {p * 4096 for p in raw} <= set(reported)       # the raw memory was reached...
+    assert e.counters["passes_started"] - before["passes_started"] == 1   # ...in one pass
+    assert e.counters["refilled_aerated"] - before["refilled_aerated"] <= 32
+    assert e.aerated_bytes() == 40 * 2 * MiB and a.held == [] and e.raw_units() == 0
+
+
+def flap(e: Engine, k: ScriptedKernel, seconds: float, blocks: int = 8,
+         reasons: Optional[set] = None) -> List[float]:
+    """A guest that frees ``blocks`` blocks and takes as many again on alternate ticks (its
+    free memory flaps as fast as the agent polls), taking the oldest free blocks first;
+    the host acks every batch at once. Returns the times passes began."""
+    began, now, batch, freed = [], 0.0, 0, False
+    fresh = iter(range(10_000, 1_000_000))
+    while now < seconds:
+        if freed:
+            del k.free_list[:blocks]
+        else:
+            k.free_list.extend(BLOCK_PAGES * next(fresh) for _ in range(blocks))
+        freed = not freed
+        n = e.counters["passes_started"]
+        ranges, wait = e.tick(now, True)
+        if reasons is not None:
+            reasons.add(e.last_reason.split(";")[0])
+        if e.counters["passes_started"] > n:
+            began.append(now)
+        if ranges:
+            batch += 1
+            e.reported(batch)
+            e.on_release(batch, discarded=sum(n for _, n in ranges))
+        now += max(wait, 0.05)
+    return began
+
+
+def test_free_memory_that_flaps_every_tick_backs_passes_off_and_says_so() -> None:
+    k = ScriptedKernel(free_blocks=64)
+    e = Engine(k, ScriptedArena(k), settings(hwm=4, capacity=16))
+    reasons: set = set()
+    began = flap(e, k, 120.0, reasons=reasons)
+    # Without the back-off a pass began every other tick or so: 34 of them after 30 s.
+    late = [t for t in began if t >= 30.0]
+    assert len(late) <= 90.0 / CHURN_GAP_MAX_S + 2, began
+    assert e.counters["churn_backoffs"] >= 1
+    assert any(r.startswith("churn: ") and "back to back" in r for r in reasons), reasons
+    # Once the flapping stops, new free memory is reported within the longest gap plus a
+    # pass, and the streak is over: the pass after a quiet spell begins at once.
+    now = 200.0
+    k.free_list.extend(BLOCK_PAGES * (2_000_000 + i) for i in range(8))
+    reported = []
+    while now < 200.0 + CHURN_GAP_MAX_S + 3 and not reported:
+        ranges, wait = e.tick(now, True)
+        if ranges:
+            reported = ranges
+        now += max(wait, 0.05)
+    assert reported
