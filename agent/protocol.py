@@ -49,11 +49,14 @@ Leases (S1, S2: no report outlives its pages)
     stops the host's CLOCK_MONOTONIC while a KVM guest's clock jumps forward on resume;
     CLOCK_BOOTTIME counts the suspend (``boottime``). The residual risk: the daemon process
     stopped for more than half the lease between its deadline check and the entry of that
-    one fallocate call, a window of microseconds (a signal does not stop a punch half-way:
-    a stop that lands inside the syscall takes effect after it). host/punch.py re-checks
-    after every slice against ``S(t) + lease`` (``lease_hold_end``), the earliest the guest
-    may return the pages, and counts a slice that ended later as an overrun, an incident;
-    a slice that ends between the window's close and that moment used the margin, no more.
+    one fallocate call; the check is asked again right before each granule's fallocate,
+    after host/punch.py's read of that granule, so that is the time between a clock read
+    and a syscall's entry (a signal does not stop a punch half-way: a stop that lands
+    inside the syscall takes effect after it). host/punch.py re-checks after every slice
+    against ``S(t) + HOLD_SHARE * lease`` (``lease_hold_end``), the earliest the guest may
+    return the pages with a guest clock up to 10 % fast, and counts a slice that ended later
+    as an overrun, an incident; a slice that ends between the window's close and that
+    moment used the margin, no more.
     Un-acked pages are therefore held at most ``lease`` after their last token, even when
     the host is gone for good; a report the host reads later is refused by its token age.
 
@@ -136,9 +139,10 @@ LEASE_MS_MAX = 60_000
 #: The host starts no discard later than this share of the lease after sending the token.
 HOST_SHARE = 0.5
 #: Of a lease, what the host counts the guest's hold as when it judges a slice that already
-#: ran (``lease_hold_end``): short of the whole lease by a guest clock running fast (NTP
-#: slews at most 500 ppm; 1 % is left).
-HOLD_SHARE = 0.99
+#: ran (``lease_hold_end``): short of the whole lease by a guest clock running fast (the
+#: kernel's NTP slew alone is 500 ppm, but chrony slews CLOCK_MONOTONIC up to 83,333 ppm by
+#: default after a pause or a migration; 10 % is left).
+HOLD_SHARE = 0.9
 #: The host sends a keepalive token this often (share of the lease); a guest whose newest
 #: token is older than ``FRESH_SHARE`` of the lease waits for the next one before reporting,
 #: so an honest report reaches the host with plenty of its window left.

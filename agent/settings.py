@@ -69,9 +69,9 @@ TABLE: Tuple[Setting, ...] = (
     Setting("host_high_mib", int, 0, 0, 1 << 30, scope="host",
             help="host MemAvailable above which reclaim may relax (0 = ignore)"),
     Setting("lease_s", float, 2.0, 0.5, 60.0, scope="host",
-            help="lease on reports: the host discards nothing later than half of this after "
-                 "sending the token a report carries; a guest returns un-acked pages only "
-                 "this long after receiving it (keepalives every quarter of it)"),
+            help="lease on reports: the host starts no discard later than half of this "
+                 "after sending the token a report carries; a guest returns un-acked pages "
+                 "only this long after receiving it (keepalives every quarter of it)"),
     Setting("discard_batch_mib", int, 2048, 2, 1 << 30, scope="host",
             help="most MiB the host discards for one report batch; the rest is refused "
                  "(the default fits the largest honest batch: capacity 1024 x 2 MiB)"),

@@ -116,8 +116,10 @@ MAP_TIMEOUT = 15.0
 #: time, and the input budget is charged after each.
 READ_CHUNK = 4096
 #: Report batches up to this many bytes are discarded on the loop thread, bigger ones on
-#: the VM's discard thread (VmRunner._run_job): 4 granules of 2 MiB, a fallocate of about
-#: a millisecond when every page is populated.
+#: the VM's discard thread (VmRunner._run_job): 4 granules of 2 MiB, a read of 8 MiB (the
+#: content check, host/punch.py) and fallocates of about a millisecond in all when every
+#: page is populated. A read of host-swapped backing blocks the loop that long: noted as
+#: a limit (memfd RAM the host swaps out), not handled.
 INLINE_DISCARD_BYTES = 8 << 20
 #: Host page size from which the agent cannot assemble a reportable granule (agent/cycle.py).
 GIANT_GRANULE = 1 << 30

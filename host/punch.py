@@ -16,8 +16,11 @@ one that answers a reason stops the discard there. They run again right after ea
 taken the pages back, a whole lease after the token, not whether the window closed): a
 reason then means the slice's fallocate ended too late (the daemon was stalled in the
 middle of it), which is reported as an *overrun* so it is logged and counted.
-A slice bounds how long one fallocate can run past its check (milliseconds on memfd and
-hugetlbfs), which is what the lease argument in agent/protocol.py needs.
+A slice bounds how long the discard runs between two full rounds of checks; the cheap ones
+(the lease window, the session's revocation: a clock and an attribute read) are asked
+again right before each granule's fallocate, after the content check's read of that
+granule, so a fallocate starts within a clock read of its lease check, which is what the
+lease argument in agent/protocol.py needs.
 
 Only zeroes are discarded (content check). Every page an honest agent reports is zero in
 the backing: it took the page with a hugetlb (or THP) fault or fallocate, which the guest
@@ -33,9 +36,14 @@ seen only when libvirt's event comes in, on a thread that races the one reading 
 stale report; a page the guest kernel migrated while it was reported; an agent that lost
 its pages. It does not depend on any of those being told in time. What remains: a write
 by a new owner between a granule's read and its fallocate's entry (the read of one
-granule, about 0.1 ms for 2 MiB here) is lost, the page then reading as zeroes; and
-memory that is zero and owned, such as a page the new owner zeroed and has not written
-since, is discarded and reads as the zeroes it held (nothing is lost). Guests whose memory
+granule, about 0.7 ms for 2 MiB here; a whole 1 GiB granule reads for about 0.3 s) is
+lost, the page then reading as zeroes; memory that is zero and owned, such as a page the
+new owner zeroed and has not written since, is discarded and reads as the zeroes it held
+(nothing is lost), except a page a direct I/O is being read into at that moment (QEMU's
+``cache=none`` with native or io_uring AIO pins it; userspace cannot see such a pin): the
+I/O lands in the page the punch took out of the file and the guest reads zeroes. All of
+these need the race the check stands behind (a reset or a moved page that the events did
+not stop in time), so a content refusal is logged as an incident. Guests whose memory
 the host cannot read as it is (encrypted memory: SEV, TDX) never pass this check: every
 report is refused with the reason, the safe side. The cost is one read of the discarded
 memory (about 0.3 s of daemon CPU a GiB on this machine, beside 0.2 s for the punch).
@@ -132,6 +140,14 @@ def first_nonzero(fd: int, offset: int, length: int) -> int:
     return -1
 
 
+def _forget_buffer() -> None:
+    """Zero this thread's read buffer: guest data it read for a refused range does not
+    linger in the daemon (a core dump, say)."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is not None:
+        buf[:] = _ZERO
+
+
 def fallocate_punch(fd: int, offset: int, length: int) -> None:
     """fallocate(PUNCH_HOLE|KEEP_SIZE) on `fd`; raises OSError with the kernel's errno."""
     if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
@@ -208,6 +224,7 @@ def punch(
             )
         step = max(granule, slice_bytes // granule * granule)
         afters = [getattr(check, "after", check) for check in checks]
+        cheap = [check for check in checks if getattr(check, "cheap", False)]
         before = st.st_blocks * 512
         while done < length:
             n = min(step, length - done)
@@ -218,14 +235,25 @@ def punch(
             while done < end:
                 # Granule by granule: read it, then punch it (module docstring).
                 g = min(granule, end - done)
-                bad = first_nonzero(fd, offset + done, g)
+                try:
+                    bad = first_nonzero(fd, offset + done, g)
+                except OSError as exc:   # EIO on a poisoned page, a backing gone
+                    raise PunchRefused(vm, gpa, length, f"cannot read {backing.link} at "
+                                       f"offset {offset + done:#x}: {exc.strerror}",
+                                       done) from exc
                 if bad >= 0:
+                    _forget_buffer()
                     raise PunchRefused(
                         vm, gpa, length,
                         f"gpa {gpa + done + bad:#x} does not read as zeroes: not the page "
                         "the guest reported any more (it was reset, moved or reused the "
                         "page since), or memory the host cannot read as it is (encrypted); "
                         "never discarded", done, content=True)
+                # The read took time: the cheap checks (the lease window, the session's
+                # revocation) are asked again right before this granule's fallocate.
+                why = _first_problem(cheap)
+                if why:
+                    raise PunchRefused(vm, gpa, length, why, done)
                 try:
                     fallocate_punch(fd, offset + done, g)
                 except OSError as exc:

@@ -67,11 +67,14 @@ class Counters:
 
 class SliceCheck:
     """A check whose question right after a slice differs from the one before it
-    (host/punch.py asks ``after`` there when a check has one)."""
+    (host/punch.py asks ``after`` there when a check has one); a ``cheap`` one (a clock or
+    an attribute read) is also asked right before each granule's fallocate, after the
+    content check's read of that granule."""
 
-    def __init__(self, before: Check, after: Check) -> None:
+    def __init__(self, before: Check, after: Check, cheap: bool = False) -> None:
         self.before = before
         self.after = after
+        self.cheap = cheap
 
     def __call__(self) -> str:
         return self.before()
@@ -123,16 +126,21 @@ class DiscardJob:
                     # the guest had taken back. Nothing tells the two apart from here, so
                     # every overrun is an incident (agent/protocol.py "Leases").
                     self.overruns += 1
-                    self._note("error", "a discard slice ended after its lease window "
-                               "closed: the daemon was stalled around the syscall; if the "
+                    self._note("error", "a discard slice ended after the guest may have "
+                               "taken its pages back (its lease ran out or its session was "
+                               "revoked): the daemon was stalled around the syscall; if the "
                                "stall began before it, the guest may have lost data (run "
                                "its checkers): %s" % self.reason)
                 elif e.content:
                     # An honest agent reports only pages it holds untouched, which read as
                     # zeroes; anything else means the page went back to the guest (a reset
-                    # or a moved page raced the report) and the check kept it.
+                    # or a moved page raced the report) and the check kept it. An incident:
+                    # the granules discarded before it had the same exposure.
                     self.content_refused += 1
-                    self._note("warning", self.reason)
+                    self._note("error", "%s (the guest had this page back: if the guest is "
+                               "honest a reset or a moved page raced the report; the "
+                               "granules before it were zeroes and are discarded)"
+                               % self.reason)
                 else:
                     self.cut_short += 1 if e.done else 0
                     self._note("warning", self.reason)
@@ -380,8 +388,9 @@ class VmSession:
             return ("lease token %d: the slice ended %.2f s after the guest may have taken "
                     "the pages back" % (token, late))
 
-        lease = SliceCheck(lambda: protocol.deadline_problem(token, deadline, clock()), held)
-        return (alive, lease)
+        lease = SliceCheck(lambda: protocol.deadline_problem(token, deadline, clock()), held,
+                           cheap=True)
+        return (SliceCheck(alive, alive, cheap=True), lease)
 
     def _refuse(self, batch: int, total: int, reason: str, stale: bool = False) -> None:
         self.counters.refused += total

@@ -355,7 +355,7 @@ def test_window_is_checked_before_every_slice_not_only_on_arrival() -> None:
 def test_a_slice_is_an_overrun_only_if_it_ends_after_the_guest_may_have_freed_its_pages(
         slice_s: float, overrun: bool) -> None:
     """The check after a slice asks the guest's hold (a whole lease after the token's send,
-    less 1 % for a fast guest clock), not the window (half a lease): a slice that started
+    less 10 % for a fast guest clock), not the window (half a lease): a slice that started
     in the window and ended past it, but before the guest could take the pages back (1.5 s
     of a 2 s lease here), ran while they were held; one that ends later is the incident."""
     s, g, hc, _, _ = pair(lease_s=2.0)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from daemon_sim import GRANULE, SimVm, new_vm
 
-from aerate.host.punch import PunchRefused, punch
+from aerate.host.punch import CHECK_BYTES, PunchRefused, first_nonzero, punch
 from aerate.host.refusal import Decision
 from aerate.host.session import SliceCheck
 
@@ -139,3 +139,39 @@ def test_after_a_slice_a_check_is_asked_its_after_question(vm: SimVm) -> None:
     with pytest.raises(PunchRefused) as e:
         _punch(vm, 4 * GRANULE, [SliceCheck(lambda: "", lambda: "the hold is over")])
     assert (e.value.done, e.value.overrun) == (GRANULE, True)
+
+
+def test_the_cheap_checks_are_asked_again_after_each_granules_read(vm: SimVm) -> None:
+    """The content check's read takes time: a lease window that closes during it stops the
+    granule's fallocate (a refusal, nothing discarded), not only the next slice's."""
+    _fill(vm, 0, 2 * GRANULE)
+    answers = ["", "lease token 7 expired"]
+
+    def window() -> str:
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    with pytest.raises(PunchRefused) as e:
+        _punch(vm, 2 * GRANULE, [SliceCheck(window, lambda: "", cheap=True)],
+               slice_bytes=2 * GRANULE)
+    assert (e.value.done, e.value.overrun, e.value.reason) == (0, False,
+                                                                "lease token 7 expired")
+    assert _present(vm, 0, 2 * GRANULE) == [True, True]
+
+
+def test_a_granule_larger_than_one_read_is_checked_to_its_last_byte(vm: SimVm) -> None:
+    """A granule of several read chunks (1 GiB host pages are read 2 MiB at a time): a
+    non-zero last byte keeps the whole granule."""
+    big = 4 * CHECK_BYTES
+    _fill(vm, 0, big)
+    os.pwrite(vm.fd, b"\x01", big - 1)
+    with pytest.raises(PunchRefused) as e:
+        punch(vm.name, vm.gmap, {"pc.ram": vm.backing}, 0, big, big,
+              lambda: Decision("punch", "test"), [])
+    assert e.value.content and e.value.done == 0
+    assert _present(vm, 0, big) == [True] * (big // GRANULE)
+
+
+def test_reading_a_hole_backs_nothing(vm: SimVm) -> None:
+    before = os.fstat(vm.fd).st_blocks
+    assert first_nonzero(vm.fd, 64 * GRANULE, 8 * GRANULE) == -1
+    assert os.fstat(vm.fd).st_blocks == before
