@@ -326,7 +326,9 @@ def test_property_no_discard_after_the_guest_returned_the_pages(
     for gpa, at in punched:
         assert gpa not in returned or at < returned[gpa], (gpa, at, returned)
     assert during == []
-    assert s.counters.lease_overruns == 0
+    # Overruns may still be counted here: a slice stalled to 0.9 of the window can end past
+    # 90 % of the lease (the hold minus a 10 %-fast guest clock) with this 0.05 %-fast one:
+    # the flag is on the safe side; what it must never do is miss (``missed`` above).
 
 
 def test_window_is_checked_before_every_slice_not_only_on_arrival() -> None:

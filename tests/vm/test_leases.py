@@ -108,7 +108,8 @@ def lease(d: Aerated, name: str) -> dict[str, Any]:
 def start_verifiers(g: Guest, seconds: int) -> None:
     """stress-ng and memtester over most of the guest's free memory, as transient units:
     the pages the agent just gave back are among what they write and verify."""
-    g.check("systemctl reset-failed 'aerate-verify-*' 2>/dev/null || true")
+    g.check("systemctl stop 'aerate-verify-*' 2>/dev/null; "
+            "systemctl reset-failed 'aerate-verify-*' 2>/dev/null || true")
     g.check(f"systemd-run --unit=aerate-verify-stress --collect -p StandardOutput=file:"
             f"/run/aerate-verify-stress.log -p StandardError=file:/run/aerate-verify-stress.log"
             f" stress-ng --vm 2 --vm-bytes 60% --vm-method all --verify --timeout {seconds}s"
@@ -195,8 +196,14 @@ def resume_and_see_refusal(d: Aerated, name: str, before: dict[str, Any],
     assert lz["overruns"] - before["overruns"] <= 1, (st, d.log_text()[-6000:])
     assert lz["cut_short"] == before["cut_short"], (st, d.log_text()[-6000:])
     if quiet_guest:
-        assert lz["refused_batches"] > before["refused_batches"], (st, d.log_text()[-6000:])
-        assert "lease token" in st.get("last_refusal", ""), st
+        # No agent runs: nothing of the stale report may be discarded. It is refused by its
+        # token's age, or voided with its session when the daemon saw the port close first
+        # (the session ends at the close; which one wins depends on the stall's timing).
+        assert st.get("discarded_bytes", 0) == before["discarded_bytes"], st
+        if st.get("sessions", 0) == before["sessions"]:
+            assert lz["refused_batches"] > before["refused_batches"], (st,
+                                                                      d.log_text()[-6000:])
+            assert "lease token" in st.get("last_refusal", ""), st
 
 
 def quiet(g: Guest, d: Aerated) -> None:
