@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from aerate import __version__ as VERSION
 
-from . import capabilities, carrier, fdstore, procfs
+from . import capabilities, carrier, fdstore, logprefix, procfs
 from . import settings as settings_mod
 from .arena import BLOCK_BYTES, Arena, ArenaError, HugetlbArena, create_arena
 from .channel import DEFAULT_PATH, Port, PortError
@@ -58,29 +58,11 @@ def _notify(msg: str) -> None:
         log.warning("sd_notify failed: %s", e)
 
 
-class JournalPrefix(logging.Formatter):
-    """``<N>`` (the syslog priority) before every line of a record: systemd stores each
-    line of a service's stderr with that PRIORITY and without the prefix, so ``journalctl
-    -u aerate-agent -p warning`` shows the warnings alone."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = record.levelno
-        pri = (7 if level <= logging.DEBUG else 6 if level <= logging.INFO else
-               4 if level <= logging.WARNING else 3 if level <= logging.ERROR else 2)
-        return "\n".join("<%d>%s" % (pri, line)
-                         for line in super().format(record).split("\n"))
-
-
 def log_formatter(stream: Any, env: Any) -> logging.Formatter:
-    """Prefixed records when ``stream`` is systemd's journal stream (``$JOURNAL_STREAM``
-    names its device:inode, systemd.exec(5)); the level as a word anywhere else."""
-    try:
-        st = os.fstat(stream.fileno())
-        journal = env.get("JOURNAL_STREAM", "") == "%d:%d" % (st.st_dev, st.st_ino)
-    except (OSError, ValueError, AttributeError):
-        journal = False
-    if journal:
-        return JournalPrefix("%(message)s")
+    """Prefixed records when ``stream`` is systemd's journal stream (agent/logprefix.py);
+    the level as a word anywhere else."""
+    if logprefix.under_journal(stream, env):
+        return logprefix.PrefixFormatter("%(message)s")
     return logging.Formatter("%(levelname)s %(message)s")
 
 

@@ -25,6 +25,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import IO, Any
 
+from aerate.agent.logprefix import PrefixFormatter, under_journal
+
 #: MESSAGE_ID per event kind: fixed 128-bit ids (never change one; add a new kind instead).
 #: ``journalctl MESSAGE_ID=<id>`` lists every event of that kind, of every VM.
 EVENTS: dict[str, str] = {
@@ -38,18 +40,7 @@ EVENTS: dict[str, str] = {
     "config": "f0ec4afd1c774ce7b9ddb30f2e8cd43f",
 }
 
-#: syslog priority per logging level (what JournalHandler.map_priority gives too).
-_PRIORITIES = ((logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4),
-               (logging.ERROR, 3), (logging.CRITICAL, 2))
 _FIELD = re.compile(r"[A-Z0-9][A-Z0-9_]*\Z")
-
-
-def priority(levelno: int) -> int:
-    """The syslog priority of a logging level (between levels: the next one up)."""
-    for level, pri in _PRIORITIES:
-        if levelno <= level:
-            return pri
-    return 1
 
 
 def event(kind: str, **fields: str) -> dict[str, str]:
@@ -90,29 +81,10 @@ def emit_notes(vlog: VmLog, notes: Iterable[tuple[str, str, str]]) -> None:
                  extra=event(kind) if kind else {}, stacklevel=2)
 
 
-class PrefixFormatter(logging.Formatter):
-    """``<N>`` before every line (a traceback's too): systemd reads each line apart."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        pri = f"<{priority(record.levelno)}>"
-        return "\n".join(pri + line for line in super().format(record).split("\n"))
-
-
 def journal_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     """The record's journal fields: the upper-case ones (JournalHandler passes the whole
     record's ``__dict__``; journald would drop ``msg``, ``args``... as invalid names)."""
     return {k: v for k, v in fields.items() if _FIELD.match(k)}
-
-
-def under_journal(stream: IO[str], env: Mapping[str, str]) -> bool:
-    """Whether ``stream`` is systemd's journal stream: ``$JOURNAL_STREAM`` holds its
-    ``device:inode`` (systemd.exec(5); a child with a redirected stderr no longer matches)."""
-    want = env.get("JOURNAL_STREAM", "")
-    try:
-        st = os.fstat(stream.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return want == f"{st.st_dev}:{st.st_ino}"
 
 
 def _journal_module() -> Any:
