@@ -643,6 +643,15 @@ def deadline_problem(token: int, deadline: float, now: float) -> str:
             "only within half of lease_s after sending its token)" % (token, now - deadline))
 
 
+def hold_problem(token: int, hold_end: float, now: float) -> str:
+    """Why a slice of a report under ``token`` that ended at ``now`` may have run after the
+    guest took its pages back (``hold_end``: HostEndpoint.lease_hold_end), or ""."""
+    if now < hold_end:
+        return ""
+    return ("lease token %d: the slice ended %.2f s after the guest may have taken the "
+            "pages back" % (token, now - hold_end))
+
+
 class HostEndpoint:
     """The host's end of one guest's channel, as a socket-free state machine.
 
@@ -718,22 +727,21 @@ class HostEndpoint:
         lease from its *receive* time, which is later), less a fast guest clock's share
         (``HOLD_SHARE``). A slice that ends before this ran while the guest still held the
         pages, even if it ended after ``lease_deadline``."""
-        entry = self._tokens.get(token) if token is not None else None
-        if entry is None:
-            return None
-        sent, lease_s = entry
-        return sent + HOLD_SHARE * lease_s
+        return self._after_send(token, HOLD_SHARE)
 
     def lease_deadline(self, token: Optional[int]) -> Optional[float]:
         """No discard of a report carrying ``token`` may start at or after this (host
         clock); None for a token this session never sent or has forgotten."""
-        if token is None:
-            return None
-        entry = self._tokens.get(token)
+        return self._after_send(token, HOST_SHARE)
+
+    def _after_send(self, token: Optional[int], share: float) -> Optional[float]:
+        """``share`` of its lease after ``token`` was sent (host clock), or None for a token
+        this session never sent or has forgotten."""
+        entry = self._tokens.get(token) if token is not None else None
         if entry is None:
             return None
         sent, lease_s = entry
-        return sent + HOST_SHARE * lease_s
+        return sent + share * lease_s
 
     def lease_problem(self, token: Optional[int], now: Optional[float] = None) -> str:
         """Why a report carrying ``token`` must be refused now, or "" when it may be served."""

@@ -373,22 +373,16 @@ class VmSession:
 
         The lease: a slice starts only inside the window (``deadline``, half the lease
         after the token's send time); after it, the slice must have ended before the guest
-        may take the pages back (``hold_end``, a whole lease after the send): only a slice
-        ending later is an overrun (agent/protocol.py "Leases")."""
+        may take the pages back (``hold_end``, ``HOLD_SHARE`` of the lease after the send):
+        only a slice ending later is an overrun (agent/protocol.py "Leases")."""
         clock = self.endpoint.clock
 
         def alive() -> str:
             why = self.revocation(session)
             return "session ended: %s" % why if why else ""
 
-        def held() -> str:
-            late = clock() - hold_end
-            if late < 0:
-                return ""
-            return ("lease token %d: the slice ended %.2f s after the guest may have taken "
-                    "the pages back" % (token, late))
-
-        lease = SliceCheck(lambda: protocol.deadline_problem(token, deadline, clock()), held,
+        lease = SliceCheck(lambda: protocol.deadline_problem(token, deadline, clock()),
+                           lambda: protocol.hold_problem(token, hold_end, clock()),
                            cheap=True)
         return (SliceCheck(alive, alive, cheap=True), lease)
 

@@ -36,16 +36,27 @@ class Clock:
         return self.t
 
 
+def before_slice(gpa: int, length: int, checks: Sequence[Check]) -> None:
+    """What host/punch.py asks before a slice: the first reason refuses it."""
+    for c in checks:
+        why = c()
+        if why:
+            raise PunchRefused("vm", gpa, length, why)
+
+
+def after_slice(checks: Sequence[Check]) -> list[str]:
+    """What host/punch.py asks right after a slice (a check's ``after`` where it has one):
+    any reason makes the slice an overrun."""
+    return [why for c in checks if (why := getattr(c, "after", c)())]
+
+
 def pair(lease_s: float = 2.0) -> tuple[VmSession, p.GuestEndpoint, Clock, Clock,
                                          list[tuple[int, int]]]:
     host_clock, guest_clock = Clock(), Clock()
     calls: list[tuple[int, int]] = []
 
     def discard(gpa: int, length: int, checks: Sequence[Check]) -> int:
-        for c in checks:
-            why = c()
-            if why:
-                raise PunchRefused("vm", gpa, length, why)
+        before_slice(gpa, length, checks)
         calls.append((gpa, length))
         return length
 
@@ -188,9 +199,7 @@ def test_revoked_session_discards_nothing_more_even_mid_batch() -> None:
     done: list[tuple[int, int]] = []
 
     def discard(gpa: int, length: int, checks: Sequence[Check]) -> int:
-        for c in checks:
-            if c():
-                raise PunchRefused("vm", gpa, length, c())
+        before_slice(gpa, length, checks)
         done.append((gpa, length))
         s.revoke("the guest was reset")   # the event arrives while this batch runs
         return length
@@ -251,10 +260,7 @@ def test_property_no_discard_after_the_guest_returned_the_pages(
     missed: list[int] = []     # ... that the check after the slice did not see
 
     def discard(gpa: int, length: int, checks: Sequence[Check]) -> int:
-        for c in checks:
-            why = c()
-            if why:
-                raise PunchRefused("vm", gpa, length, why)
+        before_slice(gpa, length, checks)
         # The slice runs (or the daemon is stopped inside it) while the guest's clock goes
         # on, at its fastest: had the guest's lease run out meanwhile, it could have freed
         # the pages while they were being punched.
@@ -263,7 +269,7 @@ def test_property_no_discard_after_the_guest_returned_the_pages(
         step[0] += 1
         punched.append((gpa, step[0]))
         held = g.inflight.get(batches[gpa])
-        late = [why for c in checks if (why := getattr(c, "after", c)())]
+        late = after_slice(checks)
         if held is not None and guest_clock.t >= held.release_at:
             during.append(gpa)
             if not late:
@@ -338,9 +344,7 @@ def test_window_is_checked_before_every_slice_not_only_on_arrival() -> None:
     done: list[int] = []
 
     def slow(gpa: int, length: int, checks: Sequence[Check]) -> int:
-        for c in checks:
-            if c():
-                raise PunchRefused("vm", gpa, length, c())
+        before_slice(gpa, length, checks)
         hc.t += 0.6   # each slice (or a stall inside it) takes 0.6 s of a 1 s window
         done.append(gpa)
         return length
@@ -364,11 +368,9 @@ def test_a_slice_is_an_overrun_only_if_it_ends_after_the_guest_may_have_freed_it
     ends: list[str] = []
 
     def one_slice(gpa: int, length: int, checks: Sequence[Check]) -> int:
-        for c in checks:
-            if c():
-                raise PunchRefused("vm", gpa, length, c())
+        before_slice(gpa, length, checks)
         hc.t += slice_s
-        late = [why for c in checks if (why := getattr(c, "after", c)())]
+        late = after_slice(checks)
         ends.extend(late)
         if late:
             raise PunchRefused("vm", gpa, length, late[0], done=length, overrun=True)
