@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from aerate.host.qemu_map import GuestMemoryMap, RamRange
@@ -93,6 +93,33 @@ class Backing:
         """The punch reclaimer can discard this block's pages."""
         return self.kind in PUNCHABLE and self.path is not None
 
+
+
+def reads_stay_in_memory(backings: Iterable[Backing], swap_total: int | None) -> bool:
+    """Whether reading these backings' pages can never wait on a disk (S8: the daemon's
+    loop thread reads small reports' ranges itself, host/daemon.py VmRunner._run_job).
+
+    hugetlbfs pages are never swapped or written back, so a read of a populated one is a
+    memory copy and a hole reads as nothing (the content check skips holes). shmem (memfd,
+    anonymous shared, tmpfs) pages are written out only to swap: with no swap configured
+    (``swap_total`` 0) a read never waits either. Anything else -- a file on a disk
+    filesystem, shmem on a host with swap, an unknown swap figure, no backing at all -- may
+    wait on I/O for as long as the disk takes, and is read on the VM's own thread instead.
+
+    Under which delays: the swap figure is a sample (control.watch_pressure, every second).
+    Swap turned on after it, and pages swapped out before the next one, can make one read
+    of at most ``INLINE_DISCARD_BYTES`` wait on the new swap device: bounded, and once.
+    """
+    kinds = list(backings)
+    if not kinds:
+        return False
+    for b in kinds:
+        if b.fs_type == "hugetlbfs":
+            continue
+        if b.fs_type == "tmpfs" and swap_total == 0:
+            continue
+        return False
+    return True
 
 _VMA_HEAD = re.compile(
     r"^(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) (?P<perms>\S{4}) (?P<pgoff>[0-9a-f]+) "

@@ -8,8 +8,9 @@ arrive on libvirt's own thread (host/libvirt_conn.py) and are handed to the loop
 per-VM order, a timeout that refuses that VM), and ``permit()``, ``status`` and the
 metrics scrape read snapshots those calls refresh. A report's discard runs on the loop
 thread when the batch is small (``INLINE_DISCARD_BYTES``: a fallocate and the scans of
-QEMU's fd links, which take no lock QEMU holds for long), else on the VM's own discard
-thread; either way the session takes no input until it is finished, so a session is
+QEMU's fd links, which take no lock QEMU holds for long) and its content check's reads
+cannot wait on a disk (hugetlbfs, or shmem on a host without swap), else on the VM's own
+discard thread; either way the session takes no input until it is finished, so a session is
 never closed or re-synced while a discard is under way (S4); each is held to the VM's
 discard budget (host/budget.py).
 
@@ -52,7 +53,7 @@ from aerate.host import balloon as balloon_mod
 from aerate.host import config as config_mod
 from aerate.host import control, journal, pinning, pressure
 from aerate.host import metrics as metrics_mod
-from aerate.host.backing import Backing, BackingKind, allocated_bytes
+from aerate.host.backing import Backing, BackingKind, allocated_bytes, reads_stay_in_memory
 from aerate.host.balloon_store import BalloonStore, Saved, StoreError
 from aerate.host.budget import DiscardBudget, InputBudget
 from aerate.host.libvirt_conn import (
@@ -117,9 +118,9 @@ MAP_TIMEOUT = 15.0
 READ_CHUNK = 4096
 #: Report batches up to this many bytes are discarded on the loop thread, bigger ones on
 #: the VM's discard thread (VmRunner._run_job): 4 granules of 2 MiB, a read of 8 MiB (the
-#: content check, host/punch.py) and fallocates of about a millisecond in all when every
-#: page is populated. A read of host-swapped backing blocks the loop that long: noted as
-#: a limit (memfd RAM the host swaps out), not handled.
+#: content check, host/punch.py, about 3 ms) and fallocates of about a millisecond in all
+#: when every page is populated. Only where the read cannot wait on a disk
+#: (host/backing.py reads_stay_in_memory): hugetlbfs, or shmem on a host without swap.
 INLINE_DISCARD_BYTES = 8 << 20
 #: Host page size from which the agent cannot assemble a reportable granule (agent/cycle.py).
 GIANT_GRANULE = 1 << 30
@@ -1059,8 +1060,17 @@ class VmRunner:
         thread writes (it runs while the loop thread sits in fallocate or readlink, which
         release the GIL), so inline changes nothing of S1/S4: the session takes no input
         and cannot re-sync until ``finish``.
+
+        Inline also needs reads that never wait on a disk (``reads_stay_in_memory``): the
+        content check reads every granule before its punch, and a guest that reports memory
+        the host swapped out (its own cold pages, again and again) would otherwise make
+        the loop wait on the swap device for each of them while every other VM's acks
+        wait behind it. Those reads go to the VM's thread, where the wait is that VM's own;
+        the bytes they read were charged to its discard budget before the read (S5), a
+        content refusal included.
         """
-        if job.total <= INLINE_DISCARD_BYTES:
+        if job.total <= INLINE_DISCARD_BYTES and reads_stay_in_memory(
+                self.backings.values(), self.daemon.host_memory.swap_total):
             job.run()
         else:
             await self._discard_off_loop(job)

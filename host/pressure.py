@@ -45,6 +45,10 @@ class HostMemory(NamedTuple):
     available: int | None
     total: int | None
     psi_some_avg10: float | None = None
+    #: bytes of swap the host has configured (0: none; None: unknown). With none, shmem
+    #: pages (memfd RAM) are never written out, so reading them never waits on a disk
+    #: (host/backing.py reads_stay_in_memory).
+    swap_total: int | None = None
 
 
 UNKNOWN = HostMemory(None, None, None)
@@ -138,6 +142,7 @@ def sample() -> HostMemory:
     try:
         import psutil
         vm = psutil.virtual_memory()
+        swap = psutil.swap_memory()
     except (ImportError, OSError, RuntimeError):
         return UNKNOWN
-    return HostMemory(int(vm.available), int(vm.total), _psi())
+    return HostMemory(int(vm.available), int(vm.total), _psi(), int(swap.total))

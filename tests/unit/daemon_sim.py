@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from aerate.agent.protocol import MAX_INFLIGHT, GuestEndpoint, GuestState
+from aerate.host import pressure
 from aerate.host.backing import Backing, BackingKind
 from aerate.host.libvirt_conn import DomainError, DomainRef
 from aerate.host.qemu_map import GuestMemoryMap, RamBlockInfo, RamRange
@@ -80,7 +81,7 @@ def new_vm(name: str, sock_dir: str) -> SimVm:
     backing = Backing(vm_pid=os.getpid(), block_name="pc.ram", kind=BackingKind.MEMFD_SHARED,
                       reason="memfd of a simulated guest", page_size=4096, path=path,
                       link=os.readlink(path), dev=st.st_dev, ino=st.st_ino, file_offset=0,
-                      file_size=RAM, length=RAM)
+                      file_size=RAM, fs_type="tmpfs", length=RAM)
     gmap = GuestMemoryMap(ranges=(RamRange(0, RAM, "pc.ram", 0),),
                           blocks={"pc.ram": RamBlockInfo("pc.ram", 4096, 0, RAM, RAM)},
                           memdevs={})
@@ -392,6 +393,10 @@ def new_daemon(conn: FakeLibvirt, run_dir: str, **timing: float) -> Any:
     d = daemon_mod.Daemon("fake:///", os.path.join(run_dir, "none.toml"), run_dir, None, (),
                           conn=conn)
     d.vm_lock_dir = os.path.join(run_dir, "vms")
+    # What control.watch_pressure would have sampled by now: this host's real memory and
+    # swap (whether small discards run on the loop depends on the swap, host/backing.py
+    # reads_stay_in_memory).
+    d.host_memory = pressure.sample()
     for k, v in timing.items():
         if not hasattr(d, k):
             raise AttributeError(f"Daemon has no timing knob {k!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -130,6 +131,53 @@ def test_a_slow_large_discard_of_one_vm_does_not_delay_another_vms_ack(
         assert guests["A"].acks[-1][1] >= 2 << 20   # what was punched before the stall
 
     run(tmp_path, body)
+
+
+@pytest.mark.parametrize("swap_total, inline", [(0, True), (1 << 30, False), (None, False)])
+def test_a_small_discard_runs_on_the_loop_only_where_its_reads_cannot_wait_on_a_disk(
+        tmp_path: Path, swap_total: int | None, inline: bool) -> None:
+    """S8: the content check reads every reported granule before its punch. On memfd RAM
+    of a host with swap a read may wait on the swap device, so even a small batch is
+    discarded on the VM's own thread then (host/backing.py reads_stay_in_memory); with no
+    swap it stays on the loop (the cheaper path at a thousand guests). An unknown swap
+    figure (no sample yet) counts as swap."""
+    from aerate.host import pressure
+
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.host_memory = pressure.HostMemory(8 << 30, 16 << 30, None, swap_total)
+        real = daemon.punch
+        threads: list[str] = []
+
+        def punch(vm: str, *args: Any, **kw: Any) -> int:
+            threads.append(threading.current_thread().name)
+            return int(real(vm, *args, **kw))
+
+        daemon.punch = punch
+        daemon.start_runner("A")
+        await report_and_wait(daemon, guests["A"], 5)   # 4 x 2 MiB: within the inline bound
+        assert threads and all(t == threading.main_thread().name for t in threads) is inline, \
+            threads
+        if not inline:
+            assert all(t.startswith("discard:A") for t in threads), threads
+        assert guests["A"].acks[-1][1] == 4 * (2 << 20)
+
+    run(tmp_path, body, names=("A",))
+
+
+def test_reads_stay_in_memory_only_for_hugetlbfs_or_shmem_without_swap() -> None:
+    from aerate.host.backing import Backing, BackingKind, reads_stay_in_memory
+
+    def b(fs: str) -> Backing:
+        return Backing(vm_pid=1, block_name="pc.ram", kind=BackingKind.FILE_SHARED,
+                       reason="test", fs_type=fs)
+
+    assert reads_stay_in_memory([b("hugetlbfs")], 1 << 30)
+    assert reads_stay_in_memory([b("hugetlbfs"), b("tmpfs")], 0)
+    assert not reads_stay_in_memory([b("hugetlbfs"), b("tmpfs")], 1 << 30)
+    assert not reads_stay_in_memory([b("tmpfs")], None)   # no swap sample yet
+    assert not reads_stay_in_memory([b("ext4")], 0)        # a disk file: page cache misses
+    assert not reads_stay_in_memory([b("")], 0)            # not proven
+    assert not reads_stay_in_memory([], 0)
 
 
 def test_a_timed_out_libvirt_call_refuses_that_vm_with_the_reason(
