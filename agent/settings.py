@@ -103,16 +103,21 @@ def _check_bounds(s: Setting, v: Any, origin: str) -> Any:
     return v
 
 
-def coerce(name: str, value: Any, origin: str = "setting") -> Any:
+def coerce(name: str, value: Any, origin: str = "setting", typed: bool = False) -> Any:
     """Validate ``value`` for setting ``name`` (a typed value or its text form).
 
     ``origin`` names where the value came from (a file and key, a VM, the command line) so
-    the error tells the operator what to fix.
+    the error tells the operator what to fix. ``typed``: the source has types of its own
+    (a TOML file), so a string is taken only for a string setting: ``hwm = "16"`` is a
+    mistake to point out (it may be a quoted value meant for another key), not a number.
     """
     s = BY_NAME.get(name)
     if s is None:
         raise SettingError("%s: unknown setting %r (known: %s)"
                            % (origin, name, ", ".join(sorted(BY_NAME))))
+    if typed and isinstance(value, str) and s.type is not str:
+        raise SettingError("%s: %s=%r is a string; write it without quotes"
+                           % (origin, name, value))
     if isinstance(value, str) and s.type is not str:
         text = value.strip().lower()
         try:

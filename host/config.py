@@ -140,7 +140,7 @@ def _validate(values: dict[str, Any], text: str, path: str,
         line = line_of(text, section, key)
         where = f"{path}:{line}: {label}" if line else f"{path}: {label}"
         try:
-            out[key] = table.coerce(key, value, origin=where)
+            out[key] = table.coerce(key, value, origin=where, typed=True)
         except table.SettingError as e:
             row = table.BY_NAME.get(key)
             # A choice's error lists the choices already; an unknown key's, the known keys.

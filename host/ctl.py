@@ -80,15 +80,20 @@ def _mib(n: Any) -> str:
 
 def format_status(answer: dict[str, Any]) -> str:
     """The human table of ``aeratectl status``: every VM, unmanaged ones with the reason
-    and no figure, balloon VMs with the balloon's."""
+    and no figure, balloon VMs with the balloon's.
+
+    VERIFIED: of the bytes discarded, those the backing file's own allocation count
+    confirmed freed (host/verify.py); "-" where nothing measures it (balloon, kernel)."""
     head = (f"{'VM':<20} {'STATE':<10} {'RECLAIM':<9} {'REPORTED':>9} {'DISCARD':>9} "
-            f"{'REFUSED':>9} {'BACKING':>9}  REASON")
+            f"{'VERIFIED':>9} {'REFUSED':>9} {'BACKING':>9}  REASON")
     lines = [head]
     for vm in answer.get("vms", []):
+        reclaim = vm.get("reclaim") if isinstance(vm.get("reclaim"), dict) else {}
         lines.append(
             f"{vm['vm']:<20.20} {vm.get('state', '?'):<10.10} "
             f"{vm.get('reclaimer', '-'):<9.9} "
             f"{_mib(vm.get('reported_bytes')):>9} {_mib(vm.get('discarded_bytes')):>9} "
+            f"{_mib(reclaim.get('verified_bytes')):>9} "
             f"{_mib(vm.get('refused_bytes')):>9} {_mib(vm.get('backing_allocated_bytes')):>9}"
             f"  {vm.get('last_error') or vm.get('reason', '')}")
     for vm in answer.get("vms", []):

@@ -192,3 +192,19 @@ def test_aeratectl_status_shows_a_biting_budget_and_a_hung_call() -> None:
     assert "libvirt call job_info hung" in text
     quiet = format_status({"vms": [dict(vm, budget={"bites": 0}, libvirt_calls={})]})
     assert "budget" not in quiet and "hung" not in quiet
+
+
+def test_aeratectl_status_has_a_verified_column_from_the_reclaim_tally() -> None:
+    """The human table's VERIFIED column is status' reclaim.verified_bytes (host/verify.py):
+    the part of DISCARD the backing's own allocation count confirmed; "-" where nothing
+    measures it (a balloon VM has no tally)."""
+    from aerate.host.ctl import format_status
+    punched = {"vm": "web01", "state": "running", "reclaimer": "punch",
+               "reported_bytes": 64 << 20, "discarded_bytes": 60 << 20,
+               "reclaim": {"verified_bytes": 58 << 20, "unverified_bytes": 2 << 20}}
+    ballooned = {"vm": "db01", "state": "running", "reclaimer": "balloon"}
+    head, web, db = format_status({"vms": [punched, ballooned]}).splitlines()[:3]
+    col = head.index("VERIFIED")
+    at = slice(col, col + len("VERIFIED"))
+    assert web[at].strip() == "58" and db[at].strip() == "-", (head, web, db)
+    assert web[head.index("DISCARD") - 2:head.index("DISCARD") + 7].split() == ["60"]

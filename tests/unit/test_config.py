@@ -120,8 +120,15 @@ delay_ms = "soon"
         (BAD_AT_LINE, "/etc/aerate/aerated.toml:7: [vm.web 01]: mode='sometimes' is not one "
                       "of auto, punch, balloon, off", ""),
         (BAD_AT_LINE.replace('"sometimes"', '"off"'),
-         "/etc/aerate/aerated.toml:10: [vm.db]: delay_ms='soon' is not a valid int",
-         "; allowed: an integer from "),
+         "/etc/aerate/aerated.toml:10: [vm.db]: delay_ms='soon' is a string; write it "
+         "without quotes", "; allowed: an integer from "),
+        # TOML has types: a quoted number is a mistake to point out, not a number.
+        ("[defaults]\nhwm = \"16\"\n",
+         "/etc/aerate/aerated.toml:2: [defaults]: hwm='16' is a string; write it without "
+         "quotes", "; allowed: an integer from 1 "),
+        ("[defaults]\nenabled = \"yes\"\n",
+         "/etc/aerate/aerated.toml:2: [defaults]: enabled='yes' is a string",
+         "; allowed: true or false"),
         ("[defaults]\nhwm = 16\nenabled = 1\n",
          "/etc/aerate/aerated.toml:3: [defaults]: enabled=1 must be true or false",
          "; allowed: true or false"),
