@@ -44,6 +44,8 @@ MiB = 1 << 20
 # first seconds after the daemon was stopped, which is the case under test; with the default
 # 2 s the guest simply stops reporting (no fresh token) before the hog has exited.
 LEASE_S = 12.0
+#: the most one report names: ``capacity`` blocks of 2 MiB
+BATCH_BYTES = 32 * 2 * MiB
 CONFIG = ("[defaults]\nreserve_mib = 128\nhwm = 8\ncapacity = 32\nstats_interval_s = 1\n"
           f"lease_s = {LEASE_S}\n")
 
@@ -189,18 +191,24 @@ def resume_and_see_refusal(d: Aerated, name: str, before: dict[str, Any],
     print(f"after the stall: lease {lz}, discarded +"
           f"{(st.get('discarded_bytes', 0) - before['discarded_bytes']) >> 20} MiB, "
           f"last refusal {st.get('last_refusal')!r}")
-    # SIGSTOP lands at a random point of the daemon: inside or right after the fallocate of
-    # the slice it was running (at most one: one discard thread per VM), the check after
-    # that slice finds the window closed and counts an overrun although the slice ran in
-    # time (host/session.py DiscardJob.run says why it cannot tell). More than that one, or
-    # any slice cut short by the lease, means a stale report was started.
-    assert lz["overruns"] - before["overruns"] <= 1, (st, d.log_text()[-6000:])
-    assert lz["cut_short"] == before["cut_short"], (st, d.log_text()[-6000:])
+    # SIGSTOP lands at a random point of the daemon, possibly inside the discard of the
+    # batch read before the report in flight (at most one: one discard at a time per VM, and
+    # the session reads nothing meanwhile, S4). That batch began within its window; after
+    # the stall either the check right after the slice that was running finds the window
+    # closed and counts an overrun although the slice ran in time (host/session.py
+    # DiscardJob.run says why it cannot tell), or the check before its next slice finds the
+    # window closed or the session revoked and cuts it short. One of the two, once; more
+    # means a stale report was started (seen in a 20-round soak: cut short after 58 MiB).
+    mid_batch = (lz["overruns"] - before["overruns"]) + (lz["cut_short"] - before["cut_short"])
+    assert mid_batch <= 1, (st, d.log_text()[-6000:])
     if quiet_guest:
         # No agent runs: nothing of the stale report may be discarded. It is refused by its
         # token's age, or voided with its session when the daemon saw the port close first
         # (the session ends at the close; which one wins depends on the stall's timing).
-        assert st.get("discarded_bytes", 0) == before["discarded_bytes"], st
+        # Only the batch caught mid-discard may have discarded, before the stall, and at
+        # most one batch's worth.
+        discarded = st.get("discarded_bytes", 0) - before["discarded_bytes"]
+        assert discarded <= (BATCH_BYTES if mid_batch else 0), (discarded, st)
         if st.get("sessions", 0) == before["sessions"]:
             assert lz["refused_batches"] > before["refused_batches"], (st,
                                                                       d.log_text()[-6000:])
