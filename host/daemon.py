@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import random
+import resource
 import signal
 import sys
 import threading
@@ -1556,6 +1557,36 @@ def watchdog_seconds(env: Mapping[str, str] | None = None) -> float | None:
     return int(usec) / 1e6
 
 
+#: Descriptors the daemon holds per served VM: its channel socket and its VM lock (S4),
+#: and for a moment during a discard the backing and QEMU's /proc fd directory.
+FDS_PER_VM = 4
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; (before, after).
+
+    Each served VM holds two descriptors for as long as it is served and two more during a
+    discard (``FDS_PER_VM``), so a thousand VMs need some 2,000-4,000. systemd starts
+    services with a soft limit of 1,024 (the hard one is 524,288 on current systemd): with
+    it, the VMs past about the 500th would fail to open their lock or socket (EMFILE).
+    The soft limit is what select() needs kept low; the daemon polls with epoll and
+    libvirt with poll(), neither bound by FD_SETSIZE, and it starts no children that
+    could inherit the raised limit (what systemd's advice to raise it in the program
+    itself, not for the whole system, guards)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit: the kernel's default nr_open, above which a soft one fails.
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open-file limit from %d to %d: %s; at most about %d "
+                    "VMs can be served", soft, target, e, soft // FDS_PER_VM)
+        return soft, soft
+    return soft, target
+
+
 def check_config(path: str) -> int:
     """``aerated --check-config``: the same validation as start-up and reload, offline."""
     try:
@@ -1586,6 +1617,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         return check_config(args.config)
     journal.setup(args.log_level)
+    before, after = raise_fd_limit()
+    if after != before:
+        log.debug("open-file limit raised from %d to %d (about %d VMs)", before, after,
+                  after // FDS_PER_VM)
     try:
         metrics = None if args.metrics == "off" else metrics_mod.parse_listen(args.metrics)
     except ValueError as e:

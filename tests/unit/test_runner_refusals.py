@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -522,3 +524,19 @@ def test_the_journal_names_each_change_of_reclaimer_once(
     assert len(lines) == 2, lines
     assert lines[0].startswith("vm1: reclaimer refuse: cannot tell whether the guest poisons")
     assert lines[1].startswith("vm1: reclaimer punch: guest RAM is memfd-shared")
+
+
+def test_the_daemon_raises_its_open_file_limit_for_a_thousand_vms() -> None:
+    """systemd's soft limit of 1,024 descriptors would stop a daemon at about 500 VMs
+    (two held per VM); main() calls raise_fd_limit, which lifts it to the hard limit (run
+    in a child, whose limits the test may lower)."""
+    code = ("import resource\n"
+            "from aerate.host.daemon import raise_fd_limit\n"
+            "s, h = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, h))\n"
+            "before, after = raise_fd_limit()\n"
+            "print(before, after, resource.getrlimit(resource.RLIMIT_NOFILE)[0], h)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=str(Path(__file__).resolve().parents[2])).stdout
+    before, after, now, hard = (int(x) for x in out.split())
+    assert before == 1024 and after == now and now >= min(hard, 4 * 1024)
