@@ -94,7 +94,6 @@ class Backing:
         return self.kind in PUNCHABLE and self.path is not None
 
 
-
 def reads_stay_in_memory(backings: Iterable[Backing], swap_total: int | None) -> bool:
     """Whether reading these backings' pages can never wait on a disk (S8: the daemon's
     loop thread reads small reports' ranges itself, host/daemon.py VmRunner._run_job).
@@ -110,16 +109,10 @@ def reads_stay_in_memory(backings: Iterable[Backing], swap_total: int | None) ->
     Swap turned on after it, and pages swapped out before the next one, can make one read
     of at most ``INLINE_DISCARD_BYTES`` wait on the new swap device: bounded, and once.
     """
-    kinds = list(backings)
-    if not kinds:
-        return False
-    for b in kinds:
-        if b.fs_type == "hugetlbfs":
-            continue
-        if b.fs_type == "tmpfs" and swap_total == 0:
-            continue
-        return False
-    return True
+    held = list(backings)
+    return bool(held) and all(
+        b.fs_type == "hugetlbfs" or (b.fs_type == "tmpfs" and swap_total == 0) for b in held)
+
 
 _VMA_HEAD = re.compile(
     r"^(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) (?P<perms>\S{4}) (?P<pgoff>[0-9a-f]+) "

@@ -44,10 +44,11 @@ MiB = 1 << 20
 # first seconds after the daemon was stopped, which is the case under test; with the default
 # 2 s the guest simply stops reporting (no fresh token) before the hog has exited.
 LEASE_S = 12.0
-#: the most one report names: ``capacity`` blocks of 2 MiB
-BATCH_BYTES = 32 * 2 * MiB
-CONFIG = ("[defaults]\nreserve_mib = 128\nhwm = 8\ncapacity = 32\nstats_interval_s = 1\n"
-          f"lease_s = {LEASE_S}\n")
+#: blocks of 2 MiB in one report (the ``capacity`` setting), and the most one report names
+CAPACITY = 32
+BATCH_BYTES = CAPACITY * 2 * MiB
+CONFIG = ("[defaults]\nreserve_mib = 128\nhwm = 8\n"
+          f"capacity = {CAPACITY}\nstats_interval_s = 1\nlease_s = {LEASE_S}\n")
 
 
 def rounds(default: int) -> int:
