@@ -626,7 +626,8 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
     if r.session is not None:
         lease = s.get("lease") or {}
         says.append(f"Leases of {lease.get('lease_s')} s: {lease.get('refused_batches', 0)} "
-                    f"batches refused as stale, {lease.get('cut_short', 0)} discards cut "
+                    f"batches refused as stale, {lease.get('refused_at_start', 0)} refused "
+                    f"at their first slice, {lease.get('cut_short', 0)} discards cut "
                     f"short, {lease.get('overruns', 0)} overruns.")
         if s.get("content_refused_batches"):
             says.append(f"{s['content_refused_batches']} discards stopped at a reported page "

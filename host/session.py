@@ -57,6 +57,10 @@ class Counters:
     lease_refused: int = 0
     #: discards stopped part-way because the lease ran out or the session was revoked
     cut_short: int = 0
+    #: batches accepted under a fresh token whose check before their first slice refused
+    #: them (the window closed or the session was revoked while they waited, e.g. a daemon
+    #: stalled between reading a report and discarding it): nothing of them discarded
+    refused_at_start: int = 0
     #: slices whose fallocate ended after the lease window closed (the safety margin was
     #: eaten: a stalled daemon); should stay 0
     lease_overruns: int = 0
@@ -99,6 +103,7 @@ class DiscardJob:
     done: int = 0
     reason: str = ""
     cut_short: int = 0
+    refused_at_start: int = 0
     overruns: int = 0
     content_refused: int = 0
     #: (level, message, event kind) for the daemon's journal (host/journal.py EVENTS)
@@ -142,7 +147,14 @@ class DiscardJob:
                                "granules before it were zeroes and are discarded)"
                                % self.reason)
                 else:
-                    self.cut_short += 1 if e.done else 0
+                    # Cut short when anything of the batch was discarded (an earlier range
+                    # or this one's first slices), refused at its start when nothing was:
+                    # each stop is counted once, so a stall between a report's read and its
+                    # first slice shows in status, not only in last_refusal.
+                    if self.done:
+                        self.cut_short += 1
+                    else:
+                        self.refused_at_start += 1
                     self._note("warning", self.reason)
                 break
             except (PunchFailed, OSError) as e:
@@ -300,6 +312,7 @@ class VmSession:
         self.job = None
         c = self.counters
         c.cut_short += job.cut_short
+        c.refused_at_start += job.refused_at_start
         c.lease_overruns += job.overruns
         c.content_refused += job.content_refused
         self.log.extend(job.notes)
@@ -445,6 +458,7 @@ class VmSession:
                 "lease": {"lease_s": self.endpoint.lease_s,
                           "refused_batches": c.lease_refused_batches,
                           "refused_bytes": c.lease_refused, "cut_short": c.cut_short,
+                          "refused_at_start": c.refused_at_start,
                           "overruns": c.lease_overruns},
                 "content_refused_batches": c.content_refused,
                 "agent": _word(self.hello.get("agent")),

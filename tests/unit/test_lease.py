@@ -355,6 +355,34 @@ def test_window_is_checked_before_every_slice_not_only_on_arrival() -> None:
     assert done == [0, 4 * MiB2]
     assert g.receive(s.take_outbox()) == [("release", (b, 2 * MiB2, MiB2))]
     assert "lease token 1 expired" in s.status()["last_refusal"]
+    # Counted as cut short although the refused range itself had nothing discarded: two
+    # ranges of the batch were.
+    lz = s.status()["lease"]
+    assert (lz["cut_short"], lz["refused_at_start"], lz["overruns"]) == (1, 0, 0), lz
+
+
+def test_a_batch_whose_window_closed_before_its_first_slice_is_counted_refused_at_start(
+        ) -> None:
+    """A daemon stalled between reading a report (its token fresh) and its first slice: the
+    check before that slice refuses the whole batch, nothing is discarded, and status counts
+    it (refused_at_start), not only in last_refusal."""
+    s, g, hc, _, calls = pair(lease_s=2.0)
+    discard = s.discard
+
+    def stalled_first(gpa: int, length: int, checks: Sequence[Check]) -> int:
+        hc.t += 1.5   # the stall: the 1 s window closes before the first slice's check
+        return discard(gpa, length, checks)
+
+    s.discard = stalled_first
+    b = g.report([(0, MiB2), (4 * MiB2, MiB2)])
+    s.receive(g.take_outbox())
+    assert calls == []
+    assert g.receive(s.take_outbox()) == [("release", (b, 0, 2 * MiB2))]
+    st_ = s.status()
+    lz = st_["lease"]
+    assert (lz["refused_at_start"], lz["cut_short"], lz["refused_batches"]) == (1, 0, 0), lz
+    assert st_["discarded_bytes"] == 0 and st_["refused_bytes"] == 2 * MiB2, st_
+    assert "not discarding" in st_["last_refusal"], st_
 
 
 @pytest.mark.parametrize(("slice_s", "overrun"), [(0.1, False), (1.5, False), (1.99, True)])
