@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from unittest import mock
 from aerate import __version__
 from aerate.agent import settings as table
 from aerate.host import ctl
+from aerate.host.config import toml_parser
 
 REPO = Path(__file__).resolve().parent.parent
 #: Program -> (man section, where the package installs it).
@@ -310,7 +310,10 @@ def man_page(name: str, parser: argparse.ArgumentParser) -> str:
 
 def scripts(pyproject: Path = REPO / "pyproject.toml") -> dict[str, str]:
     """``[project.scripts]``: program name -> ``module:function``."""
-    doc = tomllib.loads(pyproject.read_text())
+    # host/config.py's fallback chain, not tomllib: Python 3.9 has none, and the unit tier
+    # imports this module.
+    loads, _ = toml_parser()
+    doc = loads(pyproject.read_text())
     found: dict[str, str] = doc["project"]["scripts"]
     return found
 
