@@ -24,7 +24,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -86,6 +86,16 @@ def new_vm(name: str, sock_dir: str) -> SimVm:
                           blocks={"pc.ram": RamBlockInfo("pc.ram", 4096, 0, RAM, RAM)},
                           memdevs={})
     return SimVm(name, os.path.join(sock_dir, f"{name}.sock"), fd, backing, gmap)
+
+
+@contextlib.contextmanager
+def open_vm(name: str, sock_dir: str) -> Iterator[SimVm]:
+    """``new_vm`` whose memfd is closed at the end (a fixture's body)."""
+    v = new_vm(name, sock_dir)
+    try:
+        yield v
+    finally:
+        os.close(v.fd)
 
 
 _STAND_IN: List[subprocess.Popen[bytes]] = []
