@@ -274,6 +274,8 @@ class SimGuest:
     #: settings the host sent (sync and config messages), in order
     configs: List[Dict[str, Any]] = field(default_factory=list)
     on_ack: Optional[Callable[[SimGuest], None]] = None
+    #: the host's answers to this guest's probes (agent/protocol.py Probed), in order
+    probed: List[Any] = field(default_factory=list)
     _sent: Dict[int, float] = field(default_factory=dict)
     _want_report: bool = False
     _server: Optional[asyncio.AbstractServer] = None
@@ -320,6 +322,8 @@ class SimGuest:
                         self.connected.set()
                     elif kind == "config":
                         self.configs.append(dict(payload))
+                    elif kind == "probed":
+                        self.probed.append(payload)
                     elif kind == "release":
                         batch, discarded, refused = payload
                         sent = self._sent.pop(batch, None)

@@ -5,15 +5,19 @@ answers a probe also checks the discard function was never called."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import pytest
-from daemon_sim import GRANULE, RAM, SimVm
+from daemon_sim import GRANULE, RAM, MiB, SimVm, simulated, until
+from prometheus_client import generate_latest
 
 from aerate.agent import protocol as p
+from aerate.host import control, metrics, pressure
 from aerate.host.backing import BackingKind
 from aerate.host.probe import ProbeUnknown, backed
 from aerate.host.punch import Check, fallocate_punch
@@ -144,3 +148,43 @@ def test_an_older_agent_gets_no_probe_answers(vm: SimVm) -> None:
     s.receive(p.encode({"type": "probe", "session": s.endpoint.session, "id": 1,
                         "ranges": [[0, GRANULE]]}, proto=2))
     assert s.state is p.HostState.CLOSED and "unknown message type 'probe'" in s.last_error
+
+
+async def _through_the_daemon(run_dir: str) -> tuple[dict[str, p.Probed], dict[str, Any], str]:
+    with open(os.path.join(run_dir, "none.toml"), "w"):
+        pass
+    async with simulated(run_dir, ("A", "P")) as (daemon, conn, guests):
+        conn.private.add("P")
+        conn.balloon["P"] = (4096 * MiB, 4096 * MiB)
+        daemon.host_memory = pressure.HostMemory(6 << 30, 8 << 30, 0.5, swap_total=0)
+        for n in ("A", "P"):
+            daemon.start_runner(n)
+        for n in ("A", "P"):
+            await until(lambda n=n: daemon.runners[n].state.value == "running"
+                        and guests[n].ep is not None and guests[n].ep.can_probe(), 5,
+                        f"{n} running")
+        os.pwrite(conn.vms["A"].fd, b"x", 2 * GRANULE + PAGE)
+        answers: dict[str, p.Probed] = {}
+        for n in ("A", "P"):
+            g = guests[n]
+            assert g.ep is not None and g.writer is not None
+            g.ep.probe([(0, GRANULE), (2 * GRANULE, GRANULE)])
+            g.writer.write(g.ep.take_outbox())
+            await until(lambda g=g: bool(g.probed), 5, f"{n}'s answer")
+            answers[n] = g.probed[0]
+        text = generate_latest(metrics.registry(lambda: control.views(daemon))).decode()
+        return answers, {v["vm"]: v for v in control.views(daemon)}, text
+
+
+def test_the_daemon_answers_probes_from_the_backing(tmp_path: Path) -> None:
+    """Through the real daemon (its runner's ``_backed``, the session, the map of
+    daemon_sim's MOCK of libvirtd): A's memfd backs the second range only; P's private RAM
+    cannot tell. Nothing is discarded; status and metrics count the probes."""
+    answers, views, text = asyncio.run(_through_the_daemon(str(tmp_path)))
+    assert answers["A"].backed == [(2 * GRANULE, GRANULE)]
+    assert answers["P"].backed is None and "not a shared file" in answers["P"].unknown
+    assert views["A"]["probes"]["backed_bytes"] == GRANULE
+    assert views["A"]["discarded_bytes"] == 0 and views["A"]["batches"] == 0
+    assert views["P"]["probes"]["unknown"] == 1
+    assert 'aerate_probe_backed_bytes_total{vm="A"} 2.097152e+06' in text
+    assert 'aerate_probes_answered_total{vm="P"} 1.0' in text
