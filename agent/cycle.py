@@ -38,6 +38,26 @@ still start a pass each time it frees ``hwm`` units: passes that begin back to b
 (``CHURN_QUICK_S``) three times in a row wait a gap doubling up to ``CHURN_GAP_MAX_S``,
 and the status says so ("churn: ..."); pressure still backs off at once.
 
+Probes (issue 15). Re-validation reads only the buddy flag, which a block the guest
+allocated, wrote and freed again between two looks keeps: the engine goes on believing it
+aerated while the host backs it again (measured: 432 MiB backed 30 s after a churn, idle
+baseline 229, and "pass done: 0 raw units"). Only the host sees that, so an idle engine
+asks it (agent/protocol.py "Probes", sessions of protocol >= 3): at most every
+``PROBE_EVERY`` seconds, while no pass runs and nothing is held or in flight, it names up
+to ``MAX_RANGES`` aerated blocks, the longest unprobed first (a block's discard counts as
+its first probe), coalesced into whole granules (``probe_request``). Every block lying in
+a range the host answers backed stops counting as aerated: it is raw free memory, which the
+next pass takes (``on_probed``, counted in ``probe_stale_blocks``). An answer applies only
+to blocks aerated without a break since the probe went out (each aeration has its own
+generation): one a pass took and aerated again meanwhile keeps its newer belief.
+What it cannot break: the blocks concerned are free in the guest and held by no batch;
+an answer only moves a belief, never a page (S2, S3 unchanged), so a wrong one costs a
+missed or a repeated reclaim. What it costs: one line each way per ``PROBE_EVERY``, and a
+backed range of coalesced blocks makes them all raw even if one of them is backed (a
+repeated reclaim of the others, bounded by the range). An answer ``unknown`` changes no
+belief; "rate" doubles the wait (up to ``PROBE_BACKOFF_MAX_S``), any other reason (the host
+cannot tell: private RAM, hugetlbfs, swap) stops probing until the next session.
+
 Safety (S2): blocks leave the arena only on an ack of their batch, a new session, the end
 of the batch's lease (agent/protocol.py, "Leases": the host starts no discard of it any
 more), or pressure when they were already acked. Blocks of a batch without ack stay held
@@ -50,13 +70,14 @@ discarded it is not known.
 
 from __future__ import annotations
 
+import bisect
 import enum
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Set, Tuple
 
 from . import settings as settings_mod
 from .arena import ArenaError, Block
 from .hugetlb import BudgetError
-from .protocol import LEASE_MS_MAX, Range, coalesce
+from .protocol import LEASE_MS_MAX, MAX_RANGES, Range, coalesce
 
 PAGE = 4096
 #: Re-read the buddy flags of aerated blocks at most this often (seconds). Between two
@@ -76,6 +97,12 @@ LEASE_MAX_S = LEASE_MS_MAX / 1000.0
 CHURN_QUICK_S = 5.0
 CHURN_STREAK = 3
 CHURN_GAP_MAX_S = 8.0
+#: Probes ("Probes" in the module docstring): an idle engine asks the host about its
+#: aerated blocks at most this often (seconds); an answer not come within PROBE_TIMEOUT_S
+#: no longer holds the next one back; "rate" answers double the wait up to the maximum.
+PROBE_EVERY = 5.0
+PROBE_TIMEOUT_S = 30.0
+PROBE_BACKOFF_MAX_S = 60.0
 __all__ = ["Block", "Engine", "KernelView", "Phase", "granule_ranges"]
 
 
@@ -154,6 +181,18 @@ class Engine:
         self.orphans_release_at = float("inf")
         #: head pfn -> nr_pages of blocks returned after discard, believed still free
         self.aerated: Dict[int, int] = {}
+        #: head pfn -> (generation of its aeration, when it was last probed or aerated);
+        #: entries of blocks no longer aerated are dropped at the next probe_request
+        self._aerated_meta: Dict[int, Tuple[int, float]] = {}
+        self._aerated_gen = 0
+        #: the probe chosen by probe_request and not yet sent: head pfn -> generation
+        self._probe_unsent: Optional[Dict[int, int]] = None
+        #: (probe id, head pfn -> generation, sent at) of the probe awaiting its answer
+        self._probe_out: Optional[Tuple[int, Dict[int, int], float]] = None
+        self._probe_next = 0.0      # no probe before this (cycle clock)
+        self._probe_wait = 0.0      # the back-off in force after "rate" answers
+        #: non-empty: why this session's host is not probed any more
+        self.probe_off = ""
         self._capacity_now = max(1, self.cfg["capacity"] // 4)
         self._backoff_s = 0.0
         self._backoff_until = 0.0
@@ -174,7 +213,8 @@ class Engine:
         self.counters = {"reported_bytes": 0, "discarded_bytes": 0, "refused_bytes": 0,
                          "returned_bytes": 0, "passes": 0, "backoffs": 0, "refilled_aerated": 0,
                          "passes_started": 0, "filled_blocks": 0, "churn_backoffs": 0,
-                         "expired_batches": 0, "orphans_returned": 0, "moved_blocks": 0}
+                         "expired_batches": 0, "orphans_returned": 0, "moved_blocks": 0,
+                         "probes_sent": 0, "probes_unknown": 0, "probe_stale_blocks": 0}
         self.last_reason = "starting"
         #: raw free memory beyond the reserve at the last look (bytes; an estimate)
         self.last_raw_bytes = 0
@@ -209,8 +249,84 @@ class Engine:
         return out
 
     def on_session(self) -> List[Block]:
-        """A new session began: the host dropped all it knew; orphans may go back."""
+        """A new session began: the host dropped all it knew; orphans may go back. A probe
+        of an older session will get no answer, and the new host may answer probes."""
+        self._probe_unsent = self._probe_out = None
+        self._probe_next, self._probe_wait, self.probe_off = 0.0, 0.0, ""
         return self._return_orphans()
+
+    # ------------------------------------------------------------------ probes
+
+    def probe_request(self, now: float, granule: int = 0) -> Optional[List[Range]]:
+        """Ranges of aerated blocks to ask the host about now, or None ("Probes" in the
+        module docstring). The caller sends them and hands the probe id to
+        ``probe_sent``; a request it could not send is forgotten at the next call."""
+        self._probe_unsent = None
+        if (self.probe_off or not self.aerated or self.stopping or self._in_pass
+                or self.phase is not Phase.IDLE or now < self._probe_next
+                or self.inflight or self.held_acked or self.unreported):
+            return None
+        if self._probe_out is not None and now - self._probe_out[2] < PROBE_TIMEOUT_S:
+            return None
+        meta = self._aerated_meta
+        for pfn in [p for p in meta if p not in self.aerated]:
+            del meta[pfn]
+        never = (0, float("-inf"))
+        chosen = sorted(self.aerated, key=lambda p: (meta.get(p, never)[1], p))[:MAX_RANGES]
+        self._probe_next = now + max(PROBE_EVERY, self._probe_wait)
+        blocks = [Block(p, self.aerated[p], 0) for p in chosen]
+        ranges, covered = granule_ranges(blocks, max(granule, self.arena.granule_bytes))
+        for p in chosen:
+            # Probed now, covered or not: a block that forms no whole granule must not keep
+            # the others from their turn.
+            meta[p] = (meta.get(p, never)[0], now)
+        if not ranges:
+            return None
+        self._probe_unsent = {p: meta[p][0] for p in chosen if p in covered}
+        return ranges
+
+    def probe_sent(self, pid: int, now: float) -> None:
+        """The ranges of the last ``probe_request`` went out as probe ``pid``."""
+        assert self._probe_unsent is not None, "probe_sent() without a probe_request"
+        self._probe_out = (pid, self._probe_unsent, now)
+        self._probe_unsent = None
+        self.counters["probes_sent"] += 1
+
+    def on_probed(self, pid: int, backed: Optional[List[Range]], unknown: str = "") -> int:
+        """The host answered probe ``pid``: the probed ranges it backs (None: it could not
+        tell, ``unknown`` says why). Returns how many blocks became raw."""
+        out = self._probe_out
+        if out is None or out[0] != pid:
+            return 0    # an answer to an older probe, or after a new session
+        self._probe_out = None
+        if backed is None:
+            self.counters["probes_unknown"] += 1
+            if unknown == "rate":
+                self._probe_wait = min(PROBE_BACKOFF_MAX_S,
+                                       max(2 * PROBE_EVERY, 2 * self._probe_wait))
+                self._probe_next = max(self._probe_next, self._now + self._probe_wait)
+            else:
+                self.probe_off = "the host cannot tell what it backs: %s" % unknown[:200]
+            return 0
+        self._probe_wait = 0.0
+        spans = sorted(backed)
+        starts = [gpa for gpa, _ in spans]
+        stale = 0
+        for pfn, gen in out[1].items():
+            nr = self.aerated.get(pfn)
+            if nr is None or self._aerated_meta.get(pfn, (-1, 0.0))[0] != gen:
+                continue    # taken (and maybe aerated again) since the probe went out
+            gpa, end = pfn * PAGE, (pfn + nr) * PAGE
+            i = bisect.bisect_right(starts, gpa) - 1
+            if i >= 0 and end <= spans[i][0] + spans[i][1]:
+                del self.aerated[pfn]
+                del self._aerated_meta[pfn]
+                stale += 1
+        if stale:
+            self.counters["probe_stale_blocks"] += stale
+            self.last_reason = ("probe: the host backs %d blocks believed aerated; they "
+                                "count as raw" % stale)
+        return stale
 
     def on_expired(self, batch: int) -> None:
         """The lease of an un-acked ``batch`` ran out: the host will not discard it any
@@ -323,8 +439,11 @@ class Engine:
             return
         self.arena.release(blocks)
         self.counters["returned_bytes"] += sum(b.nr_pages for b in blocks) * PAGE
+        self._aerated_gen += 1
         for b in blocks:
             self.aerated[b.pfn] = b.nr_pages
+            # Just discarded: as good as a probe that found it a hole.
+            self._aerated_meta[b.pfn] = (self._aerated_gen, self._now)
 
     def end_pass(self, reason: str) -> None:
         """Return every acked block: they are aerated now."""
@@ -530,6 +649,7 @@ class Engine:
                 "held_bytes": self.held_bytes(), "aerated_bytes": self.aerated_bytes(),
                 "raw_bytes": self.last_raw_bytes,
                 "inflight_batches": sorted(self.inflight), "capacity_now": self._capacity_now,
+                "probe_off": self.probe_off,
                 "counters": dict(self.counters),
                 "arena_counters": dict(getattr(self.arena, "counters", {}))}
 

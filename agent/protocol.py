@@ -102,8 +102,33 @@ Messages (``type``)
     any session, ``need-sync``: a guest that has no session (it just started, or recovered
     held pages after a crash) asks the host to begin one. The host answers with a new sync
     once no discard of its current session can still happen.
+    Since protocol 3 (``PROBE_SINCE``), in sessions of version >= 3 only (see "Probes"):
+    guest -> host ``probe`` {id, ranges: [[gpa, length], ...]}; host -> guest ``probed``
+    {id, backed: [[gpa, length], ...], token, lease_ms} or {id, unknown: reason, token,
+    lease_ms}. In an older session either is an unknown type.
     Unknown fields are ignored; unknown types and malformed lines end the session (not the
     process).
+
+Probes (issue 15: beliefs the guest cannot check)
+    A guest believes the blocks it got back after an ack are free in its kernel and
+    discarded on the host ("aerated", agent/cycle.py) until their buddy flag says the
+    kernel took them; a block allocated, written and freed again between two looks keeps
+    its flag and its belief while the host backs it again. Only the host can tell: a
+    ``probe`` names up to ``MAX_RANGES`` ranges (checked as a report's are: granule-aligned,
+    disjoint, inside the VM's RAM on the host) and the ``probed`` answer with the same
+    ``id`` lists, in ``backed``, every probed range that has at least one backed byte on the
+    host (an empty list: none has), or says ``unknown`` with the reason (private RAM, a
+    backing whose holes the host cannot see or read without waiting, no map yet, ``rate``:
+    more than the host answers per second).
+
+    Why this cannot break S1. A probe carries no lease token and asks for nothing to be
+    discarded; the host answers it without ever discarding, and nothing of a probe reaches
+    a discard path. The answer changes only the guest's beliefs about blocks it no longer
+    holds: a range said to be backed makes its blocks count as raw free memory, which the
+    next pass may take and report like any other (under a lease, S1/S2 unchanged); a wrong
+    answer, either way, costs a reclaim missed or one done twice, never the discard of a
+    page the guest uses. The ``probed`` answer carries a token like every host message: it
+    is as good for a report as a keepalive's.
 """
 
 from __future__ import annotations
@@ -117,9 +142,12 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 #: Protocol 2 added leases. A protocol-1 host never checks a token, so a lease-keeping
 #: agent must not talk to it (it would return pages the old host may still punch).
 LEASES_SINCE = 2
+#: Protocol 3 added probes ("Probes" in the module docstring): ``probe`` and ``probed`` are
+#: sent only in sessions of version >= PROBE_SINCE.
+PROBE_SINCE = 3
 #: The versions this build speaks, oldest and newest ("Versions" in the module docstring).
 PROTO_MIN = LEASES_SINCE
-PROTO = 2
+PROTO = PROBE_SINCE
 #: The virtio-serial port name both ends use.
 PORT_NAME = "org.aerate.agent.0"
 #: Longest line either side accepts, newline included. A report of ``MAX_RANGES`` ranges fits.
@@ -316,34 +344,39 @@ def _int(msg: Dict[str, Any], key: str, lo: int = 0, hi: int = 2**64 - 1) -> int
     return v
 
 
-def validate_ranges(raw: Any, granule: int) -> List[Range]:
-    """Check a report's ranges: well-formed, granule-aligned, in order, disjoint, bounded.
+def validate_ranges(raw: Any, granule: int, what: str = "report",
+                    empty: bool = False) -> List[Range]:
+    """Check a report's (or probe's, ``what``) ranges: well-formed, granule-aligned, in
+    order, disjoint, bounded; ``empty``: an empty list is allowed (a probe's answer).
 
     Returns the ranges as ``(gpa, length)`` tuples sorted by address. Whether they lie in the
     VM's RAM is for the host's memory map to decide (S1); this is the schema part (S5).
     """
+    if isinstance(raw, list) and not raw and empty:
+        return []
     if not isinstance(raw, list) or not raw:
-        raise ProtocolError("report: 'ranges' must be a non-empty list")
+        raise ProtocolError("%s: 'ranges' must be a non-empty list" % what)
     if len(raw) > MAX_RANGES:
-        raise ProtocolError("report: %d ranges, more than the %d allowed"
-                            % (len(raw), MAX_RANGES))
+        raise ProtocolError("%s: %d ranges, more than the %d allowed"
+                            % (what, len(raw), MAX_RANGES))
     out: List[Range] = []
     for item in raw:
         if (not isinstance(item, list) or len(item) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)):
-            raise ProtocolError("report: each range must be [gpa, length] integers, got %r"
-                                % (item,))
+            raise ProtocolError("%s: each range must be [gpa, length] integers, got %r"
+                                % (what, item))
         gpa, length = item
         if gpa < 0 or length <= 0 or gpa + length > 2**64:
-            raise ProtocolError("report: range [%#x, +%#x) is out of bounds" % (gpa, length))
+            raise ProtocolError("%s: range [%#x, +%#x) is out of bounds"
+                                % (what, gpa, length))
         if gpa % granule or length % granule:
-            raise ProtocolError("report: range [%#x, +%#x) is not aligned to the %d-byte "
-                                "granule" % (gpa, length, granule))
+            raise ProtocolError("%s: range [%#x, +%#x) is not aligned to the %d-byte "
+                                "granule" % (what, gpa, length, granule))
         out.append((gpa, length))
     out.sort()
     for (a, alen), (b, _) in zip(out, out[1:]):
         if a + alen > b:
-            raise ProtocolError("report: ranges overlap at %#x" % b)
+            raise ProtocolError("%s: ranges overlap at %#x" % (what, b))
     return out
 
 
@@ -393,6 +426,16 @@ class InFlight(NamedTuple):
         return self.received + self.lease_s
 
 
+class Probed(NamedTuple):
+    """A host's answer to a probe ("Probes" in the module docstring): ``backed`` holds the
+    probed ranges with a backed byte, None when the host could not tell (``unknown`` says
+    why)."""
+
+    id: int
+    backed: Optional[List[Range]]
+    unknown: str
+
+
 def _lease_fields(msg: Dict[str, Any]) -> Tuple[int, float]:
     token = _int(msg, "token", 1)
     lease_ms = _int(msg, "lease_ms", LEASE_MS_MIN, LEASE_MS_MAX)
@@ -411,6 +454,7 @@ class GuestEndpoint:
       pages may be returned. A batch dropped by a new session comes with (0, 0): nothing is
       known to be discarded, so nothing is counted as aerated.
     - ``("config", settings)`` the host changed live settings.
+    - ``("probed", Probed)`` the host's answer to a ``probe`` of this session.
     - ``("error", reason)`` the host broke the protocol; the session ended (batches stay held).
 
     ``expire(now)`` returns the same ``release`` events, (0, 0), for batches whose lease ran
@@ -433,6 +477,7 @@ class GuestEndpoint:
         # True once a marker was seen since the last error or disconnect: a sync may follow.
         self._after_marker = False
         self._next_batch = 1
+        self._next_probe = 1
         #: the newest token of the current session, None before the first sync
         self.token: Optional[Token] = None
         # batch id -> (session, lease); released on that session's ack, a newer session,
@@ -467,6 +512,26 @@ class GuestEndpoint:
                                "ranges": [list(r) for r in coalesce(ranges)]}, proto=self.proto)
         self.inflight[batch] = InFlight(self.session, t.token, t.received, t.lease_s)
         return batch
+
+    def can_probe(self) -> bool:
+        """True when a session is up whose version has probes (``PROBE_SINCE``)."""
+        return self.state is GuestState.RUNNING and self.proto >= PROBE_SINCE
+
+    def probe(self, ranges: List[Range]) -> int:
+        """Queue a probe of ``ranges`` (coalesced; at most ``MAX_RANGES`` after that);
+        return its id. It carries no token and holds nothing: no batch, no lease."""
+        if not self.can_probe():
+            raise RuntimeError("a probe needs a running session of protocol >= %d"
+                               % PROBE_SINCE)
+        merged = coalesce(ranges)
+        if not merged or len(merged) > MAX_RANGES:
+            raise ValueError("a probe names 1 to %d ranges, not %d"
+                             % (MAX_RANGES, len(merged)))
+        pid = self._next_probe
+        self._next_probe += 1
+        self.outbox += encode({"type": "probe", "session": self.session, "id": pid,
+                               "ranges": [list(r) for r in merged]}, proto=self.proto)
+        return pid
 
     def expire(self, now: Optional[float] = None) -> List[Tuple[str, Any]]:
         """Release events for in-flight batches whose lease has run out (S2's lease rule)."""
@@ -600,6 +665,19 @@ class GuestEndpoint:
             if not isinstance(settings, dict):
                 raise ProtocolError("config: 'settings' must be an object")
             events.append(("config", settings))
+        elif t == "probed" and self.proto >= PROBE_SINCE:
+            pid = _int(msg, "id", 1)
+            if pid >= self._next_probe:
+                raise ProtocolError("probed: answer to probe %d, which was never sent" % pid)
+            unknown = msg.get("unknown")
+            if unknown is not None:
+                if not isinstance(unknown, str):
+                    raise ProtocolError("probed: 'unknown' must be a string")
+                events.append(("probed", Probed(pid, None, unknown[:512] or "unknown")))
+            else:
+                backed = validate_ranges(msg.get("backed"), self.granule, "probed",
+                                         empty=True)
+                events.append(("probed", Probed(pid, backed, "")))
         else:
             raise ProtocolError("unknown message type %r from host" % t)
 
@@ -622,6 +700,13 @@ class Report(NamedTuple):
     batch: int
     ranges: List[Range]
     token: Optional[int]
+
+
+class Probe(NamedTuple):
+    """A probe as the host received it (schema-checked; RAM is the caller's check)."""
+
+    id: int
+    ranges: List[Range]
 
 
 def boottime() -> float:
@@ -657,7 +742,8 @@ class HostEndpoint:
 
     ``start(nonce, session, granule, settings)`` queues the sync; ``receive(data)`` returns
     ``(kind, payload)`` events: ``("hello", msg)``, ``("report", Report)``,
-    ``("stats", msg)``, ``("need-sync", msg)`` (the guest lost its session: finish or abandon
+    ``("stats", msg)``, ``("probe", Probe)`` (sessions of version >= ``PROBE_SINCE``;
+    answer with ``probed``), ``("need-sync", msg)`` (the guest lost its session: finish or abandon
     in-flight discards, then ``start`` again), ``("error", reason)``. After an error the
     state is CLOSED and no more events come until ``start`` is called again on a fresh
     connection.
@@ -815,6 +901,19 @@ class HostEndpoint:
             msg["stale"] = True
         self.outbox += encode(self._stamp(msg), proto=self.proto)
 
+    def probed(self, pid: int, backed: Optional[List[Range]] = None,
+               unknown: str = "") -> None:
+        """Queue the answer to probe ``pid``: the probed ranges with a backed byte, or
+        ``unknown`` with the reason (``backed`` None). Only in a session that has probes."""
+        if self.state is not HostState.RUNNING or self.proto < PROBE_SINCE:
+            return
+        msg: Dict[str, Any] = {"type": "probed", "session": self.session, "id": pid}
+        if backed is None:
+            msg["unknown"] = (unknown or "unknown")[:512]
+        else:
+            msg["backed"] = [list(r) for r in backed]
+        self.outbox += encode(self._stamp(msg), proto=self.proto)
+
     def configure(self, settings: Dict[str, Any]) -> None:
         """Queue a live settings change for the guest."""
         if self.state is HostState.RUNNING:
@@ -911,6 +1010,12 @@ class HostEndpoint:
             self.busy_until = now + BUSY_S
             if now - self.last_stamp >= KEEPALIVE_SHARE * self.lease_s / 4:
                 self.keepalive()
+        elif t == "probe" and self.proto >= PROBE_SINCE:
+            ranges = validate_ranges(msg.get("ranges"), self.granule, "probe")
+            if len(ranges) > self.max_ranges:
+                raise ProtocolError("probe: %d ranges, over this host's cap of %d"
+                                    % (len(ranges), self.max_ranges))
+            events.append(("probe", Probe(_int(msg, "id", 1), ranges)))
         elif t == "stats":
             events.append(("stats", msg))
         elif t == "hello":

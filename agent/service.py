@@ -259,6 +259,14 @@ class Agent:
                 self._next_tick = 0.0
             elif kind == "config":
                 self._apply(payload)
+            elif kind == "probed":
+                stale = self.engine.on_probed(payload.id, payload.backed, payload.unknown)
+                if stale:
+                    log.info("probe %d: the host backs %d blocks believed aerated; the next "
+                             "pass takes them", payload.id, stale)
+                    self._next_tick = 0.0
+                elif self.engine.probe_off:
+                    log.info("probes stopped for this session: %s", self.engine.probe_off)
             elif kind == "error":
                 log.warning("host protocol error: %s (session dropped; held pages stay "
                             "held until the host syncs again)", payload)
@@ -321,8 +329,10 @@ class Agent:
 
     def _status_line(self) -> str:
         st = self.engine.status()
-        return ("%s: %s; held %d MiB, aerated ~%d MiB; %s" % (
+        stale = st["counters"]["probe_stale_blocks"]
+        return ("%s: %s; held %d MiB, aerated ~%d MiB%s; %s" % (
             st["phase"], st["reason"], st["held_bytes"] >> 20, st["aerated_bytes"] >> 20,
+            ", %d stale found by probes" % stale if stale else "",
             "host connected" if self.endpoint.state is GuestState.RUNNING else "no host"))
 
     def step(self, now: float) -> float:
@@ -345,6 +355,11 @@ class Agent:
                     self.engine.reported(self.endpoint.report(ranges, now))
                 else:
                     self.engine.abandon_unsent()
+            elif self.endpoint.can_probe():
+                # Only a session of protocol >= 3 has probes; the engine decides when.
+                probe = self.engine.probe_request(now, self.endpoint.granule)
+                if probe:
+                    self.engine.probe_sent(self.endpoint.probe(probe), now)
             self._next_tick = now + wait
         if self.endpoint.state is GuestState.RUNNING:
             self._send_stats(now)

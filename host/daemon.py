@@ -68,6 +68,8 @@ from aerate.host.libvirt_conn import (
     channel_path,
 )
 from aerate.host.permit import PermitCache
+from aerate.host.probe import ProbeUnknown
+from aerate.host.probe import backed as probe_backed
 from aerate.host.punch import Check, PunchRefused, punch
 from aerate.host.qemu_map import (
     GuestMemoryMap,
@@ -777,6 +779,14 @@ class VmRunner:
         assert self.gmap is not None and self.session is not None
         return may_report(self.gmap, gpa, length, self.session.granule)
 
+    def _backed(self, gpa: int, length: int) -> bool | None:
+        """The session's answer to a probe's range, on the loop thread (host/probe.py says
+        why that is cheap enough: an lseek on an in-memory filesystem, S8)."""
+        if self.gmap is None or self.session is None:
+            raise ProbeUnknown("no memory map yet")
+        return probe_backed(self.gmap, self.backings, gpa, length, self.session.granule,
+                            self.daemon.host_memory.swap_total)
+
     async def prepare(self) -> bool:
         """Learn the VM's channel, memory map, backing and settings (all off the loop,
         each call timed). False: nothing to do."""
@@ -808,7 +818,8 @@ class VmRunner:
         lease_s = float(self.effective_settings()["lease_s"])
         if self.session is None:
             self.session = VmSession(self.name, granule, self._in_ram, self._discard,
-                                     self.permit, self.guest_settings(), lease_s=lease_s)
+                                     self.permit, self.guest_settings(), lease_s=lease_s,
+                                     backed=self._backed)
         else:
             self.session.granule = granule
             self.session.endpoint.set_lease(lease_s)

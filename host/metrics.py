@@ -34,7 +34,8 @@ _COUNTERS = (
     ("sessions", "aerate_sessions", "Sessions started with the guest agent"),
     ("errors", "aerate_protocol_errors", "Sessions ended by a guest protocol error"),
 )
-#: Counters from a status sub-dict (sub-dict, key): refusals by reason, verified reclaim.
+#: Counters from a status sub-dict (sub-dict, key): refusals by reason, verified reclaim,
+#: probes.
 _REFUSED_BY = (
     ("lease", "refused_bytes", "aerate_lease_refused_bytes",
      "Bytes refused because the report's lease token was stale or missing"),
@@ -46,6 +47,10 @@ _REFUSED_BY = (
     ("reclaim", "unverified_bytes", "aerate_discard_unverified_bytes",
      "Discarded bytes the backing did not show freed: already holes, re-faulted, or hidden "
      "by the guest's faults during the punch"),
+    # agent/protocol.py "Probes", host/probe.py: the guest's beliefs the host found stale.
+    ("probes", "answered", "aerate_probes_answered", "Guest probes answered"),
+    ("probes", "backed_bytes", "aerate_probe_backed_bytes",
+     "Bytes of probed ranges found backed: memory the guest believed discarded"),
 )
 _BALLOON = (
     ("target_bytes", "aerate_balloon_target_bytes", "Balloon target: guest memory asked for"),

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from aerate.agent import protocol
-from aerate.agent.protocol import Clock, HostEndpoint, HostState, Report
+from aerate.agent.protocol import Clock, HostEndpoint, HostState, Probe, Report
+from aerate.host.probe import ProbeUnknown
 from aerate.host.punch import Check, PunchFailed, PunchRefused
 from aerate.host.refusal import PUNCH, Decision
 
@@ -35,11 +36,19 @@ Discard = Callable[[int, int, Sequence[Check]], int]
 InRam = Callable[[int, int], bool]
 #: The reclaimer allowed for this VM *now* (a migration may have started meanwhile).
 Permit = Callable[[], Decision]
+#: Has [gpa, gpa+length) a backed byte on the host? None, or ProbeUnknown with the reason:
+#: the host cannot tell (host/probe.py ``backed`` is the production one).
+Backed = Callable[[int, int], Optional[bool]]
 
 
 #: New sessions a guest may ask for (need-sync): a rate per second and a burst.
 NEED_SYNC_PER_S = 0.5
 NEED_SYNC_BURST = 4.0
+#: Probes a guest may have answered (agent/protocol.py "Probes"): a rate and a burst; beyond
+#: them the answer is unknown "rate", which costs the host one line (the agent probes every
+#: agent/cycle.py PROBE_EVERY, 5 s).
+PROBE_PER_S = 1.0
+PROBE_BURST = 2.0
 
 
 @dataclass
@@ -67,6 +76,12 @@ class Counters:
     #: discards stopped because a reported range did not read as zeroes (host/punch.py):
     #: the guest's page was no longer the one it reported; 0 for an honest agent
     content_refused: int = 0
+    #: probes answered (agent/protocol.py "Probes"), the bytes they named, the bytes of the
+    #: ranges found backed, and the probes answered unknown (rate-limited ones included)
+    probes: int = 0
+    probed: int = 0
+    probe_backed: int = 0
+    probes_unknown: int = 0
 
 
 class SliceCheck:
@@ -106,6 +121,12 @@ class DiscardJob:
     refused_at_start: int = 0
     overruns: int = 0
     content_refused: int = 0
+    #: probes answered (agent/protocol.py "Probes"), the bytes they named, the bytes of the
+    #: ranges found backed, and the probes answered unknown (rate-limited ones included)
+    probes: int = 0
+    probed: int = 0
+    probe_backed: int = 0
+    probes_unknown: int = 0
     #: (level, message, event kind) for the daemon's journal (host/journal.py EVENTS)
     notes: List[Tuple[str, str, str]] = field(default_factory=list)
 
@@ -195,12 +216,15 @@ class VmSession:
     def __init__(self, vm: str, granule: int, in_ram: InRam, discard: Discard,
                  permit: Permit, settings: Optional[Dict[str, Any]] = None,
                  reports_per_s: float = 50.0, burst: float = 100.0,
-                 lease_s: float = 2.0, clock: Optional[Clock] = None) -> None:
+                 lease_s: float = 2.0, clock: Optional[Clock] = None,
+                 backed: Optional[Backed] = None) -> None:
         self.vm = vm
         self.granule = granule
         self.in_ram = in_ram
         self.discard = discard
         self.permit = permit
+        #: answers probes (None: every probe is answered unknown)
+        self.backed = backed
         self.decision = Decision("refuse", "no batch seen yet")
         self.settings = dict(settings or {})
         self.endpoint = HostEndpoint(clock=clock, lease_s=lease_s)
@@ -222,6 +246,10 @@ class VmSession:
         # worker (QMP round trips): a guest asking faster is flooding (S5).
         self.sync_bucket = TokenBucket(rate=NEED_SYNC_PER_S, burst=NEED_SYNC_BURST,
                                        tokens=NEED_SYNC_BURST)
+        # On the endpoint's clock (tests drive it), unlike the buckets above.
+        self.probe_bucket = TokenBucket(rate=PROBE_PER_S, burst=PROBE_BURST,
+                                        tokens=PROBE_BURST, t=self.endpoint.clock())
+        self.last_probe_unknown = ""
         self.hello: Dict[str, Any] = {}
         #: counts hellos and session starts: what a decision made with "the hello" means
         self.hello_gen = 0
@@ -341,6 +369,9 @@ class VmSession:
                     # over, and nothing of it is discarded (S5), not even what came before.
                     continue
                 self.job = self._report(payload)
+            elif kind == "probe":
+                if self.endpoint.state is not HostState.CLOSED:
+                    self._probe(payload)
             elif kind == "stats":
                 if not self.stats_bucket.take():
                     self._fail("statistics flood (more than %.0f messages/s)"
@@ -405,6 +436,52 @@ class VmSession:
         if batch in self.endpoint.pending:
             self.endpoint.ack(batch, discarded=0, refused=total, reason=reason, stale=stale)
 
+    def _probe(self, probe: Probe) -> None:
+        """Answer a guest's probe here, on the session's thread (the loop): at most
+        ``MAX_RANGES`` calls of ``backed``, each a few syscalls on an in-memory filesystem
+        (host/probe.py argues the cost, S8), at most ``PROBE_PER_S`` probes a second.
+
+        Nothing here discards or reaches a discard: no token is looked at, no batch is
+        made, no job is returned; the answer changes only what the guest believes
+        (agent/protocol.py "Probes"). A range outside the VM's RAM ends the session as in
+        a report (S5): an honest agent probes only blocks the host once accepted."""
+        c = self.counters
+        for gpa, length in probe.ranges:
+            if not self.in_ram(gpa, length):
+                self._fail("probe %d: range [%#x, +%#x) is not inside this VM's RAM"
+                           % (probe.id, gpa, length))
+                return
+        c.probes += 1
+        c.probed += sum(n for _, n in probe.ranges)
+        why = ""
+        found: List[Tuple[int, int]] = []
+        if not self.probe_bucket.take(now=self.endpoint.clock()):
+            why = "rate"
+        elif self.backed is None:
+            why = "this host does not look at its backings for probes"
+        else:
+            for gpa, length in probe.ranges:
+                try:
+                    hit = self.backed(gpa, length)
+                except ProbeUnknown as e:
+                    why = e.reason
+                    break
+                except OSError as e:
+                    why = "cannot tell whether [%#x, +%#x) is backed: %s" % (gpa, length, e)
+                    break
+                if hit is None:
+                    why = "cannot tell whether [%#x, +%#x) is backed" % (gpa, length)
+                    break
+                if hit:
+                    found.append((gpa, length))
+        if why:
+            c.probes_unknown += 1
+            self.last_probe_unknown = why
+            self.endpoint.probed(probe.id, unknown=why)
+            return
+        c.probe_backed += sum(n for _, n in found)
+        self.endpoint.probed(probe.id, backed=found)
+
     def _report(self, report: Report) -> Optional[DiscardJob]:
         batch, ranges = report.batch, report.ranges
         total = sum(n for _, n in ranges)
@@ -461,6 +538,9 @@ class VmSession:
                           "refused_at_start": c.refused_at_start,
                           "overruns": c.lease_overruns},
                 "content_refused_batches": c.content_refused,
+                "probes": {"answered": c.probes, "probed_bytes": c.probed,
+                           "backed_bytes": c.probe_backed, "unknown": c.probes_unknown,
+                           "last_unknown": self.last_probe_unknown},
                 "agent": _word(self.hello.get("agent")),
                 "proto": self.endpoint.proto,
                 "arena": _word(self.hello.get("arena")),
@@ -522,4 +602,4 @@ def _capabilities(value: Any) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-__all__ = ["Discard", "InRam", "Permit", "TokenBucket", "VmSession", "protocol"]
+__all__ = ["Backed", "Discard", "InRam", "Permit", "TokenBucket", "VmSession", "protocol"]

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from daemon_sim import SimVm, open_vm
 
 from aerate.agent import settings as table
 from aerate.host import daemon as daemon_mod
@@ -76,3 +77,11 @@ def _checkprops_recorders() -> Iterator[None]:
         mp.setattr(obj, name, fn)
     yield
     mp.undo()
+
+
+@pytest.fixture
+def vm(tmp_path: Any) -> Iterator[SimVm]:
+    """A simulated VM's RAM memfd described as the daemon's map would (daemon_sim.py),
+    closed after the test (host/punch.py's and host/probe.py's tests)."""
+    with open_vm("unit", str(tmp_path)) as v:
+        yield v

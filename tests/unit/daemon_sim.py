@@ -24,7 +24,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -86,6 +86,16 @@ def new_vm(name: str, sock_dir: str) -> SimVm:
                           blocks={"pc.ram": RamBlockInfo("pc.ram", 4096, 0, RAM, RAM)},
                           memdevs={})
     return SimVm(name, os.path.join(sock_dir, f"{name}.sock"), fd, backing, gmap)
+
+
+@contextlib.contextmanager
+def open_vm(name: str, sock_dir: str) -> Iterator[SimVm]:
+    """``new_vm`` whose memfd is closed at the end (a fixture's body)."""
+    v = new_vm(name, sock_dir)
+    try:
+        yield v
+    finally:
+        os.close(v.fd)
 
 
 _STAND_IN: List[subprocess.Popen[bytes]] = []
@@ -264,6 +274,8 @@ class SimGuest:
     #: settings the host sent (sync and config messages), in order
     configs: List[Dict[str, Any]] = field(default_factory=list)
     on_ack: Optional[Callable[[SimGuest], None]] = None
+    #: the host's answers to this guest's probes (agent/protocol.py Probed), in order
+    probed: List[Any] = field(default_factory=list)
     _sent: Dict[int, float] = field(default_factory=dict)
     _want_report: bool = False
     _server: Optional[asyncio.AbstractServer] = None
@@ -310,6 +322,8 @@ class SimGuest:
                         self.connected.set()
                     elif kind == "config":
                         self.configs.append(dict(payload))
+                    elif kind == "probed":
+                        self.probed.append(payload)
                     elif kind == "release":
                         batch, discarded, refused = payload
                         sent = self._sent.pop(batch, None)

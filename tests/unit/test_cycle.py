@@ -7,13 +7,15 @@ and hands out the most recently returned blocks first, as the real allocator doe
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import pytest
 
 from aerate.agent.cycle import (
     CHURN_GAP_MAX_S,
     LEASE_MAX_S,
+    MAX_RANGES,
+    PROBE_EVERY,
     REVALIDATE_EVERY,
     REVALIDATE_MAX_AGE,
     Block,
@@ -84,11 +86,13 @@ class ScriptedArena:
         return [b for b in blocks if b.pfn in self.moved]
 
 
-def run(engine: Engine, steps: int, ack: bool = True, discarded: bool = True) -> List[List]:
-    """Drive the engine like the agent does; the 'host' acks every batch at once."""
+def run(engine: Engine, steps: int, ack: bool = True, discarded: bool = True,
+        start: float = 0.0) -> List[List]:
+    """Drive the engine like the agent does, from ``start`` on the cycle's clock; the
+    'host' acks every batch at once."""
     batch = 0
     reports = []
-    now = 0.0
+    now = start
     for _ in range(steps):
         ranges, wait = engine.tick(now, can_report=True)
         if ranges:
@@ -526,3 +530,100 @@ def test_free_memory_that_flaps_every_tick_backs_passes_off_and_says_so() -> Non
             reported = ranges
         now += max(wait, 0.05)
     assert reported
+
+
+# ----------------------------------------------------------------- probes (issue 15)
+
+#: When the probe tests look, on the cycle's clock (after the passes ``run`` drove).
+T = 1000.0
+
+
+def aerated_engine(free_blocks: int, steps: int = 100,
+                   **kw: int) -> Tuple[ScriptedKernel, Engine]:
+    """A kernel whose free blocks are not adjacent (each is its own probe range), and an
+    engine that aerated them all and is idle at ``T``."""
+    k = ScriptedKernel(0)
+    k.free_list = [BLOCK_PAGES * (100 + 2 * i) for i in range(free_blocks)]
+    e = Engine(k, ScriptedArena(k), settings(**kw))
+    run(e, steps)
+    assert len(e.aerated) == free_blocks
+    assert e.tick(T, True)[0] is None and e.phase is Phase.IDLE
+    return k, e
+
+
+def probe(e: Engine, pid: int, now: float) -> List[Tuple[int, int]]:
+    """Ask the engine for a probe at ``now`` and send it as ``pid``."""
+    ranges = e.probe_request(now, 2 * MiB)
+    assert ranges
+    e.probe_sent(pid, now)
+    return ranges
+
+
+def test_aerated_blocks_the_host_backs_become_raw_and_a_pass_takes_them() -> None:
+    k, e = aerated_engine(16, hwm=4)
+    # The churn of issue 15: 8 aerated blocks allocated, written and freed again between
+    # two looks. Their buddy flags say free: the engine cannot see it by itself.
+    churned = [k.free_list.pop() for _ in range(8)]
+    k.free_list.extend(churned)
+    assert e.raw_units(T) == 0
+    assert len(probe(e, 1, T)) == 16
+    assert e.probe_request(T + 1, 2 * MiB) is None  # at most every PROBE_EVERY
+    backed = [(pfn * 4096, 2 * MiB) for pfn in churned]
+    assert e.on_probed(1, backed) == 8
+    assert e.counters["probe_stale_blocks"] == 8 and e.aerated_bytes() == 8 * 2 * MiB
+    assert "host backs 8 blocks" in e.last_reason
+    assert e.on_probed(1, backed) == 0              # answered once
+    # The next pass takes them (and nothing else).
+    reports = run(e, 50, start=T)
+    assert sorted(blocks_of(reports)) == sorted(p * 4096 for p in churned)
+    assert e.aerated_bytes() == 16 * 2 * MiB
+
+
+def test_unknown_answers_change_nothing_and_back_probing_off() -> None:
+    _, e = aerated_engine(8, hwm=4)
+    before = dict(e.aerated)
+    probe(e, 1, T)
+    assert e.on_probed(1, None, "rate") == 0 and e.aerated == before
+    t = T + PROBE_EVERY
+    e.tick(t, True)
+    assert e.probe_request(t, 2 * MiB) is None       # "rate": the wait doubled
+    t += PROBE_EVERY
+    e.tick(t, True)
+    probe(e, 2, t)
+    assert e.on_probed(2, None, "block 'pc.ram' is on hugetlbfs") == 0
+    assert e.aerated == before and "hugetlbfs" in e.probe_off
+    assert e.counters["probes_unknown"] == 2
+    t += 1000
+    e.tick(t, True)
+    assert e.probe_request(t, 2 * MiB) is None       # off for this session
+    e.on_session()
+    assert e.probe_request(t, 2 * MiB)               # a new host may tell
+
+
+def test_probes_go_oldest_first_at_most_max_ranges_and_only_while_idle() -> None:
+    k, e = aerated_engine(MAX_RANGES + 100, steps=400, hwm=4, capacity=1024)
+    first = probe(e, 1, T)
+    assert len(first) == MAX_RANGES
+    e.on_probed(1, [])
+    t = T + PROBE_EVERY
+    e.tick(t, True)
+    second = probe(e, 2, t)
+    # The 100 never probed come first, then the oldest probed of the first round.
+    assert len(second) == MAX_RANGES and len(set(second) - set(first)) == 100
+    # A pass under way (or anything held or in flight): no probe.
+    k.free_list.extend(BLOCK_PAGES * (20000 + 2 * i) for i in range(8))
+    t += 1000
+    out, _ = e.tick(t, True)
+    assert out and e.probe_request(t, 2 * MiB) is None
+
+
+def test_an_answer_about_a_block_aerated_again_since_the_probe_is_ignored() -> None:
+    k, e = aerated_engine(8, hwm=1)
+    probe(e, 1, T)
+    x = k.free_list.pop()                    # the guest takes block x...
+    e.raw_units()                            # ...the engine sees it (re-validation)
+    k.free_list.append(x)                    # ...frees it, a pass aerates it again
+    run(e, 50)
+    assert x in e.aerated
+    # The host's answer was true when it looked, before x was discarded again.
+    assert e.on_probed(1, [(x * 4096, 2 * MiB)]) == 0 and x in e.aerated

@@ -121,7 +121,7 @@ def test_hostile_reports_end_the_session(ranges: Any, why: str) -> None:
 
 def test_replayed_batch_and_window_overflow_are_refused() -> None:
     host, _ = connect()
-    rep = b'{"proto":2,"type":"report","session":7,"batch":3,"ranges":[[0,2097152]]}\n'
+    rep = b'{"proto":%d,"type":"report","session":7,"batch":3,"ranges":[[0,2097152]]}\n' % p.PROTO
     assert host.receive(rep)[0][0] == "report"
     events = host.receive(rep)
     assert events[0][0] == "error" and "replayed" in events[0][1]
@@ -158,7 +158,7 @@ def test_config_is_delivered_and_unknown_fields_ignored() -> None:
     host, guest = connect()
     host.configure({"hwm": 16})
     assert guest.receive(host.take_outbox()) == [("config", {"hwm": 16})]
-    line = b'{"proto":2,"type":"stats","session":7,"future_field":[1,2]}\n'
+    line = b'{"proto":%d,"type":"stats","session":7,"future_field":[1,2]}\n' % p.PROTO
     assert host.receive(line)[0][0] == "stats"
 
 
@@ -325,10 +325,10 @@ def test_a_0_1_0_peer_without_a_range_still_talks() -> None:
 def test_a_message_of_another_version_mid_session_ends_it() -> None:
     host, guest = connect()
     events = guest.receive(p.encode({"type": "keepalive", "session": 7, "token": 9,
-                                     "lease_ms": 2000}, proto=3))
+                                     "lease_ms": 2000}, proto=p.PROTO + 1))
     assert events[0][0] == "error" and guest.state is p.GuestState.IDLE
     host, _ = connect()
-    events = host.receive(p.encode({"type": "stats", "session": 7}, proto=3))
+    events = host.receive(p.encode({"type": "stats", "session": 7}, proto=p.PROTO + 1))
     assert events[0][0] == "error" and host.state is p.HostState.CLOSED
 
 
@@ -449,3 +449,78 @@ def test_line_reader_work_is_linear_in_the_bytes(unit: bytes,
         # is a single marker, a flood of newlines a single blank line.
         assert len(items) <= 2 * data.count(b"\n") + 2
     assert work[1 << 18] <= 4.5 * work[1 << 16] + 16
+
+
+# ----------------------------------------------------------------- probes (protocol 3)
+
+
+def test_probe_and_its_answers_round_trip() -> None:
+    host, guest = connect()
+    assert host.proto == guest.proto == p.PROBE_SINCE and guest.can_probe()
+    pid = guest.probe([(MiB2, MiB2), (0, MiB2), (8 * MiB2, MiB2)])
+    line = json.loads(guest.outbox)
+    assert "token" not in line and line["ranges"] == [[0, 2 * MiB2], [8 * MiB2, MiB2]]
+    assert host.receive(guest.take_outbox()) == [
+        ("probe", p.Probe(pid, [(0, 2 * MiB2), (8 * MiB2, MiB2)]))]
+    assert host.pending == {}   # a probe holds nothing and is not a batch
+    host.probed(pid, backed=[(8 * MiB2, MiB2)])
+    assert guest.receive(host.take_outbox()) == [
+        ("probed", p.Probed(pid, [(8 * MiB2, MiB2)], ""))]
+    host.probed(pid, backed=[])
+    assert guest.receive(host.take_outbox()) == [("probed", p.Probed(pid, [], ""))]
+    host.probed(pid, unknown="rate")
+    assert guest.receive(host.take_outbox()) == [("probed", p.Probed(pid, None, "rate"))]
+    assert guest.inflight == {} and guest.token is not None and guest.token.token == 4
+
+
+@pytest.mark.parametrize("ranges, why", [
+    ([[0, MiB2]] * (p.MAX_RANGES + 1), "more than"),
+    ([[i * 2 * MiB2, MiB2] for i in range(p.MAX_RANGES + 1)], "more than"),
+    ([[MiB2 + 4096, MiB2]], "aligned"),
+    ([[0, 2 * MiB2], [MiB2, MiB2]], "overlap"),
+    ([], "non-empty"),
+    ([[0, True]], "integers"),
+])
+def test_hostile_probes_end_the_session(ranges: Any, why: str) -> None:
+    host, _ = connect()
+    events = host.receive(p.encode({"type": "probe", "session": 7, "id": 1,
+                                    "ranges": ranges}))
+    assert len(events) == 1 and events[0][0] == "error" and why in events[0][1]
+    assert events[0][1].startswith("probe:") and host.state is p.HostState.CLOSED
+
+
+def test_probes_of_another_session_are_dropped_both_ways() -> None:
+    host, guest = connect()
+    assert host.receive(p.encode({"type": "probe", "session": 8, "id": 1,
+                                  "ranges": [[0, MiB2]]})) == []
+    guest.probe([(0, MiB2)])
+    host2, _ = connect(session=8)
+    host2.probed(1, backed=[(0, MiB2)])
+    assert guest.receive(host2.take_outbox()) == []   # session 8's answer, guest is in 7
+    assert guest.state is p.GuestState.RUNNING
+
+
+def test_an_answer_to_a_probe_never_sent_ends_the_session() -> None:
+    host, guest = connect()
+    host.probed(5, backed=[])
+    events = guest.receive(host.take_outbox())
+    assert events[0][0] == "error" and "never sent" in events[0][1]
+
+
+def test_a_protocol_2_session_neither_sends_nor_answers_probes() -> None:
+    """Versions: probes exist only in sessions of version >= PROBE_SINCE."""
+    host, guest, _, _ = negotiate((2, 3), (2, 2))     # an older agent
+    assert host.proto == guest.proto == 2 and not guest.can_probe()
+    with pytest.raises(RuntimeError, match="protocol >= 3"):
+        guest.probe([(0, MiB2)])
+    host.probed(1, backed=[])
+    assert host.take_outbox() == b""                 # the host answers nothing in it
+    # A probe in a protocol-2 session is an unknown type: the session ends.
+    events = host.receive(p.encode({"type": "probe", "session": 5, "id": 1,
+                                    "ranges": [[0, MiB2]]}, proto=2))
+    assert events[0][0] == "error" and "unknown message type 'probe'" in events[0][1]
+    host, guest, _, _ = negotiate((2, 2), (2, 3))     # an older host
+    assert guest.proto == 2 and not guest.can_probe()
+    events = guest.receive(p.encode({"type": "probed", "session": 5, "id": 1, "backed": [],
+                                     "token": 9, "lease_ms": 2000}, proto=2))
+    assert events[0][0] == "error" and "unknown message type 'probed'" in events[0][1]

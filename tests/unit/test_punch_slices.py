@@ -8,10 +8,9 @@ itself is held to it."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
-from daemon_sim import GRANULE, SimVm, new_vm
+from daemon_sim import GRANULE, SimVm
 
 from aerate.host.punch import CHECK_BYTES, PunchRefused, first_nonzero, punch
 from aerate.host.refusal import Decision
@@ -19,15 +18,6 @@ from aerate.host.session import SliceCheck
 
 pytestmark = pytest.mark.unit
 PAGE = 4096
-
-
-@pytest.fixture
-def vm(tmp_path: object) -> Iterator[SimVm]:
-    v = new_vm("slices", str(tmp_path))
-    try:
-        yield v
-    finally:
-        os.close(v.fd)
 
 
 def _fill(v: SimVm, gpa: int, length: int) -> None:

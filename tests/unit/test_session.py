@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from aerate.agent.protocol import GuestEndpoint, GuestState, HostState
+from aerate.agent.protocol import PROTO, GuestEndpoint, GuestState, HostState
 from aerate.host.ctl import format_status
 from aerate.host.punch import Check, PunchFailed, PunchRefused
 from aerate.host.refusal import Decision
@@ -109,7 +109,7 @@ def test_flood_is_cut_off() -> None:
     s.bucket.rate, s.bucket.tokens, s.bucket.burst = 0.0, 3.0, 3.0
     for i in range(5):
         assert g.token is not None
-        line = json.dumps({"proto": 2, "type": "report", "session": s.endpoint.session,
+        line = json.dumps({"proto": PROTO, "type": "report", "session": s.endpoint.session,
                            "batch": i + 1, "token": g.token.token,
                            "ranges": [[i * MiB2, MiB2]]}).encode() + b"\n"
         s.receive(line)
@@ -257,7 +257,7 @@ def test_reports_before_a_protocol_error_in_the_same_read_are_not_served() -> No
     four before it are neither discarded nor acked, and the session does not crash."""
     s, g, calls = make()
     assert g.token is not None
-    lines = b"".join(json.dumps({"proto": 2, "type": "report", "session": s.endpoint.session,
+    lines = b"".join(json.dumps({"proto": PROTO, "type": "report", "session": s.endpoint.session,
                                  "batch": b, "token": g.token.token,
                                  "ranges": [[b * MiB2, MiB2]]}).encode() + b"\n"
                      for b in range(1, 7))
