@@ -45,18 +45,18 @@ baseline 229, and "pass done: 0 raw units"). Only the host sees that, so an idle
 asks it (agent/protocol.py "Probes", sessions of protocol >= 3): at most every
 ``PROBE_EVERY`` seconds, while no pass runs and nothing is held or in flight, it names up
 to ``MAX_RANGES`` aerated blocks, the longest unprobed first (a block's discard counts as
-its first probe), coalesced into whole granules (``probe_request``). Every block lying in
+its first probe), one range per whole granule (``probe_request``). Every block lying in
 a range the host answers backed stops counting as aerated: it is raw free memory, which the
 next pass takes (``on_probed``, counted in ``probe_stale_blocks``). An answer applies only
 to blocks aerated without a break since the probe went out (each aeration has its own
 generation): one a pass took and aerated again meanwhile keeps its newer belief.
 What it cannot break: the blocks concerned are free in the guest and held by no batch;
 an answer only moves a belief, never a page (S2, S3 unchanged), so a wrong one costs a
-missed or a repeated reclaim. What it costs: one line each way per ``PROBE_EVERY``, and a
-backed range of coalesced blocks makes them all raw even if one of them is backed (a
-repeated reclaim of the others, bounded by the range). An answer ``unknown`` changes no
-belief; "rate" doubles the wait (up to ``PROBE_BACKOFF_MAX_S``), any other reason (the host
-cannot tell: private RAM, hugetlbfs, swap) stops probing until the next session.
+missed or a repeated reclaim. What it costs: one line each way per ``PROBE_EVERY``; a
+granule (2 MiB, or 1 GiB on a 1 GiB-backed guest) with one backed page turns raw whole.
+An answer ``unknown`` changes no belief; "rate" doubles the wait (up to
+``PROBE_BACKOFF_MAX_S``), any other reason (the host cannot tell: private RAM, hugetlbfs, a
+disk file) stops probing until the next session.
 
 Safety (S2): blocks leave the arena only on an ack of their batch, a new session, the end
 of the batch's lease (agent/protocol.py, "Leases": the host starts no discard of it any
@@ -275,7 +275,12 @@ class Engine:
         chosen = sorted(self.aerated, key=lambda p: (meta.get(p, never)[1], p))[:MAX_RANGES]
         self._probe_next = now + max(PROBE_EVERY, self._probe_wait)
         blocks = [Block(p, self.aerated[p], 0) for p in chosen]
-        ranges, covered = granule_ranges(blocks, max(granule, self.arena.granule_bytes))
+        unit = max(granule, self.arena.granule_bytes)
+        runs, covered = granule_ranges(blocks, unit)
+        # One range per granule, not per coalesced run: the host answers range by range, so
+        # a run of adjacent blocks asked as one would all turn raw for one backed page.
+        # At most MAX_RANGES: every granule holds at least one chosen block.
+        ranges = [(gpa + off, unit) for gpa, n in runs for off in range(0, n, unit)]
         for p in chosen:
             # Probed now, covered or not: a block that forms no whole granule must not keep
             # the others from their turn.

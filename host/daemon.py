@@ -784,8 +784,7 @@ class VmRunner:
         why that is cheap enough: an lseek on an in-memory filesystem, S8)."""
         if self.gmap is None or self.session is None:
             raise ProbeUnknown("no memory map yet")
-        return probe_backed(self.gmap, self.backings, gpa, length, self.session.granule,
-                            self.daemon.host_memory.swap_total)
+        return probe_backed(self.gmap, self.backings, gpa, length, self.session.granule)
 
     async def prepare(self) -> bool:
         """Learn the VM's channel, memory map, backing and settings (all off the loop,

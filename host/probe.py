@@ -20,9 +20,12 @@ tells the guest as ``unknown``):
   not (it uses the kernel's default_llseek, which calls every offset below the file size
   data, whatever is allocated: measured on a fresh 2 MiB MFD_HUGETLB memfd, SEEK_DATA
   answers 0 with st_blocks 0), so a hugetlbfs answer would call every range backed;
-- ``reads_stay_in_memory`` (host/backing.py): shmem on a host without swap. The lseek
-  itself reads only the shmem index (swapped pages are entries in it, no I/O), but the
-  rule the daemon already applies to inline work is kept rather than argued again.
+- the file is shmem (memfd, tmpfs, anonymous shared): its lseek walks only the file's
+  page-cache index (mm/filemap.c ``mapping_seek_hole_data``; a swapped-out page is a value
+  entry there and counts as data without a swap-in), so it never waits on a disk, with or
+  without swap on the host. Other filesystems (a file on a disk) may read extent metadata
+  from the disk and are answered unknown. Unlike a report's content check (host/backing.py
+  ``reads_stay_in_memory``), nothing here reads a page, so host swap does not matter.
 
 Cost, and why on the loop thread (S8): per range one ``open`` of the /proc fd link, one
 ``fstat``, one ``lseek`` on an in-memory filesystem and one ``close``: a few microseconds,
@@ -39,7 +42,7 @@ import errno
 import os
 from collections.abc import Mapping
 
-from aerate.host.backing import Backing, reads_stay_in_memory
+from aerate.host.backing import Backing
 from aerate.host.qemu_map import GuestMemoryMap, RangeRejected, locate
 
 
@@ -52,7 +55,7 @@ class ProbeUnknown(RuntimeError):
 
 
 def backed(gmap: GuestMemoryMap, backings: Mapping[str, Backing], gpa: int, length: int,
-           granule: int, swap_total: int | None) -> bool:
+           granule: int) -> bool:
     """True when guest range [gpa, gpa+length) has at least one page allocated in its
     backing file, False when it is all holes; raises ProbeUnknown where the host cannot
     tell (module docstring)."""
@@ -67,9 +70,10 @@ def backed(gmap: GuestMemoryMap, backings: Mapping[str, Backing], gpa: int, leng
     if backing.fs_type == "hugetlbfs":
         raise ProbeUnknown(f"block {place.block_name!r} is on hugetlbfs, whose lseek "
                            "(SEEK_DATA) calls every offset data")
-    if not reads_stay_in_memory([backing], swap_total):
-        raise ProbeUnknown(f"block {place.block_name!r} ({backing.fs_type or 'unknown fs'}) "
-                           "is not known to stay in memory (a host with swap?)")
+    if backing.fs_type != "tmpfs":
+        fs = backing.fs_type or "an unknown filesystem"
+        raise ProbeUnknown(f"block {place.block_name!r} is on {fs}, not shmem: its lseek "
+                           "may wait on a disk")
     if place.block_offset + length > backing.length:
         raise ProbeUnknown(f"past the end of block {place.block_name!r}")
     offset = backing.file_offset + place.block_offset

@@ -627,3 +627,18 @@ def test_an_answer_about_a_block_aerated_again_since_the_probe_is_ignored() -> N
     assert x in e.aerated
     # The host's answer was true when it looked, before x was discarded again.
     assert e.on_probed(1, [(x * 4096, 2 * MiB)]) == 0 and x in e.aerated
+
+
+def test_adjacent_aerated_blocks_are_asked_one_granule_each() -> None:
+    """A run of adjacent blocks is asked granule by granule, so one backed granule turns
+    only its own block raw, not the whole run (one range for the run would)."""
+    k = ScriptedKernel(0)
+    k.free_list = [BLOCK_PAGES * (100 + i) for i in range(8)]   # one adjacent run
+    e = Engine(k, ScriptedArena(k), settings(hwm=4))
+    run(e, 100)
+    assert len(e.aerated) == 8
+    assert e.tick(T, True)[0] is None and e.phase is Phase.IDLE
+    ranges = probe(e, 1, T)
+    assert ranges == [(BLOCK_PAGES * (100 + i) * 4096, 2 * MiB) for i in range(8)]
+    assert e.on_probed(1, [ranges[3]]) == 1
+    assert BLOCK_PAGES * 103 not in e.aerated and len(e.aerated) == 7

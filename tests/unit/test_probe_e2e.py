@@ -78,7 +78,7 @@ class Clock:
 
 
 def is_backed(v: SimVm, gpa: int) -> bool:
-    return backed(v.gmap, {"pc.ram": v.backing}, gpa, GRANULE, GRANULE, 0)
+    return backed(v.gmap, {"pc.ram": v.backing}, gpa, GRANULE, GRANULE)
 
 
 def setup(v: SimVm, blocks: int, guest_protos: Tuple[int, int] = (p.PROTO_MIN, p.PROTO)
@@ -102,7 +102,7 @@ def setup(v: SimVm, blocks: int, guest_protos: Tuple[int, int] = (p.PROTO_MIN, p
     session = VmSession("vm", GRANULE, lambda g, n: g + n <= v.backing.length, discard,
                         lambda: Decision("punch", "test"), clock=clock,
                         backed=lambda g, n: backed(v.gmap, {"pc.ram": v.backing}, g, n,
-                                                   GRANULE, 0))
+                                                   GRANULE))
     session.connected()
     return agent, session, port, clock, kernel
 

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 from daemon_sim import GRANULE, RAM, MiB, SimVm, simulated, until
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.unit
 PAGE = 4096
 
 
-def _backed(v: SimVm, gpa: int, length: int, swap_total: Optional[int] = 0) -> bool:
-    return backed(v.gmap, {"pc.ram": v.backing}, gpa, length, GRANULE, swap_total)
+def _backed(v: SimVm, gpa: int, length: int) -> bool:
+    return backed(v.gmap, {"pc.ram": v.backing}, gpa, length, GRANULE)
 
 
 def test_a_written_page_is_backed_and_a_punched_one_is_not(vm: SimVm) -> None:
@@ -48,20 +48,19 @@ def test_a_written_page_is_backed_and_a_punched_one_is_not(vm: SimVm) -> None:
 def test_where_the_host_cannot_tell_it_says_why(vm: SimVm) -> None:
     with pytest.raises(ProbeUnknown, match="is on hugetlbfs"):
         backed(vm.gmap, {"pc.ram": dataclasses.replace(vm.backing, fs_type="hugetlbfs")},
-               0, GRANULE, GRANULE, 0)
-    with pytest.raises(ProbeUnknown, match="not known to stay in memory"):
-        _backed(vm, 0, GRANULE, swap_total=1 << 30)
-    with pytest.raises(ProbeUnknown, match="not known to stay in memory"):
-        _backed(vm, 0, GRANULE, swap_total=None)
+               0, GRANULE, GRANULE)
+    with pytest.raises(ProbeUnknown, match="on ext4, not shmem"):
+        backed(vm.gmap, {"pc.ram": dataclasses.replace(vm.backing, fs_type="ext4")},
+               0, GRANULE, GRANULE)
     private = dataclasses.replace(vm.backing, kind=BackingKind.ANON_PRIVATE, path=None,
                                   reason="private anonymous memory")
     with pytest.raises(ProbeUnknown, match="not a shared file: private anonymous"):
-        backed(vm.gmap, {"pc.ram": private}, 0, GRANULE, GRANULE, 0)
+        backed(vm.gmap, {"pc.ram": private}, 0, GRANULE, GRANULE)
     with pytest.raises(ProbeUnknown, match="not guest RAM"):
         _backed(vm, RAM, GRANULE)
     with pytest.raises(ProbeUnknown, match="no longer"):
         backed(vm.gmap, {"pc.ram": dataclasses.replace(vm.backing, ino=vm.backing.ino + 1)},
-               0, GRANULE, GRANULE, 0)
+               0, GRANULE, GRANULE)
 
 
 class Clock:
@@ -136,9 +135,10 @@ def test_unknown_answers_carry_the_reason(vm: SimVm) -> None:
     assert ask(s, guest, [(0, GRANULE)]).unknown == \
         "this host does not look at its backings for probes"
     s, guest, _, _ = session(vm)
-    s.backed = lambda g, n: _backed(vm, g, n, swap_total=None)
+    s.backed = lambda g, n: backed(vm.gmap, {"pc.ram": dataclasses.replace(
+        vm.backing, fs_type="ext4")}, g, n, GRANULE)
     answer = ask(s, guest, [(0, GRANULE)])
-    assert answer.backed is None and "not known to stay in memory" in answer.unknown
+    assert answer.backed is None and "not shmem" in answer.unknown
     assert s.status()["probes"]["last_unknown"] == answer.unknown
 
 
