@@ -26,14 +26,18 @@ Why it is safe for the guest:
   ``REFAULT_NOISE_BYTES_S``) halve the step and stop its growth.
 - **It is bounded in rate.** Over any stretch of time it asks for at most
   ``free_first_mib_s`` times the seconds elapsed (a long gap banks at most ``MAX_DT_S``).
+- **It leaves the arena alone.** The blocks the cycle holds are hugetlb pages, on no LRU
+  list, so ``memory.reclaim`` never sees them, and compaction does not migrate hugetlb
+  pages (only alloc_contig_range does, and the arena pins them against that): S2/S3 hold.
 
 What it costs: one read each of /proc/pressure/memory, /proc/vmstat, /proc/meminfo and
 /proc/buddyinfo per second while on (files kept open, agent/kernelview.py), and the reclaim
 itself, done synchronously in the agent's thread: the kernel's work to reclaim at most the
-budget per second (on the order of a millisecond per MiB of clean cache), plus, at most every
-``COMPACT_EVERY_S``, a full compaction when free memory is plentiful but fragmented. The
-guest pays later in refaults for whatever it reads again, which is what the PSI and refault
-bounds keep small. Off, it reads and writes nothing.
+budget per second (clean cache is cheap to drop, dirty cache waits for writeback; not yet
+measured on a VM), plus, at most every ``COMPACT_EVERY_S``, a full compaction when free
+memory is plentiful but fragmented (it walks every zone: long on a large guest, more so
+under TCG). The guest pays later in refaults for whatever it reads again, which is what
+the PSI and refault bounds keep small. Off, it reads and writes nothing.
 
 ``free_first_drop_caches`` (opt-in only) is the fallback where ``memory.reclaim`` is missing:
 at most every ``DROP_EVERY_S`` it drops all clean unmapped page cache at once, which does not

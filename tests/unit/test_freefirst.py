@@ -152,6 +152,44 @@ def test_short_writes_halve_the_step_then_rest() -> None:
     assert run(c, g, lim, 2)[-1][0] > 0
 
 
+#: A recorded-style trace, one look a second: PSI some avg10 (%), workingset refaults
+#: (pages, cumulative), MemAvailable and file LRU (MiB), and the state the controller must
+#: be in after it (floor 256 MiB, budget 16 MiB/s, ceiling 0.2 %).
+TRACE = """
+  t   psi  refaults avail cache state
+  0  0.00      1000  2000  1000 waiting
+  1  0.00      1000  2000  1000 probing
+  2  0.05      1010  2000   999 probing
+  3  0.10      1200  2000   997 probing
+  4  0.00      1900  2000   993 slowed
+  5  0.00      1900  2000   990 probing
+  6  0.60      1900  1990   985 backed_off
+  7  0.40      1900  1990   985 backed_off
+  8  0.15      1900  1990   985 waiting
+ 18  0.10      1900  1990   985 probing
+ 19  0.00      1900  1990   257 probing
+ 20  0.00      1900  1990   256 at_floor
+"""
+
+
+def test_a_trace_gives_the_exact_sequence_of_states() -> None:
+    c, lim = Controller(), limits(free_first_mib_s=16)
+    states, steps = [], []
+    for line in TRACE.strip().splitlines()[1:]:
+        t, psi, refaults, avail, cache, _ = line.split()
+        d = c.decide(Sample(float(t), float(psi), int(refaults), int(avail) * MiB,
+                            int(cache) * MiB), lim)
+        if d.reclaim_bytes:
+            c.outcome(d.reclaim_bytes, True, float(t))
+        states.append(d.state.value)
+        steps.append(d.reclaim_bytes // (256 << 10))
+    assert states == [line.split()[-1] for line in TRACE.strip().splitlines()[1:]]
+    # In 256 KiB units: 1-2-4 MiB while quiet (190 refaults/s = 0.7 MiB/s is under a tenth
+    # of the budget), the grown 8 MiB halved on 700 refaults/s (2.7 MiB/s) and not grown,
+    # none under pressure or cooling down, 1 MiB again after it, then the 1 MiB the floor left.
+    assert steps == [0, 4, 8, 16, 16, 16, 0, 0, 0, 4, 4, 0]
+
+
 def test_compaction_only_when_free_memory_is_plentiful_but_fragmented() -> None:
     def zones(order0_pages: int, order9: int) -> Any:
         counts = [0] * 11
