@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
-from aerate.agent import procfs
+from aerate.agent import memreclaim, procfs
 from aerate.agent.pagemap import read_entries
 
 PSI = "psi"
@@ -31,6 +31,7 @@ PAGEMAP_PFN = "pagemap_pfn"
 KPAGEFLAGS = "kpageflags"
 FREE_PAGE_REPORTING = "free_page_reporting"
 POISON_SAFE = "poison_safe"
+FREE_FIRST = "free_first"
 
 #: madvise(2) advice value; Linux >= 5.14. Older kernels answer EINVAL.
 MADV_POPULATE_WRITE_ADVICE = 23
@@ -201,6 +202,15 @@ def detect_poison_safe(root: str = "/") -> Capability:
     return Capability(POISON_SAFE, poisoning.discard_safe, poisoning.detail)
 
 
+def detect_free_first(root: str = "/") -> Capability:
+    """cgroup v2 ``memory.reclaim`` on the root cgroup, writable (the free-first stage)."""
+    problem = memreclaim.probe(root)
+    if problem:
+        return Capability(FREE_FIRST, False, "free first cannot reclaim: %s" % problem)
+    return Capability(FREE_FIRST, True, "/%s/%s writable: free first can reclaim page cache"
+                      % (memreclaim.CGROUP_DIR, memreclaim.RECLAIM_FILE))
+
+
 def _not_probed(name: str) -> Capability:
     return Capability(name, False, "not probed: %s is a probe of the running kernel and the "
                       "root is not /" % name)
@@ -220,6 +230,7 @@ def detect_all(root: str = "/", probe_live: Optional[bool] = None) -> Tuple[Capa
         (KPAGEFLAGS, lambda: detect_kpageflags(root)),
         (FREE_PAGE_REPORTING, lambda: detect_free_page_reporting(root)),
         (POISON_SAFE, lambda: detect_poison_safe(root)),
+        (FREE_FIRST, lambda: detect_free_first(root)),
     )
     live_only = (MEMFD_HUGETLB, MADV_POPULATE_WRITE, PAGEMAP_PFN)
     return tuple(_not_probed(name) if name in live_only and not live else fn()

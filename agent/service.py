@@ -24,6 +24,7 @@ from . import settings as settings_mod
 from .arena import BLOCK_BYTES, Arena, ArenaError, HugetlbArena, create_arena
 from .channel import DEFAULT_PATH, Port, PortError
 from .cycle import Engine, Phase
+from .freefirst import Stage
 from .hugetlb import DEFAULT_RUN_DIR, BudgetError, SurplusBudget
 from .kernelview import ProcKernel
 from .protocol import GuestEndpoint, GuestState
@@ -189,8 +190,11 @@ class Agent:
     def __init__(self, port: Port, engine: Engine, arena: Arena, note: str,
                  kernel: ProcKernel,
                  caps: Tuple[capabilities.Capability, ...] = (),
-                 order: Optional[ReportingOrder] = None) -> None:
+                 order: Optional[ReportingOrder] = None,
+                 freefirst: Optional[Stage] = None) -> None:
         self.port = port
+        # Free first (agent/freefirst.py): off by default; reads the engine's live settings.
+        self.freefirst = freefirst if freefirst is not None else Stage(engine.cfg)
         # The kernel's own reporting, tuned where it runs (agent/reporting_order.py).
         self.order = order if engine.stats_only and any(
             c.name == capabilities.FREE_PAGE_REPORTING and c.available for c in caps) else None
@@ -291,6 +295,7 @@ class Agent:
                                "arena": self.arena.kind}
         out.update(self.kernel.stats())
         out["event_stats"] = self.event_stats
+        out["free_first"] = self.freefirst.status()
         if self.order is not None and self.order.note:
             out["kernel_reporting"] = self.order.note
         return out
@@ -361,6 +366,7 @@ class Agent:
                 if probe:
                     self.engine.probe_sent(self.endpoint.probe(probe), now)
             self._next_tick = now + wait
+        self.freefirst.tick(now)  # returns at once when off or not due
         if self.endpoint.state is GuestState.RUNNING:
             self._send_stats(now)
         if self.endpoint.state is not GuestState.RUNNING and now >= self._next_need_sync:
@@ -377,6 +383,7 @@ class Agent:
         self.port.queue(self.endpoint.take_outbox())
         self.port.flush()
         due = [self._next_tick]
+        due.append(self.freefirst.next_due())
         expiry = self.endpoint.next_expiry()
         if expiry is not None:
             due.append(expiry)

@@ -62,6 +62,22 @@ TABLE: Tuple[Setting, ...] = (
             help="back off when memory PSI 'some' avg10 (%%) exceeds this"),
     Setting("stats_interval_s", int, 5, 1, 3600, scope="guest",
             help="how often the agent sends its statistics"),
+    Setting("free_first", bool, False, scope="guest",
+            help="free first: reclaim the guest's cold page cache (cgroup v2 memory.reclaim, "
+                 "Linux >= 5.19) so it can be reported, within the free_first_* bounds; "
+                 "compacts when free memory is fragmented"),
+    Setting("free_first_mib_s", int, 16, 1, 1 << 16, scope="guest",
+            help="free first: most MiB per second it asks the guest kernel to reclaim"),
+    Setting("free_first_psi_ceiling", float, 0.2, 0.01, 10.0, scope="guest",
+            help="free first: stop at once when memory PSI 'some' avg10 (%%) exceeds this"),
+    Setting("free_first_cache_floor_mib", int, 256, 0, 1 << 22, scope="guest",
+            help="free first: never reclaim the guest's file page cache below this"),
+    Setting("free_first_anon", bool, False, scope="guest",
+            help="free first: let reclaim swap anonymous memory out too (where the guest "
+                 "has swap or zswap); off, only page cache goes"),
+    Setting("free_first_drop_caches", bool, False, scope="guest",
+            help="free first without memory.reclaim: drop all clean page cache at most every "
+                 "10 min instead (ignores the cache floor)"),
     Setting("floor", float, 0.5, 0.05, 1.0, scope="vm",
             help="balloon: never shrink the guest below this fraction of its memory"),
     Setting("host_low_mib", int, 0, 0, 1 << 30, scope="host",

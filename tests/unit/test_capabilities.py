@@ -13,7 +13,7 @@ from aerate.agent import procfs
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "proc"
 ORDER = (c.PSI, c.HUGETLB, c.MEMFD_HUGETLB, c.MADV_POPULATE_WRITE, c.THP, c.PAGEMAP_PFN,
-         c.KPAGEFLAGS, c.FREE_PAGE_REPORTING, c.POISON_SAFE)
+         c.KPAGEFLAGS, c.FREE_PAGE_REPORTING, c.POISON_SAFE, c.FREE_FIRST)
 LIVE_ONLY = (c.MEMFD_HUGETLB, c.MADV_POPULATE_WRITE, c.PAGEMAP_PFN)
 
 
