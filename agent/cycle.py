@@ -44,8 +44,8 @@ aerated while the host backs it again (measured: 432 MiB backed 30 s after a chu
 baseline 229, and "pass done: 0 raw units"). Only the host sees that, so an idle engine
 asks it (agent/protocol.py "Probes", sessions of protocol >= 3): at most every
 ``PROBE_EVERY`` seconds, while no pass runs and nothing is held or in flight, it names up
-to ``MAX_RANGES`` aerated blocks, the longest unprobed first (a block's discard counts as
-its first probe), one range per whole granule (``probe_request``). Every block lying in
+to ``PROBE_MAX_RANGES`` aerated blocks, the longest unprobed first (a block's discard
+counts as its first probe), one range per whole granule (``probe_request``). Every block lying in
 a range the host answers backed stops counting as aerated: it is raw free memory, which the
 next pass takes (``on_probed``, counted in ``probe_stale_blocks``). An answer applies only
 to blocks aerated without a break since the probe went out (each aeration has its own
@@ -54,9 +54,10 @@ What it cannot break: the blocks concerned are free in the guest and held by no 
 an answer only moves a belief, never a page (S2, S3 unchanged), so a wrong one costs a
 missed or a repeated reclaim. What it costs: one line each way per ``PROBE_EVERY``; a
 granule (2 MiB, or 1 GiB on a 1 GiB-backed guest) with one backed page turns raw whole.
-An answer ``unknown`` changes no belief; "rate" doubles the wait (up to
-``PROBE_BACKOFF_MAX_S``), any other reason (the host cannot tell: private RAM, hugetlbfs, a
-disk file) stops probing until the next session.
+An answer ``unknown`` changes no belief; one the host marks ``retry`` ("rate", a map being
+rebuilt) doubles the wait (up to ``PROBE_BACKOFF_MAX_S``), any other (the host cannot tell
+for this VM: private RAM, hugetlbfs, a disk file, host swap) stops probing until the next
+session.
 
 Safety (S2): blocks leave the arena only on an ack of their batch, a new session, the end
 of the batch's lease (agent/protocol.py, "Leases": the host starts no discard of it any
@@ -77,7 +78,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Set, 
 from . import settings as settings_mod
 from .arena import ArenaError, Block
 from .hugetlb import BudgetError
-from .protocol import LEASE_MS_MAX, MAX_RANGES, Range, coalesce
+from .protocol import LEASE_MS_MAX, PROBE_MAX_RANGES, Range, coalesce
 
 PAGE = 4096
 #: Re-read the buddy flags of aerated blocks at most this often (seconds). Between two
@@ -272,14 +273,15 @@ class Engine:
         for pfn in [p for p in meta if p not in self.aerated]:
             del meta[pfn]
         never = (0, float("-inf"))
-        chosen = sorted(self.aerated, key=lambda p: (meta.get(p, never)[1], p))[:MAX_RANGES]
+        chosen = sorted(self.aerated, key=lambda p: (meta.get(p, never)[1], p))[
+            :PROBE_MAX_RANGES]
         self._probe_next = now + max(PROBE_EVERY, self._probe_wait)
         blocks = [Block(p, self.aerated[p], 0) for p in chosen]
         unit = max(granule, self.arena.granule_bytes)
         runs, covered = granule_ranges(blocks, unit)
         # One range per granule, not per coalesced run: the host answers range by range, so
         # a run of adjacent blocks asked as one would all turn raw for one backed page.
-        # At most MAX_RANGES: every granule holds at least one chosen block.
+        # At most PROBE_MAX_RANGES: every granule holds at least one chosen block.
         ranges = [(gpa + off, unit) for gpa, n in runs for off in range(0, n, unit)]
         for p in chosen:
             # Probed now, covered or not: a block that forms no whole granule must not keep
@@ -297,16 +299,18 @@ class Engine:
         self._probe_unsent = None
         self.counters["probes_sent"] += 1
 
-    def on_probed(self, pid: int, backed: Optional[List[Range]], unknown: str = "") -> int:
+    def on_probed(self, pid: int, backed: Optional[List[Range]], unknown: str = "",
+                  retry: bool = False) -> int:
         """The host answered probe ``pid``: the probed ranges it backs (None: it could not
-        tell, ``unknown`` says why). Returns how many blocks became raw."""
+        tell, ``unknown`` says why, ``retry`` whether it may later). Returns how many blocks
+        became raw."""
         out = self._probe_out
         if out is None or out[0] != pid:
             return 0    # an answer to an older probe, or after a new session
         self._probe_out = None
         if backed is None:
             self.counters["probes_unknown"] += 1
-            if unknown == "rate":
+            if retry or unknown == "rate":
                 self._probe_wait = min(PROBE_BACKOFF_MAX_S,
                                        max(2 * PROBE_EVERY, 2 * self._probe_wait))
                 self._probe_next = max(self._probe_next, self._now + self._probe_wait)
@@ -437,6 +441,7 @@ class Engine:
         for pfn, free in zip(pfns, self.kernel.still_free(pfns)):
             if not free:
                 del self.aerated[pfn]
+                self._aerated_meta.pop(pfn, None)
 
     def _give_back(self, blocks: Iterable[Block]) -> None:
         blocks = list(blocks)
@@ -614,6 +619,7 @@ class Engine:
         self._pass_left -= (len(blocks) + len(moved) - len(refilled)) * units_per_block
         for b in refilled:
             del self.aerated[b.pfn]
+            self._aerated_meta.pop(b.pfn, None)
         self.counters["refilled_aerated"] += len(refilled)
         self.counters["filled_blocks"] += len(blocks) + len(moved)
         ranges, covered = granule_ranges(blocks, max(granule, self.arena.granule_bytes))

@@ -104,8 +104,8 @@ Messages (``type``)
     once no discard of its current session can still happen.
     Since protocol 3 (``PROBE_SINCE``), in sessions of version >= 3 only (see "Probes"):
     guest -> host ``probe`` {id, ranges: [[gpa, length], ...]}; host -> guest ``probed``
-    {id, backed: [[gpa, length], ...], token, lease_ms} or {id, unknown: reason, token,
-    lease_ms}. In an older session either is an unknown type.
+    {id, backed: [[gpa, length], ...], token, lease_ms} or {id, unknown: reason, retry?,
+    token, lease_ms}. In an older session either is an unknown type.
     Unknown fields are ignored; unknown types and malformed lines end the session (not the
     process).
 
@@ -114,12 +114,14 @@ Probes (issue 15: beliefs the guest cannot check)
     discarded on the host ("aerated", agent/cycle.py) until their buddy flag says the
     kernel took them; a block allocated, written and freed again between two looks keeps
     its flag and its belief while the host backs it again. Only the host can tell: a
-    ``probe`` names up to ``MAX_RANGES`` ranges (checked as a report's are: granule-aligned,
-    disjoint, inside the VM's RAM on the host) and the ``probed`` answer with the same
-    ``id`` lists, in ``backed``, every probed range that has at least one backed byte on the
-    host (an empty list: none has), or says ``unknown`` with the reason (private RAM, a
+    ``probe`` names up to ``PROBE_MAX_RANGES`` ranges, one granule each, not coalesced
+    (checked as a report's are: granule-aligned, disjoint, inside the VM's RAM on the
+    host) and the ``probed`` answer with the same ``id`` lists, in ``backed``, every
+    probed range that has at least one backed byte on the host (an empty list: none has),
+    or says ``unknown`` with the reason (private RAM, a
     backing whose holes the host cannot see or read without waiting, no map yet, ``rate``:
-    more than the host answers per second).
+    more than the host answers per second); ``retry`` true when a later probe may get an
+    answer (``rate``, a map being rebuilt), absent when this host never will for this VM.
 
     Why this cannot break S1. A probe carries no lease token and asks for nothing to be
     discarded; the host answers it without ever discarding, and nothing of a probe reaches
@@ -145,6 +147,9 @@ LEASES_SINCE = 2
 #: Protocol 3 added probes ("Probes" in the module docstring): ``probe`` and ``probed`` are
 #: sent only in sessions of version >= PROBE_SINCE.
 PROBE_SINCE = 3
+#: Most ranges one probe names (each is one granule the guest asks about; the host's cost
+#: per probe is bounded by it, host/probe.py).
+PROBE_MAX_RANGES = 128
 #: The versions this build speaks, oldest and newest ("Versions" in the module docstring).
 PROTO_MIN = LEASES_SINCE
 PROTO = PROBE_SINCE
@@ -429,11 +434,12 @@ class InFlight(NamedTuple):
 class Probed(NamedTuple):
     """A host's answer to a probe ("Probes" in the module docstring): ``backed`` holds the
     probed ranges with a backed byte, None when the host could not tell (``unknown`` says
-    why)."""
+    why, ``retry`` whether asking again later may help)."""
 
     id: int
     backed: Optional[List[Range]]
     unknown: str
+    retry: bool = False
 
 
 def _lease_fields(msg: Dict[str, Any]) -> Tuple[int, float]:
@@ -518,19 +524,23 @@ class GuestEndpoint:
         return self.state is GuestState.RUNNING and self.proto >= PROBE_SINCE
 
     def probe(self, ranges: List[Range]) -> int:
-        """Queue a probe of ``ranges`` (coalesced; at most ``MAX_RANGES`` after that);
+        """Queue a probe of ``ranges`` (at most ``PROBE_MAX_RANGES``, disjoint);
         return its id. It carries no token and holds nothing: no batch, no lease."""
         if not self.can_probe():
             raise RuntimeError("a probe needs a running session of protocol >= %d"
                                % PROBE_SINCE)
-        merged = coalesce(ranges)
-        if not merged or len(merged) > MAX_RANGES:
+        # Sent as given, not coalesced: the host answers range by range, and a range that
+        # spanned two of the host's RAM blocks (NUMA nodes) would not be inside one of them.
+        asked = sorted(ranges)
+        if not asked or len(asked) > PROBE_MAX_RANGES:
             raise ValueError("a probe names 1 to %d ranges, not %d"
-                             % (MAX_RANGES, len(merged)))
+                             % (PROBE_MAX_RANGES, len(asked)))
+        if any(a + n > b for (a, n), (b, _) in zip(asked, asked[1:])):
+            raise ValueError("a probe's ranges must not overlap")
         pid = self._next_probe
         self._next_probe += 1
         self.outbox += encode({"type": "probe", "session": self.session, "id": pid,
-                               "ranges": [list(r) for r in merged]}, proto=self.proto)
+                               "ranges": [list(r) for r in asked]}, proto=self.proto)
         return pid
 
     def expire(self, now: Optional[float] = None) -> List[Tuple[str, Any]]:
@@ -673,7 +683,8 @@ class GuestEndpoint:
             if unknown is not None:
                 if not isinstance(unknown, str):
                     raise ProtocolError("probed: 'unknown' must be a string")
-                events.append(("probed", Probed(pid, None, unknown[:512] or "unknown")))
+                events.append(("probed", Probed(pid, None, unknown[:512] or "unknown",
+                                                msg.get("retry") is True)))
             else:
                 backed = validate_ranges(msg.get("backed"), self.granule, "probed",
                                          empty=True)
@@ -902,14 +913,17 @@ class HostEndpoint:
         self.outbox += encode(self._stamp(msg), proto=self.proto)
 
     def probed(self, pid: int, backed: Optional[List[Range]] = None,
-               unknown: str = "") -> None:
+               unknown: str = "", retry: bool = False) -> None:
         """Queue the answer to probe ``pid``: the probed ranges with a backed byte, or
-        ``unknown`` with the reason (``backed`` None). Only in a session that has probes."""
+        ``unknown`` with the reason (``backed`` None) and whether a later probe may get an
+        answer (``retry``). Only in a session that has probes."""
         if self.state is not HostState.RUNNING or self.proto < PROBE_SINCE:
             return
         msg: Dict[str, Any] = {"type": "probed", "session": self.session, "id": pid}
         if backed is None:
             msg["unknown"] = (unknown or "unknown")[:512]
+            if retry:
+                msg["retry"] = True
         else:
             msg["backed"] = [list(r) for r in backed]
         self.outbox += encode(self._stamp(msg), proto=self.proto)
@@ -1012,9 +1026,10 @@ class HostEndpoint:
                 self.keepalive()
         elif t == "probe" and self.proto >= PROBE_SINCE:
             ranges = validate_ranges(msg.get("ranges"), self.granule, "probe")
-            if len(ranges) > self.max_ranges:
-                raise ProtocolError("probe: %d ranges, over this host's cap of %d"
-                                    % (len(ranges), self.max_ranges))
+            cap = min(self.max_ranges, PROBE_MAX_RANGES)
+            if len(ranges) > cap:
+                raise ProtocolError("probe: %d ranges, over the cap of %d"
+                                    % (len(ranges), cap))
             events.append(("probe", Probe(_int(msg, "id", 1), ranges)))
         elif t == "stats":
             events.append(("stats", msg))

@@ -264,7 +264,8 @@ class Agent:
             elif kind == "config":
                 self._apply(payload)
             elif kind == "probed":
-                stale = self.engine.on_probed(payload.id, payload.backed, payload.unknown)
+                stale = self.engine.on_probed(payload.id, payload.backed, payload.unknown,
+                                              payload.retry)
                 if stale:
                     log.info("probe %d: the host backs %d blocks believed aerated; the next "
                              "pass takes them", payload.id, stale)

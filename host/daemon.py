@@ -69,7 +69,7 @@ from aerate.host.libvirt_conn import (
 )
 from aerate.host.permit import PermitCache
 from aerate.host.probe import ProbeUnknown
-from aerate.host.probe import backed as probe_backed
+from aerate.host.probe import backed_ranges as probe_backed_ranges
 from aerate.host.punch import Check, PunchRefused, punch
 from aerate.host.qemu_map import (
     GuestMemoryMap,
@@ -779,12 +779,13 @@ class VmRunner:
         assert self.gmap is not None and self.session is not None
         return may_report(self.gmap, gpa, length, self.session.granule)
 
-    def _backed(self, gpa: int, length: int) -> bool | None:
-        """The session's answer to a probe's range, on the loop thread (host/probe.py says
-        why that is cheap enough: an lseek on an in-memory filesystem, S8)."""
+    def _backed(self, ranges: list[tuple[int, int]]) -> list[bool]:
+        """The session's answer to a probe's ranges, on the loop thread (host/probe.py says
+        why that is cheap enough: a sweep of lseeks on an in-memory filesystem, S8)."""
         if self.gmap is None or self.session is None:
-            raise ProbeUnknown("no memory map yet")
-        return probe_backed(self.gmap, self.backings, gpa, length, self.session.granule)
+            raise ProbeUnknown("no memory map yet", retry=True)
+        return probe_backed_ranges(self.gmap, self.backings, ranges, self.session.granule,
+                                   self.daemon.host_memory.swap_total)
 
     async def prepare(self) -> bool:
         """Learn the VM's channel, memory map, backing and settings (all off the loop,

@@ -36,9 +36,9 @@ Discard = Callable[[int, int, Sequence[Check]], int]
 InRam = Callable[[int, int], bool]
 #: The reclaimer allowed for this VM *now* (a migration may have started meanwhile).
 Permit = Callable[[], Decision]
-#: Has [gpa, gpa+length) a backed byte on the host? None, or ProbeUnknown with the reason:
-#: the host cannot tell (host/probe.py ``backed`` is the production one).
-Backed = Callable[[int, int], Optional[bool]]
+#: For each probed range: has it a backed byte on the host? ProbeUnknown with the reason
+#: where the host cannot tell (host/probe.py ``backed_ranges`` is the production one).
+Backed = Callable[[List[Tuple[int, int]]], List[bool]]
 
 
 #: New sessions a guest may ask for (need-sync): a rate per second and a burst.
@@ -437,15 +437,22 @@ class VmSession:
             self.endpoint.ack(batch, discarded=0, refused=total, reason=reason, stale=stale)
 
     def _probe(self, probe: Probe) -> None:
-        """Answer a guest's probe here, on the session's thread (the loop): at most
-        ``MAX_RANGES`` calls of ``backed``, each a few syscalls on an in-memory filesystem
-        (host/probe.py argues the cost, S8), at most ``PROBE_PER_S`` probes a second.
+        """Answer a guest's probe here, on the session's thread (the loop): one call of
+        ``backed`` over at most ``PROBE_MAX_RANGES`` ranges, a sweep of lseeks on an
+        in-memory filesystem (host/probe.py argues the cost, S8), at most ``PROBE_PER_S``
+        probes a second, the rate checked before anything else.
 
         Nothing here discards or reaches a discard: no token is looked at, no batch is
         made, no job is returned; the answer changes only what the guest believes
         (agent/protocol.py "Probes"). A range outside the VM's RAM ends the session as in
         a report (S5): an honest agent probes only blocks the host once accepted."""
         c = self.counters
+        # The rate first: a probe beyond it costs one line, whatever it names.
+        if not self.probe_bucket.take(now=self.endpoint.clock()):
+            c.probes += 1
+            c.probes_unknown += 1
+            self.endpoint.probed(probe.id, unknown="rate", retry=True)
+            return
         for gpa, length in probe.ranges:
             if not self.in_ram(gpa, length):
                 self._fail("probe %d: range [%#x, +%#x) is not inside this VM's RAM"
@@ -453,31 +460,22 @@ class VmSession:
                 return
         c.probes += 1
         c.probed += sum(n for _, n in probe.ranges)
-        why = ""
+        why, retry = "", False
         found: List[Tuple[int, int]] = []
-        if not self.probe_bucket.take(now=self.endpoint.clock()):
-            why = "rate"
-        elif self.backed is None:
+        if self.backed is None:
             why = "this host does not look at its backings for probes"
         else:
-            for gpa, length in probe.ranges:
-                try:
-                    hit = self.backed(gpa, length)
-                except ProbeUnknown as e:
-                    why = e.reason
-                    break
-                except OSError as e:
-                    why = "cannot tell whether [%#x, +%#x) is backed: %s" % (gpa, length, e)
-                    break
-                if hit is None:
-                    why = "cannot tell whether [%#x, +%#x) is backed" % (gpa, length)
-                    break
-                if hit:
-                    found.append((gpa, length))
+            try:
+                hits = self.backed(list(probe.ranges))
+                found = [r for r, hit in zip(probe.ranges, hits) if hit]
+            except ProbeUnknown as e:
+                why, retry = e.reason, e.retry
+            except OSError as e:
+                why, retry = "cannot tell what is backed: %s" % e, True
         if why:
             c.probes_unknown += 1
             self.last_probe_unknown = why
-            self.endpoint.probed(probe.id, unknown=why)
+            self.endpoint.probed(probe.id, unknown=why, retry=retry)
             return
         c.probe_backed += sum(n for _, n in found)
         self.endpoint.probed(probe.id, backed=found)

@@ -14,7 +14,6 @@ import pytest
 from aerate.agent.cycle import (
     CHURN_GAP_MAX_S,
     LEASE_MAX_S,
-    MAX_RANGES,
     PROBE_EVERY,
     REVALIDATE_EVERY,
     REVALIDATE_MAX_AGE,
@@ -23,6 +22,7 @@ from aerate.agent.cycle import (
     Phase,
     granule_ranges,
 )
+from aerate.agent.protocol import PROBE_MAX_RANGES
 
 pytestmark = pytest.mark.unit
 MiB = 1024 * 1024
@@ -601,15 +601,15 @@ def test_unknown_answers_change_nothing_and_back_probing_off() -> None:
 
 
 def test_probes_go_oldest_first_at_most_max_ranges_and_only_while_idle() -> None:
-    k, e = aerated_engine(MAX_RANGES + 100, steps=400, hwm=4, capacity=1024)
+    k, e = aerated_engine(PROBE_MAX_RANGES + 100, steps=400, hwm=4, capacity=1024)
     first = probe(e, 1, T)
-    assert len(first) == MAX_RANGES
+    assert len(first) == PROBE_MAX_RANGES
     e.on_probed(1, [])
     t = T + PROBE_EVERY
     e.tick(t, True)
     second = probe(e, 2, t)
     # The 100 never probed come first, then the oldest probed of the first round.
-    assert len(second) == MAX_RANGES and len(set(second) - set(first)) == 100
+    assert len(second) == PROBE_MAX_RANGES and len(set(second) - set(first)) == 100
     # A pass under way (or anything held or in flight): no probe.
     k.free_list.extend(BLOCK_PAGES * (20000 + 2 * i) for i in range(8))
     t += 1000
@@ -642,3 +642,30 @@ def test_adjacent_aerated_blocks_are_asked_one_granule_each() -> None:
     assert ranges == [(BLOCK_PAGES * (100 + i) * 4096, 2 * MiB) for i in range(8)]
     assert e.on_probed(1, [ranges[3]]) == 1
     assert BLOCK_PAGES * 103 not in e.aerated and len(e.aerated) == 7
+
+
+def test_an_unknown_the_host_may_answer_later_backs_off_instead_of_stopping() -> None:
+    """Review finding: any unknown but "rate" stopped probing for the whole session, also
+    a transient one (a map being rebuilt, a failed open). One marked retry backs off."""
+    _, e = aerated_engine(8, hwm=4)
+    probe(e, 1, T)
+    assert e.on_probed(1, None, "no memory map yet", retry=True) == 0
+    assert e.probe_off == ""
+    t = T + PROBE_EVERY
+    e.tick(t, True)
+    assert e.probe_request(t, 2 * MiB) is None       # the wait doubled
+    t += PROBE_EVERY
+    e.tick(t, True)
+    assert probe(e, 2, t)
+
+
+def test_beliefs_dropped_by_revalidation_leave_no_probe_bookkeeping_behind() -> None:
+    """Review finding: the per-block probe record was pruned only inside probe_request, so
+    an agent that never probes (protocol 2, probing off) kept one for every block it ever
+    aerated. It goes with the belief."""
+    k, e = aerated_engine(8, hwm=4)
+    assert set(e._aerated_meta) == set(e.aerated)
+    taken = [k.free_list.pop() for _ in range(5)]
+    e.raw_units(T + REVALIDATE_MAX_AGE + 1)        # re-validation sees them taken
+    assert not set(taken) & set(e.aerated)
+    assert set(e._aerated_meta) == set(e.aerated)

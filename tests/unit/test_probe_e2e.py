@@ -23,7 +23,7 @@ from test_cycle import BLOCK_PAGES, ScriptedArena, ScriptedKernel
 from aerate.agent import protocol as p
 from aerate.agent.cycle import PROBE_EVERY, Block, Engine
 from aerate.agent.service import Agent
-from aerate.host.probe import backed
+from aerate.host.probe import backed, backed_ranges
 from aerate.host.punch import Check, punch
 from aerate.host.refusal import Decision
 from aerate.host.session import VmSession
@@ -81,11 +81,11 @@ def is_backed(v: SimVm, gpa: int) -> bool:
     return backed(v.gmap, {"pc.ram": v.backing}, gpa, GRANULE, GRANULE)
 
 
-def setup(v: SimVm, blocks: int, guest_protos: Tuple[int, int] = (p.PROTO_MIN, p.PROTO)
-          ) -> Tuple[Agent, VmSession, Port, Clock, Kernel]:
+def setup(v: SimVm, blocks: int, guest_protos: Tuple[int, int] = (p.PROTO_MIN, p.PROTO),
+          spacing: int = 2) -> Tuple[Agent, VmSession, Port, Clock, Kernel]:
     clock = Clock()
     kernel = Kernel(0)
-    kernel.free_list = [BLOCK_PAGES * (10 + 2 * i) for i in range(blocks)]
+    kernel.free_list = [BLOCK_PAGES * (10 + spacing * i) for i in range(blocks)]
     for pfn in kernel.free_list:   # free guest memory the host backs (written once)
         os.pwrite(v.fd, b"\0" * PAGE, pfn * PAGE)
     arena = ZeroingArena(kernel, v.fd)
@@ -101,8 +101,8 @@ def setup(v: SimVm, blocks: int, guest_protos: Tuple[int, int] = (p.PROTO_MIN, p
 
     session = VmSession("vm", GRANULE, lambda g, n: g + n <= v.backing.length, discard,
                         lambda: Decision("punch", "test"), clock=clock,
-                        backed=lambda g, n: backed(v.gmap, {"pc.ram": v.backing}, g, n,
-                                                   GRANULE))
+                        backed=lambda rs: backed_ranges(v.gmap, {"pc.ram": v.backing}, rs,
+                                                        GRANULE, 0))
     session.connected()
     return agent, session, port, clock, kernel
 
@@ -159,3 +159,21 @@ def test_an_older_agent_never_probes(vm: SimVm) -> None:
     assert session.endpoint.proto == 2 and session.status()["probes"]["answered"] == 0
     assert agent.engine.counters["probes_sent"] == 0
     assert sum(is_backed(vm, pfn * PAGE) for pfn in kernel.free_list) == 4  # issue 15 stays
+
+
+def test_one_written_page_among_adjacent_aerated_blocks_turns_only_its_block_raw(
+        vm: SimVm) -> None:
+    """Review finding: the probe went out coalesced (one range for a run of adjacent
+    blocks), so one backed page turned the whole run raw. Through the wire, only the
+    block holding it is found stale and reported again."""
+    agent, session, port, clock, kernel = setup(vm, 8, spacing=1)
+    drive(agent, session, port, clock, 10)
+    engine = agent.engine
+    assert engine.aerated_bytes() == 8 * GRANULE
+    pfn = kernel.free_list[3]
+    os.pwrite(vm.fd, b"guest data", pfn * PAGE + 7 * PAGE)
+    drive(agent, session, port, clock, 3 * PROBE_EVERY)
+    assert engine.counters["probe_stale_blocks"] == 1, engine.counters
+    assert session.status()["probes"]["backed_bytes"] == GRANULE
+    # The other seven keep their belief (one raw unit is under hwm 4: no pass for it).
+    assert engine.aerated_bytes() == 7 * GRANULE and pfn not in engine.aerated
