@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aerate.deploy.image import check_free_space
 from aerate.deploy.vm import Guest, HarnessError
 from aerate.host.ctl import CtlError, request
 from aerate.host.libvirt_conn import PID_DIR
@@ -241,6 +242,20 @@ class Hog:
         if self.result.get("rc") != 0:
             raise ScenarioError(f"hog failed in the guest: {self.result}")
         return float(self.result["ended"])
+
+
+def scratch_disk(path: Path, mib: int, label: str) -> str:
+    """A sparse raw file of ``mib`` MiB with an empty ext4 labelled ``label`` on it (made
+    on the host with mkfs.ext4), for files a guest writes beyond its image's free space
+    (about 1 GiB); returns the domain XML of the virtio disk that holds it, for
+    ``booted(extra_devices=...)``. The guest mounts it by label (``mount -L``)."""
+    check_free_space(path.parent, mib * MiB, f"a {mib} MiB scratch disk")
+    with open(path, "wb") as f:
+        f.truncate(mib * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, str(path)], check=True,
+                   capture_output=True, timeout=300)
+    return (f"<disk type='file' device='disk'><driver name='qemu' type='raw' "
+            f"cache='unsafe'/><source file='{path}'/><target dev='vdb' bus='virtio'/></disk>")
 
 
 def guest_cpu_seconds(guest: Guest) -> float:

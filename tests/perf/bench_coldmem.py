@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,13 +61,14 @@ from typing import Any
 
 from aerate.agent import procfs
 from aerate.deploy.demo import Trial, sampling
-from aerate.deploy.image import cache_dir, check_free_space, ensure_image
+from aerate.deploy.image import cache_dir, ensure_image
 from aerate.deploy.scenario import (
     Aerated,
     Hog,
     aerated,
     checker_result,
     ram_allocated,
+    scratch_disk,
     start_checker,
     steady_of,
     wait_for,
@@ -123,18 +123,6 @@ def timed_cat(g: Guest) -> float:
     return float(end) - float(start)
 
 
-def scratch_disk(path: Path, mib: int) -> str:
-    """A sparse raw file of ``mib`` MiB with an empty ext4 on it (made on the host); the
-    domain XML of the virtio disk that holds it."""
-    check_free_space(path.parent, mib * MiB, "the benchmark's scratch disk")
-    with open(path, "wb") as f:
-        f.truncate(mib * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", LABEL, str(path)], check=True,
-                   capture_output=True, timeout=300)
-    return (f"<disk type='file' device='disk'><driver name='qemu' type='raw' "
-            f"cache='unsafe'/><source file='{path}'/><target dev='vdb' bus='virtio'/></disk>")
-
-
 def config_for(mode: str, args: argparse.Namespace) -> str:
     if mode == FREE_FIRST and args.via == "config":
         return CONFIG + (f"free_first = true\nfree_first_mib_s = {args.budget_mib_s}\n"
@@ -149,7 +137,7 @@ def trial(image: Any, mode: str, args: argparse.Namespace) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix="aerate-bench-coldmem-", dir=_scratch_dir())))
-            disk = scratch_disk(tmp / "cold.raw", args.files_mib + 256)
+            disk = scratch_disk(tmp / "cold.raw", args.files_mib + 256, LABEL)
             g = stack.enter_context(booted(image, backing="memfd", memory_mib=args.memory_mib,
                                            free_page_reporting=mode == KERNEL,
                                            extra_devices=(disk,)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +22,13 @@ from typing import Any
 
 import pytest
 
-from aerate.deploy.image import GuestImage
+from aerate.deploy.image import GuestImage, cache_dir
 from aerate.deploy.scenario import (
     Aerated,
     aerated,
     checker_result,
     ram_allocated,
+    scratch_disk,
     start_checker,
     steady_of,
     wait_for,
@@ -61,18 +63,25 @@ def idle(d: Aerated, vm: str) -> bool:
 @pytest.fixture
 def served(guest_image: GuestImage, tmp_path: Path) -> Iterator[tuple[Guest, Aerated, Path]]:
     run = tmp_path / "run"
-    with booted(guest_image, backing="memfd", memory_mib=2048) as g, \
-            aerated(run, CONFIG, ("--vm", g.name)) as d:
-        wait_for(lambda: idle(d, g.name), 600, "the first pass", 2)
-        yield g, d, run
+    # The image's root has about 1 GiB free: the cold files go on a scratch disk, a sparse
+    # file beside the image cache (on a disk: /tmp may be RAM).
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="aerate-test-cold-", dir=cache_dir()) as tmp:
+        disk = scratch_disk(Path(tmp) / "cold.raw", 1536, "aerate-cold")
+        with booted(guest_image, backing="memfd", memory_mib=2048,
+                    extra_devices=(disk,)) as g, aerated(run, CONFIG, ("--vm", g.name)) as d:
+            g.check("mkdir -p /mnt/cold && (mount -L aerate-cold /mnt/cold || "
+                    "mount /dev/vdb /mnt/cold)")
+            wait_for(lambda: idle(d, g.name), 600, "the first pass", 2)
+            yield g, d, run
 
 
 def test_free_first_turns_cold_page_cache_into_host_memory(
         served: tuple[Guest, Aerated, Path]) -> None:
     g, d, run = served
     # 1 GiB of cold page cache: written (and synced) once, read once, never again.
-    g.check("dd if=/dev/urandom of=/var/tmp/cold bs=1M count=1024 conv=fsync status=none && "
-            "cat /var/tmp/cold > /dev/null", 600)
+    g.check("dd if=/dev/urandom of=/mnt/cold/f bs=1M count=1024 conv=fsync status=none && "
+            "cat /mnt/cold/f > /dev/null", 900)
     cached = meminfo(g)["Cached"]
     assert cached >= 900 * MiB, f"the guest caches only {cached >> 20} MiB"
     start_checker(g, mib=128, duration=240)
