@@ -14,9 +14,11 @@ Why it is safe for the guest:
   ``psi_threshold``) nothing is reclaimed, the step falls back to its minimum, and the
   stage waits ``COOLDOWN_S`` of quiet before it probes again. Without a PSI reading it never
   reclaims: it cannot see the harm it would do.
-- **It never goes below the floor.** A step is cut to the file LRU (Active(file) +
-  Inactive(file)) above ``free_first_cache_floor_mib``; at the floor the stage stops.
-  (The kernel may reclaim a little more than asked, by at most one reclaim batch.)
+- **It never goes below the floor.** A step is cut to half the file LRU (Active(file) +
+  Inactive(file)) above ``free_first_cache_floor_mib``, so steps shrink as the floor nears;
+  within 2 MiB of it the stage stops. The kernel reclaims somewhat more than asked
+  (measured in the Debian 12 guest with whole-headroom steps: 112 MiB left of a 128 MiB
+  floor after a 256 MiB step); asking half leaves that overshoot above the floor.
 - **It never touches anonymous memory unless allowed.** Writes carry ``swappiness=0`` (file
   pages only) where the kernel takes it; where it does not (Linux < 6.11, Debian 12's 6.1)
   the plain write is used only without swap (then the kernel cannot reclaim anon pages) or
@@ -182,7 +184,7 @@ class Controller:
         if dt <= 0:
             return self._say(self.state, self.reason)
         headroom = s.file_cache - lim.cache_floor
-        if headroom < PAGE:
+        if headroom < 2 * MIN_STEP:
             return self._say(State.AT_FLOOR, "page cache %d MiB is at its floor %d MiB"
                              % (s.file_cache // MiB, lim.cache_floor // MiB))
         if s.now < self._rest_until:
@@ -198,7 +200,10 @@ class Controller:
         else:
             state, reason = State.PROBING, "quiet (PSI %.2f%%, refaults %.2f MiB/s): step " \
                 "%d KiB" % (s.psi_some_avg10, refault_rate / MiB, self.step >> 10)
-        nbytes = min(self.step, allowance, headroom) // PAGE * PAGE
+        # Half the headroom at most: the kernel reclaims somewhat more than asked (measured
+        # in the Debian 12 guest: 16 MiB past a 256 MiB request), so the last steps shrink
+        # as the floor nears and the overshoot stays above it.
+        nbytes = min(self.step, allowance, headroom // 2) // PAGE * PAGE
         return self._say(state, reason, nbytes)
 
     def outcome(self, nbytes: int, full: bool, now: float) -> None:

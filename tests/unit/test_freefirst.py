@@ -42,8 +42,10 @@ class Guest:
     """A trace generator: a guest whose page cache shrinks by what is reclaimed; PSI and
     refault rate (pages/s) scripted per second."""
 
-    def __init__(self, cache: int = 4 * GiB) -> None:
+    def __init__(self, cache: int = 4 * GiB, overshoot: float = 0.0) -> None:
         self.cache = cache
+        #: the kernel reclaims this share more than asked (measured on 6.1: about 6 %)
+        self.overshoot = overshoot
         self.refaults = 0
         self.t = 0.0
 
@@ -61,7 +63,7 @@ def run(c: Controller, g: Guest, lim: Limits, seconds: int, psi: Optional[float]
     for _ in range(seconds):
         d = c.decide(g.sample(psi, refault_pages_s), lim)
         if d.reclaim_bytes:
-            g.cache -= d.reclaim_bytes
+            g.cache -= int(d.reclaim_bytes * (1 + g.overshoot))
             c.outcome(d.reclaim_bytes, True, g.t)
         out.append((d.reclaim_bytes, d.state))
     return out
@@ -105,11 +107,13 @@ def test_psi_just_under_the_ceiling_still_probes_and_unreadable_psi_stops() -> N
     assert d.reclaim_bytes == 0 and d.state is State.BACKED_OFF and "unreadable" in d.reason
 
 
-def test_never_reclaims_below_the_cache_floor() -> None:
-    c, g = Controller(), Guest(cache=300 * MiB)
+def test_never_reclaims_below_the_cache_floor_though_the_kernel_takes_more_than_asked() -> None:
+    """Measured in the Debian 12 guest: a step of the whole headroom left 112 MiB of a
+    128 MiB floor. Here the kernel takes 25 % more than asked, and the floor holds."""
+    c, g = Controller(), Guest(cache=300 * MiB, overshoot=0.25)
     lim = limits(free_first_mib_s=64, free_first_cache_floor_mib=256)
-    steps = run(c, g, lim, 20)
-    assert g.cache >= 256 * MiB and g.cache < 256 * MiB + PAGE
+    steps = run(c, g, lim, 30)
+    assert 256 * MiB <= g.cache < 256 * MiB + 2 * MIN_STEP, g.cache / MiB
     assert steps[-1] == (0, State.AT_FLOOR) and "at its floor 256 MiB" in c.reason
 
 
@@ -167,8 +171,8 @@ TRACE = """
   7  0.40      1900  1990   985 backed_off
   8  0.15      1900  1990   985 waiting
  18  0.10      1900  1990   985 probing
- 19  0.00      1900  1990   257 probing
- 20  0.00      1900  1990   256 at_floor
+ 19  0.00      1900  1990   260 probing
+ 20  0.00      1900  1990   257 at_floor
 """
 
 
@@ -186,8 +190,9 @@ def test_a_trace_gives_the_exact_sequence_of_states() -> None:
     assert states == [line.split()[-1] for line in TRACE.strip().splitlines()[1:]]
     # In 256 KiB units: 1-2-4 MiB while quiet (190 refaults/s = 0.7 MiB/s is under a tenth
     # of the budget), the grown 8 MiB halved on 700 refaults/s (2.7 MiB/s) and not grown,
-    # none under pressure or cooling down, 1 MiB again after it, then the 1 MiB the floor left.
-    assert steps == [0, 4, 8, 16, 16, 16, 0, 0, 0, 4, 4, 0]
+    # none under pressure or cooling down, 1 MiB again after it, the grown 2 MiB (half of the
+    # 4 MiB above the floor, at most), and none within 2 MiB of the floor.
+    assert steps == [0, 4, 8, 16, 16, 16, 0, 0, 0, 4, 8, 0]
 
 
 def test_compaction_only_when_free_memory_is_plentiful_but_fragmented() -> None:
@@ -388,10 +393,10 @@ def test_budget_and_floor_from_the_table_bound_the_stage(tmp_path: Path) -> None
     s, _, k = stage(tree(tmp_path / "a"), free_first_mib_s=2)
     ticks(s, 6)
     assert sizes(k) == [1, 2, 2, 2, 2]                            # 2 MiB/s
-    # 260 MiB of file cache, floor 256: never more than the 4 MiB above it per step.
+    # 260 MiB of file cache, floor 256: never more than half the 4 MiB above it per step.
     s, _, k = stage(tree(tmp_path / "b", cache_kib=260 << 10), free_first_cache_floor_mib=256)
     ticks(s, 6)
-    assert sizes(k) == [1, 2, 4, 4, 4]
+    assert sizes(k) == [1, 2, 2, 2, 2]
     (tmp_path / "b/proc/meminfo").write_text(
         "MemTotal: 8388608 kB\nMemFree: 1048576 kB\nActive(file): 131072 kB\n"
         "Inactive(file): 131072 kB\n")                           # at the floor now

@@ -25,6 +25,7 @@ import pytest
 from aerate.deploy.image import GuestImage, cache_dir
 from aerate.deploy.scenario import (
     Aerated,
+    ScenarioError,
     aerated,
     checker_result,
     ram_allocated,
@@ -98,8 +99,14 @@ def test_free_first_turns_cold_page_cache_into_host_memory(
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, (p.stdout, p.stderr)
     t0 = time.monotonic()
-    wait_for(lambda: ram_allocated(g) <= off - 512 * MiB, 240,
-             "the host backing to fall by 512 MiB once free first is on", 2)
+    try:
+        wait_for(lambda: ram_allocated(g) <= off - 512 * MiB, 240,
+                 "the host backing to fall by 512 MiB once free first is on", 2)
+    except ScenarioError as e:
+        raise AssertionError(f"{e}: host backing {off >> 20} -> {ram_allocated(g) >> 20} "
+                             f"MiB; stage {stage(d, g.name)}; agent journal:\n" + g.check(
+                                 "journalctl -u aerate-agent -b --no-pager -o cat | tail -30"))\
+            from e
     took = time.monotonic() - t0
     after = meminfo(g)
     st = stage(d, g.name)
