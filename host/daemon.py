@@ -75,6 +75,7 @@ from aerate.host.qemu_map import (
     GuestMemoryMap,
     MapError,
     may_report,
+    split_at_pieces,
 )
 from aerate.host.refusal import (
     BALLOON,
@@ -779,6 +780,11 @@ class VmRunner:
         assert self.gmap is not None and self.session is not None
         return may_report(self.gmap, gpa, length, self.session.granule)
 
+    def _split(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        if self.gmap is None:
+            return [(gpa, length)]
+        return split_at_pieces(self.gmap, gpa, length)
+
     def _backed(self, ranges: list[tuple[int, int]]) -> list[bool]:
         """The session's answer to a probe's ranges, on the loop thread (host/probe.py says
         why that is cheap enough: a sweep of lseeks on an in-memory filesystem, S8)."""
@@ -819,7 +825,7 @@ class VmRunner:
         if self.session is None:
             self.session = VmSession(self.name, granule, self._in_ram, self._discard,
                                      self.permit, self.guest_settings(), lease_s=lease_s,
-                                     backed=self._backed)
+                                     backed=self._backed, split=self._split)
         else:
             self.session.granule = granule
             self.session.endpoint.set_lease(lease_s)

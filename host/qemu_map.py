@@ -532,6 +532,30 @@ def locate(gmap: GuestMemoryMap, gpa: int, length: int, granule: int) -> Placeme
     return Placement(gpa, length, piece.block_name, offset, page_size)
 
 
+def split_at_pieces(gmap: GuestMemoryMap, gpa: int, length: int) -> list[tuple[int, int]]:
+    """[gpa, gpa+length) cut where it passes from one RAM piece into one that touches it in
+    guest-physical space (two NUMA nodes' memory backends, a node's RAM running into q35's
+    TSEG window): an honest guest coalesces adjacent free blocks and cannot know where the
+    host's blocks end. Each part is then checked on its own (``locate``, ``may_report``).
+    A range that meets anything else (a hole, the end of RAM) comes back whole, for those
+    checks to refuse as before."""
+    out: list[tuple[int, int]] = []
+    starts = [r.gpa_start for r in gmap.ranges]
+    pos, end = gpa, gpa + length
+    while pos < end:
+        i = bisect.bisect_right(starts, pos) - 1
+        if i >= 0 and pos < gmap.ranges[i].gpa_end:
+            cut = min(end, gmap.ranges[i].gpa_end)
+        else:
+            window = next((hi for lo, hi in gmap.never_punch if lo <= pos < hi), None)
+            if window is None:
+                return [(gpa, length)]
+            cut = min(end, window)
+        out.append((pos, cut - pos))
+        pos = cut
+    return out or [(gpa, length)]
+
+
 def contains(gmap: GuestMemoryMap, gpa: int, length: int, granule: int) -> bool:
     """True when `locate` would accept the range."""
     try:

@@ -36,6 +36,8 @@ Discard = Callable[[int, int, Sequence[Check]], int]
 InRam = Callable[[int, int], bool]
 #: The reclaimer allowed for this VM *now* (a migration may have started meanwhile).
 Permit = Callable[[], Decision]
+#: A reported range as the parts that each lie in one RAM block (host/qemu_map.py).
+Split = Callable[[int, int], List[Tuple[int, int]]]
 #: For each probed range: has it a backed byte on the host? ProbeUnknown with the reason
 #: where the host cannot tell (host/probe.py ``backed_ranges`` is the production one).
 Backed = Callable[[List[Tuple[int, int]]], List[bool]]
@@ -217,8 +219,11 @@ class VmSession:
                  permit: Permit, settings: Optional[Dict[str, Any]] = None,
                  reports_per_s: float = 50.0, burst: float = 100.0,
                  lease_s: float = 2.0, clock: Optional[Clock] = None,
-                 backed: Optional[Backed] = None) -> None:
+                 backed: Optional[Backed] = None, split: Optional[Split] = None) -> None:
         self.vm = vm
+        #: cuts a reported range at the host's RAM block boundaries (host/qemu_map.py
+        #: ``split_at_pieces``); None: ranges are taken as they come
+        self.split: Split = split or (lambda gpa, length: [(gpa, length)])
         self.granule = granule
         self.in_ram = in_ram
         self.discard = discard
@@ -486,6 +491,9 @@ class VmSession:
         if not self.bucket.take():
             self._fail("report flood (more than %.0f reports/s)" % self.bucket.rate)
             return None
+        # A range across two RAM blocks that touch (NUMA nodes) is an honest guest's
+        # coalescing: it is served as its parts; anything else outside RAM ends the session.
+        ranges = [part for gpa, length in ranges for part in self.split(gpa, length)]
         for gpa, length in ranges:
             if not self.in_ram(gpa, length):
                 self._fail("batch %d: range [%#x, +%#x) is not inside this VM's RAM"

@@ -446,3 +446,25 @@ def test_tseg_is_excluded_before_the_firmware_sets_it_up() -> None:
     # pc (i440fx) has no TSEG: its SMRAM is the legacy window, left out anyway.
     pc = gmap("pc-1g-ram-shared")
     assert qm.contains(pc, GIB - 2 * MIB, 2 * MIB, 2 * MIB)
+
+
+def test_a_range_across_two_touching_blocks_is_split_there_and_anything_else_kept_whole(
+        ) -> None:
+    """Review finding: an honest guest coalesces adjacent free blocks, so on a NUMA guest a
+    report may span node 0's end and node 1's start; locate refuses such a range and the
+    session ended as if the guest were hostile. The session serves it as its parts."""
+    m = gmap("q35-3g-numa-memfd")
+    assert qm.split_at_pieces(m, GIB - 2 * MIB, 4 * MIB) == [(GIB - 2 * MIB, 2 * MIB),
+                                                             (GIB, 2 * MIB)]
+    for gpa, n in qm.split_at_pieces(m, GIB - 2 * MIB, 4 * MIB):
+        qm.locate(m, gpa, n, 2 * MIB)
+    # Node 1 running into TSEG (never discarded, but plain RAM to a SeaBIOS guest): split,
+    # and the TSEG part is one an honest guest may report (refused at the discard).
+    end1 = 0x7F000000
+    parts = qm.split_at_pieces(m, end1 - 2 * MIB, 4 * MIB)
+    assert parts == [(end1 - 2 * MIB, 2 * MIB), (end1, 2 * MIB)]
+    assert all(qm.may_report(m, gpa, n, 2 * MIB) for gpa, n in parts)
+    # Across the PCI hole or past the end of RAM: whole, and still refused.
+    assert qm.split_at_pieces(m, 2 * GIB - 2 * MIB, 4 * MIB) == [(2 * GIB - 2 * MIB, 4 * MIB)]
+    assert not qm.may_report(m, 2 * GIB - 2 * MIB, 4 * MIB, 2 * MIB)
+    assert qm.split_at_pieces(m, 5 * GIB, 2 * MIB) == [(5 * GIB, 2 * MIB)]

@@ -264,3 +264,26 @@ def test_reports_before_a_protocol_error_in_the_same_read_are_not_served() -> No
     s.receive(lines)
     assert calls == [] and s.state is HostState.CLOSED and "in flight" in s.last_error
     assert b'"type":"ack"' not in s.take_outbox()
+
+
+def test_a_report_across_two_numa_nodes_is_served_as_its_parts_not_cut_off() -> None:
+    """Review finding: on a NUMA guest (two memory backends that touch in guest-physical
+    space) an honest guest's coalesced report can span both; the range check refused it
+    and ended the session as if the guest were hostile. It is split at the host's blocks
+    (host/qemu_map.py split_at_pieces) and each part discarded; a range into a hole still
+    ends the session."""
+    from test_qemu_map import GIB, gmap
+
+    from aerate.host import qemu_map as qm
+    m = gmap("q35-3g-numa-memfd")
+    s, g, calls = make()
+    s.in_ram = lambda gpa, n: qm.may_report(m, gpa, n, MiB2)
+    s.split = lambda gpa, n: qm.split_at_pieces(m, gpa, n)
+    b = g.report([(GIB - MiB2, MiB2), (GIB, MiB2)])     # coalesced by the guest into one
+    s.receive(g.take_outbox())
+    assert calls == [(GIB - MiB2, MiB2), (GIB, MiB2)]
+    assert g.receive(s.take_outbox()) == [("release", (b, 2 * MiB2, 0))]
+    assert s.state is HostState.RUNNING
+    g.report([(2 * GIB - MiB2, MiB2), (2 * GIB, MiB2)])  # into the PCI hole: hostile
+    s.receive(g.take_outbox())
+    assert s.state is HostState.CLOSED and "not inside this VM's RAM" in s.last_error
