@@ -50,7 +50,7 @@ def write_png(path: Path, series: Mapping[str, Series], title: str, freed_mib: i
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right")
+            ax.legend(loc="center right")
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png")

@@ -46,11 +46,13 @@ from aerate.host.ctl import format_status
 MiB = 1 << 20
 AERATE, KERNEL, NOTHING = "aerate", "kernel free page reporting", "no reclaim"
 #: Seconds after the free at which the table reads each curve.
-MARKS = (5, 10, 30, 60)
+MARKS = (5, 10, 20)
 #: Seconds between two samples of the host figure while a trial runs.
 SAMPLE_S = 0.5
-#: A watch ends early (95 % back) only after this long.
+#: A watch ends early only after this long: once 95 % is back, or once the curve has
+#: moved less than SETTLED_MIB over the last SETTLED_S (no reclaim: nothing will come).
 MIN_WATCH_S = 20.0
+SETTLED_S, SETTLED_MIB = 10.0, 8
 
 
 def say(msg: str) -> None:
@@ -111,8 +113,8 @@ def sampling(trial: Trial, read: Callable[[], int]) -> Iterator[None]:
 def free_and_watch(g: Guest, trial: Trial, read: Callable[[], int], watch: float,
                    live: bool) -> None:
     """Touch and free ``trial.mib`` MiB in the guest, then watch ``read()`` for ``watch``
-    seconds or until 95 % of it is back (and MIN_WATCH_S have passed, so that the chart
-    shows where each curve settles)."""
+    seconds, or until 95 % of it is back or the curve has settled (after MIN_WATCH_S, so
+    that the chart shows where each curve ends up)."""
     with sampling(trial, read):
         hog = Hog(g, trial.mib, hold_s=3)
         hog.start()
@@ -122,15 +124,20 @@ def free_and_watch(g: Guest, trial: Trial, read: Callable[[], int], watch: float
         trial.freed_at = hog.join()
         say(f"{trial.mode}: guest freed {trial.mib} MiB; watching the host get it back")
         shown = -10.0
+        seen: list[tuple[float, int]] = []
         while (t := time.monotonic() - trial.freed_at) < watch:
             back = trial.peak - read()
+            seen.append((t, back))
             if live or t - shown >= 10:
                 bar = "#" * int(40 * max(0, back) / (trial.mib * MiB))
                 print(f"  +{t:4.0f} s  backing {(trial.peak - back) / MiB:6.0f} MiB  "
                       f"returned {back / MiB:5.0f} MiB  {bar}", flush=True)
                 shown = t
-            if back >= 0.95 * trial.mib * MiB and t >= MIN_WATCH_S:
-                break
+            if t >= MIN_WATCH_S:
+                earlier = [b for u, b in seen if u <= t - SETTLED_S]
+                settled = bool(earlier) and abs(back - earlier[-1]) < SETTLED_MIB * MiB
+                if back >= 0.95 * trial.mib * MiB or settled:
+                    break
             time.sleep(2 if live else SAMPLE_S)
         time.sleep(2 * SAMPLE_S)   # the sampler's last point is the end of the watch
 
