@@ -246,6 +246,22 @@ class Guest:
                     return
                 time.sleep(1.0)  # libvirtd is coming back: retry
 
+    def start_again(self, timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
+        """Start the stopped (persistent) domain again and wait, as ``booted`` does, until
+        the harness's guest agent answers and READY_UNIT is active."""
+        with self._cond:
+            self._stopped = ""
+        self.qga.close()
+        created = time.monotonic()
+        try:
+            self.dom.create()
+        except libvirt.libvirtError as exc:
+            raise BootError(f"libvirt refused to start domain {self.name} again: {exc}") \
+                from exc
+        deadline = created + timeout
+        self.wait_guest_agent(deadline)
+        self.wait_unit_active(READY_UNIT, deadline)
+
     def close(self) -> None:
         """Close the agent socket and a libvirt connection this guest reopened."""
         self.qga.close()

@@ -5,7 +5,8 @@ as an operator runs it (``python -m aerate.host.ctl``, the module the installed 
 launches): ``set`` on the running VM changes the agent's batch size within one cycle,
 visible in the statistics it sends; the value survives a restart of aerated (it lives in the
 domain's metadata); ``get`` says where each value came from; ``reset`` brings back the
-layer below (the host file).
+layer below (the host file); ``set --config`` on a stopped domain writes its inactive
+definition, and the domain starts with those settings.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 from aerate.deploy.image import GuestImage
@@ -102,3 +104,25 @@ def batch_sizes(g: Guest, d: Aerated, before: dict[str, Any]) -> None:
     reported = after["reported_bytes"] - before["reported_bytes"]
     print(f"after set capacity=4: {batches} batches, {reported / MiB:.0f} MiB reported")
     assert reported <= batches * 4 * 2 * MiB, (batches, reported)
+
+
+def test_a_stopped_domain_configured_with_config_starts_with_those_settings(
+        guest_image: GuestImage, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with booted(guest_image, backing="memfd", memory_mib=1024, persistent=True) as g, \
+            aerated(run, CONFIG, ("--vm", g.name)) as d:
+        wait_for(lambda: idle(d, g.name), 600, "the first pass", 2)
+        g.destroy()
+        wait_for(lambda: d.vm(g.name).get("state") != "running", 60,
+                 "aerated to see the domain stop")
+        p = ctl(run, "set", g.name, "capacity=6", "--config")
+        assert p.returncode == 0, (p.stdout, p.stderr)
+        assert "next start" in p.stdout or "saved" in p.stdout, p.stdout
+        assert "capacity" in g.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        g.start_again()
+        wait_for(lambda: d.vm(g.name).get("state") == "running", 300,
+                 "a session with the restarted domain")
+        assert d.vm(g.name)["settings"].get("capacity") == 6, d.vm(g.name)["settings"]
+        wait_for(lambda: "'capacity': 6" in g.check(
+            "journalctl -u aerate-agent -b --no-pager -o cat | grep 'settings applied' "
+            "| tail -1"), 120, "the agent to apply capacity 6 at its start")
