@@ -370,7 +370,7 @@ def big_vm(guest_image: GuestImage, tmp_path: Any) -> Iterator[tuple[Guest, Aera
     """A 6 GiB guest: its ZONE_NORMAL (4-8 GiB of guest-physical space under q35) has four
     aligned GiB ranges, so that a runtime gigantic page has a chance. Measured: a 1.5 GiB
     guest has no aligned GiB outside the kernel's, a 4 GiB one got none, a 6 GiB one got
-    one in three runs of five."""
+    one in four runs of six."""
     with leased_guest(guest_image, tmp_path, 6144) as gd:
         yield gd
 
@@ -390,8 +390,8 @@ def test_runtime_1gib_hugepages_while_a_batch_is_in_flight_move_no_reported_page
     The guest has 6 GiB (``big_vm``). Whether the GiB comes is the guest kernel's choice,
     not the test's: Debian 12's 6.1 (like 6.3 and later, since the fix for kernel bugzilla
     217022) skips every 1 GiB range that holds a hugetlb page, and the agent's held blocks
-    land where the buddy allocator hands them out. Measured: allocated in three runs of
-    five (pgmigrate_success 0, compact_isolated 262144: from free memory); in the other two
+    land where the buddy allocator hands them out. Measured: allocated in four runs of
+    six (pgmigrate_success 0, compact_isolated 262144: from free memory); in the other two
     (CI runs) every range held a block and the kernel did not even compact. Booting with
     ``hugetlb_cma=`` to force the matter does not work here: Debian's amd64 kernel has no
     CMA ("Unknown kernel command line parameters"). So the test asserts what must hold
