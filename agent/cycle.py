@@ -183,7 +183,7 @@ class Engine:
         #: head pfn -> nr_pages of blocks returned after discard, believed still free
         self.aerated: Dict[int, int] = {}
         #: head pfn -> (generation of its aeration, when it was last probed or aerated);
-        #: entries of blocks no longer aerated are dropped at the next probe_request
+        #: an entry goes wherever its block leaves ``aerated`` (same keys, always)
         self._aerated_meta: Dict[int, Tuple[int, float]] = {}
         self._aerated_gen = 0
         #: the probe chosen by probe_request and not yet sent: head pfn -> generation
@@ -270,8 +270,6 @@ class Engine:
         if self._probe_out is not None and now - self._probe_out[2] < PROBE_TIMEOUT_S:
             return None
         meta = self._aerated_meta
-        for pfn in [p for p in meta if p not in self.aerated]:
-            del meta[pfn]
         never = (0, float("-inf"))
         chosen = sorted(self.aerated, key=lambda p: (meta.get(p, never)[1], p))[
             :PROBE_MAX_RANGES]

@@ -156,9 +156,7 @@ def aerate_trial(image: GuestImage, args: argparse.Namespace) -> Trial:
             wait_for(lambda: d.vm(g.name).get("state") == "running", 120,
                      "the aerate session")
             say("first pass: the agent reports the guest's free memory once")
-            wait_for(lambda: ((d.vm(g.name).get("guest") or {}).get("engine") or {})
-                     .get("phase") == "idle" and d.vm(g.name).get("batches", 0) > 0,
-                     600, "the first pass", 2)
+            wait_for(lambda: d.pass_over(g.name), 600, "the first pass", 2)
             read = host_figure(g, d, args.backing)
             trial.baseline = read()
             say(f"host memory backing the guest: {trial.baseline / MiB:.0f} MiB")

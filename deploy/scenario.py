@@ -15,11 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aerate.agent import procfs
 from aerate.deploy.image import check_free_space
 from aerate.deploy.vm import Guest, HarnessError
 from aerate.host.ctl import CtlError, request
@@ -56,6 +57,17 @@ class DaemonView:
                 if vm.get("vm") == name:
                     return dict(vm)
         return {}
+
+    def guest(self, name: str, part: str) -> dict[str, Any]:
+        """One part of the VM's last statistics from its agent ("engine", "free_first"), or
+        {} before the first."""
+        return dict((self.vm(name).get("guest") or {}).get(part) or {})
+
+    def pass_over(self, name: str) -> bool:
+        """The session runs, the agent reported at least one batch and its pass is over."""
+        vm = self.vm(name)
+        phase = ((vm.get("guest") or {}).get("engine") or {}).get("phase")
+        return vm.get("state") == "running" and phase == "idle" and vm.get("batches", 0) > 0
 
     def set(self, name: str, **values: Any) -> dict[str, Any]:
         """``aeratectl set NAME key=value...``."""
@@ -256,6 +268,19 @@ def scratch_disk(path: Path, mib: int, label: str) -> str:
                    capture_output=True, timeout=300)
     return (f"<disk type='file' device='disk'><driver name='qemu' type='raw' "
             f"cache='unsafe'/><source file='{path}'/><target dev='vdb' bus='virtio'/></disk>")
+
+
+def columns(rows: Sequence[Sequence[Any]], width: int = 13) -> str:
+    """A benchmark's side-by-side table: each row's label left, its values right-aligned in
+    columns ``width`` wide."""
+    label = max(len(str(r[0])) for r in rows) + 2
+    return "\n".join(str(r[0]).ljust(label) + "".join(str(c).rjust(width) for c in r[1:])
+                     for r in rows)
+
+
+def guest_meminfo(guest: Guest) -> procfs.MemInfo:
+    """The guest's /proc/meminfo ('kB' fields in bytes)."""
+    return procfs.parse_meminfo(guest.check("cat /proc/meminfo"))
 
 
 def guest_cpu_seconds(guest: Guest) -> float:

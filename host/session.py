@@ -458,11 +458,8 @@ class VmSession:
             c.probes_unknown += 1
             self.endpoint.probed(probe.id, unknown="rate", retry=True)
             return
-        for gpa, length in probe.ranges:
-            if not self.in_ram(gpa, length):
-                self._fail("probe %d: range [%#x, +%#x) is not inside this VM's RAM"
-                           % (probe.id, gpa, length))
-                return
+        if not self._all_in_ram("probe %d" % probe.id, probe.ranges):
+            return
         c.probes += 1
         c.probed += sum(n for _, n in probe.ranges)
         why, retry = "", False
@@ -485,6 +482,16 @@ class VmSession:
         c.probe_backed += sum(n for _, n in found)
         self.endpoint.probed(probe.id, backed=found)
 
+    def _all_in_ram(self, what: str, ranges: List[Tuple[int, int]]) -> bool:
+        """True when every range lies in the VM's RAM; else the session ends (S5), naming
+        the first range outside it."""
+        for gpa, length in ranges:
+            if not self.in_ram(gpa, length):
+                self._fail("%s: range [%#x, +%#x) is not inside this VM's RAM"
+                           % (what, gpa, length))
+                return False
+        return True
+
     def _report(self, report: Report) -> Optional[DiscardJob]:
         batch, ranges = report.batch, report.ranges
         total = sum(n for _, n in ranges)
@@ -494,11 +501,8 @@ class VmSession:
         # A range across two RAM blocks that touch (NUMA nodes) is an honest guest's
         # coalescing: it is served as its parts; anything else outside RAM ends the session.
         ranges = [part for gpa, length in ranges for part in self.split(gpa, length)]
-        for gpa, length in ranges:
-            if not self.in_ram(gpa, length):
-                self._fail("batch %d: range [%#x, +%#x) is not inside this VM's RAM"
-                           % (batch, gpa, length))
-                return None
+        if not self._all_in_ram("batch %d" % batch, ranges):
+            return None
         self.counters.reported += total
         self.counters.batches += 1
         session = self.endpoint.session

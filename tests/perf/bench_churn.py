@@ -34,6 +34,7 @@ from aerate.deploy.image import ensure_image
 from aerate.deploy.scenario import (
     Churn,
     aerated,
+    columns,
     free_backed,
     ram_allocated,
     steady_of,
@@ -130,9 +131,7 @@ def table(results: list[dict[str, Any]]) -> str:
              ("agent CPU over the churn (s)", *[f"{r['agent_cpu']:.1f}" for r in results]),
              ("agent CPU after it (s)", *[f"{r['agent_cpu_after']:.1f}" for r in results]),
              ("churn jobs / failed", *[f"{r['jobs']}/{len(r['failed'])}" for r in results])]
-    width = max(len(r[0]) for r in rows) + 2
-    return "\n".join(r[0].ljust(width) + "".join(str(c).rjust(13) for c in r[1:])
-                     for r in rows)
+    return columns(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

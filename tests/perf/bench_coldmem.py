@@ -67,6 +67,8 @@ from aerate.deploy.scenario import (
     Hog,
     aerated,
     checker_result,
+    columns,
+    guest_meminfo,
     ram_allocated,
     scratch_disk,
     start_checker,
@@ -92,11 +94,6 @@ TIMED_CAT = (f"s=$(date +%s.%N); cat {MOUNT}/f* > /dev/null; e=$(date +%s.%N); "
              "echo $s $e")
 
 
-def meminfo(g: Guest) -> procfs.MemInfo:
-    """The guest's /proc/meminfo (bytes)."""
-    return procfs.parse_meminfo(g.check("cat /proc/meminfo"))
-
-
 def refaults(g: Guest) -> int:
     """Refaulted pages since the guest booted (workingset_refault_file + _anon)."""
     vm = procfs.parse_vmstat(g.check("cat /proc/vmstat"))
@@ -106,15 +103,6 @@ def refaults(g: Guest) -> int:
 def psi_some_avg10(g: Guest) -> float:
     """The guest's memory PSI ``some`` avg10 (%)."""
     return procfs.parse_pressure(g.check("cat /proc/pressure/memory")).some.avg10
-
-
-def engine(d: Aerated, name: str) -> dict[str, Any]:
-    return dict((d.vm(name).get("guest") or {}).get("engine") or {})
-
-
-def stage(d: Aerated, name: str) -> dict[str, Any]:
-    """The free-first stage's statistics (agent/freefirst.py ``Stage.status``)."""
-    return dict((d.vm(name).get("guest") or {}).get("free_first") or {})
 
 
 def timed_cat(g: Guest) -> float:
@@ -149,12 +137,11 @@ def trial(image: Any, mode: str, args: argparse.Namespace) -> dict[str, Any]:
                 wait_for(lambda: d is not None and d.vm(g.name).get("state") == "running",
                          300, "the aerate session")
                 if mode == KERNEL:
-                    wait_for(lambda: d is not None and engine(d, g.name).get("phase")
+                    wait_for(lambda: d is not None and d.guest(g.name, "engine").get("phase")
                              == "disabled", 60, "the agent to go stats-only")
                 else:
-                    wait_for(lambda: d is not None and engine(d, g.name).get("phase")
-                             == "idle" and d.vm(g.name).get("batches", 0) > 0,
-                             600, "the first pass", 2)
+                    wait_for(lambda: d is not None and d.pass_over(g.name), 600,
+                             "the first pass", 2)
             run(g, d, mode, args, out)
     except Exception as e:   # any failure of a trial is reported; the others still run
         out["error"] = f"{type(e).__name__}: {e}"[-3000:]
@@ -168,7 +155,7 @@ def run(g: Guest, d: Aerated | None, mode: str, args: argparse.Namespace,
     # By label: the disk is the second virtio disk, but its name follows PCI order.
     g.check(f"mkdir -p {MOUNT} && (mount -L {LABEL} {MOUNT} || mount /dev/vdb {MOUNT})")
     out["baseline"] = steady_of(lambda: ram_allocated(g), limit=240)
-    cached0 = meminfo(g)["Cached"]
+    cached0 = guest_meminfo(g)["Cached"]
     curve = Trial(mode, args.hog_mib)
     sizes = [min(FILE_MIB, args.files_mib - i) for i in range(0, args.files_mib, FILE_MIB)]
     with sampling(curve, lambda: ram_allocated(g)):
@@ -182,14 +169,14 @@ def run(g: Guest, d: Aerated | None, mode: str, args: argparse.Namespace,
             d.set(g.name, free_first=True, free_first_mib_s=args.budget_mib_s,
                   free_first_cache_floor_mib=args.floor_mib)
         start_checker(g, mib=CHECKER_MIB, duration=args.idle_s)
-        m0, r0 = meminfo(g), refaults(g)
+        m0, r0 = guest_meminfo(g), refaults(g)
         psi: list[tuple[float, float]] = []
         while (t := time.monotonic() - idle_at) < args.idle_s:
             psi.append((t, psi_some_avg10(g)))
             time.sleep(min(PSI_EVERY_S, max(0.0, args.idle_s - t)))
-        m1, r1 = meminfo(g), refaults(g)
-        out["stage"] = stage(d, g.name) if d is not None else {}
-        out["reason"] = engine(d, g.name).get("reason", "") if d is not None else ""
+        m1, r1 = guest_meminfo(g), refaults(g)
+        out["stage"] = d.guest(g.name, "free_first") if d is not None else {}
+        out["reason"] = d.guest(g.name, "engine").get("reason", "") if d is not None else ""
     curve.peak = max((b for t, b in curve.samples if t <= idle_at), default=0)
     out["checker"] = checker_result(g)
     out["second_read_s"] = timed_cat(g)
@@ -275,9 +262,7 @@ def table(results: list[dict[str, Any]], hog_mib: int) -> str:
                 f"{(r.get('checker') or {}).get('corrupted', '-')}" for r in results]),
              (f"target ({TARGET_SHARE:.0%} by {TARGET_S} s, PSI < {TARGET_PSI:g} %)",
               *[verdict(r, hog_mib) if r["mode"] == FREE_FIRST else "-" for r in results])]
-    width = max(len(r[0]) for r in rows) + 2
-    return "\n".join(r[0].ljust(width) + "".join(str(c).rjust(13) for c in r[1:])
-                     for r in rows)
+    return columns(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ from aerate.deploy.scenario import (
     Aerated,
     Hog,
     aerated,
+    columns,
     guest_cpu_seconds,
     qemu_pid,
     steady_of,
@@ -193,9 +194,7 @@ def table(results: list[dict[str, Any]], hog_mib: int) -> str:
         rows.append((f"second {hog_mib} MiB burst (s)",
                      *[_fmt(r.get("burst_s"), 1) for r in results]))
         rows.append(("OOM kills in it", *[str(r.get("oom_kills", "-")) for r in results]))
-    width = max(len(r[0]) for r in rows) + 2
-    return "\n".join(r[0].ljust(width) + "".join(str(c).rjust(14) for c in r[1:])
-                     for r in rows)
+    return columns(rows, 14)
 
 
 def _fmt(v: float | None, unit: float) -> str:

@@ -42,26 +42,18 @@ def got(run: Path, vm: str) -> dict[str, Any]:
     return dict(json.loads(p.stdout)["settings"])
 
 
-def engine(d: Aerated, vm: str) -> dict[str, Any]:
-    return dict((d.vm(vm).get("guest") or {}).get("engine") or {})
-
-
-def idle(d: Aerated, vm: str) -> bool:
-    return d.vm(vm).get("state") == "running" and engine(d, vm).get("phase") == "idle" \
-        and d.vm(vm).get("batches", 0) > 0
-
 
 def test_set_changes_the_batch_size_at_once_survives_a_restart_and_reset_restores_the_host_file(
         guest_image: GuestImage, tmp_path: Path) -> None:
     run = tmp_path / "run"
     with booted(guest_image, backing="memfd", memory_mib=1536) as g:
         with aerated(run, CONFIG, ("--vm", g.name)) as d:
-            wait_for(lambda: idle(d, g.name), 600, "the first pass", 2)
+            wait_for(lambda: d.pass_over(g.name), 600, "the first pass", 2)
             assert got(run, g.name)["hwm"]["source"] == "host file"
             p = ctl(run, "set", g.name, "hwm=6", "capacity=4")
             assert p.returncode == 0, (p.stdout, p.stderr)
             # Within one cycle: the agent's next statistics already carry the new capacity.
-            wait_for(lambda: engine(d, g.name).get("capacity_now") == 4, 30,
+            wait_for(lambda: d.guest(g.name, "engine").get("capacity_now") == 4, 30,
                      "the agent's statistics to show capacity 4")
             before = d.vm(g.name)
             batch_sizes(g, d, before)
@@ -74,7 +66,7 @@ def test_set_changes_the_batch_size_at_once_survives_a_restart_and_reset_restore
             settings = got(run, g.name)
             assert (settings["hwm"]["value"], settings["hwm"]["source"]) == (6, "metadata"), \
                 settings
-            wait_for(lambda: engine(d, g.name).get("capacity_now") == 4, 60,
+            wait_for(lambda: d.guest(g.name, "engine").get("capacity_now") == 4, 60,
                      "the agent to keep capacity 4 in the new session")
             p = ctl(run, "reset", g.name, "hwm")
             assert p.returncode == 0, (p.stdout, p.stderr)
@@ -98,7 +90,7 @@ def batch_sizes(g: Guest, d: Aerated, before: dict[str, Any]) -> None:
     hog.start()
     hog.join()
     wait_for(lambda: d.vm(g.name).get("batches", 0) >= before["batches"] + 8
-             and idle(d, g.name), 300, "the agent to report the freed memory", 2)
+             and d.pass_over(g.name), 300, "the agent to report the freed memory", 2)
     after = d.vm(g.name)
     batches = after["batches"] - before["batches"]
     reported = after["reported_bytes"] - before["reported_bytes"]
@@ -111,7 +103,7 @@ def test_a_stopped_domain_configured_with_config_starts_with_those_settings(
     run = tmp_path / "run"
     with booted(guest_image, backing="memfd", memory_mib=1024, persistent=True) as g, \
             aerated(run, CONFIG, ("--vm", g.name)) as d:
-        wait_for(lambda: idle(d, g.name), 600, "the first pass", 2)
+        wait_for(lambda: d.pass_over(g.name), 600, "the first pass", 2)
         g.destroy()
         wait_for(lambda: d.vm(g.name).get("state") != "running", 60,
                  "aerated to see the domain stop")

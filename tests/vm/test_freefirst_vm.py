@@ -18,7 +18,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,6 +27,7 @@ from aerate.deploy.scenario import (
     ScenarioError,
     aerated,
     checker_result,
+    guest_meminfo,
     ram_allocated,
     scratch_disk,
     start_checker,
@@ -42,24 +42,6 @@ FLOOR_MIB = 128
 CONFIG = "[defaults]\nreserve_mib = 128\nhwm = 8\nstats_interval_s = 1\n"
 
 
-def meminfo(g: Guest) -> dict[str, int]:
-    """/proc/meminfo of the guest, in bytes."""
-    out = {}
-    for line in g.check("cat /proc/meminfo").splitlines():
-        key, _, rest = line.partition(":")
-        out[key] = int(rest.split()[0]) << 10
-    return out
-
-
-def stage(d: Aerated, vm: str) -> dict[str, Any]:
-    return dict((d.vm(vm).get("guest") or {}).get("free_first") or {})
-
-
-def idle(d: Aerated, vm: str) -> bool:
-    engine = (d.vm(vm).get("guest") or {}).get("engine") or {}
-    return d.vm(vm).get("state") == "running" and engine.get("phase") == "idle" \
-        and d.vm(vm).get("batches", 0) > 0
-
 
 @pytest.fixture
 def served(guest_image: GuestImage, tmp_path: Path) -> Iterator[tuple[Guest, Aerated, Path]]:
@@ -73,7 +55,7 @@ def served(guest_image: GuestImage, tmp_path: Path) -> Iterator[tuple[Guest, Aer
                     extra_devices=(disk,)) as g, aerated(run, CONFIG, ("--vm", g.name)) as d:
             g.check("mkdir -p /mnt/cold && (mount -L aerate-cold /mnt/cold || "
                     "mount /dev/vdb /mnt/cold)")
-            wait_for(lambda: idle(d, g.name), 600, "the first pass", 2)
+            wait_for(lambda: d.pass_over(g.name), 600, "the first pass", 2)
             yield g, d, run
 
 
@@ -83,12 +65,12 @@ def test_free_first_turns_cold_page_cache_into_host_memory(
     # 1 GiB of cold page cache: written (and synced) once, read once, never again.
     g.check("dd if=/dev/urandom of=/mnt/cold/f bs=1M count=1024 conv=fsync status=none && "
             "cat /mnt/cold/f > /dev/null", 900)
-    cached = meminfo(g)["Cached"]
+    cached = guest_meminfo(g)["Cached"]
     assert cached >= 900 * MiB, f"the guest caches only {cached >> 20} MiB"
     start_checker(g, mib=128, duration=240)
-    wait_for(lambda: idle(d, g.name), 300, "the agent to go idle", 2)
+    wait_for(lambda: d.pass_over(g.name), 300, "the agent to go idle", 2)
     off = steady_of(lambda: ram_allocated(g), 6.0, 120.0)
-    assert stage(d, g.name).get("state") == "off", stage(d, g.name)
+    assert d.guest(g.name, "free_first").get("state") == "off", d.guest(g.name, "free_first")
     # Free page reporting alone: the cache is not free, so the host keeps backing it.
     time.sleep(15)
     still = ram_allocated(g)
@@ -103,13 +85,13 @@ def test_free_first_turns_cold_page_cache_into_host_memory(
         wait_for(lambda: ram_allocated(g) <= off - 512 * MiB, 240,
                  "the host backing to fall by 512 MiB once free first is on", 2)
     except ScenarioError as e:
+        journal = g.check("journalctl -u aerate-agent -b --no-pager -o cat | tail -30")
         raise AssertionError(f"{e}: host backing {off >> 20} -> {ram_allocated(g) >> 20} "
-                             f"MiB; stage {stage(d, g.name)}; agent journal:\n" + g.check(
-                                 "journalctl -u aerate-agent -b --no-pager -o cat | tail -30"))\
-            from e
+                             f"MiB; stage {d.guest(g.name, 'free_first')}; agent journal:\n"
+                             f"{journal}") from e
     took = time.monotonic() - t0
-    after = meminfo(g)
-    st = stage(d, g.name)
+    after = guest_meminfo(g)
+    st = d.guest(g.name, "free_first")
     print(f"free first: host backing {off >> 20} -> {ram_allocated(g) >> 20} MiB in "
           f"{took:.0f} s; guest cache {cached >> 20} -> {after['Cached'] >> 20} MiB; "
           f"stage {st}")

@@ -45,11 +45,7 @@ def test_host_pressure_firms_up_reclaim_and_relaxes_after(guest_image: GuestImag
     run = tmp_path / "run"
     with booted(guest_image, backing="memfd", memory_mib=2048) as g, \
             aerated(run, config, ("--vm", g.name)) as d:
-        def engine_idle() -> bool:
-            engine = (d.vm(g.name).get("guest") or {}).get("engine") or {}
-            return d.vm(g.name).get("state") == "running" and engine.get("phase") == "idle" \
-                and d.vm(g.name).get("batches", 0) > 0
-        wait_for(engine_idle, 600, "the first pass", 2)
+        wait_for(lambda: d.pass_over(g.name), 600, "the first pass", 2)
         # Memory the guest never touched is not backed on the host, so reporting it frees
         # nothing: first the guest touches nearly all its free memory and frees it, and
         # aerate takes back all but the reserve, which is now backed free memory.
@@ -57,7 +53,7 @@ def test_host_pressure_firms_up_reclaim_and_relaxes_after(guest_image: GuestImag
         touch = Hog(g, avail - 160, hold_s=2)
         touch.start()
         touch.join()
-        wait_for(engine_idle, 300, "the pass after the guest's free", 2)
+        wait_for(lambda: d.pass_over(g.name), 300, "the pass after the guest's free", 2)
         # The threshold is set now, from the host as it is with the guest's memory backed
         # (a memfd guest's RAM counts against MemAvailable), through the config file and a
         # reload, as an operator would.
