@@ -51,6 +51,7 @@ from daemon_sim import (
 )
 
 from aerate.agent.protocol import GuestEndpoint
+from aerate.host import punch as punch_mod
 from aerate.host.budget import LOOP_BURST_S, LOOP_SHARE
 
 HANG_S = 30.0
@@ -154,6 +155,20 @@ async def scenario(n: int, hung: bool, window: float, flood_kind: str = "",
                 punch_time[1] += 1
 
         daemon.punch = timed_punch
+        # The content check (S1: every reported byte is read before its punch) is timed
+        # apart: its cost is per byte reported, not per message, and no protocol change
+        # can remove it (host/punch.py).
+        content_time = [0.0]
+        real_check = punch_mod.first_nonzero
+
+        def timed_check(*args: Any) -> int:
+            t = time.perf_counter()
+            try:
+                return real_check(*args)
+            finally:
+                content_time[0] += time.perf_counter() - t
+
+        punch_mod.first_nonzero = timed_check  # type: ignore[assignment]
         t_start = time.monotonic()
         for name in names:
             daemon.start_runner(name)
@@ -165,7 +180,7 @@ async def scenario(n: int, hung: bool, window: float, flood_kind: str = "",
         await asyncio.sleep(settle)  # every guest reported once; steady state
         if hung:
             conn.slow[("vm0", "*")] = HANG_S
-        c0, t0 = cpu_s(), time.monotonic()
+        c0, t0, p0, k0 = cpu_s(), time.monotonic(), punch_time[0], content_time[0]
         child.stdin.write("GO\n")
         child.stdin.flush()
         if flood_kind:
@@ -174,6 +189,8 @@ async def scenario(n: int, hung: bool, window: float, flood_kind: str = "",
             child.stdin.flush()
         line = await asyncio.to_thread(child.stdout.readline)
         c1, t1 = cpu_s(), time.monotonic()
+        punch_s, content_s = punch_time[0] - p0, content_time[0] - k0
+        punch_mod.first_nonzero = real_check  # type: ignore[assignment]
         rss = rss_mib()
         vm0 = daemon.runners["vm0"]
         vm0_state = {"state": vm0.state.value, "permit": vm0.permit().reason[:70],
@@ -198,6 +215,9 @@ async def scenario(n: int, hung: bool, window: float, flood_kind: str = "",
                 "p50_ms": 1e3 * percentile(others, 0.5), "p99_ms": 1e3 * percentile(others, 0.99),
                 "max_ms": 1e3 * max(others, default=float("nan")),
                 "punch_ms": 1e3 * punch_time[0] / max(1, punch_time[1]),
+                "punch_pct": 100 * punch_s / (t1 - t0),
+                "content_pct": 100 * content_s / (t1 - t0),
+                "reported_gib_s": 4 * 2 * len(others) / 1024 / (t1 - t0),
                 "vm0": vm0_state}
 
 
@@ -207,6 +227,9 @@ def show(r: Dict[str, Any], base_cpu_pct: float | None = None) -> None:
           f"{r['rss_mib']:6.0f} MiB, ack p50/p99/max {r['p50_ms']:6.2f}/{r['p99_ms']:6.2f}/"
           f"{r['max_ms']:7.2f} ms over {r['acks']} acks (punch {r['punch_ms']:.3f} ms/range; "
           f"all running after {r['ready_s']:.1f} s)")
+    print(f"        of that CPU: discards {r['punch_pct']:.1f} % of a core (content check "
+          f"{r['content_pct']:.1f} % for {r['reported_gib_s']:.2f} GiB/s reported), the rest "
+          f"{r['cpu_pct'] - r['punch_pct']:.1f} %")
     if r["hung"]:
         ok = r["p99_ms"] < 100
         print(f"        target: every other VM's p99 < 100 ms -> {'met' if ok else 'MISSED'}; "
@@ -227,9 +250,14 @@ def show(r: Dict[str, Any], base_cpu_pct: float | None = None) -> None:
               f"neighbours' p99 {r['p99_ms']:.2f} ms (target < 100 ms -> "
               f"{'met' if r['p99_ms'] < 100 else 'MISSED'})")
     elif r["n"] >= 1000:
+        # The issue's 10 % predates S1's content check, which reads every reported byte
+        # (a third of a core at these 4 GiB/s by itself): the target is shown against the
+        # whole CPU and against the CPU outside the discards (the protocol's own cost).
+        rest = r["cpu_pct"] - r["punch_pct"]
         print(f"        target at 1,000 guests: CPU < 10 % -> "
-              f"{'met' if r['cpu_pct'] < 10 else 'MISSED'}; p99 < 10 ms + punch time -> "
-              f"{'met' if r['p99_ms'] < 10 + 4 * r['punch_ms'] else 'MISSED'}")
+              f"{'met' if r['cpu_pct'] < 10 else 'MISSED'} (outside the discards: "
+              f"{rest:.1f} % -> {'met' if rest < 10 else 'MISSED'}); p99 < 10 ms + punch "
+              f"time -> {'met' if r['p99_ms'] < 10 + 4 * r['punch_ms'] else 'MISSED'}")
 
 
 async def bench(sizes: List[int], window: float, settle: float) -> None:

@@ -28,7 +28,7 @@ from aerate.deploy.vm import Guest, booted
 # own agent looped, re-taking blocks it had already aerated (293 batches, 15 GB reported
 # for a 512 MiB free: the churn issue), so its backing never fell by 90 %. Run it with
 # AERATE_TIERS=wip ./tests/run tests/vm/test_hung_neighbour.py.
-pytestmark = [pytest.mark.vm, pytest.mark.fault, pytest.mark.wip]
+pytestmark = [pytest.mark.vm, pytest.mark.fault]
 MiB = 1 << 20
 FREE_MIB = 512
 RESERVE_MIB = 128
