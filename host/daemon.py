@@ -247,6 +247,9 @@ class VmRunner:
         self.task: asyncio.Task[None] | None = None
         self.stop_reason = ""
         self.worker = VmWorker(name, daemon.pool, daemon.call_timeout)
+        #: The background refresh's job on the pool while it runs (libvirt's request limit)
+        self._refresh_job: concurrent.futures.Future[None] | None = None
+        self.worker.outside = lambda: self._refresh_job
         self.cache = PermitCache(daemon.permit_max_age)
         self._refresh_timer: asyncio.TimerHandle | None = None
         self._inflight: tuple[int, float, bool] | None = None  # (gen, issued, timed out)
@@ -460,8 +463,23 @@ class VmRunner:
     # round: a loop timer submits one job to the pool, the thread fetches and decides, and
     # posts the result back (Daemon.post batches those wake-ups). At 1,000 VMs the
     # worker-call version of this cost ~20 % of a core. It is read-only, so it needs no
-    # order with the VM's worker calls; at most one is in flight per VM, so a hung VM
-    # pins at most two pool threads (this and one worker call).
+    # order with the VM's worker calls, but it never runs beside one (below): a hung VM
+    # pins one pool thread and one libvirt request slot.
+    #
+    # libvirt's request limit. libvirtd serves at most ``max_client_requests`` (default 5)
+    # calls of one client connection at once; the rest wait unread in its socket. A call
+    # that needs a VM's monitor while that QEMU does not answer holds one of those slots:
+    # the first such call until QEMU answers (a stopped or wedged QEMU: never), a second one
+    # until libvirt's state-change lock gives up, 30 s on. Measured on this host's libvirtd
+    # 9.0 (Debian 12) with SIGSTOPped QEMUs: a healthy VM's call took 7 ms beside one hung
+    # VM with two calls, 29 s beside three with two calls each, 3 ms beside four with one
+    # call each, and had no answer after 200 s beside five with one each. So the refresh
+    # does not start while a worker call of the VM runs, and a worker call waits for a
+    # running refresh (host/vm_worker.py): a hung VM holds one slot, and four VMs hung at
+    # once leave the others one. Five or more hung at once stall every VM's calls, which
+    # then time out here: every VM is refused with the reason, none is served on stale
+    # facts, and the loop never waits. (More connections would raise that number; not
+    # done.)
 
     def _hello_now(self) -> tuple[dict[str, Any] | None, int]:
         """The current session's hello and its generation (read on the loop)."""
@@ -478,14 +496,25 @@ class VmRunner:
             self._map_gen = hello_gen
 
     def _start_refresh(self, now: float) -> None:
+        if self.worker.busy:
+            # A worker call of this VM is in libvirt now (libvirt's request limit, above):
+            # it refreshes the facts itself or the next tick asks. Hung, it refuses the VM
+            # with the reason meanwhile (the permit would expire anyway).
+            hung = self.worker.hung
+            if hung:
+                why = (f"libvirt call {hung} for this VM is still hung; no other call is "
+                       "made for it until that one answers")
+                self._apply_decision(Decision(
+                    REFUSE, f"cannot ask libvirt whether discard is safe now: {why}"), now, why)
+            return
         need_xml, need_backing = self._due(now)
         hello, hello_gen = self._hello_now()
         self._gen += 1
         self._inflight = (self._gen, now, False)
-        self.daemon.pool.submit(self._refresh_in_thread, self._gen, now, need_xml,
-                                need_backing, self._map_gen != hello_gen, self.xml,
-                                self.backings, self.gmap, self.effective_settings(), hello,
-                                hello_gen)
+        self._refresh_job = self.daemon.pool.submit(
+            self._refresh_in_thread, self._gen, now, need_xml, need_backing,
+            self._map_gen != hello_gen, self.xml, self.backings, self.gmap,
+            self.effective_settings(), hello, hello_gen)
 
     def _refresh_in_thread(self, gen: int, issued: float, need_xml: bool,
                            need_backing: bool, need_map: bool, xml: str,

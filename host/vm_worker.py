@@ -12,6 +12,12 @@ map build, /proc reads of QEMU's smaps) goes through that VM's :class:`VmWorker`
   call first waits, within its own timeout, for that one to finish; if it is still hung,
   the next call fails at once with the same kind of error instead of taking a second
   thread. Hence a hung VM holds at most **one** pool thread, whatever it is asked.
+- **One call in libvirtd per VM**, together with the runner's background refresh (which
+  runs outside this worker, host/daemon.py): a worker call first waits, within its timeout,
+  for a refresh of the same VM still running (``outside``), and the refresh does not start
+  while a worker call is running (``busy``). libvirtd serves only a few calls of one
+  connection at once (host/daemon.py, "libvirt's request limit"), so a hung VM must hold
+  one of them, not two.
 - **Timeouts**: every call has one; on expiry the caller gets :class:`CallTimeout`
   ("libvirt call <name> timed out after N s") and treats that VM as refused; the late
   answer, when it comes, is dropped (its future's result is consumed and discarded).
@@ -77,6 +83,11 @@ class VmWorker:
         self._order = asyncio.Lock()
         #: The call that timed out and still holds a pool thread: (name, future, started).
         self._hung: tuple[str, asyncio.Future[Any], float] | None = None
+        #: The call on the pool now (None between calls).
+        self._running: asyncio.Future[Any] | None = None
+        #: A call for this VM made outside this worker that is still running, if any (the
+        #: runner's background refresh): the next worker call waits for it.
+        self.outside: Callable[[], concurrent.futures.Future[Any] | None] = lambda: None
         self.calls = 0
         self.timeouts = 0
         self.last_timeout = ""
@@ -87,6 +98,12 @@ class VmWorker:
         if self._hung is not None and self._hung[1].done():
             self._hung = None
         return self._hung[0] if self._hung is not None else ""
+
+    @property
+    def busy(self) -> bool:
+        """Whether a call of this VM is on the pool now (running, or timed out and not
+        returned yet)."""
+        return bool(self.hung) or (self._running is not None and not self._running.done())
 
     async def call(self, name: str, fn: Callable[..., T], *args: Any,
                    timeout: float | None = None) -> T:
@@ -110,8 +127,20 @@ class VmWorker:
                         f"for VM {self.vm} is still hung after "
                         f"{time.monotonic() - started:.0f} s")
                 self._hung = None
+            other = self.outside()
+            if other is not None and not other.done():
+                # The refresh is asking libvirt for this VM right now (about a millisecond,
+                # unless this VM's QEMU does not answer): wait, do not ask beside it.
+                done, _ = await asyncio.wait({asyncio.wrap_future(other)},
+                                             timeout=max(0.0, deadline - time.monotonic()))
+                if not done:
+                    self.timeouts += 1
+                    raise CallTimeout(
+                        f"libvirt call {name} not started: this VM's permit refresh "
+                        f"(job_info) is still hung after {limit:g} s")
             self.calls += 1
             fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+            self._running = fut
             left = max(0.0, deadline - time.monotonic())
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), left)

@@ -130,6 +130,10 @@ class FakeLibvirt:
         self.defined: set[str] = set()
         #: stored aerate metadata: (name, "live" | "config") -> XML
         self.stored: Dict[Tuple[str, str], str] = {}
+        #: calls of each VM inside the fake now, and the most at once (libvirtd serves a
+        #: few calls of one connection at once: host/daemon.py "libvirt's request limit")
+        self.inflight: Dict[str, int] = {}
+        self.most_inflight: Dict[str, int] = {}
         self._lock = threading.Lock()
         self.release = threading.Event()  # set: every sleeping call returns at once
 
@@ -143,7 +147,14 @@ class FakeLibvirt:
             self.calls[method] = self.calls.get(method, 0) + 1
         delay = self.slow.get((name, method), self.slow.get((name, "*"), 0.0))
         if delay:
-            self.release.wait(delay)
+            with self._lock:
+                now = self.inflight[name] = self.inflight.get(name, 0) + 1
+                self.most_inflight[name] = max(self.most_inflight.get(name, 0), now)
+            try:
+                self.release.wait(delay)
+            finally:
+                with self._lock:
+                    self.inflight[name] -= 1
         vm = self.vms.get(name)
         if vm is None:
             raise DomainError(f"VM {name}: lookup failed: no such domain (fake libvirt)")

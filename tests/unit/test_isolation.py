@@ -203,6 +203,35 @@ def test_a_timed_out_libvirt_call_refuses_that_vm_with_the_reason(
             "answers", "A", journal.EVENTS["refusal"], logging.WARNING) in fields
 
 
+@pytest.mark.parametrize("first", ["refresh", "explain"])
+def test_a_hung_vm_holds_one_libvirt_call_however_often_it_is_asked(tmp_path: Path,
+                                                                    first: str) -> None:
+    """libvirtd serves a few calls of one connection at once (host/daemon.py "libvirt's
+    request limit"; three stopped QEMUs with two calls each stalled a healthy VM's call 29 s
+    on this host's libvirtd): a VM whose calls hang must hold one, whatever asks for it
+    (the background refresh every 50 ms, explain, the next tick), and be refused with why."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        for name in ("A", "B"):
+            daemon.start_runner(name)
+            runner = daemon.runners[name]
+            await until(lambda r=runner: r.state.value == "running", 5, name)
+        conn.slow[("A", "*")] = 30.0
+        if first == "refresh":   # the refresh (every 50 ms) is the first call to hang
+            await until(lambda: conn.inflight.get("A", 0) == 1, 2, "A's refresh to hang")
+        asks = [asyncio.create_task(daemon.handle({"cmd": "explain", "vm": "A"}))
+                for _ in range(3)]
+        for _ in range(12):
+            await asyncio.sleep(0.1)
+            asks.append(asyncio.create_task(daemon.handle({"cmd": "explain", "vm": "A"})))
+        await asyncio.gather(*asks)
+        assert conn.most_inflight["A"] == 1, conn.most_inflight
+        a = daemon.runners["A"].permit()
+        assert a.action == "refuse" and ("hung" in a.reason or "timed out" in a.reason), a
+        assert daemon.runners["B"].permit().action == "punch"  # B's facts stay fresh
+
+    run(tmp_path, body, call_timeout=0.3, permit_refresh=0.05, permit_max_age=1.0)
+
+
 def test_a_hung_job_query_refuses_the_next_batch_and_status_says_why(tmp_path: Path) -> None:
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
         daemon.start_runner("A")
