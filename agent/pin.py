@@ -23,7 +23,8 @@ What holds, and under which conditions:
 - Unpinning can lag behind :meth:`Pinner.unpin` on older kernels (6.1 drops the old
   buffer table node from a work item): the page is then freed a moment after the punch.
   That delays a release, it never advances one.
-- Where io_uring is missing (Linux < 5.13 lacks sparse tables and updates), disabled
+- Where io_uring is missing (Linux < 5.13 lacks sparse tables and updates, unless its
+  stable kernel carries a later io_uring: Debian 11's 5.10 pins), disabled
   (``kernel.io_uring_disabled``), filtered by seccomp, or refuses the mapping, the pinner
   says so in :attr:`Pinner.unavailable` and pins nothing; the arena then relies on
   re-reading frames right before each report (:meth:`Arena.verify`), which catches a move

@@ -18,6 +18,7 @@ out next to the image for direct kernel boot.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import io
@@ -41,6 +42,10 @@ REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 
 SUITE = "bookworm"
+#: Debian suites the guest image builds for: the default one, and an older real guest
+#: (Debian 11: kernel 5.10, Python 3.9, systemd 247) to show what the agent does without
+#: what newer kernels and service managers offer.
+SUITES = (SUITE, "bullseye")
 VARIANT = "minbase"
 # Space a cold build needs in the cache: debootstrap tree + kernel (~1 GiB) + image + slack.
 BASE_SPACE_BYTES = 3 << 30
@@ -64,6 +69,8 @@ class GuestImage:
     key: str
     build_seconds: float
     """Seconds this call spent building (0.0 when fully cached)."""
+    suite: str = SUITE
+    """The Debian suite of the guest's root file system."""
 
     def check(self) -> None:
         """Raise ImageError unless every file of the image exists."""
@@ -266,8 +273,16 @@ def _guest_env() -> dict[str, str]:
     }
 
 
+def check_suite(suite: str) -> None:
+    """Raise ImageError unless the image builder knows Debian ``suite``."""
+    if suite not in SUITES:
+        raise ImageError(f"no guest image recipe for Debian suite '{suite}': "
+                         f"known suites are {', '.join(SUITES)}")
+
+
 def base_recipe_files() -> list[Path]:
-    """The files whose content defines the base rootfs."""
+    """The files whose content defines the base rootfs (the same for every suite: the
+    package names exist in each)."""
     return [GUEST_DIR / "packages", GUEST_DIR / "configure-base"]
 
 
@@ -288,9 +303,9 @@ AGENT_WANTS = ("etc/systemd/system/dev-virtio\\x2dports-org.aerate.agent.0.devic
                "aerate-agent.service")
 
 
-def base_key() -> str:
-    """Cache key of the base rootfs for the current recipe."""
-    return recipe_hash(base_recipe_files(), f"{SUITE}/{VARIANT}/amd64")[:16]
+def base_key(suite: str = SUITE) -> str:
+    """Cache key of the base rootfs of ``suite`` for the current recipe."""
+    return recipe_hash(base_recipe_files(), f"{suite}/{VARIANT}/amd64")[:16]
 
 
 def find_kernel(rootfs: Path) -> tuple[Path, Path]:
@@ -312,8 +327,9 @@ def find_kernel(rootfs: Path) -> tuple[Path, Path]:
     return kernel, initrd
 
 
-def build_base(dest: Path, mirror: str) -> None:
-    """debootstrap + configure a base rootfs into ``dest`` (dest/rootfs, vmlinuz, initrd.img)."""
+def build_base(dest: Path, mirror: str, suite: str = SUITE) -> None:
+    """debootstrap + configure a base rootfs of Debian ``suite`` into ``dest`` (dest/rootfs,
+    vmlinuz, initrd.img)."""
     debootstrap = require_tool("debootstrap", "debootstrap")
     require_tool("unshare", "util-linux")
     packages = read_package_list((GUEST_DIR / "packages").read_text())
@@ -321,7 +337,7 @@ def build_base(dest: Path, mirror: str) -> None:
     run_step(
         "debootstrap",
         [debootstrap, f"--variant={VARIANT}", "--arch=amd64", "--components=main",
-         "--include=" + ",".join(packages), SUITE, str(rootfs), mirror],
+         "--include=" + ",".join(packages), suite, str(rootfs), mirror],
         env={**os.environ, **_guest_env()},
     )
     shutil.copy2(GUEST_DIR / "configure-base", rootfs / "tmp/configure-base")
@@ -335,28 +351,30 @@ def build_base(dest: Path, mirror: str) -> None:
         p.chmod(0o644)
 
 
-def ensure_base(cache: Path | None = None) -> tuple[Path, str]:
-    """The cached base directory for the current recipe, built if missing; and its key."""
+def ensure_base(cache: Path | None = None, suite: str = SUITE) -> tuple[Path, str]:
+    """The cached base directory of ``suite`` for the current recipe, built if missing; and
+    its key."""
+    check_suite(suite)
     cache = cache or cache_dir()
-    key = base_key()
+    key = base_key(suite)
     final = cache / f"base-{key}"
     with _locked(cache / f".base-{key}.lock"):
         if (final / "done").is_file():
             return final, key
-        check_free_space(cache, BASE_SPACE_BYTES, "the guest base rootfs")
-        mirror = host_apt_mirror()
+        check_free_space(cache, BASE_SPACE_BYTES, f"the guest base rootfs ({suite})")
+        mirror = suite_mirror(suite)
         tmp = cache / f"base-{key}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         started = time.monotonic()
         try:
-            build_base(tmp, mirror)
+            build_base(tmp, mirror, suite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         (tmp / "done").write_text(json.dumps(
-            {"key": key, "suite": SUITE, "seconds": round(time.monotonic() - started, 1)}))
+            {"key": key, "suite": suite, "seconds": round(time.monotonic() - started, 1)}))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -461,12 +479,14 @@ def make_ext4(rootfs: Path, image: Path, key: str) -> None:
     image.chmod(0o644)
 
 
-def ensure_image(src: Path = REPO, cache: Path | None = None) -> GuestImage:
-    """The guest image for the working tree ``src``: built or reused from the cache."""
+def ensure_image(src: Path = REPO, cache: Path | None = None,
+                 suite: str = SUITE) -> GuestImage:
+    """The guest image of Debian ``suite`` for the working tree ``src``: built or reused from
+    the cache. Every suite installs the same packages, built once on this machine."""
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    base, bkey = ensure_base(cache)
+    base, bkey = ensure_base(cache, suite)
     with tempfile.TemporaryDirectory(prefix="aerate-image-", dir=cache) as tmpdir:
         tmp = Path(tmpdir)
         try:
@@ -493,7 +513,8 @@ def ensure_image(src: Path = REPO, cache: Path | None = None) -> GuestImage:
                 shutil.copy2(base / "initrd.img", stage / "initrd.img")
                 for pkg in GUEST_PACKAGES:
                     shutil.copy2(debs[pkg], stage / debs[pkg].name)
-                (stage / "done").write_text(json.dumps({"key": key, "base": bkey}))
+                (stage / "done").write_text(json.dumps({"key": key, "base": bkey,
+                                                        "suite": suite}))
                 if final.exists():
                     shutil.rmtree(final)
                 stage.rename(final)
@@ -503,7 +524,7 @@ def ensure_image(src: Path = REPO, cache: Path | None = None) -> GuestImage:
     prune_cache([key, bkey], cache)
     image = GuestImage(
         root=final / "root.img", kernel=final / "vmlinuz", initrd=final / "initrd.img",
-        key=key, build_seconds=round(time.monotonic() - started, 1),
+        key=key, build_seconds=round(time.monotonic() - started, 1), suite=suite,
     )
     image.check()
     return image
@@ -541,16 +562,21 @@ def _last_used(path: Path) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m aerate.deploy.image``: build or reuse the image and print its paths."""
-    del argv
+    """``python -m aerate.deploy.image [--suite SUITE]``: build or reuse the image and print
+    its paths."""
+    parser = argparse.ArgumentParser(prog="python -m aerate.deploy.image",
+                                     description="Build or reuse the aerate test guest image.")
+    parser.add_argument("--suite", choices=SUITES, default=SUITE,
+                        help=f"Debian suite of the guest (default {SUITE})")
+    args = parser.parse_args(argv)
     try:
-        image = ensure_image()
+        image = ensure_image(suite=args.suite)
     except ImageError as exc:
         print(f"aerate image: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({
         "root": str(image.root), "kernel": str(image.kernel), "initrd": str(image.initrd),
-        "key": image.key, "build_seconds": image.build_seconds,
+        "key": image.key, "suite": image.suite, "build_seconds": image.build_seconds,
         "root_allocated_mib": image.root.stat().st_blocks * 512 >> 20,
     }, indent=2))
     return 0

@@ -256,6 +256,31 @@ class Hog:
         return float(self.result["ended"])
 
 
+def hog_comes_back(daemon: Aerated, guest: Guest, mib: int, hold_s: float, target: float,
+                   timeout: float = 120) -> tuple[int, float]:
+    """Touch ``mib`` MiB in the guest for ``hold_s`` seconds, free it, and wait until the
+    VM's backing (status ``backing_allocated_bytes``) is ``target`` bytes below its peak.
+
+    Returns (bytes it fell, seconds from the free until then). On timeout the ScenarioError
+    also gives the peak, the fall, the VM's status and the daemon's log tail.
+    """
+    hog = Hog(guest, mib, hold_s=hold_s)
+    hog.start()
+    peak = backing_read_after(daemon, guest.name, time.monotonic())
+    freed_at = hog.join()
+
+    def returned() -> int:
+        return int(peak - daemon.vm(guest.name)["backing_allocated_bytes"])
+
+    try:
+        wait_for(lambda: returned() >= target, timeout,
+                 f"{target / MiB:.0f} MiB of the freed memory to return")
+    except ScenarioError as e:
+        raise ScenarioError(f"{e}: peak {peak >> 20} MiB, returned {returned() >> 20} MiB; "
+                            f"{daemon.vm(guest.name)}\n{daemon.log_text()[-5000:]}") from e
+    return returned(), time.monotonic() - freed_at
+
+
 def scratch_disk(path: Path, mib: int, label: str) -> str:
     """A sparse raw file of ``mib`` MiB with an empty ext4 labelled ``label`` on it (made
     on the host with mkfs.ext4), for files a guest writes beyond its image's free space

@@ -641,6 +641,9 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
                 for n, c in sorted(caps.items())) + ".")
         else:
             says.append("The guest agent has told no capabilities (no hello yet).")
+        if s.get("arena_weakness"):
+            says.append(f"The guest's {s.get('arena') or '?'} arena has a weakness: "
+                        f"{s['arena_weakness']}.")
     budget = s.get("budget") or {}
     says.append(f"Discard budget: {int(budget.get('batch_bytes', 0)) >> 20} MiB a batch, "
                 f"{int(budget.get('rate_bytes_s', 0)) >> 20} MiB/s; "

@@ -108,6 +108,8 @@ def format_status(answer: dict[str, Any]) -> str:
         if lacking:
             lines.append(f"  {vm['vm']}: guest kernel lacks {', '.join(lacking)} "
                          f"(aeratectl explain {vm['vm']} says why)")
+        if vm.get("arena_weakness"):
+            lines.append(f"  {vm['vm']}: guest arena weakness: {vm['arena_weakness']}")
         if vm.get("idle_note"):
             lines.append(f"  {vm['vm']}: {vm['idle_note']}")
         if vm.get("host_pressure") not in (None, "plenty"):

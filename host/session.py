@@ -554,6 +554,8 @@ class VmSession:
                 "agent": _word(self.hello.get("agent")),
                 "proto": self.endpoint.proto,
                 "arena": _word(self.hello.get("arena")),
+                # What the guest's arena cannot do there (e.g. no pins on Linux < 5.13).
+                "arena_weakness": _weakness(self.hello.get("arena_weakness")),
                 "capabilities": _capabilities(self.hello.get("capabilities")),
                 "guest": {k: v for k, v in self.stats.items()
                           if k not in ("type", "proto", "session")},
@@ -570,6 +572,11 @@ HELLO_DEPTH = 3
 def _word(value: Any) -> Optional[str]:
     """A hello field shown as one short printable string (None when not a string)."""
     return _text(value, 64) if isinstance(value, str) else None
+
+
+def _weakness(value: Any) -> Optional[str]:
+    """The hello's ``arena_weakness``: one printable line, None when there is none."""
+    return _text(value) if isinstance(value, str) and value else None
 
 
 def _text(value: str, limit: int = 300) -> str:

@@ -165,6 +165,18 @@ def test_capabilities_the_guest_told_reach_status_and_the_table() -> None:
     assert st["capabilities"] == caps
     table = format_status({"vms": [st]})
     assert "vm1: guest kernel lacks psi" in table and "kpageflags" not in table
+    assert st["arena_weakness"] is None and "arena weakness" not in table
+
+
+def test_the_arena_weakness_the_guest_told_reaches_status_bounded() -> None:
+    weak = "io_uring has no sparse buffer tables here (Linux 5.13+); held pages are not pinned"
+    st = make(hello={"agent": "t", "arena": "hugetlb", "arena_weakness": weak})[0].status()
+    assert st["arena_weakness"] == weak
+    assert f"vm1: guest arena weakness: {weak}" in format_status({"vms": [st]})
+    for told in ("\x1b[2J" + "w" * 500, _nested(900), 7):
+        st = make(hello={"agent": "t", "arena_weakness": told})[0].status()
+        assert st["arena_weakness"] is None or (st["arena_weakness"].isprintable()
+                                                and len(st["arena_weakness"]) <= 300)
 
 
 def _nested(depth: int) -> Any:

@@ -1,7 +1,8 @@
 """Fixtures of the vm tier: the guest image (per session) and booted guests (per module).
 
 A test module picks its guest's shape with a module-level ``GUEST_SHAPE`` dict (keyword
-arguments of :func:`aerate.deploy.vm.booted`), or by parametrizing ``guest`` indirectly.
+arguments of :func:`aerate.deploy.vm.booted`), or by parametrizing ``guest`` indirectly, and
+its Debian suite with ``GUEST_SUITE`` (default the Debian 12 image; "bullseye" for Debian 11).
 On a failed test the guest's serial console and ``journalctl -b`` go into the report; the
 boot-to-ready time of every guest is printed and summarised at the end of the run.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from aerate.deploy.image import GuestImage, ImageError, ensure_image
+from aerate.deploy.image import SUITE, GuestImage, ImageError, ensure_image
 from aerate.deploy.vm import Guest, HarnessError, booted
 
 _summary: list[str] = []
@@ -27,19 +28,30 @@ def _say(config: pytest.Config, line: str) -> None:
     _summary.append(line)
 
 
-@pytest.fixture(scope="session")
-def guest_image(request: pytest.FixtureRequest) -> GuestImage:
-    """The guest image of this working tree, built or taken from the cache."""
+def _image(config: pytest.Config, suite: str) -> GuestImage:
     if os.geteuid() != 0:
         pytest.fail("the vm tier needs root: it builds images, uses qemu:///system and "
                     "reserves host hugepages", pytrace=False)
     try:
-        image = ensure_image()
+        image = ensure_image(suite=suite)
     except ImageError as exc:
-        pytest.fail(f"guest image: {exc}", pytrace=False)
-    _say(request.config,
-         f"aerate guest image {image.key}: {image.build_seconds:.1f} s to build or reuse")
+        pytest.fail(f"guest image ({suite}): {exc}", pytrace=False)
+    _say(config, f"aerate guest image {image.suite} {image.key}: "
+                 f"{image.build_seconds:.1f} s to build or reuse")
     return image
+
+
+@pytest.fixture(scope="session")
+def guest_image(request: pytest.FixtureRequest) -> GuestImage:
+    """The guest image of this working tree (Debian 12), built or taken from the cache."""
+    return _image(request.config, SUITE)
+
+
+@pytest.fixture(scope="session")
+def bullseye_image(request: pytest.FixtureRequest) -> GuestImage:
+    """The older real guest: Debian 11 (kernel 5.10, Python 3.9, systemd 247) with the same
+    packages installed, built or taken from the cache (its own base, cached like the first)."""
+    return _image(request.config, "bullseye")
 
 
 def _boot_line(g: Guest) -> str:
@@ -55,12 +67,16 @@ def note_boot(request: pytest.FixtureRequest) -> Callable[[Guest], None]:
 
 
 @pytest.fixture(scope="module")
-def guest(request: pytest.FixtureRequest, guest_image: GuestImage) -> Iterator[Guest]:
-    """A booted guest with aerate-agent active, shared by the tests of one module."""
+def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """A booted guest with aerate-agent active, shared by the tests of one module; from
+    the Debian 12 image unless the module sets ``GUEST_SUITE`` (e.g. "bullseye")."""
     shape: dict[str, Any] = dict(getattr(request.module, "GUEST_SHAPE", {}))
     shape.update(getattr(request, "param", {}) or {})
+    suite = getattr(request.module, "GUEST_SUITE", SUITE)
+    image: GuestImage = request.getfixturevalue(
+        "guest_image" if suite == SUITE else f"{suite}_image")
     try:
-        with booted(guest_image, **shape) as g:
+        with booted(image, **shape) as g:
             _say(request.config, _boot_line(g))
             yield g
     except HarnessError as exc:

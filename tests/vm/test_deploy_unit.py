@@ -197,6 +197,15 @@ def test_deb_hash_ignores_build_timestamps(tmp_path: Path) -> None:
         img.deb_content_hash(one)
 
 
+def test_each_suite_has_its_own_base_and_an_unknown_one_is_named(tmp_path: Path) -> None:
+    # The default suite's key is what it was before suites (its cached base stays valid).
+    assert img.base_key() == img.recipe_hash(img.base_recipe_files(),
+                                             f"bookworm/{img.VARIANT}/amd64")[:16]
+    assert img.base_key("bullseye") != img.base_key()
+    with pytest.raises(img.ImageError, match=r"no guest image recipe for Debian suite 'sid'"):
+        img.ensure_base(tmp_path / "cache", suite="sid")
+
+
 def test_package_list_parses() -> None:
     assert img.read_package_list("# c\nsystemd  # pid 1\n\nudev\n") == ["systemd", "udev"]
 

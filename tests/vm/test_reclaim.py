@@ -7,7 +7,6 @@ the aerated daemon from this checkout, the host backing measured from the kernel
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,9 @@ import pytest
 from aerate.deploy.image import GuestImage
 from aerate.deploy.scenario import (
     Aerated,
-    Hog,
     aerated,
-    backing_read_after,
     checker_result,
+    hog_comes_back,
     start_checker,
     wait_for,
 )
@@ -60,23 +58,9 @@ def test_freed_guest_memory_comes_back_to_the_host(setup: tuple[Aerated, Guest])
     vm = settled(d, g.name)
     assert vm["reclaimer"] == "punch", vm["reason"]
     start_checker(g, mib=256, duration=90, churn=4)
-    hog = Hog(g, HOG_MIB, hold_s=8)
-    hog.start()
-    peak = backing_read_after(d, g.name, time.monotonic())
-    freed_at = hog.join()
     target = 0.9 * (HOG_MIB - RESERVE_MIB) * MiB
-
-    def returned() -> int:
-        return int(peak - d.vm(g.name)["backing_allocated_bytes"])
-
-    try:
-        wait_for(lambda: returned() >= target, 120, "90% of the freed memory to return")
-    except Exception:
-        print(f"peak {peak >> 20} MiB, returned {returned() >> 20} MiB; {d.vm(g.name)}\n"
-              f"{d.log_text()[-5000:]}")
-        raise
-    took = time.monotonic() - freed_at
-    print(f"{g.spec.backing}: {returned() / MiB:.0f} MiB of {HOG_MIB} MiB freed came back "
+    returned, took = hog_comes_back(d, g, HOG_MIB, 8, target)
+    print(f"{g.spec.backing}: {returned / MiB:.0f} MiB of {HOG_MIB} MiB freed came back "
           f"to the host in {took:.1f} s")
     result = checker_result(g)
     assert result["corrupted"] == 0, result
