@@ -88,6 +88,7 @@ from aerate.host.refusal import (
     decide,
     domain_facts,
     hugetlb_reservations,
+    job_refusal,
     kernel_reporting_from_hello,
     migration_from_qmp,
     poison_from_hello,
@@ -347,14 +348,19 @@ class VmRunner:
         conn = self.daemon.conn
         xml = conn.domain_xml(self.name) if need_xml else None
         job = conn.job_info(self.name)
-        migration = migration_from_qmp(conn.qmp(self.name, "query-migrate", None))
+        # Refused by the job whatever QEMU says: no monitor call that the job's lock would
+        # hold in one of libvirtd's request slots (refusal.job_refusal), no map build
+        # either (the first refresh after the job builds it).
+        by_job = job_refusal(job) is not None
+        migration = None if by_job else migration_from_qmp(
+            conn.qmp(self.name, "query-migrate", None))
         backing = None
         if need_backing:
             with contextlib.suppress(OSError, RuntimeError):
                 backing = self.backing_allocated()
         gmap: GuestMemoryMap | None = None
         map_error = ""
-        if need_map:
+        if need_map and not by_job:
             # S1: after a hello the guest's firmware has run (OVMF sets up SMM, PAM and
             # TSEG after the map of domain start): a report whose range the current flat
             # view no longer shows as RAM is refused at the discard. A map that cannot be

@@ -271,6 +271,23 @@ _SHARED_HINT = (
 _QEMU_MIGRATION_IDLE = frozenset({"none", "completed", "failed", "cancelled"})
 
 
+def job_refusal(job: JobInfo) -> Decision | None:
+    """The refusal libvirt's job state alone gives, or None.
+
+    Migration, save, restore, snapshot and dump read or write guest RAM wholesale; only a
+    disk backup is known to leave it alone. An unnamed job refuses too. The daemon asks
+    nothing more of such a VM's QEMU (host/daemon.py ``_fetch``): a domain job holds
+    libvirt's state-change lock, so a monitor call would wait up to 30 s in one of
+    libvirtd's few request slots for an answer that cannot change this refusal.
+    """
+    if job.active and job.operation != "backup":
+        return Decision(REFUSE, f"a {job.operation} job is running; reclaim resumes after it ends")
+    if job.paused_reason in _RAM_PAUSE_REASONS:
+        return Decision(
+            REFUSE, f"domain is paused for {job.paused_reason}; reclaim resumes after it ends")
+    return None
+
+
 def migration_from_qmp(answer: Any) -> str | None:
     """The ``status`` of a QMP ``query-migrate`` answer; None when it is not one.
 
@@ -383,6 +400,9 @@ def _reclaimer(facts: VmFacts) -> Decision:
         )
     if facts.job is None:
         return Decision(REFUSE, "cannot tell whether a migration or save is running")
+    by_job = job_refusal(facts.job)
+    if by_job is not None:
+        return by_job
     if facts.qemu_migration is None:
         return Decision(REFUSE, "cannot tell from QEMU (query-migrate) whether a migration, "
                         "postcopy or background snapshot is running")
@@ -394,17 +414,6 @@ def _reclaimer(facts: VmFacts) -> Decision:
         )
     if facts.map_error:
         return Decision(REFUSE, facts.map_error)
-    # Migration, save, restore, snapshot and dump read or write guest RAM wholesale; only
-    # a disk backup is known to leave it alone. An unnamed job refuses too.
-    if facts.job.active and facts.job.operation != "backup":
-        return Decision(
-            REFUSE, f"a {facts.job.operation} job is running; reclaim resumes after it ends"
-        )
-    if facts.job.paused_reason in _RAM_PAUSE_REASONS:
-        return Decision(
-            REFUSE,
-            f"domain is paused for {facts.job.paused_reason}; reclaim resumes after it ends",
-        )
     if not facts.backings:
         return Decision(REFUSE, "the backing of guest RAM has not been proven yet")
     for b in facts.backings.values():

@@ -20,6 +20,7 @@ import pytest
 from daemon_sim import FakeLibvirt, SimGuest, simulated, stop_daemon, until
 
 from aerate.host import journal
+from aerate.host.refusal import JobInfo
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -230,6 +231,29 @@ def test_a_hung_vm_holds_one_libvirt_call_however_often_it_is_asked(tmp_path: Pa
         assert daemon.runners["B"].permit().action == "punch"  # B's facts stay fresh
 
     run(tmp_path, body, call_timeout=0.3, permit_refresh=0.05, permit_max_age=1.0)
+
+
+def test_a_vm_under_a_domain_job_gets_no_monitor_call(tmp_path: Path) -> None:
+    """A domain job (snapshot, save, migration) refuses the VM whatever QEMU says, and it
+    holds libvirt's state-change lock, so a QMP call would wait up to 30 s in one of
+    libvirtd's few request slots (host/refusal.py job_refusal): while the job runs the
+    refreshes ask libvirt's job state only; after it, QEMU is asked again and the VM is
+    served."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        daemon.start_runner("A")
+        runner = daemon.runners["A"]
+        await until(lambda: runner.permit().action == "punch", 5, "A served")
+        conn.job["A"] = JobInfo(active=True, operation="snapshot")
+        await until(lambda: "snapshot job" in runner.permit().reason, 2, "the job refusal")
+        qmp, jobs = conn.calls.get("qmp", 0), conn.calls["job_info"]
+        await asyncio.sleep(0.5)    # about ten refreshes
+        assert conn.calls["job_info"] - jobs >= 5 and conn.calls.get("qmp", 0) == qmp
+        assert runner.permit().action == "refuse"
+        del conn.job["A"]
+        await until(lambda: runner.permit().action == "punch", 2, "A served after the job")
+        assert conn.calls["qmp"] > qmp
+
+    run(tmp_path, body, names=("A",), permit_refresh=0.05)
 
 
 def test_a_hung_job_query_refuses_the_next_batch_and_status_says_why(tmp_path: Path) -> None:
