@@ -56,6 +56,39 @@ def test_a_vm_whose_domain_xml_sleeps_10s_does_not_delay_another_vms_ack(
     run(tmp_path, body)
 
 
+def test_a_balloon_vm_whose_balloon_info_sleeps_10s_does_not_delay_another_vms_ack(
+        tmp_path: Path) -> None:
+    """The balloon controller's libvirt calls go through the VM's own worker: P's balloon
+    query hanging (libvirtd waiting on a stuck QEMU monitor) stalls P's controller only."""
+    from aerate.host import daemon as daemon_mod
+
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        make_private(conn, guests, "P")
+        conn.slow[("P", "balloon_info")] = 10.0
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        daemon.start_runner("P")
+        runner = daemon.runners["P"]
+        await until(lambda: runner.cache.last().action == "balloon", 5, "P's balloon decision")
+        await until(lambda: conn.calls.get("balloon_info", 0) > 0, 5, "P's balloon_info")
+        await asyncio.sleep(0.05)  # P's controller is now inside its 10 s call
+        took = await report_and_wait(daemon, guests["A"], 5)
+        assert took < 0.5, f"A's report took {took:.3f} s to be acked"
+        _, discarded, refused, _ = guests["A"].acks[-1]
+        assert discarded == 4 * (2 << 20) and refused == 0, guests["A"].acks
+        assert conn.balloon_sets == []  # P's tick has not come back
+        # status waits for each VM's fresh backing figure, in its worker, at most
+        # STATUS_READ_TIMEOUT: P's stays its older snapshot (it waited for the whole
+        # balloon query, CALL_TIMEOUT, before that wait counted against its own).
+        t0 = time.monotonic()
+        status = await daemon.handle({"cmd": "status"})
+        took = time.monotonic() - t0
+        assert took < daemon_mod.STATUS_READ_TIMEOUT + 0.5 and len(status["vms"]) == 2, took
+        assert daemon.runners["P"].worker.hung == ""  # the read gave up; nothing new hangs
+
+    run(tmp_path, body, names=("A", "P"))
+
+
 def test_a_busy_guest_gets_keepalive_tokens_and_an_idle_one_none(tmp_path: Path) -> None:
     """The daemon's keepalive timer (host/daemon.py _keepalive): after a report the guest
     keeps getting fresh lease tokens (every KEEPALIVE_SHARE of the lease) without sending
