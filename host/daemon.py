@@ -978,7 +978,7 @@ class VmRunner:
                 if s.state is HostState.SYNCING:
                     try:
                         data = await asyncio.wait_for(reader.read(READ_CHUNK), SYNC_RETRY)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # noqa: UP041 (3.9, 3.10: not the builtin)
                         s.connected()   # no answer: the agent may not run yet; sync again
                         continue
                 else:

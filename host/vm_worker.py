@@ -135,7 +135,7 @@ class VmWorker:
         left = max(0.0, deadline - time.monotonic())
         try:
             return await asyncio.wait_for(asyncio.shield(fut), left)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # noqa: UP041 (3.9, 3.10: not the builtin)
             fut.add_done_callback(_drop_late)
             self._hung = (name, fut, deadline - limit)
             self.timeouts += 1
