@@ -38,7 +38,7 @@ inflate again, forever: every cycle costs the guest a stall and the host nothing
 ``FLAP_REVERSALS`` of them within ``FLAP_WINDOW_S`` mean flapping, and the controller then
 holds instead of inflating after the newest for a backoff that doubles with every further
 reversal in the window (``FLAP_BACKOFF_S`` up to ``FLAP_BACKOFF_CAP_S``), saying so in its
-reason. Only
+reason (also in those of the swings down that find the balloon at full memory already). Only
 inflation waits: the deflate rules come before it, so a flapping guest that needs its
 memory gets it back at once, and a deflate is the only move that counts as a reversal, so
 no statistics can make the hold shorter. Once the swings stop, no reversal is added and
@@ -268,10 +268,16 @@ def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: i
     actual = min(max(actual, 0), maximum)
     current = min(max(target if target is not None else actual, low), maximum)
     ballooned = current < maximum or actual < maximum
+    wait, flaps = flap_hold(reversals)
+    flapping = (f"balloon flapping: deflated right after inflating {flaps} times in "
+                f"{FLAP_WINDOW_S / 60:.0f} min (the guest's free memory swings); not "
+                f"inflating for another {wait:.0f} s") if wait > 0 else ""
 
     def full(why: str) -> Step:
         if not ballooned:
-            return Step(maximum, f"{why}; balloon at full memory")
+            # Status keeps saying why the next plentiful message will not inflate either.
+            return Step(maximum, f"{why}; balloon at full memory"
+                                 + (f"; {flapping}" if flapping else ""))
         return Step(maximum, f"{why}; deflating to full memory ({_mib(maximum)})", True)
 
     def hold(why: str) -> Step:
@@ -298,11 +304,8 @@ def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: i
                     f" > {s.psi_threshold:.1f}")
     if abs(actual - current) > s.settle:
         return hold(f"balloon moving: actual {_mib(actual)}, target {_mib(current)}")
-    wait, flaps = flap_hold(reversals)
-    if wait > 0:
-        return hold(f"balloon flapping: deflated right after inflating {flaps} times in "
-                    f"{FLAP_WINDOW_S / 60:.0f} min (the guest's free memory swings); not "
-                    f"inflating for another {wait:.0f} s")
+    if flapping:
+        return hold(flapping)
     if stats.balloon is not None:
         fresh = abs(maximum - stats.balloon - current) <= s.settle
     else:
