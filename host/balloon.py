@@ -10,7 +10,7 @@ Policy (DESIGN "Reclaim on the host", balloon):
   ``reserve``, at most ``step`` per decision, only once the last target was reached, on
   statistics taken after that (the guest's own balloon count in them says so; without
   it, statistics received after the host saw the balloon arrive), and not soon after a
-  deflate; never below the floor (the
+  deflate, nor while the balloon flaps (see Flapping); never below the floor (the
   largest of ``floor`` x maximum, the domain's ``<memtune><min_guarantee>`` and the guest's
   used memory + watermarks + reserve);
 - deflate to full memory at once when free memory falls under ``reserve``/2, or falls so
@@ -29,12 +29,26 @@ by :func:`step_for` from how fast this guest's driver inflated last time: what i
 ``STEP_HORIZON_S``, at least ``MIN_STEP``. A large step is no bet on the future: it never
 takes more than the surplus the latest statistics show, and while the balloon moves the
 pressure checks still come first, so a guest that needs its memory back gets it at once.
+
+Flapping. Each rule above holds for one message, so statistics that swing every event
+(free memory 1500 MiB, then 300, then 1500 again: a hostile agent, or a workload that
+allocates and frees in a loop) would inflate, deflate at once, wait out the cooldown and
+inflate again, forever: every cycle costs the guest a stall and the host nothing it keeps.
+:class:`Flaps` remembers when the balloon reversed (a deflate right after an inflate);
+``FLAP_REVERSALS`` of them within ``FLAP_WINDOW_S`` mean flapping, and the controller then
+holds instead of inflating after the newest for a backoff that doubles with every further
+reversal in the window (``FLAP_BACKOFF_S`` up to ``FLAP_BACKOFF_CAP_S``), saying so in its
+reason (also in those of the swings down that find the balloon at full memory already). Only
+inflation waits: the deflate rules come before it, so a flapping guest that needs its
+memory gets it back at once, and a deflate is the only move that counts as a reversal, so
+no statistics can make the hold shorter. Once the swings stop, no reversal is added and
+the hold runs out: inflation resumes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +69,57 @@ STEP_HORIZON_S = 4.0
 #: The largest step whatever the measured rate (a bound on a rate a hostile guest could
 #: fake by inflating fast once).
 MAX_STEP = 16 << 30
+#: Reversals (a deflate right after an inflate) within FLAP_WINDOW_S that mean flapping.
+#: One is a guest that allocated again after giving memory back, which is what the balloon
+#: is for; the second within the window is a pattern.
+FLAP_REVERSALS = 2
+#: Long enough to hold the reversals that doubled the hold up to its cap, so a guest that
+#: keeps flapping stays at the cap instead of dropping back as old reversals age out.
+FLAP_WINDOW_S = 1800.0
+#: The hold after a reversal once flapping; doubled per further reversal in the window
+#: before it, at most the cap.
+FLAP_BACKOFF_S = 30.0
+FLAP_BACKOFF_CAP_S = 300.0
+
+
+class Flaps:
+    """When the balloon reversed (a deflate right after an inflate): the controller's only
+    memory of the past, kept by the daemon per VM. Pure bookkeeping: times come in."""
+
+    def __init__(self) -> None:
+        self._inflated = False  # the last move was an inflation
+        self._reversals: list[float] = []
+
+    def moved(self, now: float, deflate: bool) -> None:
+        """The daemon set a new target at ``now`` (``deflate``: it gives memory back)."""
+        if deflate and self._inflated:
+            self._reversals = [t for t in self._reversals if now - t < _FLAP_MEMORY_S]
+            self._reversals.append(now)
+        self._inflated = not deflate
+
+    def ages(self, now: float) -> tuple[float, ...]:
+        """Seconds since each reversal that can still matter, newest first."""
+        return tuple(sorted(now - t for t in self._reversals if 0 <= now - t < _FLAP_MEMORY_S))
+
+
+#: A reversal older than this neither holds nor counts towards a hold that still runs.
+_FLAP_MEMORY_S = FLAP_WINDOW_S + FLAP_BACKOFF_CAP_S
+
+
+def flap_hold(ages: Sequence[float]) -> tuple[float, int]:
+    """(seconds inflation still waits, reversals counted) for reversals ``ages`` seconds
+    ago: the hold follows the newest one, as long as FLAP_REVERSALS or more (it included)
+    lie within FLAP_WINDOW_S before it; 0.0 otherwise. Fixed at that reversal, so old ones
+    ageing out never shorten a hold under way."""
+    recent = [a for a in ages if math.isfinite(a) and a >= 0]
+    if not recent:
+        return 0.0, 0
+    newest = min(recent)
+    counted = sum(1 for a in recent if a - newest < FLAP_WINDOW_S)
+    if counted < FLAP_REVERSALS:
+        return 0.0, counted
+    backoff = min(FLAP_BACKOFF_CAP_S, FLAP_BACKOFF_S * 2.0 ** (counted - FLAP_REVERSALS))
+    return max(0.0, backoff - newest), counted
 
 
 def step_for(rate: float | None) -> int:
@@ -180,7 +245,8 @@ def _mib(n: int) -> str:
 def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: int | None,
                 maximum: int, s: BalloonSettings, since_deflate_s: float = math.inf,
                 allowed: bool = True, why_not: str = "",
-                settled_s: float | None = math.inf, free_rate: float = 0.0) -> Step:
+                settled_s: float | None = math.inf, free_rate: float = 0.0,
+                reversals: Sequence[float] = ()) -> Step:
     """The balloon target for this moment (see the module docstring for the policy).
 
     ``actual``: the balloon's size now (guest memory, bytes); ``target``: the last target
@@ -189,7 +255,9 @@ def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: i
     ``settled_s``: seconds since the balloon was first seen at its last target (None: not
     seen there yet); ``free_rate``: how fast the guest's free memory moved between its last
     two statistics (bytes/s, negative when falling; only ever a reason to deflate, so a
-    guest that lies about it gets its own memory back, nothing more). Inflation only
+    guest that lies about it gets its own memory back, nothing more); ``reversals``: seconds
+    since each recent deflate right after an inflate (:meth:`Flaps.ages`), which hold
+    inflation while the balloon flaps (:func:`flap_hold`). Inflation only
     trusts statistics taken with the balloon at that
     target: older ones still count the pages the balloon took since as free. Statistics
     that carry the guest's balloon size say so themselves; others count when received
@@ -200,10 +268,16 @@ def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: i
     actual = min(max(actual, 0), maximum)
     current = min(max(target if target is not None else actual, low), maximum)
     ballooned = current < maximum or actual < maximum
+    wait, flaps = flap_hold(reversals)
+    flapping = (f"balloon flapping: deflated right after inflating {flaps} times in "
+                f"{FLAP_WINDOW_S / 60:.0f} min (the guest's free memory swings); not "
+                f"inflating for another {wait:.0f} s") if wait > 0 else ""
 
     def full(why: str) -> Step:
         if not ballooned:
-            return Step(maximum, f"{why}; balloon at full memory")
+            # Status keeps saying why the next plentiful message will not inflate either.
+            return Step(maximum, f"{why}; balloon at full memory"
+                                 + (f"; {flapping}" if flapping else ""))
         return Step(maximum, f"{why}; deflating to full memory ({_mib(maximum)})", True)
 
     def hold(why: str) -> Step:
@@ -230,6 +304,8 @@ def next_target(stats: GuestStats | None, stats_why: str, actual: int, target: i
                     f" > {s.psi_threshold:.1f}")
     if abs(actual - current) > s.settle:
         return hold(f"balloon moving: actual {_mib(actual)}, target {_mib(current)}")
+    if flapping:
+        return hold(flapping)
     if stats.balloon is not None:
         fresh = abs(maximum - stats.balloon - current) <= s.settle
     else:

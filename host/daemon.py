@@ -287,6 +287,7 @@ class VmRunner:
         # which sizes the next step (host/balloon.py step_for).
         self._inflating: tuple[float, int, int] | None = None
         self.balloon_rate: float | None = None
+        self._flaps = balloon_mod.Flaps()  # its reversals hold inflation while it flaps
         self._stats_seen: object = None
         self._restart = ""   # non-empty: start a new session at the next loop turn
         self._restart_ending: int | None = None   # ... if that session is still current
@@ -660,7 +661,7 @@ class VmRunner:
                 stats, why, actual, self.balloon_target, maximum, settings,
                 now - self._last_deflate, allowed, why_not,
                 None if self._settled_at is None else now - self._settled_at,
-                self._free_rate)
+                self._free_rate, self._flaps.ages(now))
             self.balloon_actual, self.balloon_max = actual, maximum
             self.balloon_reason = step.reason
             if step.target != current:
@@ -675,6 +676,7 @@ class VmRunner:
                 await self.worker.call("set_balloon", self.daemon.conn.set_balloon,
                                        self.name, step.target)
                 self._inflating = None if step.deflate else (now, actual, step.target)
+                self._flaps.moved(now, step.deflate)
                 if step.deflate:
                     self._last_deflate = now
                 self.balloon_target = step.target
@@ -1011,7 +1013,7 @@ class VmRunner:
                 if s.state is HostState.SYNCING:
                     try:
                         data = await asyncio.wait_for(reader.read(READ_CHUNK), SYNC_RETRY)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # noqa: UP041 (3.9, 3.10: not the builtin)
                         s.connected()   # no answer: the agent may not run yet; sync again
                         continue
                 else:

@@ -7,7 +7,9 @@ map build, /proc reads of QEMU's smaps) goes through that VM's :class:`VmWorker`
   ``ThreadPoolExecutor``; the loop thread only awaits its future, so the acks of every other
   VM keep flowing while one VM's libvirt call is stuck.
 - **Per-VM order**: a VM has at most one call on the pool at a time; its calls run in the
-  order they were made (an ``asyncio.Lock`` is FIFO). A call that timed out still occupies
+  order they were made (an ``asyncio.Lock`` is FIFO), each waiting for the one in progress
+  within its own timeout (a 1 s status read behind a hanging 5 s query gives up after its
+  second, with CallTimeout, not after the query's five). A call that timed out still occupies
   its thread until libvirt answers (a libvirt call cannot be cancelled), so the VM's next
   call first waits, within its own timeout, for that one to finish; if it is still hung,
   the next call fails at once with the same kind of error instead of taking a second
@@ -83,8 +85,9 @@ class VmWorker:
         self._order = asyncio.Lock()
         #: The call that timed out and still holds a pool thread: (name, future, started).
         self._hung: tuple[str, asyncio.Future[Any], float] | None = None
+        self._running = ""  # the call that holds (or last held) the order
         #: The call on the pool now (None between calls).
-        self._running: asyncio.Future[Any] | None = None
+        self._on_pool: asyncio.Future[Any] | None = None
         #: A call for this VM made outside this worker that is still running, if any (the
         #: runner's background refresh): the next worker call waits for it.
         self.outside: Callable[[], concurrent.futures.Future[Any] | None] = lambda: None
@@ -103,7 +106,7 @@ class VmWorker:
     def busy(self) -> bool:
         """Whether a call of this VM is on the pool now (running, or timed out and not
         returned yet)."""
-        return bool(self.hung) or (self._running is not None and not self._running.done())
+        return bool(self.hung) or (self._on_pool is not None and not self._on_pool.done())
 
     async def call(self, name: str, fn: Callable[..., T], *args: Any,
                    timeout: float | None = None) -> T:
@@ -114,51 +117,68 @@ class VmWorker:
         """
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        async with self._order:
-            if self._hung is not None:
-                hung_name, hung_fut, started = self._hung
-                # The late answer itself is dropped (_drop_late); only its end matters.
-                done, _ = await asyncio.wait({hung_fut},
-                                             timeout=max(0.0, deadline - time.monotonic()))
-                if not done:
-                    self.timeouts += 1
-                    raise CallTimeout(
-                        f"libvirt call {name} not started: the earlier call {hung_name} "
-                        f"for VM {self.vm} is still hung after "
-                        f"{time.monotonic() - started:.0f} s")
-                self._hung = None
-            other = self.outside()
-            if other is not None and not other.done():
-                # The refresh is asking libvirt for this VM right now (about a millisecond,
-                # unless this VM's QEMU does not answer): wait, do not ask beside it.
-                done, _ = await asyncio.wait({asyncio.wrap_future(other)},
-                                             timeout=max(0.0, deadline - time.monotonic()))
-                if not done:
-                    self.timeouts += 1
-                    raise CallTimeout(
-                        f"libvirt call {name} not started: this VM's permit refresh "
-                        f"(job_info) is still hung after {limit:g} s")
-            self.calls += 1
-            fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-            self._running = fut
-            left = max(0.0, deadline - time.monotonic())
-            try:
-                return await asyncio.wait_for(asyncio.shield(fut), left)
-            except TimeoutError:
+        # The wait for the VM's call in progress counts against this call's timeout too: a
+        # status read (1 s) behind a balloon query that hangs for the default 5 s fails
+        # after its own second, not after the other call's five.
+        try:
+            await asyncio.wait_for(self._order.acquire(), limit)
+        except asyncio.TimeoutError:  # noqa: UP041 (3.9, 3.10: not the builtin)
+            self.timeouts += 1
+            raise CallTimeout(
+                f"libvirt call {name} not started: the earlier call {self._running} for VM "
+                f"{self.vm} still runs after {limit:g} s") from None
+        try:
+            self._running = name
+            return await self._call(name, fn, args, limit, deadline)
+        finally:
+            self._order.release()
+
+    async def _call(self, name: str, fn: Callable[..., T], args: tuple[Any, ...],
+                    limit: float, deadline: float) -> T:
+        if self._hung is not None:
+            hung_name, hung_fut, started = self._hung
+            # The late answer itself is dropped (_drop_late); only its end matters.
+            done, _ = await asyncio.wait({hung_fut},
+                                         timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                self.timeouts += 1
+                raise CallTimeout(
+                    f"libvirt call {name} not started: the earlier call {hung_name} "
+                    f"for VM {self.vm} is still hung after "
+                    f"{time.monotonic() - started:.0f} s")
+            self._hung = None
+        other = self.outside()
+        if other is not None and not other.done():
+            # The refresh is asking libvirt for this VM right now (about a millisecond,
+            # unless this VM's QEMU does not answer): wait, do not ask beside it.
+            done, _ = await asyncio.wait({asyncio.wrap_future(other)},
+                                         timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                self.timeouts += 1
+                raise CallTimeout(
+                    f"libvirt call {name} not started: this VM's permit refresh "
+                    f"(job_info) is still hung after {limit:g} s")
+        self.calls += 1
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        self._on_pool = fut
+        left = max(0.0, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), left)
+        except asyncio.TimeoutError:  # noqa: UP041 (3.9, 3.10: not the builtin)
+            fut.add_done_callback(_drop_late)
+            self._hung = (name, fut, deadline - limit)
+            self.timeouts += 1
+            self.last_timeout = f"libvirt call {name} timed out after {limit:g} s"
+            # A refusal of the VM (journal fields); the host-wide worker ("(host)")
+            # concerns no VM.
+            fields = {} if self.vm.startswith("(") else journal.event("refusal", VM=self.vm)
+            log.warning("VM %s: %s; refusing it until libvirt answers", self.vm,
+                        self.last_timeout, extra=fields)
+            raise CallTimeout(self.last_timeout) from None
+        except asyncio.CancelledError:
+            # The caller went away (its runner stopped); the thread may still run, so
+            # the VM's next call must wait for it like for a timed-out one.
+            if not fut.done():
                 fut.add_done_callback(_drop_late)
                 self._hung = (name, fut, deadline - limit)
-                self.timeouts += 1
-                self.last_timeout = f"libvirt call {name} timed out after {limit:g} s"
-                # A refusal of the VM (journal fields); the host-wide worker ("(host)")
-                # concerns no VM.
-                fields = {} if self.vm.startswith("(") else journal.event("refusal", VM=self.vm)
-                log.warning("VM %s: %s; refusing it until libvirt answers", self.vm,
-                            self.last_timeout, extra=fields)
-                raise CallTimeout(self.last_timeout) from None
-            except asyncio.CancelledError:
-                # The caller went away (its runner stopped); the thread may still run, so
-                # the VM's next call must wait for it like for a timed-out one.
-                if not fut.done():
-                    fut.add_done_callback(_drop_late)
-                    self._hung = (name, fut, deadline - limit)
-                raise
+            raise

@@ -15,12 +15,16 @@ long the guest took (the balloon must give memory back fast) and whether anythin
 OOM-killed.
 
 Printed side by side: MiB returned 5/10/30/60 s after the free, time to 50 % and 90 % of the
-freed memory, guest CPU and QEMU CPU spent meanwhile.
+freed memory, guest CPU and QEMU CPU spent meanwhile; under the private rows, issue 11's
+targets for each aerate row against the kernel's reporting of the same run (t90 at most
+the kernel's, MiB back at 30 s at least the kernel's, no OOM kill in the second burst),
+met or MISSED.
 
     .venv/bin/python tests/perf/bench_reclaim.py [--smoke] [--hog-mib N] [--window S]
                                                  [--only memfd|private]
 
-This is a benchmark, not a test: it asserts nothing about speed; it prints what it measured.
+This is a benchmark, not a test: it asserts nothing about speed; it prints what it measured
+(a missed target is printed, and the exit status stays 0).
 """
 
 from __future__ import annotations
@@ -197,11 +201,50 @@ def table(results: list[dict[str, Any]], hog_mib: int) -> str:
     return columns(rows, 14)
 
 
+def _verdict(ok: bool | None) -> str:
+    return "not judged" if ok is None else ("met" if ok else "MISSED")
+
+
+def targets(results: list[dict[str, Any]], hog_mib: int) -> list[str]:
+    """Issue 11's targets for each aerate private-RAM row against the kernel's reporting of
+    the same run: t90 at most the kernel's, MiB back at 30 s at least the kernel's, no OOM
+    kill (and the burst ran) in the second burst. Printed, never asserted: a miss is a
+    figure to read, not a failed benchmark. "not judged" where the window holds no figure
+    to compare (neither reached 90 %, a window shorter than 30 s)."""
+    kernel = next((r for r in results if r["mode"] == "kernel FPR"), None)
+    ours = [r for r in results if r["mode"].startswith("aerate")]
+    if kernel is None:
+        return [f"targets (issue 11): no kernel FPR trial in this run; {len(ours)} aerate "
+                "row(s) not judged"] if ours else []
+    k90 = time_to(kernel["samples"], 0.9 * hog_mib * MiB)
+    k30 = at(kernel["samples"], 30)
+    out = []
+    for r in ours:
+        t90 = time_to(r["samples"], 0.9 * hog_mib * MiB)
+        b30 = at(r["samples"], 30)
+        fast = None if t90 is None and k90 is None else (
+            t90 is not None and (k90 is None or t90 <= k90))
+        much = None if b30 is None or k30 is None else b30 >= k30
+        ooms = r.get("oom_kills")
+        ran = r.get("burst_s") is not None and not r.get("burst_error")
+        safe = ran and ooms == 0
+        kills = f"{ooms if ooms is not None else '-'} kills" + ("" if ran else ", it failed")
+        out += [f"targets (issue 11) for {r['mode']}, against kernel FPR in this run:",
+                f"  t90 <= kernel's: {_fmt(t90, 1)} s vs {_fmt(k90, 1)} s -> "
+                f"{_verdict(fast)}",
+                f"  MiB back at 30 s >= kernel's: {_fmt(b30, MiB)} vs {_fmt(k30, MiB)} -> "
+                f"{_verdict(much)}",
+                f"  no OOM kill in the second {hog_mib} MiB burst: {kills} -> "
+                f"{_verdict(safe)} (corruption: the vm tier's checker, not run here)"]
+    return out
+
+
 def _fmt(v: float | None, unit: float) -> str:
     return "-" if v is None else (f"{v / unit:.0f}" if unit > 1 else f"{v:.1f}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (main's, apart so a unit test parses it without booting)."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="short run for CI")
@@ -210,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-mib", type=int, default=2048)
     ap.add_argument("--json", help="also write the raw samples here")
     ap.add_argument("--only", choices=("memfd", "private"), help="one RAM kind only")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.smoke:
         args.hog_mib, args.window, args.memory_mib = 256, 35.0, 1024
     image = ensure_image()
@@ -231,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfreed {args.hog_mib} MiB in a {args.memory_mib} MiB guest "
               f"({results[0]['guest']}, private RAM); QEMU's RssAnon read from the kernel")
         print(table(results, args.hog_mib))
+        print("\n".join(targets(results, args.hog_mib)))
         print(f"aerated's settings: {PRIVATE_CONFIG!r}")
         for r in results:
             if r.get("reclaimer", "-") != "-":

@@ -1,6 +1,7 @@
 """Simulated guests and a fake libvirt for driving the real daemon code paths.
 
-Used by tests/unit/test_isolation.py and tests/perf/bench_daemon.py:
+Used by tests/unit/test_isolation.py, tests/unit/test_balloon_daemon.py and
+tests/perf/bench_daemon.py:
 
 - :class:`FakeLibvirt` is a **MOCK of libvirtd** (no libvirt daemon can be made slow per VM
   on demand here): the same methods as ``LibvirtConnection`` for the daemon's needs, each
@@ -24,7 +25,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -277,6 +278,9 @@ class SimGuest:
     stats_s: float = 5.0
     blocks: int = 4  # 2 MiB blocks per report
     mem_free: int = 128 * MiB  # what its stats say
+    #: what its stats say its balloon holds (None: the figure is left out, as by an agent
+    #: on a guest kernel without the vmstat counter)
+    balloon_bytes: Optional[int] = None
     latencies: List[float] = field(default_factory=list)
     acks: List[Tuple[int, int, int, str]] = field(default_factory=list)  # batch, disc, ref, why
     sessions: int = 0
@@ -395,9 +399,12 @@ class SimGuest:
 
     def send_stats(self, ep: GuestEndpoint, writer: asyncio.StreamWriter) -> None:
         """One statistics message, as the agent sends every stats_interval_s."""
-        ep.send({"type": "stats", "mem_free": self.mem_free,
-                 "watermark_high_bytes": 8 * MiB, "psi_some_avg10": 0.0,
-                 "engine": {"held_bytes": 0, "aerated_bytes": 0}})
+        msg: Dict[str, Any] = {"type": "stats", "mem_free": self.mem_free,
+                               "watermark_high_bytes": 8 * MiB, "psi_some_avg10": 0.0,
+                               "engine": {"held_bytes": 0, "aerated_bytes": 0}}
+        if self.balloon_bytes is not None:
+            msg["balloon_bytes"] = self.balloon_bytes
+        ep.send(msg)
         out = ep.take_outbox()
         if out:
             writer.write(out)
@@ -464,6 +471,38 @@ async def simulated(run_dir: str, names: Tuple[str, ...], **timing: float
             await g.stop()
         for vm in conn.vms.values():
             os.close(vm.fd)
+
+
+def run_simulated(tmp_path: Any, body: Callable[[Any, FakeLibvirt, Dict[str, SimGuest]],
+                                                 Awaitable[None]],
+                  names: Tuple[str, ...] = ("A", "B"), **timing: float) -> None:
+    """``body(daemon, conn, guests)`` inside :func:`simulated`, on a new event loop."""
+    async def main() -> None:
+        async with simulated(str(tmp_path), names, **timing) as (daemon, conn, guests):
+            await body(daemon, conn, guests)
+
+    asyncio.run(main())
+
+
+async def report_and_wait(daemon: Any, guest: SimGuest, timeout: float) -> float:
+    """Send one report from ``guest`` through its live connection; seconds to its ack."""
+    got = asyncio.Event()
+    guest.on_ack = lambda g: got.set()
+    runner = daemon.runners[guest.name]
+    await until(lambda: runner.state.value == "running", 5, f"{guest.name} running")
+    assert guest.ep is not None and guest.writer is not None
+    t0 = time.monotonic()
+    assert guest.report_now(guest.ep, guest.writer) is not None
+    await asyncio.wait_for(got.wait(), timeout)
+    return time.monotonic() - t0
+
+
+def make_private(conn: FakeLibvirt, guests: Dict[str, SimGuest], name: str) -> None:
+    """Make ``name`` a 4 GiB VM with private RAM (the balloon reclaimer's) whose guest
+    says 3 GiB are free."""
+    conn.private.add(name)
+    conn.balloon[name] = (4096 << 20, 4096 << 20)
+    guests[name].mem_free = 3072 << 20
 
 
 async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:

@@ -16,13 +16,19 @@ from hypothesis import strategies as st
 from aerate.agent import settings as table
 from aerate.host.balloon import (
     COOLDOWN_CAP_S,
+    FLAP_BACKOFF_CAP_S,
+    FLAP_BACKOFF_S,
+    FLAP_REVERSALS,
+    FLAP_WINDOW_S,
     LOOKAHEAD_S,
     MIN_STEP,
     STEP_HORIZON_S,
     BalloonSettings,
+    Flaps,
     GuestStats,
     MiB,
     Step,
+    flap_hold,
     floor_bytes,
     free_rate,
     next_target,
@@ -227,6 +233,113 @@ def test_the_demand_rate_discounts_what_the_balloon_itself_took() -> None:
     assert free_rate(before, 0.0, dict(before, mem_free=0), 0.05) == 0.0
     assert free_rate(None, 0.0, before, 1.0) == 0.0
     assert free_rate(before, 0.0, dict(before, mem_free=True), 1.0) == 0.0
+
+
+def trace(workload_free: Any, until: float, every: float = 0.5, flaps_hold: bool = True
+          ) -> list[tuple[float, int, Step]]:
+    """Drive the controller as the daemon does (host/daemon.py balloon_tick), one decision
+    per statistics message every ``every`` s: ``workload_free(t)`` is what the guest's
+    workload leaves free (MiB) at t, of which the balloon holds its share; the balloon
+    arrives at once; ``flaps_hold`` False: the controller is told of no reversals, as before
+    it had them. (t, balloon size, step) per message."""
+    actual, target, last_deflate, flaps = MAX, None, -math.inf, Flaps()
+    before: dict[str, int] | None = None
+    out = []
+    t = 0.0
+    while t < until:
+        held = MAX - actual
+        raw = {"mem_free": max(0, int(workload_free(t) * MiB) - held),
+               "watermark_high_bytes": WM, "psi_some_avg10": 0.0, "balloon_bytes": held}
+        st_, why = parse_stats(raw, 0.0, MAX)
+        rate = free_rate(before, t - every, raw, t) if before is not None else 0.0
+        r = next_target(st_, why, actual, target, MAX, S, t - last_deflate,
+                        free_rate=rate, reversals=flaps.ages(t) if flaps_hold else ())
+        if r.target != (target if target is not None else actual):
+            flaps.moved(t, r.deflate)
+            if r.deflate:
+                last_deflate = t
+            target = actual = r.target
+        out.append((t, actual, r))
+        before = raw
+        t += every
+    return out
+
+
+def test_statistics_flapping_every_event_stop_inflating_the_balloon() -> None:
+    """Free memory 1500/300 MiB every 0.5 s: each 300 deflates at once (free falling fast),
+    each 1500 would inflate again after the cooldown, forever. After FLAP_REVERSALS such
+    reversals the controller holds instead, says why, and holds longer every time."""
+    def inflates(tr: list[tuple[float, int, Step]]) -> list[float]:
+        sizes = [MAX] + [size for _, size, _ in tr]
+        return [t for (t, size, _), before in zip(tr, sizes) if size < before]
+
+    def swings(t: float) -> float:
+        return 1500 if int(t / 0.5) % 2 == 0 else 300
+
+    # Without the hold: an inflate every 5 s (the cooldown after each deflate), 180 of them.
+    assert len(inflates(trace(swings, 900, flaps_hold=False))) == 180
+    flapping = trace(swings, 900)
+    inflates = inflates(flapping)
+    # With it: 31, 61, 121, 241 s apart, then FLAP_BACKOFF_CAP_S (and a second) apart.
+    assert len(inflates) <= 8, inflates
+    first_hold = next(t for t, _, r in flapping if "flapping" in r.reason)
+    assert len([t for t in inflates if t < first_hold]) == FLAP_REVERSALS
+    gaps = [b - a for a, b in zip(inflates[FLAP_REVERSALS - 1:], inflates[FLAP_REVERSALS:])]
+    assert gaps == sorted(gaps) and gaps[0] >= FLAP_BACKOFF_S, gaps  # the backoff grows
+    assert FLAP_BACKOFF_CAP_S <= gaps[-1] <= FLAP_BACKOFF_CAP_S + 1, gaps
+    # Status says so throughout the hold, on the swings down (the balloon already at full
+    # memory) as on the swings up.
+    during = [r for t, _, r in flapping if first_hold <= t < first_hold + FLAP_BACKOFF_S - 1]
+    assert len(during) > 50 and all("balloon flapping" in r.reason and "another" in r.reason
+                                    and not r.deflate for r in during), during[:2]
+    # Flapping or not, the swing down after each inflate deflated at the next message.
+    for (_, size, _), (_, _, nxt) in zip(flapping, flapping[1:]):
+        if size < MAX:
+            assert nxt.deflate and nxt.target == MAX, nxt
+
+
+def test_a_flapping_guest_still_gets_its_memory_back_at_once_and_inflation_resumes(
+        ) -> None:
+    at = 1024 * MiB
+    ages = (5.0, 40.0)   # two reversals within the window: flapping
+    wait, n = flap_hold(ages)
+    assert n == FLAP_REVERSALS and wait == FLAP_BACKOFF_S - 5.0
+    r = step(stats(1500), actual=at, target=at, reversals=ages)
+    assert r.target == at and not r.deflate and "flapping" in r.reason
+    # Demand: deflate at once, whatever the hold.
+    r = step(stats(100), actual=at, target=at, reversals=ages)
+    assert r.target == MAX and r.deflate
+    r = step(stats(600), actual=at, target=at, reversals=ages, free_rate=-300.0 * MiB)
+    assert r.target == MAX and r.deflate
+    # The hold runs out; reversals out of the window are forgotten.
+    assert step(stats(1500), actual=at, target=at, reversals=(31.0, 66.0)).target < at
+    assert flap_hold((1.0, FLAP_WINDOW_S + 1)) == (0.0, 1)
+    assert flap_hold((1.0, float("nan"), -3.0)) == (0.0, 1)
+    assert flap_hold(()) == (0.0, 0)
+    # A hold under way is fixed at its reversal: older ones ageing out do not shorten it.
+    assert flap_hold((10.0, 20.0, 30.0, FLAP_WINDOW_S))[0] == 4 * FLAP_BACKOFF_S - 10.0
+    # Each further reversal doubles the hold, up to the cap.
+    assert flap_hold((1.0, 2.0, 3.0))[0] == 2 * FLAP_BACKOFF_S - 1.0
+    assert flap_hold(tuple(float(i) for i in range(1, 20)))[0] == FLAP_BACKOFF_CAP_S - 1.0
+    # Flapping that stopped: after the hold, the balloon goes down and stays there.
+    after = trace(lambda t: 1500 if t > 20 or int(t / 0.5) % 2 == 0 else 300, 300)
+    sizes = [size for t, size, _ in after if t > 20]
+    assert sizes[-1] < MAX and sizes == sorted(sizes, reverse=True), sizes[::20]
+
+
+def test_flaps_counts_only_a_deflate_right_after_an_inflate() -> None:
+    f = Flaps()
+    f.moved(0.0, True)      # a deflate with no inflate before it: no reversal
+    assert f.ages(1.0) == ()
+    f.moved(1.0, False)
+    f.moved(2.0, False)     # inflating on: none
+    f.moved(3.0, True)      # the reversal
+    f.moved(4.0, True)      # deflating again: still one
+    assert f.ages(5.0) == (2.0,)
+    f.moved(6.0, False)
+    f.moved(7.0, True)
+    assert f.ages(8.0) == (1.0, 5.0)
+    assert f.ages(7.0 + FLAP_WINDOW_S + FLAP_BACKOFF_CAP_S + 1) == ()
 
 
 def test_parse_stats_takes_a_real_message() -> None:

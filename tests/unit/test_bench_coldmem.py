@@ -4,24 +4,18 @@ prints when a trial failed before it measured anything (CI's smoke prints it the
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from perf_bench import load
 
 pytestmark = pytest.mark.unit
 MiB = 1 << 20
-BENCH = Path(__file__).resolve().parents[1] / "perf" / "bench_coldmem.py"
 
 
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_coldmem", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("bench_coldmem")
 
 
 def result(mode: str, back_60: float | None, psi: float | None) -> dict[str, Any]:

@@ -14,38 +14,23 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
-from daemon_sim import FakeLibvirt, SimGuest, simulated, stop_daemon, until
+from daemon_sim import (
+    FakeLibvirt,
+    SimGuest,
+    make_private,
+    report_and_wait,
+    stop_daemon,
+    until,
+)
+from daemon_sim import run_simulated as run
 
 from aerate.host import journal
 from aerate.host.refusal import JobInfo
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
-
-
-def run(tmp_path: Path, body: Callable[[Any, FakeLibvirt, dict[str, SimGuest]],
-                                       Awaitable[None]],
-        names: tuple[str, ...] = ("A", "B"), **timing: float) -> None:
-    async def main() -> None:
-        async with simulated(str(tmp_path), names, **timing) as (daemon, conn, guests):
-            await body(daemon, conn, guests)
-
-    asyncio.run(main())
-
-
-async def report_and_wait(daemon: Any, guest: SimGuest, timeout: float) -> float:
-    """Send one report from ``guest`` through its live connection; seconds to its ack."""
-    got = asyncio.Event()
-    guest.on_ack = lambda g: got.set()
-    runner = daemon.runners[guest.name]
-    await until(lambda: runner.state.value == "running", 5, f"{guest.name} running")
-    assert guest.ep is not None and guest.writer is not None
-    t0 = time.monotonic()
-    assert guest.report_now(guest.ep, guest.writer) is not None
-    await asyncio.wait_for(got.wait(), timeout)
-    return time.monotonic() - t0
 
 
 def test_a_vm_whose_domain_xml_sleeps_10s_does_not_delay_another_vms_ack(
@@ -70,6 +55,39 @@ def test_a_vm_whose_domain_xml_sleeps_10s_does_not_delay_another_vms_ack(
         assert time.monotonic() - t0 < 0.1 and len(status["vms"]) == 2
 
     run(tmp_path, body)
+
+
+def test_a_balloon_vm_whose_balloon_info_sleeps_10s_does_not_delay_another_vms_ack(
+        tmp_path: Path) -> None:
+    """The balloon controller's libvirt calls go through the VM's own worker: P's balloon
+    query hanging (libvirtd waiting on a stuck QEMU monitor) stalls P's controller only."""
+    from aerate.host import daemon as daemon_mod
+
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
+        make_private(conn, guests, "P")
+        conn.slow[("P", "balloon_info")] = 10.0
+        daemon.start_runner("A")
+        await until(lambda: guests["A"].sessions > 0, 5, "A's session")
+        daemon.start_runner("P")
+        runner = daemon.runners["P"]
+        await until(lambda: runner.cache.last().action == "balloon", 5, "P's balloon decision")
+        await until(lambda: conn.calls.get("balloon_info", 0) > 0, 5, "P's balloon_info")
+        await asyncio.sleep(0.05)  # P's controller is now inside its 10 s call
+        took = await report_and_wait(daemon, guests["A"], 5)
+        assert took < 0.5, f"A's report took {took:.3f} s to be acked"
+        _, discarded, refused, _ = guests["A"].acks[-1]
+        assert discarded == 4 * (2 << 20) and refused == 0, guests["A"].acks
+        assert conn.balloon_sets == []  # P's tick has not come back
+        # status waits for each VM's fresh backing figure, in its worker, at most
+        # STATUS_READ_TIMEOUT: P's stays its older snapshot (it waited for the whole
+        # balloon query, CALL_TIMEOUT, before that wait counted against its own).
+        t0 = time.monotonic()
+        status = await daemon.handle({"cmd": "status"})
+        took = time.monotonic() - t0
+        assert took < daemon_mod.STATUS_READ_TIMEOUT + 0.5 and len(status["vms"]) == 2, took
+        assert daemon.runners["P"].worker.hung == ""  # the read gave up; nothing new hangs
+
+    run(tmp_path, body, names=("A", "P"))
 
 
 def test_a_busy_guest_gets_keepalive_tokens_and_an_idle_one_none(tmp_path: Path) -> None:
@@ -357,19 +375,13 @@ def test_an_input_flood_ends_the_session_within_the_budget(tmp_path: Path) -> No
     run(tmp_path, body, names=("A",))
 
 
-def _private(conn: FakeLibvirt, guests: dict[str, SimGuest], name: str) -> None:
-    conn.private.add(name)
-    conn.balloon[name] = (4096 << 20, 4096 << 20)
-    guests[name].mem_free = 3072 << 20
-
-
 def test_a_squeezed_balloon_left_by_a_dead_daemon_is_restored_at_start(
         tmp_path: Path) -> None:
     """The first daemon dies without releasing anything (as under SIGKILL: its release
     path is disabled); the second one, whatever it decides for the VM now (here: the
     domain lost its aerate channel), puts the balloon back to the saved size."""
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
-        _private(conn, guests, "P")
+        make_private(conn, guests, "P")
         daemon.start_runner("P")
         runner = daemon.runners["P"]
         await until(lambda: guests["P"].ep is not None and runner.state.value == "running",
@@ -403,7 +415,7 @@ def test_a_squeezed_balloon_left_by_a_dead_daemon_is_restored_at_start(
 
 def test_a_record_of_a_vm_this_daemon_does_not_serve_is_restored_too(tmp_path: Path) -> None:
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
-        _private(conn, guests, "P")
+        make_private(conn, guests, "P")
         conn.balloon["P"] = (3000 << 20, 4096 << 20)
         daemon.balloons.save("P", 4096 << 20, 4096 << 20)
         daemon.balloons.save("gone", 1 << 30, 1 << 30)  # a VM that no longer runs
@@ -418,7 +430,7 @@ def test_a_record_of_a_vm_this_daemon_does_not_serve_is_restored_too(tmp_path: P
 
 def test_no_inflate_without_autodeflate(tmp_path: Path) -> None:
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest]) -> None:
-        _private(conn, guests, "P")
+        make_private(conn, guests, "P")
         conn.no_autodeflate.add("P")
         daemon.start_runner("P")
         runner = daemon.runners["P"]

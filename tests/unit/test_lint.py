@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,19 @@ def test_host_runs_on_python_3_9() -> None:
     r = run(str(BIN / "vermin"), "-t=3.9-", "--no-tips", "--violations", "--no-parse-comments",
             "host/")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_asyncio_timeouts_are_caught_by_their_own_name() -> None:
+    """On Python 3.8-3.10 asyncio.wait_for raises asyncio.TimeoutError, which is not the
+    builtin TimeoutError (they are one from 3.11): ``except TimeoutError`` after it lets a
+    libvirt call's timeout escape VmWorker as a crash instead of CallTimeout on Debian 11.
+    ruff's UP041 (target 3.11) rewrites the name, hence the noqa beside each."""
+    bare = re.compile(r"except\s*\(?[^:\n]*(?<![.\w])TimeoutError")
+    offenders = [f"{p.relative_to(ROOT)}:{n}" for d in ("host", "agent")
+                 for p in sorted((ROOT / d).glob("*.py"))
+                 for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if bare.search(line)]
+    assert offenders == []
 
 
 def test_agent_imports_nothing_from_the_host_side() -> None:
