@@ -6,7 +6,6 @@ of the counters to keep in step.
 
 from __future__ import annotations
 
-import importlib.metadata
 import ipaddress
 import platform
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ try:
 except ImportError:  # prometheus_client < 0.12 (Debian 11 has 0.9): collectors are duck-typed
     Collector = object  # type: ignore[misc,assignment]
 
+from aerate import __version__
 from aerate.host.pressure import HostMemory
 
 Status = Callable[[], list[dict[str, Any]]]
@@ -62,13 +62,6 @@ _BALLOON = (
 )
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("aerate")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 class AerateCollector(Collector):
     """Turns the daemon's per-VM status into metric families at scrape time.
 
@@ -89,7 +82,7 @@ class AerateCollector(Collector):
         vms = self.status()
         build = GaugeMetricFamily("aerate_build_info", "aerated's version (always 1)",
                                   labels=["version", "python"])
-        build.add_metric([_version(), platform.python_version()], 1)
+        build.add_metric([__version__, platform.python_version()], 1)
         yield build
         if self.connected is not None:
             yield GaugeMetricFamily("aerate_libvirt_connected",
