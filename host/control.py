@@ -17,9 +17,11 @@ asked only through a VM's worker or the host worker (host/vm_worker.py, ordered 
 timed), status and metrics read the runners' snapshots (S8).
 
 Where a setting comes from (``get``), lowest first, as ``VmRunner.effective_settings``
-layers them: ``built-in`` < ``host file`` ([defaults], then [vm.NAME]) < ``metadata`` (the
-domain's, written by ``aeratectl set``) < ``live`` (the daemon's in-memory layer); host
-pressure (host/pressure.py) may then firm up a guest value, shown as ``host pressure``.
+layers them: ``built-in`` < ``host file`` ([defaults], then [vm.NAME]) < the domain's
+metadata (written by ``aeratectl set``): ``metadata`` where the saved definition holds the
+same value, ``live`` where only the running domain does (``set --live``: gone when the VM
+stops); host pressure (host/pressure.py) may then firm up a guest value, shown as ``host
+pressure``.
 Host-scope keys never come from the metadata (S6): ``set``/``reset`` refuse them.
 """
 
@@ -276,15 +278,14 @@ async def _stored(d: Daemon, t: Target, config: bool) -> dict[str, str]:
         raise Failed(str(e)) from e
 
 
-def _layers(d: Daemon, name: str, metadata: Mapping[str, Any],
-            live: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any]]]:
+def _layers(d: Daemon, name: str, metadata: Mapping[str, Any]
+            ) -> list[tuple[str, str, Mapping[str, Any]]]:
     cfg = d.config
     path = cfg.path or config_mod.DEFAULT_PATH
     return [("built-in", "agent/settings.py", table.defaults()),
             ("host file", f"{path} [defaults]", cfg.defaults),
             ("host file", f"{path} [vm.{name}]", cfg.per_vm.get(name, {})),
-            ("metadata", "the domain's metadata", metadata),
-            ("live", "set in this aerated since it started", live)]
+            ("metadata", "the domain's metadata", metadata)]
 
 
 async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
@@ -298,20 +299,19 @@ async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
     except Failed:
         if t.id == -1:
             raise
-        saved = {}  # a transient domain has no definition; the live layer still counts
+        saved = {}  # a transient domain has no definition: its metadata is all live
     if t.runner is not None:
         r = t.runner
-        metadata, live, error = dict(r.metadata), dict(r.live), r.settings_error
+        metadata, error = dict(r.metadata), r.settings_error
         effective = r.effective_settings()
     else:
-        live = {}
         try:
             metadata = config_mod.metadata_from_xml(
                 config_mod.metadata_to_xml(saved) if saved else None, t.name)
         except config_mod.ConfigError as e:
             metadata, error = {}, str(e)
         effective = table.layered([*d.config.layers_for(t.name), metadata])
-    layers = _layers(d, t.name, metadata, live)
+    layers = _layers(d, t.name, metadata)
     lvl = t.runner.pressure_level if t.runner is not None else \
         pressure.level(d.host_memory, effective)
     out: dict[str, Any] = {}
@@ -322,21 +322,23 @@ async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
         for src, det, layer in layers:
             if row.name in layer:
                 source, detail, value = src, det, layer[row.name]
+        nxt: Any = None
+        if row.name in saved and t.runner is not None and t.id != -1:
+            with contextlib.suppress(table.SettingError):
+                nxt = table.coerce(row.name, saved[row.name], "saved definition")
         if source == "metadata":
-            detail = ("the domain's metadata, saved in its definition"
-                      if row.name in saved or t.runner is None else
-                      "the running domain's metadata only (lost when the VM stops)")
+            detail = "the domain's metadata, saved in its definition"
+            if t.runner is not None and t.id != -1 and nxt != value:
+                source, detail = "live", ("the running domain's metadata only (set --live: "
+                                          "lost when the VM stops)")
         entry: dict[str, Any] = {"value": effective[row.name], "source": source,
                                  "detail": detail, "scope": row.scope}
         if effective[row.name] != value:
             entry.update(source="host pressure", configured=value,
                          detail=f"host memory level {lvl} (host_low_mib/host_high_mib); "
                                 f"configured {value} from {source}")
-        if row.name in saved and t.runner is not None and t.id != -1:
-            with contextlib.suppress(table.SettingError):
-                nxt = table.coerce(row.name, saved[row.name], "saved definition")
-                if nxt != metadata.get(row.name):
-                    entry["next_start"] = nxt
+        if nxt is not None and nxt != metadata.get(row.name):
+            entry["next_start"] = nxt
         out[row.name] = entry
     return {"ok": True, "vm": t.name, "uuid": t.uuid, "running": t.id != -1,
             "settings": out, "settings_error": error, "host_pressure": lvl}
@@ -382,7 +384,7 @@ def reapply(r: VmRunner, before: Mapping[str, Any]) -> None:
     """The VM's effective settings changed (stored layer, host file, host pressure): the
     budgets and lease now, a new decision (mode may have changed), and the changed guest
     settings to the agent at once."""
-    r.apply_live({})
+    r.settings_changed()
     after = r.guest_settings()
     changed = {k: v for k, v in after.items() if before.get(k) != v}
     if r.session is not None and changed:
@@ -470,9 +472,6 @@ async def reset(d: Daemon, ident: str, keys: Any, live: bool,
                d.config.path or config_mod.DEFAULT_PATH)
     kept = {k: v for k, v in stored.items() if keys and k not in keys}
     await _write(d, t, kept, lv, cf)
-    if t.runner is not None and now:
-        for k in keys or list(t.runner.live):
-            t.runner.live.pop(k, None)
     applied, error = await _apply(t, now)
     if error:
         raise Failed(f"removed, but the stored settings are still invalid, so the VM stays "
@@ -515,7 +514,7 @@ async def watch_pressure(d: Daemon, period: float = 1.0) -> None:
         sample = pressure.sample()
         now = time.monotonic()
         for r in list(d.runners.values()):
-            values = table.layered([*d.config.layers_for(r.name), r.metadata, r.live])
+            values = table.layered([*d.config.layers_for(r.name), r.metadata])
             old, since = acting.get(r.name, (pressure.PLENTY, None))
             lvl, since = pressure.settle(old, pressure.level(sample, values), since, now)
             acting[r.name] = (lvl, since)

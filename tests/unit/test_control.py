@@ -247,6 +247,14 @@ def test_set_get_reset_on_a_running_vm(tmp_path: Path,
         assert rc == 0 and daemon.runners["A"].effective_settings()["delay_ms"] == 9
         got = json.loads((await aeratectl("get", "A", "delay_ms", "--json"))[1])["settings"]
         assert got["delay_ms"]["next_start"] == 7
+        assert (got["delay_ms"]["value"], got["delay_ms"]["source"]) == (9, "live")
+        assert "lost when the VM stops" in got["delay_ms"]["detail"]
+        # A --live value the definition also holds is the saved metadata again.
+        rc, _, err = await aeratectl("set", "A", "delay_ms=9", "--config")
+        assert rc == 0, err
+        got = json.loads((await aeratectl("get", "A", "delay_ms", "--json"))[1])["settings"]
+        assert (got["delay_ms"]["source"], "next_start" in got["delay_ms"]) == \
+            ("metadata", False)
 
     run(tmp_path, capsys, body, config="[vm.A]\ncapacity = 16\n")
 
