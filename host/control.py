@@ -579,6 +579,26 @@ def fact_sentences(f: VmFacts) -> list[dict[str, Any]]:
           f"page poisoning: {told} ({f.poison.detail})")
     _fact(out, "memballoon", dom.memballoon == "virtio" and not dom.locked,
           f"balloon: {dom.memballoon or 'none'}" + (", RAM locked" if dom.locked else ""))
+    # What chooses between punch and balloon: shared memfd/file RAM can be punched; private
+    # RAM (libvirt's default) only the balloon can return, so mode=punch refuses it.
+    shared = dom.memory_access == "shared" and dom.memory_source in ("memfd", "file")
+    _fact(out, "memory", shared or f.mode != "punch",
+          f"guest RAM (domain XML): source {dom.memory_source}, access {dom.memory_access}"
+          + (", huge pages" if dom.hugepages else "")
+          + ("; punching can free it" if shared else
+             "; private, so only the balloon can return it"))
+    _fact(out, "balloon_available", f.balloon_available or shared,
+          "the balloon reclaimer is available" if f.balloon_available else
+          "the balloon reclaimer is not available"
+          + ("; not needed: the RAM can be punched" if shared else ""))
+    # Not against reclaim: it says who reclaims (decide() gives KERNEL instead of
+    # punch/balloon when it is on).
+    _fact(out, "kernel_reporting", True,
+          "the guest kernel reports its own free pages (virtio-balloon free-page-reporting "
+          "negotiated): it reclaims and aerate watches; override_kernel_reporting=true "
+          "hands it to aerate" if f.kernel_reporting else
+          "the guest kernel does not report its own free pages (or "
+          "override_kernel_reporting=true): aerate's reclaimer serves")
     return out
 
 

@@ -428,6 +428,7 @@ def test_explain_says_why_in_sentences_with_every_fact(
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest],
                    aeratectl: Callable[..., Awaitable[Any]]) -> None:
         conn.no_channel.add("N")
+        conn.private.add("P")
         await running(daemon, "A")
         daemon.start_runner("N")
         await until(lambda: daemon.runners["N"].state.value == "no-channel", 5, "N idle")
@@ -437,8 +438,12 @@ def test_explain_says_why_in_sentences_with_every_fact(
         facts = {f["fact"]: f for f in ex["facts"]}
         assert {"mode", "settings", "pinning_devices", "pinning_fd", "vhost_user",
                 "launch_security", "job", "qemu_migration", "memory_map", "backing",
-                "reservations", "poison", "memballoon"} <= set(facts)
+                "reservations", "poison", "memballoon", "memory", "balloon_available",
+                "kernel_reporting"} <= set(facts)
         assert all(f["ok"] for f in facts.values()), facts
+        assert "source memfd, access shared; punching can free it" in facts["memory"]["text"]
+        assert "balloon reclaimer is available" in facts["balloon_available"]["text"]
+        assert "does not report its own free pages" in facts["kernel_reporting"]["text"]
         text = " ".join(ex["sentences"])
         for words in ("reclaiming with punch", "Leases of", "Discard budget",
                       "Guest capabilities: poison_safe yes", "Host pressure is not used",
@@ -453,8 +458,18 @@ def test_explain_says_why_in_sentences_with_every_fact(
         ex = conforms(json.loads(out), "explain")
         assert (ex["reclaimer"], ex["category"], ex["reclaiming"]) == \
             ("unmanaged", "no-channel", False)
+        # Private RAM: only the balloon returns it, and mode=punch is a fact against it.
+        await running(daemon, "P")
+        ex = conforms(json.loads((await aeratectl("explain", "P", "--json"))[1]), "explain")
+        memory = {f["fact"]: f for f in ex["facts"]}["memory"]
+        assert memory["ok"] and "access private" in memory["text"], memory
+        assert "only the balloon can return it" in memory["text"]
+        rc, _, err = await aeratectl("set", "P", "mode=punch")
+        assert rc == 0, err
+        ex = json.loads((await aeratectl("explain", "P", "--json"))[1])
+        assert not {f["fact"]: f for f in ex["facts"]}["memory"]["ok"], ex["facts"]
 
-    run(tmp_path, capsys, body, names=("A", "N"))
+    run(tmp_path, capsys, body, names=("A", "N", "P"))
 
 
 def test_a_vm_the_guest_kernel_reclaims_is_shown_as_kernel(
@@ -469,6 +484,8 @@ def test_a_vm_the_guest_kernel_reclaims_is_shown_as_kernel(
         assert (st["vms"][0]["reclaimer"], st["vms"][0]["category"]) == ("kernel", "none")
         ex = conforms(json.loads((await aeratectl("explain", "K", "--json"))[1]), "explain")
         assert ex["reclaiming"] and "The guest kernel reclaims it" in ex["sentences"][1]
+        fact = {f["fact"]: f for f in ex["facts"]}["kernel_reporting"]
+        assert fact["ok"] and "the guest kernel reports its own free pages" in fact["text"]
 
     run(tmp_path, capsys, body, names=("K",))
 
