@@ -214,6 +214,7 @@ def vm_view(d: Daemon, r: VmRunner) -> dict[str, Any]:
     if bal is not None:
         out["balloon"] = dict(out.get("balloon") or {}, **bal)
     out["host_pressure"] = r.pressure_level
+    out["effective"] = pressure.effective(r.configured_settings(), r.pressure_level)
     return out
 
 
@@ -514,7 +515,7 @@ async def watch_pressure(d: Daemon, period: float = 1.0) -> None:
         sample = pressure.sample()
         now = time.monotonic()
         for r in list(d.runners.values()):
-            values = table.layered([*d.config.layers_for(r.name), r.metadata])
+            values = r.configured_settings()
             old, since = acting.get(r.name, (pressure.PLENTY, None))
             lvl, since = pressure.settle(old, pressure.level(sample, values), since, now)
             acting[r.name] = (lvl, since)
@@ -679,8 +680,8 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
                     f"of {bal['max_bytes'] >> 20} MiB; it holds back "
                     f"{bal['held_back_bytes'] >> 20} MiB"
                     + (f" ({bal['reason']})" if bal.get("reason") else "") + ".")
-    says.append(pressure.describe(d.host_memory, values)[:1].upper()
-                + pressure.describe(d.host_memory, values)[1:] + ".")
+    host = pressure.describe(d.host_memory, r.configured_settings(), r.pressure_level)
+    says.append(host[:1].upper() + host[1:] + ".")
     errors = [e for e in (s.get("last_error"), s.get("last_refusal"), r.settings_error,
                           r.map_error, r._balloon_error,
                           (s.get("libvirt_calls") or {}).get("last_timeout")) if e]
@@ -692,5 +693,6 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
     age = r.cache.issued_at
     return {"ok": True, "vm": r.name, "uuid": view["uuid"], "reclaiming": reclaiming,
             "reclaimer": reclaimer, "category": view["category"], "reason": view["reason"],
-            "facts": facts, "sentences": says,
+            "facts": facts, "sentences": says, "host_pressure": r.pressure_level,
+            "effective": view["effective"],
             "permit_age_s": round(time.monotonic() - age, 3) if math.isfinite(age) else None}

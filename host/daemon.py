@@ -313,11 +313,15 @@ class VmRunner:
 
     # -- facts and policy
 
-    def effective_settings(self) -> dict[str, Any]:
+    def configured_settings(self) -> dict[str, Any]:
         """Built-in < host file < VM metadata (the running domain's: ``set --live`` writes
-        it too), then firmed up by the host's memory pressure (host/pressure.py)."""
-        layers = [*self.daemon.config.layers_for(self.name), self.metadata]
-        return pressure.adjust(table.layered(layers), self.pressure_level)
+        it too): the VM's settings before host pressure."""
+        return table.layered([*self.daemon.config.layers_for(self.name), self.metadata])
+
+    def effective_settings(self) -> dict[str, Any]:
+        """``configured_settings``, firmed up by the host's memory pressure
+        (host/pressure.py)."""
+        return pressure.adjust(self.configured_settings(), self.pressure_level)
 
     def permit(self) -> Decision:
         """The reclaimer allowed now. Never blocks: it reads the decision the background

@@ -17,7 +17,8 @@ watermarks and its own pressure checks (PSI, free < reserve/2 deflates at once) 
 every level. A sample that cannot be taken counts as ``plenty``: pressure only ever asks
 for more reclaim, so the safe default is none of it.
 
-Pure policy (``level``, ``adjust``, ``balloon``); the one reader is :func:`sample`.
+Pure policy (``level``, ``settle``, ``adjust``, ``balloon``, ``effective``: the numbers a
+level gives); the one reader is :func:`sample`.
 """
 
 from __future__ import annotations
@@ -104,21 +105,54 @@ def balloon(settings: BalloonSettings, lvl: str) -> BalloonSettings:
                                cooldown_intervals=settings.cooldown_intervals / min(k, 2))
 
 
-def describe(sample: HostMemory, values: Mapping[str, Any]) -> str:
-    """One sentence for ``aeratectl explain``."""
+#: The numbers a level changes, as the VM gets them (explain, status's ``effective``, the
+#: ``aerate_effective_setting`` gauge): hwm and reserve_mib as sent to the agent, the
+#: balloon's step multiplier and its cool-down after a deflate (in stats intervals). A
+#: fixed set: the gauge's ``key`` label stays bounded.
+EFFECTIVE = ("hwm", "reserve_mib", "balloon_step_factor", "balloon_cooldown_intervals")
+
+
+def effective(values: Mapping[str, Any], lvl: str) -> dict[str, float]:
+    """The EFFECTIVE numbers at level ``lvl`` for the VM's configured ``values`` (its
+    layered settings before pressure), computed by ``adjust`` and ``balloon`` themselves."""
+    got = adjust(dict(values), lvl)
+    base = BalloonSettings.from_settings(values)
+    firmed = balloon(base, lvl)
+    return {"hwm": int(got["hwm"]), "reserve_mib": int(got["reserve_mib"]),
+            "balloon_step_factor": firmed.step / base.step,
+            "balloon_cooldown_intervals": firmed.cooldown_intervals}
+
+
+def _numbers(values: Mapping[str, Any], lvl: str) -> str:
+    now = effective(values, lvl)
+    if lvl == PLENTY:
+        return f"hwm {now['hwm']}, reserve_mib {now['reserve_mib']}"
+    return (f"hwm {now['hwm']} (configured {values['hwm']}), reserve_mib "
+            f"{now['reserve_mib']} (configured {values['reserve_mib']}), balloon steps "
+            f"x{now['balloon_step_factor']:g}, cool-down after a deflate "
+            f"{now['balloon_cooldown_intervals']:g} stats intervals")
+
+
+def describe(sample: HostMemory, values: Mapping[str, Any], acting: str | None = None
+             ) -> str:
+    """One sentence for ``aeratectl explain``, with the effective numbers: ``values`` are
+    the VM's configured settings (before pressure), ``acting`` the level acted on (the
+    settled one; default: the sample's)."""
     low, high = int(values["host_low_mib"]), int(values["host_high_mib"])
+    lvl = acting or level(sample, values)
     if not low and not high:
         return ("host pressure is not used for this VM (host_low_mib and host_high_mib are "
-                "0): its settings apply as they are")
+                f"0): its settings apply as they are ({_numbers(values, lvl)})")
     if sample.available is None:
-        return "the host's MemAvailable could not be read: its settings apply as they are"
-    lvl = level(sample, values)
+        return ("the host's MemAvailable could not be read: level "
+                f"{lvl} ({_numbers(values, lvl)})")
+    measured = level(sample, values)
+    held = (f", held until the host has stayed at {measured} for {RELAX_AFTER_S:g} s"
+            if measured != lvl else "")
     avail = sample.available // MiB
-    what = {PLENTY: "its settings apply as they are",
-            FIRMER: "hwm and reserve_mib are halved and balloon steps doubled",
-            FIRM: "hwm and reserve_mib are a quarter and balloon steps four times as large"}
+    what = {PLENTY: "its settings apply as they are", FIRMER: "firmer", FIRM: "firm"}
     return (f"host MemAvailable is {avail} MiB (host_low_mib {low}, host_high_mib {high}): "
-            f"level {lvl}, so {what[lvl]}")
+            f"level {lvl}{held}, so {what[lvl]}: {_numbers(values, lvl)}")
 
 
 def _psi() -> float | None:

@@ -511,11 +511,26 @@ def test_pressure_levels_and_what_they_change() -> None:
     assert (firm["hwm"], firm["reserve_mib"]) == (8, 64)
     assert pressure.adjust(dict(values, hwm=1), "firm")["hwm"] == 1  # the table's bound
     from aerate.host.balloon import BalloonSettings
-    s = BalloonSettings.from_settings({"reserve_mib": 256, "psi_threshold": 10.0,
-                                       "floor": 0.5, "stats_interval_s": 5})
+    s_values = {"psi_threshold": 10.0, "floor": 0.5, "stats_interval_s": 5}
+    s = BalloonSettings.from_settings(dict(s_values, reserve_mib=256))
     firm_b = pressure.balloon(s, "firm")
     assert firm_b.step == 4 * s.step and firm_b.floor_fraction == s.floor_fraction
     assert pressure.balloon(s, "plenty") == s
+    # The numbers explain and the metrics show, from adjust and balloon themselves.
+    assert pressure.effective(dict(values, **s_values), "firmer") == {
+        "hwm": 16, "reserve_mib": 128, "balloon_step_factor": 2.0,
+        "balloon_cooldown_intervals": 1.5}
+    assert pressure.effective(dict(values, **s_values), "plenty") == {
+        "hwm": 32, "reserve_mib": 256, "balloon_step_factor": 1.0,
+        "balloon_cooldown_intervals": 3.0}
+    said = pressure.describe(at[2000], dict(values, **s_values))
+    assert said.endswith("level firmer, so firmer: hwm 16 (configured 32), reserve_mib 128 "
+                         "(configured 256), balloon steps x2, cool-down after a deflate 1.5 "
+                         "stats intervals"), said
+    # Acting on firm while the sample already says plenty: held, with the numbers acted on.
+    said = pressure.describe(at[8000], dict(values, **s_values), "firm")
+    assert "level firm, held until the host has stayed at plenty" in said, said
+    assert "hwm 8 (configured 32)" in said
 
 
 def test_pressure_firms_at_once_and_relaxes_only_after_a_while() -> None:
@@ -553,7 +568,17 @@ def test_host_pressure_firms_a_running_vms_agent_and_relaxes_it(
             assert (got["settings"]["hwm"]["source"], got["settings"]["hwm"]["configured"]) \
                 == ("host pressure", 32)
             _rc, out, _ = await aeratectl("status")
-            assert "host memory level firm" in out
+            assert "host memory level firm: settings firmed up to hwm 8, reserve_mib 64" in out
+            # The effective numbers, in explain's sentence, its JSON and status's JSON.
+            firm = {"hwm": 8, "reserve_mib": 64, "balloon_step_factor": 4.0,
+                    "balloon_cooldown_intervals": 1.5}
+            ex = conforms(json.loads((await aeratectl("explain", "A", "--json"))[1]),
+                          "explain")
+            assert (ex["host_pressure"], ex["effective"]) == ("firm", firm)
+            assert "level firm, so firm: hwm 8 (configured 32), reserve_mib 64 (configured " \
+                "256), balloon steps x4" in " ".join(ex["sentences"]), ex["sentences"]
+            st = conforms(json.loads((await aeratectl("status", "A", "--json"))[1]), "status")
+            assert st["vms"][0]["effective"] == firm
             host["avail"] = 8192 * MiB
             n = len(guests["A"].configs)
             await delivered(guests["A"], lambda c: c.get("hwm") == 32 and
