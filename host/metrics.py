@@ -20,7 +20,7 @@ except ImportError:  # prometheus_client < 0.12 (Debian 11 has 0.9): collectors 
     Collector = object  # type: ignore[misc,assignment]
 
 from aerate import __version__
-from aerate.host.pressure import HostMemory
+from aerate.host.pressure import EFFECTIVE, HostMemory
 
 Status = Callable[[], list[dict[str, Any]]]
 Connected = Callable[[], bool]
@@ -68,7 +68,8 @@ class AerateCollector(Collector):
     Label sets are bounded: ``vm`` and ``uuid`` by the VMs on the host, ``reclaimer`` by
     punch/balloon/kernel/refuse/unmanaged/starting, ``reason`` by host/refusal.py's fixed
     categories (the free-text reason is in ``aeratectl status``/``explain``), ``level`` by
-    host/pressure.py's three levels.
+    host/pressure.py's three levels, ``key`` by host/pressure.py's EFFECTIVE (four names;
+    a key a status lacks is left out, never invented).
     """
 
     def __init__(self, status: Status, connected: Connected | None = None,
@@ -120,6 +121,10 @@ class AerateCollector(Collector):
                                     "category", labels=["vm", "reason"])
         by_reason = GaugeMetricFamily("aerate_vms_refused", "VMs refused now, by reason "
                                       "category", labels=["reason"])
+        effective = GaugeMetricFamily(
+            "aerate_effective_setting", "The VM's settings that host pressure changes, as "
+            "it gets them now (key: " + ", ".join(EFFECTIVE) + "; host/pressure.py)",
+            labels=["vm", "key"])
         level = GaugeMetricFamily("aerate_host_pressure", "1 at the VM's host memory level "
                                   "(plenty, firmer, firm: host/pressure.py)",
                                   labels=["vm", "level"])
@@ -136,6 +141,11 @@ class AerateCollector(Collector):
             up.add_metric([name, reclaimer], 1 if vm.get("state") == "running" else 0)
             if isinstance(vm.get("host_pressure"), str):
                 level.add_metric([name, vm["host_pressure"]], 1)
+            eff = vm.get("effective")
+            eff = eff if isinstance(eff, dict) else {}
+            for key in EFFECTIVE:
+                if isinstance(eff.get(key), (int, float)):
+                    effective.add_metric([name, key], eff[key])
             if reclaimer == "refuse":
                 refused.add_metric([name, category], 1)
                 counts[category] = counts.get(category, 0) + 1
@@ -153,7 +163,7 @@ class AerateCollector(Collector):
                 aerated.add_metric([name], engine["aerated_bytes"])
         for category, n in sorted(counts.items()):
             by_reason.add_metric([category], n)
-        yield from (backing, up, held, aerated, info, refused, by_reason, level)
+        yield from (backing, up, held, aerated, info, refused, by_reason, level, effective)
         yield from (gauge for gauge, _ in balloons)
 
 
