@@ -499,7 +499,8 @@ def test_settings_json_follows_the_schema(capsys: pytest.CaptureFixture[str]) ->
 # -- host pressure
 
 def test_pressure_levels_and_what_they_change() -> None:
-    values = {"host_low_mib": 1024, "host_high_mib": 4096, "hwm": 32, "reserve_mib": 256}
+    values = {"host_low_mib": 1024, "host_high_mib": 4096, "host_psi_some": 10.0, "hwm": 32,
+              "reserve_mib": 256}
     at = {a: pressure.HostMemory(a * MiB, 16384 * MiB) for a in (8000, 4096, 2000, 1023)}
     assert [pressure.level(at[a], values) for a in (8000, 4096, 2000, 1023)] == \
         ["plenty", "plenty", "firmer", "firm"]
@@ -531,6 +532,52 @@ def test_pressure_levels_and_what_they_change() -> None:
     said = pressure.describe(at[8000], dict(values, **s_values), "firm")
     assert "level firm, held until the host has stayed at plenty" in said, said
     assert "hwm 8 (configured 32)" in said
+
+
+def test_memory_psi_raises_the_level_one_step() -> None:
+    values = {"host_low_mib": 1024, "host_high_mib": 4096, "host_psi_some": 10.0}
+
+    def at(avail_mib: int, psi: float | None) -> str:
+        return pressure.level(pressure.HostMemory(avail_mib * MiB, 16384 * MiB, psi), values)
+    assert [at(8000, 12.0), at(2000, 12.0), at(500, 12.0)] == ["firmer", "firm", "firm"]
+    assert [at(8000, 10.0), at(2000, 9.9), at(8000, None)] == ["plenty", "firmer", "plenty"]
+    assert pressure.level(pressure.HostMemory(8000 * MiB, None, 50.0),
+                          dict(values, host_psi_some=0.0)) == "plenty"  # 0: ignored
+    # Host pressure not used for the VM (both thresholds 0): PSI does not start it.
+    assert pressure.level(pressure.HostMemory(8000 * MiB, None, 50.0),
+                          dict(values, host_low_mib=0, host_high_mib=0)) == "plenty"
+    # Through settle: firmer at once on PSI, held while PSI decays, relaxed after a while.
+    lvl, since = pressure.settle("plenty", at(8000, 30.0), None, 0.0)
+    assert lvl == "firmer"
+    lvl, since = pressure.settle(lvl, at(8000, 5.0), since, 1.0)
+    assert lvl == "firmer"
+    lvl, since = pressure.settle(lvl, at(8000, 4.0), since, 1.0 + pressure.RELAX_AFTER_S)
+    assert lvl == "plenty"
+    said = pressure.describe(pressure.HostMemory(8000 * MiB, None, 12.5),
+                             dict(values, hwm=32, reserve_mib=256, psi_threshold=10.0,
+                                  floor=0.5, stats_interval_s=5))
+    assert "memory PSI some avg10 12.5 % (host_psi_some 10; above it: one level firmer): " \
+        "level firmer" in said, said
+
+
+PROC = Path(__file__).resolve().parents[1] / "data" / "proc"
+
+
+@pytest.mark.parametrize("capture", sorted(p.parents[2].name for p in
+                                           PROC.glob("*/proc/pressure/memory")))
+def test_psi_is_read_from_captured_proc_files(capture: str) -> None:
+    assert pressure._psi(str(PROC / capture / "proc" / "pressure" / "memory")) == 0.0
+
+
+def test_psi_parsing() -> None:
+    assert pressure.parse_psi("some avg10=12.50 avg60=3.10 avg300=0.70 total=123\n"
+                              "full avg10=9.00 avg60=1.00 avg300=0.20 total=99\n") == 12.5
+    assert pressure.parse_psi("full avg10=9.00 avg60=1.00 avg300=0.20 total=99\n") is None
+    assert pressure.parse_psi("\nsome avg60=1.00\n") is None
+    assert pressure.parse_psi("some avg10=x avg60=1.00\n") is None
+    assert pressure.parse_psi("some avg10=nan\n") is None
+    assert pressure.parse_psi("") is None
+    assert pressure._psi("/nonexistent/pressure/memory") is None
 
 
 def test_pressure_firms_at_once_and_relaxes_only_after_a_while() -> None:
