@@ -70,10 +70,18 @@ UNMANAGED = {"no-channel": "no-channel", "busy": "busy", "stopped": "stopped"}
 #: How long status waits for the list of running domains (VMs that --vm leaves out).
 LIST_TIMEOUT = 1.0
 #: libvirt's monitor passthrough, which aerated uses, marks the domain in libvirt's log.
-TAINT_NOTE = ("aerated asks QEMU through libvirt's monitor passthrough (query-migrate every "
-              "second, the memory map after each hello: QMP and HMP), so libvirt logs this "
-              "domain as 'tainted: custom-monitor'; the taint is only a note in libvirt's "
-              "log and changes nothing in the VM")
+#: Neither use has a libvirt API (README "custom-monitor"): the memory map needs QEMU's
+#: RAM blocks and flat view; query-migrate sees migrations and background snapshots
+#: started on QEMU's monitor outside libvirt, which libvirt's job stats and events do not
+#: (libvirt drops QEMU's MIGRATION event when it runs no migration job itself).
+TAINT_NOTE = ("aerated asks QEMU through libvirt's monitor passthrough, so libvirt marks this "
+              "domain 'tainted: custom-monitor' (logged once per domain start); the taint is "
+              "only a note in libvirt's log and changes nothing in the VM. No libvirt API "
+              "gives what it asks: the memory map after each hello (QMP query-memdev and "
+              "qom-list, HMP info mtree, info ramblock, gpa2hva: where each RAM block lives "
+              "in QEMU), and query-migrate every second (libvirt's job stats and migration "
+              "events, which aerated also reads, cover only the jobs libvirt runs itself, "
+              "not a migration or background snapshot started on QEMU's monitor outside it)")
 
 
 class Failed(Exception):

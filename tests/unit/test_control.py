@@ -447,7 +447,8 @@ def test_explain_says_why_in_sentences_with_every_fact(
         text = " ".join(ex["sentences"])
         for words in ("reclaiming with punch", "Leases of", "Discard budget",
                       "Guest capabilities: poison_safe yes", "Host pressure is not used",
-                      "Last errors: none", "tainted: custom-monitor"):
+                      "Last errors: none", "tainted: custom-monitor",
+                      "No libvirt API gives what it asks"):
             assert words in text, (words, text)
         # A fact against reclaim is named, with the verdict.
         conn.job["A"] = JobInfo(active=True, operation="migration-out")
