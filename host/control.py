@@ -222,7 +222,8 @@ def vm_view(d: Daemon, r: VmRunner) -> dict[str, Any]:
     if bal is not None:
         out["balloon"] = dict(out.get("balloon") or {}, **bal)
     out["host_pressure"] = r.pressure_level
-    out["effective"] = pressure.effective(r.configured_settings(), r.pressure_level)
+    if out["reclaimer"] != "unmanaged":  # no agent, nothing applied: no figure
+        out["effective"] = pressure.effective(r.configured_settings(), r.pressure_level)
     return out
 
 
@@ -702,5 +703,5 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
     return {"ok": True, "vm": r.name, "uuid": view["uuid"], "reclaiming": reclaiming,
             "reclaimer": reclaimer, "category": view["category"], "reason": view["reason"],
             "facts": facts, "sentences": says, "host_pressure": r.pressure_level,
-            "effective": view["effective"],
+            **({"effective": view["effective"]} if "effective" in view else {}),
             "permit_age_s": round(time.monotonic() - age, 3) if math.isfinite(age) else None}

@@ -188,6 +188,8 @@ def test_status_shows_every_vm_and_no_false_figure(tmp_path: Path,
         text = generate_latest(metrics.registry(lambda: control.views(daemon),
                                                 lambda: True)).decode()
         assert 'aerate_backing_allocated_bytes{vm="N"}' not in text
+        assert 'aerate_effective_setting{key="hwm",vm="N"}' not in text  # no agent: no figure
+        assert 'aerate_effective_setting{key="hwm",vm="A"}' in text
         assert 'aerate_backing_allocated_bytes{vm="A"}' in text
         assert (f'aerate_vm_info{{reason="no-channel",reclaimer="unmanaged",'
                 f'uuid="{uuid_of("N")}",vm="N"}} 1.0') in text
