@@ -345,8 +345,8 @@ async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
                                  "detail": detail, "scope": row.scope}
         if effective[row.name] != value:
             entry.update(source="host pressure", configured=value,
-                         detail=f"host memory level {lvl} (host_low_mib/host_high_mib); "
-                                f"configured {value} from {source}")
+                         detail=f"host memory level {lvl} (host_low_mib, host_high_mib, "
+                                f"host_psi_some); configured {value} from {source}")
         if nxt is not None and nxt != metadata.get(row.name):
             entry["next_start"] = nxt
         out[row.name] = entry

@@ -617,6 +617,7 @@ def test_host_pressure_firms_a_running_vms_agent_and_relaxes_it(
             assert got["host_pressure"] == "firm"
             assert (got["settings"]["hwm"]["source"], got["settings"]["hwm"]["configured"]) \
                 == ("host pressure", 32)
+            assert "host_psi_some" in got["settings"]["hwm"]["detail"]
             _rc, out, _ = await aeratectl("status")
             assert "host memory level firm: settings firmed up to hwm 8, reserve_mib 64" in out
             # The effective numbers, in explain's sentence, its JSON and status's JSON.
