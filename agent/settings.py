@@ -84,6 +84,9 @@ TABLE: Tuple[Setting, ...] = (
             help="host MemAvailable below which reclaim works harder (0 = ignore)"),
     Setting("host_high_mib", int, 0, 0, 1 << 30, scope="host",
             help="host MemAvailable above which reclaim may relax (0 = ignore)"),
+    Setting("host_psi_some", float, 10.0, 0.0, 100.0, scope="host",
+            help="host memory PSI 'some' avg10 (%%) above which host pressure goes one level "
+                 "firmer (0 = ignore; only where host_low_mib or host_high_mib is set)"),
     Setting("lease_s", float, 2.0, 0.5, 60.0, scope="host",
             help="lease on reports: the host starts no discard later than half of this "
                  "after sending the token a report carries; a guest returns un-acked pages "

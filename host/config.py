@@ -4,7 +4,7 @@ Host file (TOML, default /etc/aerate/aerated.toml)::
 
     [defaults]          # every VM
     hwm = 16
-    [vm.web01]          # one VM, below its metadata and live settings
+    [vm.web01]          # one VM, below its metadata (aeratectl set)
     reserve_mib = 512
 
 Per-VM settings persist in the domain's ``<metadata>`` under aerate's own namespace, so

@@ -17,9 +17,11 @@ asked only through a VM's worker or the host worker (host/vm_worker.py, ordered 
 timed), status and metrics read the runners' snapshots (S8).
 
 Where a setting comes from (``get``), lowest first, as ``VmRunner.effective_settings``
-layers them: ``built-in`` < ``host file`` ([defaults], then [vm.NAME]) < ``metadata`` (the
-domain's, written by ``aeratectl set``) < ``live`` (the daemon's in-memory layer); host
-pressure (host/pressure.py) may then firm up a guest value, shown as ``host pressure``.
+layers them: ``built-in`` < ``host file`` ([defaults], then [vm.NAME]) < the domain's
+metadata (written by ``aeratectl set``): ``metadata`` where the saved definition holds the
+same value, ``live`` where only the running domain does (``set --live``: gone when the VM
+stops); host pressure (host/pressure.py) may then firm up a guest value, shown as ``host
+pressure``.
 Host-scope keys never come from the metadata (S6): ``set``/``reset`` refuse them.
 """
 
@@ -68,10 +70,18 @@ UNMANAGED = {"no-channel": "no-channel", "busy": "busy", "stopped": "stopped"}
 #: How long status waits for the list of running domains (VMs that --vm leaves out).
 LIST_TIMEOUT = 1.0
 #: libvirt's monitor passthrough, which aerated uses, marks the domain in libvirt's log.
-TAINT_NOTE = ("aerated asks QEMU through libvirt's monitor passthrough (query-migrate every "
-              "second, the memory map after each hello: QMP and HMP), so libvirt logs this "
-              "domain as 'tainted: custom-monitor'; the taint is only a note in libvirt's "
-              "log and changes nothing in the VM")
+#: Neither use has a libvirt API (README "custom-monitor"): the memory map needs QEMU's
+#: RAM blocks and flat view; query-migrate sees migrations and background snapshots
+#: started on QEMU's monitor outside libvirt, which libvirt's job stats and events do not
+#: (libvirt drops QEMU's MIGRATION event when it runs no migration job itself).
+TAINT_NOTE = ("aerated asks QEMU through libvirt's monitor passthrough, so libvirt marks this "
+              "domain 'tainted: custom-monitor' (logged once per domain start); the taint is "
+              "only a note in libvirt's log and changes nothing in the VM. No libvirt API "
+              "gives what it asks: the memory map after each hello (QMP query-memdev and "
+              "qom-list, HMP info mtree, info ramblock, gpa2hva: where each RAM block lives "
+              "in QEMU), and query-migrate every second (libvirt's job stats and migration "
+              "events, which aerated also reads, cover only the jobs libvirt runs itself, "
+              "not a migration or background snapshot started on QEMU's monitor outside it)")
 
 
 class Failed(Exception):
@@ -212,6 +222,8 @@ def vm_view(d: Daemon, r: VmRunner) -> dict[str, Any]:
     if bal is not None:
         out["balloon"] = dict(out.get("balloon") or {}, **bal)
     out["host_pressure"] = r.pressure_level
+    if out["reclaimer"] != "unmanaged":  # no agent, nothing applied: no figure
+        out["effective"] = pressure.effective(r.configured_settings(), r.pressure_level)
     return out
 
 
@@ -276,15 +288,14 @@ async def _stored(d: Daemon, t: Target, config: bool) -> dict[str, str]:
         raise Failed(str(e)) from e
 
 
-def _layers(d: Daemon, name: str, metadata: Mapping[str, Any],
-            live: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any]]]:
+def _layers(d: Daemon, name: str, metadata: Mapping[str, Any]
+            ) -> list[tuple[str, str, Mapping[str, Any]]]:
     cfg = d.config
     path = cfg.path or config_mod.DEFAULT_PATH
     return [("built-in", "agent/settings.py", table.defaults()),
             ("host file", f"{path} [defaults]", cfg.defaults),
             ("host file", f"{path} [vm.{name}]", cfg.per_vm.get(name, {})),
-            ("metadata", "the domain's metadata", metadata),
-            ("live", "set in this aerated since it started", live)]
+            ("metadata", "the domain's metadata", metadata)]
 
 
 async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
@@ -298,20 +309,19 @@ async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
     except Failed:
         if t.id == -1:
             raise
-        saved = {}  # a transient domain has no definition; the live layer still counts
+        saved = {}  # a transient domain has no definition: its metadata is all live
     if t.runner is not None:
         r = t.runner
-        metadata, live, error = dict(r.metadata), dict(r.live), r.settings_error
+        metadata, error = dict(r.metadata), r.settings_error
         effective = r.effective_settings()
     else:
-        live = {}
         try:
             metadata = config_mod.metadata_from_xml(
                 config_mod.metadata_to_xml(saved) if saved else None, t.name)
         except config_mod.ConfigError as e:
             metadata, error = {}, str(e)
         effective = table.layered([*d.config.layers_for(t.name), metadata])
-    layers = _layers(d, t.name, metadata, live)
+    layers = _layers(d, t.name, metadata)
     lvl = t.runner.pressure_level if t.runner is not None else \
         pressure.level(d.host_memory, effective)
     out: dict[str, Any] = {}
@@ -322,21 +332,23 @@ async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
         for src, det, layer in layers:
             if row.name in layer:
                 source, detail, value = src, det, layer[row.name]
+        nxt: Any = None
+        if row.name in saved and t.runner is not None and t.id != -1:
+            with contextlib.suppress(table.SettingError):
+                nxt = table.coerce(row.name, saved[row.name], "saved definition")
         if source == "metadata":
-            detail = ("the domain's metadata, saved in its definition"
-                      if row.name in saved or t.runner is None else
-                      "the running domain's metadata only (lost when the VM stops)")
+            detail = "the domain's metadata, saved in its definition"
+            if t.runner is not None and t.id != -1 and nxt != value:
+                source, detail = "live", ("the running domain's metadata only (set --live: "
+                                          "lost when the VM stops)")
         entry: dict[str, Any] = {"value": effective[row.name], "source": source,
                                  "detail": detail, "scope": row.scope}
         if effective[row.name] != value:
             entry.update(source="host pressure", configured=value,
-                         detail=f"host memory level {lvl} (host_low_mib/host_high_mib); "
-                                f"configured {value} from {source}")
-        if row.name in saved and t.runner is not None and t.id != -1:
-            with contextlib.suppress(table.SettingError):
-                nxt = table.coerce(row.name, saved[row.name], "saved definition")
-                if nxt != metadata.get(row.name):
-                    entry["next_start"] = nxt
+                         detail=f"host memory level {lvl} (host_low_mib, host_high_mib, "
+                                f"host_psi_some); configured {value} from {source}")
+        if nxt is not None and nxt != metadata.get(row.name):
+            entry["next_start"] = nxt
         out[row.name] = entry
     return {"ok": True, "vm": t.name, "uuid": t.uuid, "running": t.id != -1,
             "settings": out, "settings_error": error, "host_pressure": lvl}
@@ -382,7 +394,7 @@ def reapply(r: VmRunner, before: Mapping[str, Any]) -> None:
     """The VM's effective settings changed (stored layer, host file, host pressure): the
     budgets and lease now, a new decision (mode may have changed), and the changed guest
     settings to the agent at once."""
-    r.apply_live({})
+    r.settings_changed()
     after = r.guest_settings()
     changed = {k: v for k, v in after.items() if before.get(k) != v}
     if r.session is not None and changed:
@@ -470,9 +482,6 @@ async def reset(d: Daemon, ident: str, keys: Any, live: bool,
                d.config.path or config_mod.DEFAULT_PATH)
     kept = {k: v for k, v in stored.items() if keys and k not in keys}
     await _write(d, t, kept, lv, cf)
-    if t.runner is not None and now:
-        for k in keys or list(t.runner.live):
-            t.runner.live.pop(k, None)
     applied, error = await _apply(t, now)
     if error:
         raise Failed(f"removed, but the stored settings are still invalid, so the VM stays "
@@ -515,7 +524,7 @@ async def watch_pressure(d: Daemon, period: float = 1.0) -> None:
         sample = pressure.sample()
         now = time.monotonic()
         for r in list(d.runners.values()):
-            values = table.layered([*d.config.layers_for(r.name), r.metadata, r.live])
+            values = r.configured_settings()
             old, since = acting.get(r.name, (pressure.PLENTY, None))
             lvl, since = pressure.settle(old, pressure.level(sample, values), since, now)
             acting[r.name] = (lvl, since)
@@ -580,6 +589,26 @@ def fact_sentences(f: VmFacts) -> list[dict[str, Any]]:
           f"page poisoning: {told} ({f.poison.detail})")
     _fact(out, "memballoon", dom.memballoon == "virtio" and not dom.locked,
           f"balloon: {dom.memballoon or 'none'}" + (", RAM locked" if dom.locked else ""))
+    # What chooses between punch and balloon: shared memfd/file RAM can be punched; private
+    # RAM (libvirt's default) only the balloon can return, so mode=punch refuses it.
+    shared = dom.memory_access == "shared" and dom.memory_source in ("memfd", "file")
+    _fact(out, "memory", shared or f.mode != "punch",
+          f"guest RAM (domain XML): source {dom.memory_source}, access {dom.memory_access}"
+          + (", huge pages" if dom.hugepages else "")
+          + ("; punching can free it" if shared else
+             "; private, so only the balloon can return it"))
+    _fact(out, "balloon_available", f.balloon_available or shared,
+          "the balloon reclaimer is available" if f.balloon_available else
+          "the balloon reclaimer is not available"
+          + ("; not needed: the RAM can be punched" if shared else ""))
+    # Not against reclaim: it says who reclaims (decide() gives KERNEL instead of
+    # punch/balloon when it is on).
+    _fact(out, "kernel_reporting", True,
+          "the guest kernel reports its own free pages (virtio-balloon free-page-reporting "
+          "negotiated): it reclaims and aerate watches; override_kernel_reporting=true "
+          "hands it to aerate" if f.kernel_reporting else
+          "the guest kernel does not report its own free pages (or "
+          "override_kernel_reporting=true): aerate's reclaimer serves")
     return out
 
 
@@ -663,8 +692,8 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
                     f"of {bal['max_bytes'] >> 20} MiB; it holds back "
                     f"{bal['held_back_bytes'] >> 20} MiB"
                     + (f" ({bal['reason']})" if bal.get("reason") else "") + ".")
-    says.append(pressure.describe(d.host_memory, values)[:1].upper()
-                + pressure.describe(d.host_memory, values)[1:] + ".")
+    host = pressure.describe(d.host_memory, r.configured_settings(), r.pressure_level)
+    says.append(host[:1].upper() + host[1:] + ".")
     errors = [e for e in (s.get("last_error"), s.get("last_refusal"), r.settings_error,
                           r.map_error, r._balloon_error,
                           (s.get("libvirt_calls") or {}).get("last_timeout")) if e]
@@ -676,5 +705,6 @@ async def explain(d: Daemon, ident: str) -> dict[str, Any]:
     age = r.cache.issued_at
     return {"ok": True, "vm": r.name, "uuid": view["uuid"], "reclaiming": reclaiming,
             "reclaimer": reclaimer, "category": view["category"], "reason": view["reason"],
-            "facts": facts, "sentences": says,
+            "facts": facts, "sentences": says, "host_pressure": r.pressure_level,
+            **({"effective": view["effective"]} if "effective" in view else {}),
             "permit_age_s": round(time.monotonic() - age, 3) if math.isfinite(age) else None}

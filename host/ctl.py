@@ -113,8 +113,11 @@ def format_status(answer: dict[str, Any]) -> str:
         if vm.get("idle_note"):
             lines.append(f"  {vm['vm']}: {vm['idle_note']}")
         if vm.get("host_pressure") not in (None, "plenty"):
+            eff = vm.get("effective")
+            to = f" to hwm {eff.get('hwm')}, reserve_mib {eff.get('reserve_mib')}" \
+                if isinstance(eff, dict) else ""
             lines.append(f"  {vm['vm']}: host memory level {vm['host_pressure']}: settings "
-                         "firmed up (aeratectl get shows the values)")
+                         f"firmed up{to} (aeratectl explain shows the rest)")
     for vm in answer.get("vms", []):
         budget = vm.get("budget") or {}
         if isinstance(budget, dict) and budget.get("bites"):

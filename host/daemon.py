@@ -262,7 +262,6 @@ class VmRunner:
         self.limits = BalloonLimits(False, False, 0)
         self.settings: dict[str, Any] = {}
         self.metadata: dict[str, Any] = {}
-        self.live: dict[str, Any] = {}
         self.backing_before = 0
         self.reclaim = ReclaimTally()  # verified / unverified discarded bytes
         # Snapshot of backing_allocated(), refreshed off the loop (status reads only this).
@@ -319,11 +318,15 @@ class VmRunner:
 
     # -- facts and policy
 
+    def configured_settings(self) -> dict[str, Any]:
+        """Built-in < host file < VM metadata (the running domain's: ``set --live`` writes
+        it too): the VM's settings before host pressure."""
+        return table.layered([*self.daemon.config.layers_for(self.name), self.metadata])
+
     def effective_settings(self) -> dict[str, Any]:
-        """Built-in < host file < VM metadata < live set (DESIGN "Live tunables"), then
-        firmed up by the host's memory pressure (host/pressure.py)."""
-        layers = [*self.daemon.config.layers_for(self.name), self.metadata, self.live]
-        return pressure.adjust(table.layered(layers), self.pressure_level)
+        """``configured_settings``, firmed up by the host's memory pressure
+        (host/pressure.py)."""
+        return pressure.adjust(self.configured_settings(), self.pressure_level)
 
     def permit(self) -> Decision:
         """The reclaimer allowed now. Never blocks: it reads the decision the background
@@ -1189,20 +1192,14 @@ class VmRunner:
         journal.emit_notes(self.log, self.session.log)
         self.session.log.clear()
 
-    def apply_live(self, values: dict[str, Any]) -> None:
-        """Settings set now by the operator: to the guest at once and into the session.
-        The permit is refused until re-decided with them (mode may have changed)."""
-        self.live.update(values)
+    def settings_changed(self) -> None:
+        """The effective settings changed (stored layer, host file, host pressure): the
+        budgets and the lease now; the permit is refused until re-decided with them (mode
+        may have changed). control.reapply sends the changed guest settings."""
         self._apply_budget()
-        if table.guest_view(values) != values or not values:
-            self.invalidate("settings changed; deciding again")
+        self.invalidate("settings changed; deciding again")
         if self.session is not None:
             self.session.endpoint.set_lease(float(self.effective_settings()["lease_s"]))
-            guest = table.guest_view(values)
-            if "enabled" in guest:
-                guest["enabled"] = self.guest_settings()["enabled"]
-            if guest:
-                self.session.configure(guest)
 
     def status(self) -> dict[str, Any]:
         """What aeratectl shows for this VM: snapshots only, no libvirt, no /proc."""

@@ -6,7 +6,6 @@ of the counters to keep in step.
 
 from __future__ import annotations
 
-import importlib.metadata
 import ipaddress
 import platform
 from collections.abc import Callable, Iterator
@@ -20,7 +19,8 @@ try:
 except ImportError:  # prometheus_client < 0.12 (Debian 11 has 0.9): collectors are duck-typed
     Collector = object  # type: ignore[misc,assignment]
 
-from aerate.host.pressure import HostMemory
+from aerate import __version__
+from aerate.host.pressure import EFFECTIVE, HostMemory
 
 Status = Callable[[], list[dict[str, Any]]]
 Connected = Callable[[], bool]
@@ -62,20 +62,14 @@ _BALLOON = (
 )
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("aerate")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 class AerateCollector(Collector):
     """Turns the daemon's per-VM status into metric families at scrape time.
 
     Label sets are bounded: ``vm`` and ``uuid`` by the VMs on the host, ``reclaimer`` by
     punch/balloon/kernel/refuse/unmanaged/starting, ``reason`` by host/refusal.py's fixed
     categories (the free-text reason is in ``aeratectl status``/``explain``), ``level`` by
-    host/pressure.py's three levels.
+    host/pressure.py's three levels, ``key`` by host/pressure.py's EFFECTIVE (four names;
+    a key a status lacks is left out, never invented).
     """
 
     def __init__(self, status: Status, connected: Connected | None = None,
@@ -89,7 +83,7 @@ class AerateCollector(Collector):
         vms = self.status()
         build = GaugeMetricFamily("aerate_build_info", "aerated's version (always 1)",
                                   labels=["version", "python"])
-        build.add_metric([_version(), platform.python_version()], 1)
+        build.add_metric([__version__, platform.python_version()], 1)
         yield build
         if self.connected is not None:
             yield GaugeMetricFamily("aerate_libvirt_connected",
@@ -127,6 +121,10 @@ class AerateCollector(Collector):
                                     "category", labels=["vm", "reason"])
         by_reason = GaugeMetricFamily("aerate_vms_refused", "VMs refused now, by reason "
                                       "category", labels=["reason"])
+        effective = GaugeMetricFamily(
+            "aerate_effective_setting", "The VM's settings that host pressure changes, as "
+            "it gets them now (key: " + ", ".join(EFFECTIVE) + "; host/pressure.py)",
+            labels=["vm", "key"])
         level = GaugeMetricFamily("aerate_host_pressure", "1 at the VM's host memory level "
                                   "(plenty, firmer, firm: host/pressure.py)",
                                   labels=["vm", "level"])
@@ -143,6 +141,11 @@ class AerateCollector(Collector):
             up.add_metric([name, reclaimer], 1 if vm.get("state") == "running" else 0)
             if isinstance(vm.get("host_pressure"), str):
                 level.add_metric([name, vm["host_pressure"]], 1)
+            eff = vm.get("effective")
+            eff = eff if isinstance(eff, dict) else {}
+            for key in EFFECTIVE:
+                if isinstance(eff.get(key), (int, float)):
+                    effective.add_metric([name, key], eff[key])
             if reclaimer == "refuse":
                 refused.add_metric([name, category], 1)
                 counts[category] = counts.get(category, 0) + 1
@@ -160,7 +163,7 @@ class AerateCollector(Collector):
                 aerated.add_metric([name], engine["aerated_bytes"])
         for category, n in sorted(counts.items()):
             by_reason.add_metric([category], n)
-        yield from (backing, up, held, aerated, info, refused, by_reason, level)
+        yield from (backing, up, held, aerated, info, refused, by_reason, level, effective)
         yield from (gauge for gauge, _ in balloons)
 
 

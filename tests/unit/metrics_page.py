@@ -10,7 +10,7 @@ The real Daemon, runners, sessions, punch and metrics collector over daemon_sim'
 - ``R``: refused (libvirt says it is migrating out).
 
 Used by tests/unit/test_dashboard.py (the names the dashboard may use) and
-tests/host/test_promtool.py (``promtool check metrics`` on it).
+tests/unit/test_promtool.py (``promtool check metrics`` on it).
 """
 
 from __future__ import annotations

@@ -188,6 +188,8 @@ def test_status_shows_every_vm_and_no_false_figure(tmp_path: Path,
         text = generate_latest(metrics.registry(lambda: control.views(daemon),
                                                 lambda: True)).decode()
         assert 'aerate_backing_allocated_bytes{vm="N"}' not in text
+        assert 'aerate_effective_setting{key="hwm",vm="N"}' not in text  # no agent: no figure
+        assert 'aerate_effective_setting{key="hwm",vm="A"}' in text
         assert 'aerate_backing_allocated_bytes{vm="A"}' in text
         assert (f'aerate_vm_info{{reason="no-channel",reclaimer="unmanaged",'
                 f'uuid="{uuid_of("N")}",vm="N"}} 1.0') in text
@@ -247,6 +249,14 @@ def test_set_get_reset_on_a_running_vm(tmp_path: Path,
         assert rc == 0 and daemon.runners["A"].effective_settings()["delay_ms"] == 9
         got = json.loads((await aeratectl("get", "A", "delay_ms", "--json"))[1])["settings"]
         assert got["delay_ms"]["next_start"] == 7
+        assert (got["delay_ms"]["value"], got["delay_ms"]["source"]) == (9, "live")
+        assert "lost when the VM stops" in got["delay_ms"]["detail"]
+        # A --live value the definition also holds is the saved metadata again.
+        rc, _, err = await aeratectl("set", "A", "delay_ms=9", "--config")
+        assert rc == 0, err
+        got = json.loads((await aeratectl("get", "A", "delay_ms", "--json"))[1])["settings"]
+        assert (got["delay_ms"]["source"], "next_start" in got["delay_ms"]) == \
+            ("metadata", False)
 
     run(tmp_path, capsys, body, config="[vm.A]\ncapacity = 16\n")
 
@@ -420,6 +430,7 @@ def test_explain_says_why_in_sentences_with_every_fact(
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest],
                    aeratectl: Callable[..., Awaitable[Any]]) -> None:
         conn.no_channel.add("N")
+        conn.private.add("P")
         await running(daemon, "A")
         daemon.start_runner("N")
         await until(lambda: daemon.runners["N"].state.value == "no-channel", 5, "N idle")
@@ -429,12 +440,17 @@ def test_explain_says_why_in_sentences_with_every_fact(
         facts = {f["fact"]: f for f in ex["facts"]}
         assert {"mode", "settings", "pinning_devices", "pinning_fd", "vhost_user",
                 "launch_security", "job", "qemu_migration", "memory_map", "backing",
-                "reservations", "poison", "memballoon"} <= set(facts)
+                "reservations", "poison", "memballoon", "memory", "balloon_available",
+                "kernel_reporting"} <= set(facts)
         assert all(f["ok"] for f in facts.values()), facts
+        assert "source memfd, access shared; punching can free it" in facts["memory"]["text"]
+        assert "balloon reclaimer is available" in facts["balloon_available"]["text"]
+        assert "does not report its own free pages" in facts["kernel_reporting"]["text"]
         text = " ".join(ex["sentences"])
         for words in ("reclaiming with punch", "Leases of", "Discard budget",
                       "Guest capabilities: poison_safe yes", "Host pressure is not used",
-                      "Last errors: none", "tainted: custom-monitor"):
+                      "Last errors: none", "tainted: custom-monitor",
+                      "No libvirt API gives what it asks"):
             assert words in text, (words, text)
         # A fact against reclaim is named, with the verdict.
         conn.job["A"] = JobInfo(active=True, operation="migration-out")
@@ -445,8 +461,18 @@ def test_explain_says_why_in_sentences_with_every_fact(
         ex = conforms(json.loads(out), "explain")
         assert (ex["reclaimer"], ex["category"], ex["reclaiming"]) == \
             ("unmanaged", "no-channel", False)
+        # Private RAM: only the balloon returns it, and mode=punch is a fact against it.
+        await running(daemon, "P")
+        ex = conforms(json.loads((await aeratectl("explain", "P", "--json"))[1]), "explain")
+        memory = {f["fact"]: f for f in ex["facts"]}["memory"]
+        assert memory["ok"] and "access private" in memory["text"], memory
+        assert "only the balloon can return it" in memory["text"]
+        rc, _, err = await aeratectl("set", "P", "mode=punch")
+        assert rc == 0, err
+        ex = json.loads((await aeratectl("explain", "P", "--json"))[1])
+        assert not {f["fact"]: f for f in ex["facts"]}["memory"]["ok"], ex["facts"]
 
-    run(tmp_path, capsys, body, names=("A", "N"))
+    run(tmp_path, capsys, body, names=("A", "N", "P"))
 
 
 def test_a_vm_the_guest_kernel_reclaims_is_shown_as_kernel(
@@ -461,6 +487,8 @@ def test_a_vm_the_guest_kernel_reclaims_is_shown_as_kernel(
         assert (st["vms"][0]["reclaimer"], st["vms"][0]["category"]) == ("kernel", "none")
         ex = conforms(json.loads((await aeratectl("explain", "K", "--json"))[1]), "explain")
         assert ex["reclaiming"] and "The guest kernel reclaims it" in ex["sentences"][1]
+        fact = {f["fact"]: f for f in ex["facts"]}["kernel_reporting"]
+        assert fact["ok"] and "the guest kernel reports its own free pages" in fact["text"]
 
     run(tmp_path, capsys, body, names=("K",))
 
@@ -474,7 +502,8 @@ def test_settings_json_follows_the_schema(capsys: pytest.CaptureFixture[str]) ->
 # -- host pressure
 
 def test_pressure_levels_and_what_they_change() -> None:
-    values = {"host_low_mib": 1024, "host_high_mib": 4096, "hwm": 32, "reserve_mib": 256}
+    values = {"host_low_mib": 1024, "host_high_mib": 4096, "host_psi_some": 10.0, "hwm": 32,
+              "reserve_mib": 256}
     at = {a: pressure.HostMemory(a * MiB, 16384 * MiB) for a in (8000, 4096, 2000, 1023)}
     assert [pressure.level(at[a], values) for a in (8000, 4096, 2000, 1023)] == \
         ["plenty", "plenty", "firmer", "firm"]
@@ -486,11 +515,72 @@ def test_pressure_levels_and_what_they_change() -> None:
     assert (firm["hwm"], firm["reserve_mib"]) == (8, 64)
     assert pressure.adjust(dict(values, hwm=1), "firm")["hwm"] == 1  # the table's bound
     from aerate.host.balloon import BalloonSettings
-    s = BalloonSettings.from_settings({"reserve_mib": 256, "psi_threshold": 10.0,
-                                       "floor": 0.5, "stats_interval_s": 5})
+    s_values = {"psi_threshold": 10.0, "floor": 0.5, "stats_interval_s": 5}
+    s = BalloonSettings.from_settings(dict(s_values, reserve_mib=256))
     firm_b = pressure.balloon(s, "firm")
     assert firm_b.step == 4 * s.step and firm_b.floor_fraction == s.floor_fraction
     assert pressure.balloon(s, "plenty") == s
+    # The numbers explain and the metrics show, from adjust and balloon themselves.
+    assert pressure.effective(dict(values, **s_values), "firmer") == {
+        "hwm": 16, "reserve_mib": 128, "balloon_step_factor": 2.0,
+        "balloon_cooldown_intervals": 1.5}
+    assert pressure.effective(dict(values, **s_values), "plenty") == {
+        "hwm": 32, "reserve_mib": 256, "balloon_step_factor": 1.0,
+        "balloon_cooldown_intervals": 3.0}
+    said = pressure.describe(at[2000], dict(values, **s_values))
+    assert said.endswith("level firmer, so firmer: hwm 16 (configured 32), reserve_mib 128 "
+                         "(configured 256), balloon steps x2, cool-down after a deflate 1.5 "
+                         "stats intervals"), said
+    # Acting on firm while the sample already says plenty: held, with the numbers acted on.
+    said = pressure.describe(at[8000], dict(values, **s_values), "firm")
+    assert "level firm, held until the host has stayed at plenty" in said, said
+    assert "hwm 8 (configured 32)" in said
+
+
+def test_memory_psi_raises_the_level_one_step() -> None:
+    values = {"host_low_mib": 1024, "host_high_mib": 4096, "host_psi_some": 10.0}
+
+    def at(avail_mib: int, psi: float | None) -> str:
+        return pressure.level(pressure.HostMemory(avail_mib * MiB, 16384 * MiB, psi), values)
+    assert [at(8000, 12.0), at(2000, 12.0), at(500, 12.0)] == ["firmer", "firm", "firm"]
+    assert [at(8000, 10.0), at(2000, 9.9), at(8000, None)] == ["plenty", "firmer", "plenty"]
+    assert pressure.level(pressure.HostMemory(8000 * MiB, None, 50.0),
+                          dict(values, host_psi_some=0.0)) == "plenty"  # 0: ignored
+    # Host pressure not used for the VM (both thresholds 0): PSI does not start it.
+    assert pressure.level(pressure.HostMemory(8000 * MiB, None, 50.0),
+                          dict(values, host_low_mib=0, host_high_mib=0)) == "plenty"
+    # Through settle: firmer at once on PSI, held while PSI decays, relaxed after a while.
+    lvl, since = pressure.settle("plenty", at(8000, 30.0), None, 0.0)
+    assert lvl == "firmer"
+    lvl, since = pressure.settle(lvl, at(8000, 5.0), since, 1.0)
+    assert lvl == "firmer"
+    lvl, since = pressure.settle(lvl, at(8000, 4.0), since, 1.0 + pressure.RELAX_AFTER_S)
+    assert lvl == "plenty"
+    said = pressure.describe(pressure.HostMemory(8000 * MiB, None, 12.5),
+                             dict(values, hwm=32, reserve_mib=256, psi_threshold=10.0,
+                                  floor=0.5, stats_interval_s=5))
+    assert "memory PSI some avg10 12.5 % (host_psi_some 10; above it: one level firmer): " \
+        "level firmer" in said, said
+
+
+PROC = Path(__file__).resolve().parents[1] / "data" / "proc"
+
+
+@pytest.mark.parametrize("capture", sorted(p.parents[2].name for p in
+                                           PROC.glob("*/proc/pressure/memory")))
+def test_psi_is_read_from_captured_proc_files(capture: str) -> None:
+    assert pressure._psi(str(PROC / capture / "proc" / "pressure" / "memory")) == 0.0
+
+
+def test_psi_parsing() -> None:
+    assert pressure.parse_psi("some avg10=12.50 avg60=3.10 avg300=0.70 total=123\n"
+                              "full avg10=9.00 avg60=1.00 avg300=0.20 total=99\n") == 12.5
+    assert pressure.parse_psi("full avg10=9.00 avg60=1.00 avg300=0.20 total=99\n") is None
+    assert pressure.parse_psi("\nsome avg60=1.00\n") is None
+    assert pressure.parse_psi("some avg10=x avg60=1.00\n") is None
+    assert pressure.parse_psi("some avg10=nan\n") is None
+    assert pressure.parse_psi("") is None
+    assert pressure._psi("/nonexistent/pressure/memory") is None
 
 
 def test_pressure_firms_at_once_and_relaxes_only_after_a_while() -> None:
@@ -527,8 +617,19 @@ def test_host_pressure_firms_a_running_vms_agent_and_relaxes_it(
             assert got["host_pressure"] == "firm"
             assert (got["settings"]["hwm"]["source"], got["settings"]["hwm"]["configured"]) \
                 == ("host pressure", 32)
+            assert "host_psi_some" in got["settings"]["hwm"]["detail"]
             _rc, out, _ = await aeratectl("status")
-            assert "host memory level firm" in out
+            assert "host memory level firm: settings firmed up to hwm 8, reserve_mib 64" in out
+            # The effective numbers, in explain's sentence, its JSON and status's JSON.
+            firm = {"hwm": 8, "reserve_mib": 64, "balloon_step_factor": 4.0,
+                    "balloon_cooldown_intervals": 1.5}
+            ex = conforms(json.loads((await aeratectl("explain", "A", "--json"))[1]),
+                          "explain")
+            assert (ex["host_pressure"], ex["effective"]) == ("firm", firm)
+            assert "level firm, so firm: hwm 8 (configured 32), reserve_mib 64 (configured " \
+                "256), balloon steps x4" in " ".join(ex["sentences"]), ex["sentences"]
+            st = conforms(json.loads((await aeratectl("status", "A", "--json"))[1]), "status")
+            assert st["vms"][0]["effective"] == firm
             host["avail"] = 8192 * MiB
             n = len(guests["A"].configs)
             await delivered(guests["A"], lambda c: c.get("hwm") == 32 and

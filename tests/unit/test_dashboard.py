@@ -107,7 +107,7 @@ def test_every_metric_and_label_the_dashboard_uses_is_exported() -> None:
     for name in ("aerate_backing_allocated_bytes", "aerate_discard_verified_bytes_total",
                  "aerate_discarded_bytes_total", "aerate_vms_refused",
                  "aerate_balloon_actual_bytes", "aerate_balloon_target_bytes",
-                 "aerate_host_pressure", "aerate_session_running",
+                 "aerate_host_pressure", "aerate_effective_setting", "aerate_session_running",
                  "aerate_libvirt_connected"):
         assert name in used, f"no panel shows {name}"
 

@@ -7,6 +7,7 @@ import re
 import pytest
 from prometheus_client import generate_latest
 
+import aerate
 from aerate.host.metrics import parse_listen, registry
 from aerate.host.pressure import HostMemory
 
@@ -43,6 +44,8 @@ def test_a_refused_vm_shows_its_reason_category_not_free_text() -> None:
 def test_balloon_gauges_build_info_libvirt_and_host() -> None:
     status = [{"vm": "b", "state": "running", "reclaimer": "balloon", "category": "none",
                "host_pressure": "firmer",
+               "effective": {"hwm": 16, "reserve_mib": 128, "balloon_step_factor": 2.0,
+                             "balloon_cooldown_intervals": 1.5, "not_a_key": 7},
                "balloon": {"target_bytes": 3 << 30, "actual_bytes": 3 << 30,
                            "max_bytes": 4 << 30, "floor_bytes": 2 << 30,
                            "held_back_bytes": 1 << 30}}]
@@ -54,7 +57,14 @@ def test_balloon_gauges_build_info_libvirt_and_host() -> None:
     assert "aerate_libvirt_connected 0.0" in text
     assert "aerate_host_mem_available_bytes 5.36870912e+09" in text
     assert 'aerate_host_pressure{level="firmer",vm="b"} 1.0' in text
-    assert re.search(r'aerate_build_info\{python="[0-9.]+",version="[^"]+"\} 1.0', text)
+    assert 'aerate_effective_setting{key="hwm",vm="b"} 16.0' in text
+    assert 'aerate_effective_setting{key="reserve_mib",vm="b"} 128.0' in text
+    assert 'aerate_effective_setting{key="balloon_step_factor",vm="b"} 2.0' in text
+    assert 'aerate_effective_setting{key="balloon_cooldown_intervals",vm="b"} 1.5' in text
+    assert "not_a_key" not in text  # the key label comes from pressure.EFFECTIVE only
+    # the project's one version source (aerate/__init__.py), never "unknown"
+    assert re.search(r'aerate_build_info\{python="[0-9.]+",version="%s"\} 1.0'
+                     % re.escape(aerate.__version__), text)
 
 
 @pytest.mark.parametrize("text", ["0.0.0.0:9848", "10.1.2.3:80", "9848"])

@@ -31,7 +31,8 @@ def test_promtool_check_metrics_passes_on_the_full_page(tmp_path: Path) -> None:
     page = asyncio.run(everything(str(tmp_path)))[0]
     for series in ('aerate_discard_verified_bytes_total{vm="A"}',
                    'aerate_balloon_actual_bytes{vm="P"}', 'aerate_refused{reason="migration"',
-                   'reclaimer="unmanaged"', 'aerate_budget_refused_bytes_total{vm="A"} 2'):
+                   'reclaimer="unmanaged"', 'aerate_budget_refused_bytes_total{vm="A"} 2',
+                   'aerate_effective_setting{key="hwm",vm="A"}'):
         assert series in page, series
     got = check(page)
     assert got.returncode == 0 and not got.stdout.strip() and not got.stderr.strip(), \
