@@ -34,7 +34,9 @@ Flapping. Each rule above holds for one message, so statistics that swing every 
 (free memory 1500 MiB, then 300, then 1500 again: a hostile agent, or a workload that
 allocates and frees in a loop) would inflate, deflate at once, wait out the cooldown and
 inflate again, forever: every cycle costs the guest a stall and the host nothing it keeps.
-:class:`Flaps` remembers when the balloon reversed (a deflate right after an inflate);
+:class:`Flaps` remembers when the balloon reversed (a deflate right after an inflate,
+within ``FLAP_QUICK_S`` of it: a guest that gave memory back and wanted it again a minute
+later used the balloon as it is meant to be used, however often it does so);
 ``FLAP_REVERSALS`` of them within ``FLAP_WINDOW_S`` mean flapping, and the controller then
 holds instead of inflating after the newest for a backoff that doubles with every further
 reversal in the window (``FLAP_BACKOFF_S`` up to ``FLAP_BACKOFF_CAP_S``), saying so in its
@@ -73,6 +75,12 @@ MAX_STEP = 16 << 30
 #: One is a guest that allocated again after giving memory back, which is what the balloon
 #: is for; the second within the window is a pattern.
 FLAP_REVERSALS = 2
+#: A deflate counts as a reversal only this soon after the inflation it undoes. Statistics
+#: that swing every event undo each inflation within seconds; a workload that frees memory
+#: and allocates it again later (a job every few minutes) is what the balloon is for, and
+#: holding its inflation would only leave that memory with the guest (balloon VM test:
+#: two such cycles in a minute would otherwise have been called flapping).
+FLAP_QUICK_S = 20.0
 #: Long enough to hold the reversals that doubled the hold up to its cap, so a guest that
 #: keeps flapping stays at the cap instead of dropping back as old reversals age out.
 FLAP_WINDOW_S = 1800.0
@@ -87,15 +95,15 @@ class Flaps:
     memory of the past, kept by the daemon per VM. Pure bookkeeping: times come in."""
 
     def __init__(self) -> None:
-        self._inflated = False  # the last move was an inflation
+        self._inflated_at: float | None = None  # the last move was an inflation, then
         self._reversals: list[float] = []
 
     def moved(self, now: float, deflate: bool) -> None:
         """The daemon set a new target at ``now`` (``deflate``: it gives memory back)."""
-        if deflate and self._inflated:
+        if deflate and self._inflated_at is not None and now - self._inflated_at < FLAP_QUICK_S:
             self._reversals = [t for t in self._reversals if now - t < _FLAP_MEMORY_S]
             self._reversals.append(now)
-        self._inflated = not deflate
+        self._inflated_at = None if deflate else now
 
     def ages(self, now: float) -> tuple[float, ...]:
         """Seconds since each reversal that can still matter, newest first."""

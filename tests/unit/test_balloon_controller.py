@@ -18,6 +18,7 @@ from aerate.host.balloon import (
     COOLDOWN_CAP_S,
     FLAP_BACKOFF_CAP_S,
     FLAP_BACKOFF_S,
+    FLAP_QUICK_S,
     FLAP_REVERSALS,
     FLAP_WINDOW_S,
     LOOKAHEAD_S,
@@ -340,6 +341,22 @@ def test_flaps_counts_only_a_deflate_right_after_an_inflate() -> None:
     f.moved(7.0, True)
     assert f.ages(8.0) == (1.0, 5.0)
     assert f.ages(7.0 + FLAP_WINDOW_S + FLAP_BACKOFF_CAP_S + 1) == ()
+    # A deflate long after the inflation it undoes is the balloon doing its job.
+    g = Flaps()
+    g.moved(10.0, False)
+    g.moved(10.0 + FLAP_QUICK_S, True)
+    assert g.ages(40.0) == ()
+
+
+def test_a_workload_that_frees_and_allocates_again_minutes_later_is_not_flapping() -> None:
+    """A job every two minutes (1500 MiB free for a minute, then 300): each cycle the
+    balloon inflates and deflates once; no hold, every cycle inflates again."""
+    cycles = trace(lambda t: 1500 if int(t / 60) % 2 == 0 else 300, 900)
+    assert not any("flapping" in r.reason for _, _, r in cycles)
+    sizes = [MAX] + [size for _, size, _ in cycles]
+    starts = [t for (t, size, _), before in zip(cycles, sizes)
+              if size < before and before == MAX]
+    assert len(starts) == 8, starts   # one inflation run per free minute, 8 of them in 900 s
 
 
 def test_parse_stats_takes_a_real_message() -> None:
