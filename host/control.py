@@ -79,8 +79,9 @@ TAINT_NOTE = ("aerated asks QEMU through libvirt's monitor passthrough, so libvi
               "only a note in libvirt's log and changes nothing in the VM. No libvirt API "
               "gives what it asks: the memory map after each hello (QMP query-memdev and "
               "qom-list, HMP info mtree, info ramblock, gpa2hva: where each RAM block lives "
-              "in QEMU), and query-migrate every second (libvirt's job stats and migration "
-              "events, which aerated also reads, cover only the jobs libvirt runs itself, "
+              "in QEMU), and query-migrate every second while no libvirt job runs "
+              "(libvirt's job stats and migration events, which aerated also reads, cover "
+              "only the jobs libvirt runs itself, "
               "not a migration or background snapshot started on QEMU's monitor outside it)")
 
 

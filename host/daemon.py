@@ -905,7 +905,7 @@ class VmRunner:
         asked = time.monotonic()
         try:
             value = await self.worker.call("backing_allocated", self.backing_allocated,
-                                           timeout=timeout)
+                                           timeout=timeout, libvirt=False)
         except (OSError, RuntimeError):  # CallTimeout, BackingError: keep the snapshot
             return
         if asked >= self._backing_at:

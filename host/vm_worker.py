@@ -104,16 +104,18 @@ class VmWorker:
 
     @property
     def busy(self) -> bool:
-        """Whether a call of this VM is on the pool now (running, or timed out and not
-        returned yet)."""
+        """Whether a libvirt call of this VM is on the pool now (running, or timed out and
+        not returned yet)."""
         return bool(self.hung) or (self._on_pool is not None and not self._on_pool.done())
 
     async def call(self, name: str, fn: Callable[..., T], *args: Any,
-                   timeout: float | None = None) -> T:
+                   timeout: float | None = None, libvirt: bool = True) -> T:
         """Run ``fn(*args)`` on the pool after this VM's earlier calls; its result.
 
         Raises :class:`CallTimeout` when it (or a hung earlier call it must wait for) takes
         longer than ``timeout`` (default: the worker's), else whatever ``fn`` raised.
+        ``libvirt=False``: ``fn`` asks libvirt nothing (QEMU's /proc, a record file), so it
+        neither waits for the VM's running refresh nor makes the refresh wait.
         """
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -129,12 +131,12 @@ class VmWorker:
                 f"{self.vm} still runs after {limit:g} s") from None
         try:
             self._running = name
-            return await self._call(name, fn, args, limit, deadline)
+            return await self._call(name, fn, args, limit, deadline, libvirt)
         finally:
             self._order.release()
 
     async def _call(self, name: str, fn: Callable[..., T], args: tuple[Any, ...],
-                    limit: float, deadline: float) -> T:
+                    limit: float, deadline: float, libvirt: bool) -> T:
         if self._hung is not None:
             hung_name, hung_fut, started = self._hung
             # The late answer itself is dropped (_drop_late); only its end matters.
@@ -147,7 +149,7 @@ class VmWorker:
                     f"for VM {self.vm} is still hung after "
                     f"{time.monotonic() - started:.0f} s")
             self._hung = None
-        other = self.outside()
+        other = self.outside() if libvirt else None
         if other is not None and not other.done():
             # The refresh is asking libvirt for this VM right now (about a millisecond,
             # unless this VM's QEMU does not answer): wait, do not ask beside it.
@@ -160,7 +162,8 @@ class VmWorker:
                     f"(job_info) is still hung after {limit:g} s")
         self.calls += 1
         fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-        self._on_pool = fut
+        if libvirt:
+            self._on_pool = fut
         left = max(0.0, deadline - time.monotonic())
         try:
             return await asyncio.wait_for(asyncio.shield(fut), left)
