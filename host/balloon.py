@@ -78,8 +78,9 @@ FLAP_REVERSALS = 2
 #: A deflate counts as a reversal only this soon after the inflation it undoes. Statistics
 #: that swing every event undo each inflation within seconds; a workload that frees memory
 #: and allocates it again later (a job every few minutes) is what the balloon is for, and
-#: holding its inflation would only leave that memory with the guest (balloon VM test:
-#: two such cycles in a minute would otherwise have been called flapping).
+#: holding its inflation would only leave that memory with the guest. (A burst within
+#: seconds of an inflation still counts: two of those in the window are a pattern; the
+#: hold delays only the next inflation, never a deflate.)
 FLAP_QUICK_S = 20.0
 #: Long enough to hold the reversals that doubled the hold up to its cap, so a guest that
 #: keeps flapping stays at the cap instead of dropping back as old reversals age out.
