@@ -481,15 +481,15 @@ class VmRunner:
     # that needs a VM's monitor while that QEMU does not answer holds one of those slots:
     # the first such call until QEMU answers (a stopped or wedged QEMU: never), a second one
     # until libvirt's state-change lock gives up, 30 s on. Measured on this host's libvirtd
-    # 9.0 (Debian 12) with SIGSTOPped QEMUs: a healthy VM's call took 7 ms beside one hung
-    # VM with two calls, 29 s beside three with two calls each, 3 ms beside four with one
-    # call each, and had no answer after 200 s beside five with one each. So the refresh
-    # does not start while a worker call of the VM runs, and a worker call waits for a
-    # running refresh (host/vm_worker.py): a hung VM holds one slot, and four VMs hung at
-    # once leave the others one. Five or more hung at once stall every VM's calls, which
-    # then time out here: every VM is refused with the reason, none is served on stale
-    # facts, and the loop never waits. (More connections would raise that number; not
-    # done.)
+    # 9.0 (Debian 12) with SIGSTOPped QEMUs on one connection: a healthy VM's call took
+    # 29 s beside three hung VMs with two calls each, and had no answer after 200 s beside
+    # five with one each. Calls now run on per-thread connections (host/libvirt_conn.py,
+    # "Calls"), so a stuck call fills no other VM's connection; still, the refresh does not
+    # start while a worker call of the VM runs, and a worker call waits for a running
+    # refresh (host/vm_worker.py): a hung VM pins one pool thread and one libvirtd worker,
+    # not two. More hung VMs at once than pool threads queue the others' calls, which then
+    # time out: every VM is refused with the reason, none is served on stale facts, and the
+    # loop never waits.
 
     def _hello_now(self) -> tuple[dict[str, Any] | None, int]:
         """The current session's hello and its generation (read on the loop)."""

@@ -7,6 +7,19 @@ exponential backoff, re-registers the events and tells the owner through `on_con
 so the owner resynchronises from `running_domains()` instead of polling.
 
 Callbacks run on libvirt's event thread: keep them short and hand work to your own loop.
+
+Calls. Every RPC the daemon makes (job state, XML, QMP/HMP passthrough, the balloon,
+metadata) runs on a pool thread (host/vm_worker.py), and each such thread has a call
+connection of its own, opened on its first call and again after every reconnect of the
+event connection. One shared connection would let one VM stall every other: measured on
+this host's libvirt 9.0 with one SIGSTOPped QEMU whose query-migrate never returns, every
+other VM's calls on the same connection waited for the client's next keepalive tick, 5 s
+again and again (1 s with a 1 s keepalive; without the event loop they waited for good),
+so healthy VMs' refreshes timed out and they were refused (tests/vm/test_hung_neighbour.py
+saw it once in five runs). On its own connection a stuck call holds up nothing but its own
+thread, which the VM's worker already accounts for (one per hung VM). The call
+connections carry no events and no keepalive: a libvirtd that dies closes their sockets
+(their calls fail), and a hung one is the call timeout's business.
 """
 
 from __future__ import annotations
@@ -244,6 +257,8 @@ class LibvirtConnection:
         self._backoff = (backoff_initial, backoff_max)
         self._keepalive = keepalive
         self._conn: libvirt.virConnect | None = None
+        #: this thread's call connection and the ``connects`` count it was opened under
+        self._local = threading.local()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._closed = threading.Event()
@@ -413,12 +428,30 @@ class LibvirtConnection:
     # -- helpers ---------------------------------------------------------------------
 
     def connection(self) -> libvirt.virConnect:
-        """The live virConnect, or LibvirtUnavailable."""
+        """This thread's call connection (module docstring, "Calls"), opened now if it has
+        none since the last (re)connect; LibvirtUnavailable while the event connection is
+        down or a call connection cannot be opened."""
         with self._lock:
-            conn = self._conn
+            conn, generation = self._conn, self.connects
         if conn is None:
             raise LibvirtUnavailable(f"not connected to {self.uri} (libvirtd down?)")
-        return conn
+        mine = getattr(self._local, "conn", None)
+        if mine is not None and mine[0] == generation:
+            return mine[1]
+        if mine is not None:
+            # Opened before libvirtd went away: its socket is dead; release our side.
+            self._local.conn = None
+            try:
+                mine[1].close()
+            except libvirt.libvirtError as exc:
+                log.debug("closing a stale call connection: %s", exc)
+        try:
+            own = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise LibvirtUnavailable(
+                f"cannot open a call connection to {self.uri}: {exc}") from exc
+        self._local.conn = (generation, own)
+        return own
 
     def _domain(self, name: str) -> libvirt.virDomain:
         try:

@@ -47,6 +47,7 @@ def idle(d: Aerated, name: str) -> dict[str, Any]:
 def free_and_time(d: Aerated, g: Guest) -> float:
     """Free FREE_MIB MiB in ``g``; seconds until 90 % of what may come back did."""
     wait_for(lambda: idle(d, g.name), 300, f"{g.name} to be idle", 2)
+    before = pacing(d, g.name)
     hog = Hog(g, FREE_MIB, hold_s=8)
     hog.start()
     peak = backing_read_after(d, g.name, time.monotonic())
@@ -59,7 +60,27 @@ def free_and_time(d: Aerated, g: Guest) -> float:
         print(f"peak {peak >> 20} MiB; status of {g.name}: {d.vm(g.name)}\n"
               f"{d.log_text()[-6000:]}")
         raise
-    return time.monotonic() - freed_at
+    took = time.monotonic() - freed_at
+    after = pacing(d, g.name)
+    # What paced it: the agent's own backoffs and passes, and the host's refusals (a
+    # refusal would be the neighbour's doing; a backoff is the guest's own pacing).
+    print(f"{g.name}: " + ", ".join(f"{k} +{after[k] - before[k]}" for k in after)
+          + f"; last refusal: {d.vm(g.name).get('last_refusal')!r}")
+    return took
+
+
+def pacing(d: Aerated, name: str) -> dict[str, int]:
+    """The counters that say what paced a return: the agent's and the host's."""
+    counters = d.guest(name, "engine").get("counters") or {}
+    vm = d.vm(name)
+    out = {k: int(counters.get(k, 0)) for k in
+           ("passes_started", "churn_backoffs", "backoffs", "expired_batches")}
+    out["host_refused_MiB"] = int(vm.get("refused_bytes", 0)) >> 20
+    out["host_batches"] = int(vm.get("batches", 0))
+    lease = vm.get("lease") or {}
+    out["lease_refused_batches"] = int(lease.get("refused_batches", 0))
+    out["content_refused_batches"] = int(vm.get("content_refused_batches", 0))
+    return out
 
 
 @pytest.fixture(scope="module")
