@@ -66,6 +66,10 @@ def free_and_time(d: Aerated, g: Guest) -> float:
     # refusal would be the neighbour's doing; a backoff is the guest's own pacing).
     print(f"{g.name}: " + ", ".join(f"{k} +{after[k] - before[k]}" for k in after)
           + f"; last refusal: {d.vm(g.name).get('last_refusal')!r}")
+    # The host refused none of it: a refusal here would be a neighbour's doing (a permit
+    # gone stale behind its stuck libvirt call, as once on one shared connection).
+    assert after["host_refused_MiB"] == before["host_refused_MiB"], \
+        (before, after, d.vm(g.name).get("last_refusal"))
     return took
 
 
