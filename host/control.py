@@ -305,12 +305,15 @@ async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
         raise Failed(f"unknown setting {key!r} (aeratectl settings lists them)", "usage")
     t = await resolve(d, ident)
     error = ""
+    transient = False
     try:
         saved = await _stored(d, t, config=True)  # the saved definition's entries
     except Failed:
         if t.id == -1:
             raise
-        saved = {}  # a transient domain has no definition: its metadata is all live
+        # A transient domain has no definition: its metadata is all there is, kept for as
+        # long as the domain exists; "live" (lost at the next stop) would tell nothing.
+        saved, transient = {}, True
     if t.runner is not None:
         r = t.runner
         metadata, error = dict(r.metadata), r.settings_error
@@ -337,7 +340,9 @@ async def get(d: Daemon, ident: str, key: Any = None) -> dict[str, Any]:
         if row.name in saved and t.runner is not None and t.id != -1:
             with contextlib.suppress(table.SettingError):
                 nxt = table.coerce(row.name, saved[row.name], "saved definition")
-        if source == "metadata":
+        if source == "metadata" and transient:
+            detail = "the domain's metadata (a transient domain: no saved definition)"
+        elif source == "metadata":
             detail = "the domain's metadata, saved in its definition"
             if t.runner is not None and t.id != -1 and nxt != value:
                 source, detail = "live", ("the running domain's metadata only (set --live: "

@@ -129,6 +129,9 @@ class FakeLibvirt:
         self.no_autodeflate: set[str] = set()
         #: domains defined but not running (their XML is the inactive one)
         self.defined: set[str] = set()
+        #: running domains without a definition (libvirt's createXML): no config to read
+        #: or write, as libvirt says for them
+        self.transient: set[str] = set()
         #: stored aerate metadata: (name, "live" | "config") -> XML
         self.stored: Dict[Tuple[str, str], str] = {}
         #: calls of each VM inside the fake now, and the most at once (libvirtd serves a
@@ -208,6 +211,9 @@ class FakeLibvirt:
     def metadata(self, name: str, namespace: str, config: bool = False) -> Optional[str]:
         """What set_metadata stored: the live copy of a running domain unless ``config``."""
         running = self._known(name, "metadata")
+        if config and name in self.transient:
+            raise DomainError(f"VM {name}: transient domains do not have any persistent "
+                              "config (fake libvirt)")
         return self.stored.get((name, "live" if running and not config else "config"))
 
     def set_metadata(self, name: str, xml: Optional[str], key: str, namespace: str,
@@ -215,7 +221,10 @@ class FakeLibvirt:
         """Stored as libvirt does (None removes): live and config by default."""
         running = self._known(name, "set_metadata")
         if live is None and config is None:
-            live, config = running, True
+            live, config = running, name not in self.transient
+        if config and name in self.transient:
+            raise DomainError(f"VM {name}: transient domains do not have any persistent "
+                              "config (fake libvirt)")
         if live and not running:
             raise DomainError(f"VM {name}: domain is not running (fake libvirt)")
         for where, yes in (("live", live), ("config", config)):

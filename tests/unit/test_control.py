@@ -204,6 +204,26 @@ def test_status_shows_every_vm_and_no_false_figure(tmp_path: Path,
 
 # -- get / set / reset
 
+def test_a_transient_domains_settings_come_from_its_metadata_not_live(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A domain started without a definition (virsh create, the vm tier's guests) keeps its
+    metadata for as long as it exists: get says "metadata", not "live" (lost at the next
+    stop), after a restart of aerated as before it (tests/vm/test_ctl_live.py)."""
+    async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest],
+                   aeratectl: Callable[..., Awaitable[Any]]) -> None:
+        conn.transient.add("A")
+        await running(daemon, "A")
+        rc, out, err = await aeratectl("set", "A", "hwm=6")
+        assert rc == 0, err
+        assert ("A", "live") in conn.stored and ("A", "config") not in conn.stored
+        rc, out, _ = await aeratectl("get", "A", "hwm", "--json")
+        got = conforms(json.loads(out), "get")["settings"]["hwm"]
+        assert (got["value"], got["source"]) == (6, "metadata"), got
+        assert "transient" in got["detail"], got
+
+    run(tmp_path, capsys, body)
+
+
 def test_set_get_reset_on_a_running_vm(tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     async def body(daemon: Any, conn: FakeLibvirt, guests: dict[str, SimGuest],
