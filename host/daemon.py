@@ -465,8 +465,13 @@ class VmRunner:
                                     self.effective_settings(), hello)
             self._apply_decision(decision, issued, hello_gen=gen)
         except (LibvirtUnavailable, DomainError, CallTimeout, ValueError) as e:
-            decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {e}")
-            self._apply_decision(decision, issued, str(e))
+            decision = self._refuse_unasked(str(e), issued)
+        return decision
+
+    def _refuse_unasked(self, why: str, at: float) -> Decision:
+        """Refuse the VM because libvirt could not be asked (``why``), stamped ``at``."""
+        decision = Decision(REFUSE, f"cannot ask libvirt whether discard is safe now: {why}")
+        self._apply_decision(decision, at, why)
         return decision
 
     # -- the background refresh, every permit_refresh s. No task, future or lock per
@@ -514,8 +519,7 @@ class VmRunner:
             if hung:
                 why = (f"libvirt call {hung} for this VM is still hung; no other call is "
                        "made for it until that one answers")
-                self._apply_decision(Decision(
-                    REFUSE, f"cannot ask libvirt whether discard is safe now: {why}"), now, why)
+                self._refuse_unasked(why, now)
             return
         need_xml, need_backing = self._due(now)
         hello, hello_gen = self._hello_now()
@@ -549,8 +553,7 @@ class VmRunner:
         self._inflight = None
         if isinstance(outcome, Exception):
             why = str(outcome)
-            self._apply_decision(Decision(
-                REFUSE, f"cannot ask libvirt whether discard is safe now: {why}"), issued, why)
+            self._refuse_unasked(why, issued)
             return
         got, decision = outcome
         try:
@@ -581,8 +584,7 @@ class VmRunner:
                 self.worker.last_timeout = why
                 self.log.event(logging.WARNING, "refusal",
                                "VM %s: %s; refusing it until libvirt answers", self.name, why)
-                self._apply_decision(Decision(
-                    REFUSE, f"cannot ask libvirt whether discard is safe now: {why}"), now, why)
+                self._refuse_unasked(why, now)
         self._refresh_timer = asyncio.get_running_loop().call_later(
             self.daemon.permit_refresh, self._refresh_tick)
 

@@ -17,9 +17,8 @@ map build, /proc reads of QEMU's smaps) goes through that VM's :class:`VmWorker`
 - **One call in libvirtd per VM**, together with the runner's background refresh (which
   runs outside this worker, host/daemon.py): a worker call first waits, within its timeout,
   for a refresh of the same VM still running (``outside``), and the refresh does not start
-  while a worker call is running (``busy``). libvirtd serves only a few calls of one
-  connection at once (host/daemon.py, "libvirt's request limit"), so a hung VM must hold
-  one of them, not two.
+  while a worker call is running (``busy``): a hung VM pins one pool thread and one of
+  libvirtd's workers, not two (host/daemon.py, "libvirt's request limit").
 - **Timeouts**: every call has one; on expiry the caller gets :class:`CallTimeout`
   ("libvirt call <name> timed out after N s") and treats that VM as refused; the late
   answer, when it comes, is dropped (its future's result is consumed and discarded).
@@ -135,31 +134,30 @@ class VmWorker:
         finally:
             self._order.release()
 
+    async def _wait_before(self, name: str, fut: asyncio.Future[Any], deadline: float,
+                           why: Callable[[], str]) -> None:
+        """Wait until ``fut`` (another call of this VM) ends, at most until ``deadline``;
+        CallTimeout saying ``why()`` (this call is not started) when it does not."""
+        done, _ = await asyncio.wait({fut}, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            self.timeouts += 1
+            raise CallTimeout(f"libvirt call {name} not started: {why()}")
+
     async def _call(self, name: str, fn: Callable[..., T], args: tuple[Any, ...],
                     limit: float, deadline: float, libvirt: bool) -> T:
         if self._hung is not None:
             hung_name, hung_fut, started = self._hung
             # The late answer itself is dropped (_drop_late); only its end matters.
-            done, _ = await asyncio.wait({hung_fut},
-                                         timeout=max(0.0, deadline - time.monotonic()))
-            if not done:
-                self.timeouts += 1
-                raise CallTimeout(
-                    f"libvirt call {name} not started: the earlier call {hung_name} "
-                    f"for VM {self.vm} is still hung after "
-                    f"{time.monotonic() - started:.0f} s")
+            await self._wait_before(name, hung_fut, deadline, lambda: (
+                f"the earlier call {hung_name} for VM {self.vm} is still hung after "
+                f"{time.monotonic() - started:.0f} s"))
             self._hung = None
         other = self.outside() if libvirt else None
         if other is not None and not other.done():
             # The refresh is asking libvirt for this VM right now (about a millisecond,
             # unless this VM's QEMU does not answer): wait, do not ask beside it.
-            done, _ = await asyncio.wait({asyncio.wrap_future(other)},
-                                         timeout=max(0.0, deadline - time.monotonic()))
-            if not done:
-                self.timeouts += 1
-                raise CallTimeout(
-                    f"libvirt call {name} not started: this VM's permit refresh "
-                    f"(job_info) is still hung after {limit:g} s")
+            await self._wait_before(name, asyncio.wrap_future(other), deadline, lambda: (
+                f"this VM's permit refresh (job_info) is still hung after {limit:g} s"))
         self.calls += 1
         fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         if libvirt:
